@@ -1,0 +1,206 @@
+"""Streaming loaders over prepared WebDataset shards.
+
+Training streams are endless: every epoch re-shuffles the shard list with (seed, epoch)
+*before* it is divided among ranks and workers (webdataset shuffles after the split, so each
+worker would otherwise keep the same shards forever), then a seeded shuffle buffer mixes
+samples. Because no rank ever runs out, no rank waits at an epoch end for another one; the
+trainer decides the length of a run in steps. Every choice is a pure function of
+(seed, epoch, rank, worker), so the stream is reproducible and can be resumed by position.
+
+Evaluation reads a split once, in order, and gives every rank the same number of batches
+(short ranks get zero-weight padding), which ZeRO-3's collective forward passes need.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data_pipelines.manifest import read_manifest
+
+
+def _seed(*parts: int | str) -> int:
+    """A stable 64-bit seed from several parts (Python's hash() is salted per process)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One reader: a (rank, worker) pair out of world_size x num_workers."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def count(self) -> int:
+        return self.world_size * self.num_workers
+
+
+def epoch_shards(shards: list[str], slot: Slot, epoch: int, seed: int, resampled: bool = False) -> tuple[list[str], bool]:
+    """The shards this slot reads in an epoch, and whether it must also take every
+    ``slot.count``-th sample of them (when there are fewer shards than slots)."""
+    rng = random.Random(_seed(seed, "shards", epoch))
+    if resampled:
+        # Each slot draws its own shards with replacement: any shard count works for any world size.
+        srng = random.Random(_seed(seed, "resample", epoch, slot.index))
+        per_slot = max(1, len(shards) // slot.count)
+        return [srng.choice(shards) for _ in range(per_slot)], False
+    order = list(shards)
+    rng.shuffle(order)
+    if len(order) >= slot.count:
+        return order[slot.index :: slot.count], False
+    return order, True
+
+
+def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None = None) -> Iterator[dict]:
+    """Raw samples (key -> bytes) of tar shards, read with webdataset."""
+    src = ({"url": u} for u in urls)
+    kwargs = {"handler": handler} if handler is not None else {}
+    return wds.tarfile_to_samples(**kwargs)(src)
+
+
+def decode_tokens(sample: dict) -> np.ndarray:
+    data = sample["tokens.npy"]
+    if isinstance(data, (bytes, bytearray)):
+        import io
+
+        data = np.load(io.BytesIO(data), allow_pickle=False)
+    return data
+
+
+def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Reservoir shuffle: hold ``size`` samples, emit a random one as each new one arrives."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class TextShards:
+    """A prepared text dataset: manifest plus shard paths."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if self.manifest.get("kind") != "text":
+            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected 'text'")
+        self.seq_len: int = int(self.manifest["seq_len"])
+
+    def shards(self, split: str) -> list[str]:
+        info = self.manifest["splits"].get(split)
+        if info is None:
+            raise ValueError(f"{self.root}/manifest.json: no split {split!r} (have {sorted(self.manifest['splits'])})")
+        return [str(self.root / s) for s in info["shards"]]
+
+    def num_samples(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["samples"])
+
+
+def _collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    arr = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return {"input_ids": arr[:, :-1].contiguous(), "labels": arr[:, 1:].contiguous()}
+
+
+class TextTrainStream(torch.utils.data.IterableDataset):
+    """Endless batches of ``{"input_ids", "labels"}`` for one rank.
+
+    Under a DataLoader with workers, each worker is its own slot; DataLoader interleaves the
+    workers' batches in a fixed round-robin, so the rank's stream stays deterministic.
+    """
+
+    def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0):
+        super().__init__()
+        self.shards = data.shards(split)
+        if not self.shards:
+            raise ValueError(f"{data.root}: split {split!r} has no shards")
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
+        self.num_workers = max(1, num_workers)
+
+    def _slot(self) -> Slot:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        return Slot(self.rank, self.world_size, worker, self.num_workers)
+
+    def samples(self, slot: Slot) -> Iterator[np.ndarray]:
+        epoch = 0
+        while True:
+            urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
+            stream = read_samples(urls)
+            for i, sample in enumerate(stream):
+                if by_sample and i % slot.count != slot.index:
+                    continue
+                yield decode_tokens(sample)
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        slot = self._slot()
+        rng = random.Random(_seed(self.seed, "buffer", slot.index))
+        batch: list[np.ndarray] = []
+        for window in shuffle_buffer(self.samples(slot), self.buffer, rng):
+            batch.append(window)
+            if len(batch) == self.batch_size:
+                yield _collate(batch)
+                batch = []
+
+
+def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers)
+    if num_workers == 0:
+        return iter(ds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,
+                                         prefetch_factor=4)
+    return iter(loader)
+
+
+def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The split's first ``max_samples`` windows, sample i on rank i % world_size, in order.
+
+    Every rank yields the same number of batches; padding rows carry ``weight`` 0 so they
+    do not count. Summing loss x weight over ranks gives the loss over the split exactly,
+    whatever the world size.
+    """
+    total = data.num_samples(split)
+    n = total if max_samples is None else min(total, max_samples)
+    per_rank = -(-n // world_size)
+    mine: list[np.ndarray] = []
+    first: np.ndarray | None = None
+    for i, sample in enumerate(read_samples(data.shards(split))):
+        if i >= n:
+            break
+        if first is None:
+            first = decode_tokens(sample)
+        if i % world_size == rank:
+            mine.append(decode_tokens(sample))
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [first] * (per_rank - len(mine))
+    for start in range(0, per_rank, batch_size):
+        batch = _collate(mine[start : start + batch_size])
+        batch["weight"] = torch.tensor(weights[start : start + batch_size])
+        yield batch

@@ -1,0 +1,1 @@
+"""DeepSpeed pretraining of Hugging Face models: recipes, trainer, evaluation and export."""

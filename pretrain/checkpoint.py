@@ -1,0 +1,105 @@
+"""Finding checkpoints and reading their weights without a DeepSpeed engine (eval, export).
+
+A run directory holds ``resolved-config.json``, ``model/config.json`` (the transformers
+config), ``tokenizer/`` and ``checkpoints/<tag>/`` written by DeepSpeed. A user can point
+at the run, at ``checkpoints/``, at one tag, or at an exported Hugging Face directory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESOLVED = "resolved-config.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    kind: str  # "deepspeed" or "hf"
+    path: Path  # the tag directory, or the HF directory
+    run_dir: Path | None = None
+    tag: str | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(
+        (p / f).exists() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def _run_dir_of(p: Path) -> Path | None:
+    for q in [p, *p.parents][:4]:
+        if (q / RESOLVED).is_file():
+            return q
+    return None
+
+
+def latest_tag(root: Path) -> str | None:
+    f = root / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    return tag if (root / tag).is_dir() else None
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointRef:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    if _is_hf_dir(p):
+        return CheckpointRef("hf", p)
+    for root in (p / "checkpoints", p):
+        tag = latest_tag(root)
+        if tag:
+            return CheckpointRef("deepspeed", root / tag, _run_dir_of(root), tag)
+    if any(p.glob("*model_states.pt")):
+        return CheckpointRef("deepspeed", p, _run_dir_of(p), p.name)
+    raise CheckpointError(f"{p}: not a run directory, DeepSpeed checkpoint or Hugging Face model directory")
+
+
+def run_metadata(ref: CheckpointRef) -> dict:
+    if ref.run_dir is None:
+        raise CheckpointError(f"{ref.path}: no {RESOLVED} found above it; cannot tell which model it holds")
+    return json.loads((ref.run_dir / RESOLVED).read_text())
+
+
+def _has_zero_partitions(tag_dir: Path) -> bool:
+    return any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage."""
+    if _has_zero_partitions(ref.path):
+        # ZeRO 1-3 (and bf16): the fp32 master weights live in the per-rank optimizer partitions.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        return {k: v.float() for k, v in sd.items()}
+    files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ref.path}: no mp_rank_*_model_states.pt")
+    if len(files) > 1:
+        raise CheckpointError(f"{ref.path}: tensor-parallel checkpoints are not supported")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights, accepting only the tied parameters (e.g. lm_head) as missing."""
+    result = model.load_state_dict(state, strict=False)
+    tied = {k for k in result.missing_keys if "lm_head" in k or "embed" in k}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if tied and not getattr(model.config, "tie_word_embeddings", False):
+        raise CheckpointError(f"weights missing for untied parameters {sorted(tied)[:5]}")
+    model.tie_weights()

@@ -1,0 +1,197 @@
+"""Typed recipe: the JSON a run is described by, validated in full before any rank does work.
+
+A recipe has one section per component (model, data, training, eval, checkpoint); each
+component receives only its own section. Unknown keys, wrong types and out-of-range values
+are collected and reported together, each with its key path and a did-you-mean.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe (or the DeepSpeed config next to it) that cannot run; lists every problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Architecture of the network built from scratch (ignored in favour of the checkpoint's own
+    config when ``init_from`` names a Hugging Face directory)."""
+
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="transformers architecture: gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM)")
+    hidden_size: int = Field(768, gt=0, description="width of the residual stream")
+    num_layers: int = Field(12, gt=0, description="transformer blocks")
+    num_heads: int = Field(12, gt=0, description="attention heads; must divide hidden_size")
+    num_kv_heads: int | None = Field(None, gt=0, description="llama only: key/value heads for grouped-query attention (default: num_heads)")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP width (default: 4*hidden_size for gpt2, about 8/3*hidden_size for llama)")
+    max_position_embeddings: int = Field(1024, gt=0, description="longest sequence the model accepts; must be >= the data's seq_len")
+    vocab_size: int | None = Field(None, gt=0, description="embedding rows; default: the tokenizer's vocabulary, rounded up to pad_vocab_multiple")
+    pad_vocab_multiple: int = Field(64, gt=0, description="round the default vocab_size up to a multiple of this (faster matmuls)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention, residual and embeddings (pretraining usually uses 0)")
+    tie_word_embeddings: bool = Field(True, description="share the input embedding with the output projection")
+    rope_theta: float = Field(10000.0, gt=0, description="llama only: RoPE base")
+    init_from: str | None = Field(None, description="local Hugging Face model directory to start from (fine-tuning); overrides the sizes above")
+    zero3_init: bool | Literal["auto"] = Field(
+        "auto", description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it whole; "
+        "auto: only above 1B parameters (zero.Init draws the random init in another order, so small runs would not "
+        "match their ZeRO-0/1/2 twins)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.init_from is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the prepared shards are and how the streaming loader reads them."""
+
+    path: str | None = Field(None, description="directory written by prepare-text (holds manifest.json); --data overrides")
+    train_split: str = Field("train", description="split trained on")
+    eval_split: Literal["val"] = Field("val", description="split evaluated during training (the test split is only for pretrain-eval --split test)")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held in each loader's shuffle buffer (0 = no sample shuffle)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank, each reading its own shards")
+    resampled: bool = Field(False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)")
+
+
+class TrainingConfig(_Section):
+    """The optimisation: fills the "auto" values of the DeepSpeed config."""
+
+    micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass (train_micro_batch_size_per_gpu)")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches summed before each optimizer step")
+    max_steps: int = Field(1000, gt=0, description="optimizer steps in the run; --max-steps overrides")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps from 0 to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases, norms and embeddings' positions)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)")
+    seed: int = Field(1234, description="seed for model init, data order and dropout; --seed overrides")
+    log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainingConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class EvalConfig(_Section):
+    """Periodic evaluation on the val split."""
+
+    every: int = Field(100, ge=0, description="evaluate every N steps (0 = only at the end); --eval-every overrides")
+    max_samples: int | None = Field(None, gt=0, description="cap on val sequences per evaluation (default: the whole split)")
+    batch_size: int | None = Field(None, gt=0, description="sequences per rank per eval forward (default: training micro_batch_size)")
+
+
+class CheckpointConfig(_Section):
+    """When DeepSpeed checkpoints are written under OUTPUT/checkpoints/."""
+
+    every: int = Field(0, ge=0, description="save every N steps (0 = only at the end); --checkpoint-every overrides")
+    at_end: bool = Field(True, description="save after the last step")
+    keep_last: int | None = Field(None, gt=0, description="keep only the newest K checkpoints (default: all)")
+
+
+class Recipe(_Section):
+    """A whole run."""
+
+    name: str = Field("run", description="short name, used for the default output directory")
+    family: Literal["gpt"] = Field("gpt", description="model family: gpt (causal LM)")
+    output_dir: str | None = Field(None, description="run directory (default: runs/<name>); --output-dir overrides")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON used when --deepspeed_config is not given")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section that a validation error location points into."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(Recipe, err["loc"]), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{loc}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    if err["type"] not in ("missing",) and not isinstance(got, dict):
+        msg += f" (got {json.dumps(got, default=str)})"
+    return f"{loc or '<recipe>'}: {msg}"
+
+
+def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe dict, raising one RecipeError that lists every problem."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe path, or the name of a shipped recipe (``gpt-tiny``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / (name_or_path if name_or_path.endswith(".json") else name_or_path + ".json")
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in RECIPES_DIR.glob("*.json"))
+    raise RecipeError(str(name_or_path), [f"no such file, and not a shipped recipe (shipped: {', '.join(names)})"])
+
+
+def load_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(str(path), [f"{what} not found"]) from None
+    except json.JSONDecodeError as e:
+        raise RecipeError(str(path), [f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [f"{what} must be a JSON object"])
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> tuple[Recipe, Path]:
+    """Load and validate a recipe, applying dotted-key overrides (``{"training.max_steps": 5}``)."""
+    path = find_recipe(name_or_path)
+    data = load_json(path, "recipe")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_recipe(data, str(path)), path

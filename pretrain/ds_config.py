@@ -1,0 +1,121 @@
+"""DeepSpeed JSON as the user wrote it, with its "auto" values filled from the recipe.
+
+Configs from DeepSpeedExamples or the Hugging Face docs use "auto" for batch sizes, the
+optimizer and scheduler hyper-parameters, precision and bucket sizes; we fill those the way
+the Hugging Face integration does, so such a file works unchanged. Concrete values are kept
+as written (the DeepSpeed config wins over the recipe) and a note says so.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pretrain.config import Recipe, RecipeError
+
+AUTO = "auto"
+
+
+def _set_auto(section: dict, key: str, value: Any) -> None:
+    if section.get(key) == AUTO:
+        section[key] = value
+
+
+def _find_autos(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_autos(v, f"{path}.{k}" if path else k)]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_autos(v, f"{path}[{i}]")]
+    return [path] if node == AUTO else []
+
+
+def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str], notes: list[str]) -> None:
+    """Make the three batch keys concrete and consistent: train = micro x accumulation x world."""
+    tr = recipe.training
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    given = {k: ds.get(k) for k in keys if k in ds and ds[k] != AUTO}
+    for k, v in given.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{k}: must be a positive integer or \"auto\" (got {v!r})")
+    if len(given) != sum(isinstance(v, int) and v > 0 for v in given.values()):
+        return
+    micro = given.get(keys[0])
+    gas = given.get(keys[1])
+    tbs = given.get(keys[2])
+    if micro is None and gas is None and tbs is not None:
+        micro = tr.micro_batch_size
+    if micro is None:
+        micro = tr.micro_batch_size if tbs is None or gas is None else tbs // (gas * world_size)
+    if gas is None:
+        gas = tr.gradient_accumulation_steps if tbs is None else tbs // (micro * world_size)
+    expected = micro * gas * world_size
+    if tbs is not None and tbs != expected:
+        problems.append(
+            f"train_batch_size {tbs} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+            f"{gas} x world size {world_size} (= {expected})"
+        )
+        return
+    for k, v, rv in ((keys[0], micro, tr.micro_batch_size), (keys[1], gas, tr.gradient_accumulation_steps)):
+        if k in given and v != rv:
+            notes.append(f"{k}={v} from the DeepSpeed config overrides the recipe's {rv}")
+    ds[keys[0]], ds[keys[1]], ds[keys[2]] = micro, gas, expected
+
+
+def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: int, source: str = "<deepspeed config>") -> tuple[dict, list[str]]:
+    """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem."""
+    ds = copy.deepcopy(raw)
+    tr = recipe.training
+    problems: list[str] = []
+    notes: list[str] = []
+    _batch_sizes(ds, recipe, world_size, problems, notes)
+    _set_auto(ds, "gradient_clipping", tr.grad_clip)
+
+    for name, wanted in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
+        if isinstance(ds.get(name), dict):
+            _set_auto(ds[name], "enabled", wanted)
+
+    opt = ds.get("optimizer")
+    if isinstance(opt, dict):
+        params = opt.setdefault("params", {})
+        for k, v in (("lr", tr.lr), ("betas", list(tr.betas)), ("eps", tr.eps), ("weight_decay", tr.weight_decay)):
+            _set_auto(params, k, v)
+
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict):
+        params = sched.setdefault("params", {})
+        fills = {
+            "warmup_min_lr": 0.0, "warmup_max_lr": tr.lr,
+            "total_num_steps": tr.max_steps, "warmup_num_steps": max(1, tr.warmup_steps), "warmup_min_ratio": 0.0, "cos_min_ratio": tr.min_lr / tr.lr,
+            "cycle_min_lr": tr.min_lr, "cycle_max_lr": tr.lr, "lr_range_test_min_lr": tr.min_lr,
+        }
+        for k, v in fills.items():
+            _set_auto(params, k, v)
+
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        # The Hugging Face integration's rules: buckets scale with hidden_size^2.
+        _set_auto(zero, "reduce_bucket_size", hidden_size * hidden_size)
+        _set_auto(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        _set_auto(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            problems.append(f"zero_optimization.stage: must be 0, 1, 2 or 3 (got {stage!r})")
+
+    for path in _find_autos(ds):
+        problems.append(f"{path}: \"auto\" has no value to fill it from")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        problems.append("fp16.enabled and bf16.enabled are both true")
+    if problems:
+        raise RecipeError(source, problems)
+    return ds, notes
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"

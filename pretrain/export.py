@@ -1,0 +1,65 @@
+"""pretrain-export: a DeepSpeed checkpoint (any ZeRO stage) -> a Hugging Face model directory.
+
+The result loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import CheckpointError, resolve_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain-export", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ folder, or one checkpoint tag")
+    p.add_argument("--output", required=True, help="directory to write (must be empty or absent)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (default fp32)")
+    return p
+
+
+def export(checkpoint: str, output: str, dtype: str = "fp32") -> Path:
+    from pretrain.evaluate import load_model
+
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty")
+    ref = resolve_checkpoint(checkpoint)
+    if ref.kind != "deepspeed":
+        raise CheckpointError(f"{ref.path}: already a Hugging Face directory")
+    model, info = load_model(checkpoint)
+    model.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
+    tok_dir = ref.run_dir / "tokenizer"
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok.save_pretrained(out)
+        gen = model.generation_config
+        gen.eos_token_id = tok.eos_token_id
+        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen.save_pretrained(out)
+    (out / "export-info.json").write_text(json.dumps({**info, "dtype": dtype}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.output, args.dtype)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

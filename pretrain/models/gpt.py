@@ -1,0 +1,103 @@
+"""GPT-style causal LMs (transformers GPT-2 or Llama): build, loss, evaluate."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+from pretrain.config import ModelConfig
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None) -> PretrainedConfig:
+    """The transformers config for a model built from the recipe's sizes."""
+    vocab = cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple)
+    if cfg.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False,
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        )
+    inter = cfg.intermediate_size or round_up(int(8 * cfg.hidden_size / 3), 256)
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=inter,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_word_embeddings,
+        use_cache=False, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )
+
+
+def model_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None) -> PretrainedConfig:
+    if cfg.init_from:
+        return AutoConfig.from_pretrained(cfg.init_from)
+    return hf_config(cfg, tokenizer_vocab, eos_token_id)
+
+
+def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
+    """A causal LM from its transformers config, or from a local Hugging Face directory (init_from)."""
+    # Import the model's modules (and torch._dynamo, which they pull in) before a ZeRO-3 zero.Init
+    # patches tensor construction: importing dynamo inside that context fails.
+    import torch._dynamo  # noqa: F401
+
+    AutoModelForCausalLM._model_mapping[type(config)]
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def model_from_config(config: PretrainedConfig) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def count_params(config: PretrainedConfig) -> int:
+    """Parameters of the model a config describes, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm gains and other vectors are not decayed (GPT-2 / nanoGPT practice)."""
+    return param.ndim < 2
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token cross-entropy, shape (batch, seq). Computed in fp32 whatever the model's dtype."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none").view_as(batch["labels"])
+
+
+def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return token_losses(model, batch).mean()
+
+
+@torch.no_grad()
+def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(sum of token losses, token count, sequences) over weighted batches, as a float64 tensor,
+    so ranks can all-reduce it and get the exact split loss."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for batch in batches:
+        w = batch.pop("weight", torch.ones(batch["input_ids"].shape[0]))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        per_seq = token_losses(model, batch).double().sum(dim=1).cpu()
+        sums[0] += (per_seq * w.double()).sum()
+        sums[1] += w.double().sum() * batch["labels"].shape[1]
+        sums[2] += w.double().sum()
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    loss_value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+    return {"loss": loss_value, "perplexity": math.exp(min(loss_value, 50.0)), "tokens": int(sums[1]), "samples": int(sums[2])}

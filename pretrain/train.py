@@ -1,0 +1,158 @@
+"""Pretraining / fine-tuning entry point.
+
+    deepspeed --num_gpus N pretrain/train.py --config gpt-tiny --deepspeed_config ds_configs/zero2_fp32.json
+    torchrun --nproc_per_node N pretrain/train.py --config ...
+    pretrain-train --config ...            (one process)
+
+Everything that can be checked is checked before the process group starts, and no file is
+written until the whole configuration is known to be valid.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by a launcher: import the repo, not pretrain/ siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pretrain.config import RecipeError, find_recipe, load_json, load_recipe  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe JSON path, or a shipped recipe name (gpt-tiny, gpt2-124m, ...)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON (default: the recipe's deepspeed_config); \"auto\" values are filled from the recipe")
+    p.add_argument("--data", help="prepared data directory (overrides data.path)")
+    p.add_argument("--output-dir", help="run directory (overrides output_dir; default runs/<name>)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
+    p.add_argument("--eval-every", type=int, help="evaluate on val every N steps, 0 = only at the end (overrides eval.every)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps, 0 = only at the end (overrides checkpoint.every)")
+    p.add_argument("--init-from", help="local Hugging Face model directory to fine-tune (overrides model.init_from)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from OUTPUT/checkpoints/latest if present; none: start fresh; or a checkpoint path")
+    p.add_argument("--seed", type=int, help="seed for init, data order and dropout (overrides training.seed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher; do not pass by hand")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for compatibility with DeepSpeed scripts; ignored")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Outside a launcher, be a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+
+
+def _resolve_path(p: str) -> Path:
+    """Relative to the working directory, else to the repository (shipped configs)."""
+    q = Path(p)
+    return q if q.exists() or q.is_absolute() else (REPO / q if (REPO / q).exists() else q)
+
+
+def prepare(args: argparse.Namespace):
+    """Validate everything and return what the trainer needs; raises RecipeError listing all problems."""
+    from transformers import AutoTokenizer
+
+    from data_pipelines.loader import TextShards
+    from pretrain.ds_config import resolve_ds_config
+    from pretrain.models import get_family
+
+    overrides = {
+        "data.path": args.data, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
+        "eval.every": args.eval_every, "checkpoint.every": args.checkpoint_every,
+        "model.init_from": args.init_from, "training.seed": args.seed,
+    }
+    recipe, recipe_path = load_recipe(args.config, overrides)
+    problems: list[str] = []
+    ds_path = args.deepspeed_config or recipe.deepspeed_config
+    ds_raw = None
+    if not ds_path:
+        problems.append("no DeepSpeed config: pass --deepspeed_config or set deepspeed_config in the recipe")
+    else:
+        ds_raw = load_json(_resolve_path(ds_path), "DeepSpeed config")
+    data = None
+    if not recipe.data.path:
+        problems.append("data.path: not set; pass --data DIR (a directory written by prepare-text)")
+    elif not (Path(recipe.data.path) / "manifest.json").is_file():
+        problems.append(f"data.path: {recipe.data.path}/manifest.json not found; run prepare-text first")
+    else:
+        try:
+            data = TextShards(recipe.data.path)
+        except (ValueError, KeyError) as e:
+            problems.append(f"data.path: {e}")
+    if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
+        problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
+        recipe.model.init_from = None
+    if problems or data is None:
+        raise RecipeError(str(recipe_path), problems)
+
+    family = get_family(recipe.family)
+    tokenizer_dir = data.root / data.manifest["tokenizer"]["path"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok_vocab = len(tokenizer)
+    model_config = family.model_config(recipe.model, tok_vocab, tokenizer.eos_token_id)
+    if model_config.vocab_size < tok_vocab:
+        problems.append(f"model.vocab_size: {model_config.vocab_size} is smaller than the tokenizer's vocabulary ({tok_vocab})")
+    max_pos = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", 0)
+    if max_pos < data.seq_len:
+        problems.append(f"model.max_position_embeddings: {max_pos} is shorter than the data's seq_len {data.seq_len}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
+    try:
+        ds_config, notes = resolve_ds_config(ds_raw, recipe, world, hidden, str(ds_path))
+    except RecipeError as e:
+        problems.extend(e.problems)
+    if problems:
+        raise RecipeError(str(recipe_path), problems)
+    run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
+    return recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    single_process_env()
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes = prepare(args)
+    except RecipeError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    import deepspeed
+
+    from pretrain.trainer import Trainer
+
+    deepspeed.init_distributed()
+    if rank == 0:
+        for note in notes:
+            print(f"note: {note}", flush=True)
+    trainer = Trainer(recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes, args.resume,
+                      progress=not args.no_progress)
+    trainer.setup()
+    final = trainer.fit()
+    if rank == 0 and final:
+        print(f"done: step {trainer.state.step}, val loss {final['loss']:.4f}, run dir {run_dir}", flush=True)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The training loop: one DeepSpeed engine, one data stream, explicit steps.
+
+Reads top to bottom: ``Trainer.setup`` builds the engine, ``fit`` runs
+``train_step`` / ``evaluate`` / ``save`` until max_steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipelines.loader import TextShards, eval_batches, train_loader
+from pretrain.checkpoint import RESOLVED
+from pretrain.config import Recipe
+from pretrain.ds_config import precision, zero_stage
+from pretrain.metrics import MetricsLogger
+from pretrain.models import get_family
+from pretrain.schedules import lambda_scheduler, warmup_cosine
+
+
+@dataclass
+class RunState:
+    """Counters saved with every checkpoint; enough to continue the data stream exactly."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    micro_batches: int = 0  # consumed by this rank's stream
+    train_losses: list[float] = field(default_factory=list)  # since the last eval, for the gap
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples": self.samples, "tokens": self.tokens,
+                "micro_batches": self.micro_batches, "train_losses": self.train_losses}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ds_config: dict, run_dir: Path, data: TextShards, tokenizer_dir: Path,
+                 model_config, notes: list[str], resume: str = "auto", progress: bool = True):
+        self.recipe, self.ds_config, self.run_dir = recipe, ds_config, run_dir
+        self.data, self.tokenizer_dir, self.model_config, self.notes = data, tokenizer_dir, model_config, notes
+        self.resume, self.progress = resume, progress
+        self.family = get_family(recipe.family)
+        self.state = RunState()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        tr = self.recipe.training
+        seed_everything(tr.seed)
+        stage = zero_stage(self.ds_config)
+        zero3_init = self.recipe.model.zero3_init
+        if zero3_init == "auto":
+            zero3_init = self.family.count_params(self.model_config) > 1_000_000_000
+        if stage == 3 and zero3_init:
+            # transformers then builds (and initialises) the model partitioned across ranks, so no
+            # rank ever holds it whole; the object must stay alive while the engine exists.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        model = self.family.build_model(self.recipe.model, self.model_config)
+        groups = param_groups(model, tr.weight_decay, self.family.no_decay)
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, eps=tr.eps, weight_decay=tr.weight_decay)
+        scheduler = None
+        if "scheduler" not in self.ds_config:
+            # A callable: DeepSpeed hands it the base optimizer, which works under every ZeRO stage.
+            fn = lambda step: warmup_cosine(step, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps)  # noqa: E731
+            scheduler = lambda opt: lambda_scheduler(opt, fn, tr.lr)  # noqa: E731
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                                     lr_scheduler=scheduler, config=self.ds_config)
+        self.device = self.engine.device
+        self.micro = self.engine.train_micro_batch_size_per_gpu()
+        self.gas = self.engine.gradient_accumulation_steps()
+        self.global_batch = self.micro * self.gas * self.world
+        self.seq_len = self.data.seq_len
+        if self.is_main:
+            self._write_run_files()
+        self._maybe_resume()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
+        self.stream = train_loader(self.data, self.recipe.data.train_split, self.micro, self.rank, self.world, tr.seed,
+                                   self.recipe.data.shuffle_buffer, self.recipe.data.resampled, self.recipe.data.num_workers)
+        for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
+            next(self.stream)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "deepspeed": self.ds_config,
+            "world_size": self.world,
+            "precision": precision(self.ds_config),
+            "zero_stage": zero_stage(self.ds_config),
+            "data": {"path": str(self.data.root.resolve()), "seq_len": self.seq_len,
+                     "tokens_per_step": self.global_batch * self.seq_len},
+            "notes": self.notes,
+        }
+        (self.run_dir / RESOLVED).write_text(json.dumps(resolved, indent=2))
+        self.model_config.save_pretrained(self.run_dir / "model")
+        if not (self.run_dir / "tokenizer").exists():
+            shutil.copytree(self.tokenizer_dir, self.run_dir / "tokenizer")
+
+    def _maybe_resume(self) -> None:
+        if self.resume == "none":
+            return
+        ckpt_root = self.run_dir / "checkpoints"
+        if self.resume == "auto":
+            if not (ckpt_root / "latest").is_file():
+                return
+            load_dir, tag = ckpt_root, None
+        else:
+            p = Path(self.resume)
+            load_dir, tag = (p.parent, p.name) if not (p / "latest").is_file() else (p, None)
+        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"could not load a checkpoint from {load_dir}")
+        saved = client.get("run_state", {})
+        self.state = RunState(**saved)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.state.step}", flush=True)
+
+    # ------------------------------------------------------------------ steps
+    def _mean_over_ranks(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: ``gas`` micro-batches through the engine."""
+        self.engine.train()
+        lr = self.engine.get_lr()[0]
+        total = 0.0
+        for _ in range(self.gas):
+            batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
+            loss = self.family.loss(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+            self.state.micro_batches += 1
+        self.state.step += 1
+        self.state.samples += self.global_batch
+        self.state.tokens += self.global_batch * self.seq_len
+        mean_loss = self._mean_over_ranks(total / self.gas)
+        self.state.train_losses.append(mean_loss)
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": mean_loss, "lr": lr, "grad_norm": float(norm) if norm is not None else None}
+
+    def evaluate(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        ev = self.recipe.eval
+        self.engine.eval()
+        batches = eval_batches(self.data, self.recipe.data.eval_split, ev.batch_size or self.micro, self.rank,
+                               self.world, ev.max_samples)
+        sums = self.family.evaluate_sums(self.engine, batches, self.device)
+        dist.all_reduce(sums)
+        result = self.family.metrics_from_sums(sums)
+        window = self.state.train_losses
+        train_loss = sum(window) / len(window) if window else float("nan")
+        self.state.train_losses = []
+        self.engine.train()
+        return {"step": self.state.step, "split": self.recipe.data.eval_split, **result,
+                "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
+
+    def save(self) -> None:
+        tag = f"step_{self.state.step:08d}"
+        self.engine.save_checkpoint(str(self.run_dir / "checkpoints"), tag=tag,
+                                    client_state={"run_state": self.state.to_dict()})
+        keep = self.recipe.checkpoint.keep_last
+        if keep and self.is_main:
+            import torch.distributed as dist
+
+            tags = sorted(p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir())
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.is_main:
+            print(f"saved checkpoint {tag}", flush=True)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        tr, ev, ck = self.recipe.training, self.recipe.eval, self.recipe.checkpoint
+        bar = tqdm(total=tr.max_steps, initial=self.state.step, disable=(not self.is_main or not self.progress) or None,
+                   desc="train", unit="step", dynamic_ncols=True)
+        start = time.time()
+        window_start, window_tokens = time.time(), 0
+        last_eval: dict[str, Any] = {}
+        while self.state.step < tr.max_steps:
+            out = self.train_step()
+            window_tokens += self.global_batch * self.seq_len
+            step = self.state.step
+            if step % tr.log_every == 0 or step == tr.max_steps:
+                now = time.time()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
+                                  "throughput": tps, "tokens_per_s": tps, "elapsed_s": now - start})
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
+            bar.update(1)
+            if (ev.every and step % ev.every == 0) or step == tr.max_steps:
+                last_eval = self.evaluate()
+                self.metrics.log(last_eval)
+                if self.is_main:
+                    tqdm.write(f"step {step}: val loss {last_eval['loss']:.4f} (ppl {last_eval['perplexity']:.1f}), "
+                               f"train loss {last_eval['train_loss']:.4f}, gap {last_eval['gap']:+.4f}")
+            if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps):
+                self.save()
+        bar.close()
+        self.metrics.close()
+        return last_eval
