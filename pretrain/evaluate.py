@@ -5,6 +5,7 @@ The test split is read only here, and only when asked for by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -60,7 +61,8 @@ def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.max_samples)
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
+            result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.max_samples)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Data pipelines: raw corpora -> WebDataset shards + manifest -> streaming batches."""

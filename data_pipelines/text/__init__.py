@@ -1,0 +1,1 @@
+"""prepare-text: a text corpus -> tokenized, packed WebDataset shards with a manifest."""

@@ -1,0 +1,86 @@
+"""TokenPacker: exact windows, eos after every document, tail dropped and counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipelines.text.packing import TokenPacker, inputs_and_targets, pack_documents
+from data_pipelines.text.tokenizer import token_dtype
+
+EOS = 0
+
+
+def test_windows_and_eos_placement() -> None:
+    # stream: 1 2 3 E 4 5 E 6 7 8 9 E  -> windows of 4, nothing left over
+    windows = list(pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=3, eos_id=EOS))
+    assert [w.tolist() for w in windows] == [[1, 2, 3, EOS], [4, 5, EOS, 6], [7, 8, 9, EOS]]
+    assert all(w.dtype == np.uint16 for w in windows)
+
+
+def test_tail_is_dropped_and_counted() -> None:
+    packer = TokenPacker(seq_len=4, eos_id=EOS)
+    out = packer.add([1, 2, 3]) + packer.add([4, 5, 6, 7, 8, 9])
+    assert [w.tolist() for w in out] == [[1, 2, 3, EOS, 4], [5, 6, 7, 8, 9]]
+    assert packer.add([10, 11]) == []  # stream tail: E 10 11 E
+    assert packer.finish() == 4
+    assert packer.tokens_in == packer.tokens_out + packer.dropped_tokens == 14
+    assert packer.documents == 3 and packer.windows == 2
+
+
+def test_a_long_document_fills_many_windows() -> None:
+    packer = TokenPacker(seq_len=9, eos_id=EOS)
+    windows = packer.add(np.arange(1, 36))
+    assert len(windows) == 3 and windows[0][0] == 1 and windows[2][-1] == 30
+    assert packer.finish() == 6  # 31..35 + eos
+
+
+def test_matches_a_reference_concatenation() -> None:
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 50_000, size=rng.integers(0, 300)) for _ in range(200)]
+    seq_len = 63
+    stream = np.concatenate([np.append(d, EOS) for d in docs])
+    full = len(stream) // (seq_len + 1)
+    expected = stream[: full * (seq_len + 1)].reshape(full, seq_len + 1)
+    got = np.stack(list(pack_documents(docs, seq_len, EOS)))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_empty_document_still_gets_its_eos() -> None:
+    assert [w.tolist() for w in pack_documents([[], [7], []], seq_len=2, eos_id=EOS)] == [[EOS, 7, EOS]]
+
+
+def test_windows_are_independent_copies() -> None:
+    packer = TokenPacker(seq_len=1, eos_id=EOS)
+    first = packer.add([5, 6, 7])
+    packer.add([8, 9, 10, 11])
+    assert [w.tolist() for w in first] == [[5, 6], [7, EOS]]
+
+
+def test_inputs_and_targets_shift_by_one() -> None:
+    inputs, targets = inputs_and_targets(np.array([1, 2, 3, 4], dtype=np.uint16))
+    assert inputs.tolist() == [1, 2, 3] and targets.tolist() == [2, 3, 4]
+
+
+def test_out_of_range_ids_are_refused_not_wrapped() -> None:
+    packer = TokenPacker(seq_len=4, eos_id=EOS, dtype=np.uint16)
+    with pytest.raises(ValueError, match="out of range"):
+        packer.add([1, 70_000])
+    wide = TokenPacker(seq_len=1, eos_id=70_000, dtype=np.uint32)
+    assert wide.add([69_999])[0].tolist() == [69_999, 70_000]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenPacker(seq_len=0, eos_id=EOS)
+    with pytest.raises(ValueError, match="eos"):
+        TokenPacker(seq_len=8, eos_id=1 << 16, dtype=np.uint16)
+    packer = TokenPacker(seq_len=8, eos_id=EOS)
+    packer.finish()
+    with pytest.raises(RuntimeError):
+        packer.add([1])
+
+
+@pytest.mark.parametrize(("vocab", "dtype"), [(1000, np.uint16), (65_536, np.uint16), (65_537, np.uint32)])
+def test_token_dtype(vocab: int, dtype: type) -> None:
+    assert token_dtype(vocab) == np.dtype(dtype)

@@ -1,0 +1,93 @@
+"""Recipe validation and DeepSpeed "auto" filling: pure, no processes."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import RECIPES_DIR, RecipeError, load_recipe, parse_recipe
+from pretrain.ds_config import resolve_ds_config, zero_stage
+
+REPO = Path(__file__).resolve().parent.parent
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path):
+    recipe, _ = load_recipe(str(path))
+    assert recipe.name == path.stem
+    assert (REPO / recipe.deepspeed_config).is_file()
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_ds_config_resolves(path):
+    recipe = parse_recipe({"training": {"micro_batch_size": 4, "gradient_accumulation_steps": 2}})
+    ds, _ = resolve_ds_config(json.loads(path.read_text()), recipe, world_size=2, hidden_size=64)
+    assert ds["train_batch_size"] == 4 * 2 * 2
+    assert "auto" not in json.dumps(ds)
+    assert zero_stage(ds) == int(path.stem[4])
+
+
+def test_unknown_keys_wrong_types_and_ranges_are_all_reported_with_did_you_mean():
+    bad = {"training": {"lrr": 1e-3, "micro_batch_size": "eight", "max_steps": 0}, "modle": {}, "eval": {"every": -1}}
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(bad, "r.json")
+    text = str(e.value)
+    assert "r.json" in text
+    assert "training.lrr: unknown key (did you mean 'lr'?)" in text
+    assert "modle: unknown key (did you mean 'model'?)" in text
+    assert "training.micro_batch_size" in text and "training.max_steps" in text and "eval.every" in text
+    assert len(e.value.problems) == 5
+
+
+def test_heads_must_divide_hidden():
+    with pytest.raises(RecipeError, match="not divisible by num_heads"):
+        parse_recipe({"model": {"hidden_size": 100, "num_heads": 3}})
+
+
+def test_overrides_apply_before_validation():
+    recipe, _ = load_recipe("gpt-tiny", {"training.max_steps": 7, "data.path": "/x", "eval.every": None})
+    assert recipe.training.max_steps == 7 and recipe.data.path == "/x"
+    assert recipe.eval.every == 50, "a None override leaves the recipe value"
+
+
+def test_hf_docs_style_config_is_filled_like_the_hf_integration():
+    ds = {
+        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                         "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    }
+    recipe = parse_recipe({"training": {"lr": 1e-3, "warmup_steps": 5, "max_steps": 50, "precision": "bf16",
+                                        "micro_batch_size": 3, "gradient_accumulation_steps": 4, "grad_clip": 0.5}})
+    out, notes = resolve_ds_config(ds, recipe, world_size=8, hidden_size=100)
+    assert out["train_batch_size"] == 96 and out["gradient_clipping"] == 0.5
+    assert out["bf16"]["enabled"] is True and out["fp16"]["enabled"] is False
+    assert out["optimizer"]["params"]["lr"] == 1e-3 and out["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert out["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5, "total_num_steps": 50}
+    assert out["zero_optimization"]["reduce_bucket_size"] == 10000
+    assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 1000
+    assert ds["train_batch_size"] == "auto", "the user's dict is not modified"
+    assert notes == []
+
+
+def test_concrete_batch_values_win_with_a_note_and_bad_arithmetic_is_refused():
+    recipe = parse_recipe({"training": {"micro_batch_size": 8}})
+    out, notes = resolve_ds_config({"train_micro_batch_size_per_gpu": 2}, recipe, world_size=2, hidden_size=8)
+    assert out["train_batch_size"] == 4 and any("overrides the recipe" in n for n in notes)
+    out, _ = resolve_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, recipe, 2, 8)
+    assert out["gradient_accumulation_steps"] == 4
+    with pytest.raises(RecipeError, match=r"train_batch_size 30 != .*\(= 32\)"):
+        resolve_ds_config({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4,
+                           "gradient_accumulation_steps": 4}, recipe, 2, 8, "ds.json")
+
+
+def test_unfillable_auto_and_conflicting_precision_are_listed_together():
+    recipe = parse_recipe({})
+    with pytest.raises(RecipeError) as e:
+        resolve_ds_config({"optimizer": {"type": "Lamb", "params": {"max_coeff": "auto"}},
+                           "fp16": {"enabled": True}, "bf16": {"enabled": True}}, recipe, 1, 8, "ds.json")
+    assert "optimizer.params.max_coeff" in str(e.value) and "both true" in str(e.value)
