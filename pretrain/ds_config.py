@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from pretrain.config import Recipe, RecipeError
+from pretrain.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, check_params, scale_lr, scale_warmup
 
 AUTO = "auto"
 
@@ -60,6 +61,59 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     ds[keys[0]], ds[keys[1]], ds[keys[2]] = micro, gas, expected
 
 
+def _scale_lr(ds: dict, recipe: Recipe, notes: list[str]) -> None:
+    """Scale the recipe's peak LR (and warmup, if asked) to the run's global batch."""
+    tr = recipe.training
+    batch = ds.get("train_batch_size")
+    if tr.lr_scaling == "none" or tr.reference_batch_size is None or not isinstance(batch, int):
+        return
+    ref = tr.reference_batch_size
+    lr, min_lr, warmup = tr.lr, tr.min_lr, tr.warmup_steps
+    tr.lr = scale_lr(lr, batch, ref, tr.lr_scaling)
+    tr.min_lr = scale_lr(min_lr, batch, ref, tr.lr_scaling)
+    msg = f"global batch {batch} vs reference {ref}: {tr.lr_scaling} scaling, lr {lr:g} -> {tr.lr:g}, min_lr {min_lr:g} -> {tr.min_lr:g}"
+    if tr.scale_warmup:
+        tr.warmup_steps = scale_warmup(warmup, batch, ref)
+        msg += f", warmup_steps {warmup} -> {tr.warmup_steps}"
+    notes.append(msg)
+
+
+def _fill_scheduler(sched: dict, recipe: Recipe) -> list[str]:
+    tr = recipe.training
+    kind = sched.get("type")
+    params = sched.setdefault("params", {})
+    if kind in TOOLKIT_TYPES:
+        fills = {"warmup_num_steps": tr.warmup_steps, "total_num_steps": tr.max_steps, "base_lr": tr.min_lr,
+                 "max_lr": tr.lr, "eta_min": tr.min_lr, "min_lr": tr.min_lr}
+        for k, v in fills.items():
+            _set_auto(params, k, v)
+        return check_params(kind, params)
+    if kind not in DEEPSPEED_TYPES:
+        return [f"scheduler.type: unknown {kind!r} (DeepSpeed: {', '.join(DEEPSPEED_TYPES)}; "
+                f"toolkit: {', '.join(TOOLKIT_TYPES)})"]
+    fills = {
+        "warmup_min_lr": 0.0, "warmup_max_lr": tr.lr, "warmup_num_steps": max(1, tr.warmup_steps),
+        "total_num_steps": tr.max_steps, "warmup_min_ratio": 0.0, "cos_min_ratio": tr.min_lr / tr.lr,
+        "cycle_min_lr": tr.min_lr, "cycle_max_lr": tr.lr, "lr_range_test_min_lr": tr.min_lr,
+    }
+    for k, v in fills.items():
+        _set_auto(params, k, v)
+    return []
+
+
+def toolkit_scheduler(ds: dict) -> dict | None:
+    """The scheduler section if the toolkit (not DeepSpeed) implements its type."""
+    sched = ds.get("scheduler")
+    return sched if isinstance(sched, dict) and sched.get("type") in TOOLKIT_TYPES else None
+
+
+def for_deepspeed(ds: dict) -> dict:
+    """The config handed to deepspeed.initialize: without a scheduler section DeepSpeed cannot build."""
+    if toolkit_scheduler(ds) is None:
+        return ds
+    return {k: v for k, v in ds.items() if k != "scheduler"}
+
+
 def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: int, source: str = "<deepspeed config>") -> tuple[dict, list[str]]:
     """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem."""
     ds = copy.deepcopy(raw)
@@ -67,6 +121,7 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     problems: list[str] = []
     notes: list[str] = []
     _batch_sizes(ds, recipe, world_size, problems, notes)
+    _scale_lr(ds, recipe, notes)
     _set_auto(ds, "gradient_clipping", tr.grad_clip)
 
     for name, wanted in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
@@ -81,14 +136,7 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
 
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
-        params = sched.setdefault("params", {})
-        fills = {
-            "warmup_min_lr": 0.0, "warmup_max_lr": tr.lr,
-            "total_num_steps": tr.max_steps, "warmup_num_steps": max(1, tr.warmup_steps), "warmup_min_ratio": 0.0, "cos_min_ratio": tr.min_lr / tr.lr,
-            "cycle_min_lr": tr.min_lr, "cycle_max_lr": tr.lr, "lr_range_test_min_lr": tr.min_lr,
-        }
-        for k, v in fills.items():
-            _set_auto(params, k, v)
+        problems += _fill_scheduler(sched, recipe)
 
     zero = ds.get("zero_optimization")
     if isinstance(zero, dict):

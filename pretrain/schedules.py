@@ -1,7 +1,34 @@
-"""Learning-rate schedules as pure functions of the step (unit-tested, plotted, resumable)."""
+"""Learning-rate schedules as pure functions of the step, and the DeepSpeed ``scheduler`` section.
+
+DeepSpeed's own scheduler types (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest)
+are left to DeepSpeed. The types it lacks are provided here under PyTorch's names and with
+PyTorch's parameter semantics, so ``lr(t)`` equals what ``torch.optim.lr_scheduler.<Name>``
+gives after ``t`` calls to ``step()``. Every type also accepts ``warmup_num_steps``: a linear
+ramp ``lr * (t + 1) / W`` in front, after which the schedule starts at its own step 0.
+
+They are handed to ``deepspeed.initialize`` as a callable that receives the base optimizer,
+which works under every ZeRO stage and bf16 (DeepSpeed's own fallback to torch schedulers by
+name hands them the wrapped optimizer and fails there).
+"""
 from __future__ import annotations
 
+import bisect
 import math
+from typing import Any, Callable
+
+DEEPSPEED_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
+
+# name -> (required params, optional params with defaults); "lr" is the optimizer's peak LR.
+TOOLKIT_TYPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "StepLR": (("step_size",), {"gamma": 0.1}),
+    "MultiStepLR": (("milestones",), {"gamma": 0.1}),
+    "CyclicLR": (("base_lr", "max_lr"), {"step_size_up": 2000, "step_size_down": None, "mode": "triangular",
+                                          "gamma": 1.0}),
+    "CosineAnnealingWarmRestarts": (("T_0",), {"T_mult": 1, "eta_min": 0.0}),
+    "WarmupStableDecay": (("total_num_steps",), {"decay_num_steps": None, "decay_fraction": 0.1, "min_lr": 0.0,
+                                                 "decay_type": "linear"}),
+}
+COMMON = {"warmup_num_steps": 0}
 
 
 def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -16,11 +43,146 @@ def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, total_
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def lambda_scheduler(optimizer, fn, base_lr: float):
-    """A torch LambdaLR that sets the optimizer's LR to ``fn(step)`` (fn returns an absolute LR)."""
+def step_lr(t: int, lr: float, step_size: int, gamma: float = 0.1) -> float:
+    return lr * gamma ** (t // step_size)
+
+
+def multistep_lr(t: int, lr: float, milestones: list[int], gamma: float = 0.1) -> float:
+    return lr * gamma ** bisect.bisect_right(sorted(milestones), t)
+
+
+def cyclic_lr(t: int, base_lr: float, max_lr: float, step_size_up: int = 2000, step_size_down: int | None = None,
+              mode: str = "triangular", gamma: float = 1.0) -> float:
+    """torch.optim.lr_scheduler.CyclicLR (scale_mode by mode, as PyTorch defaults it)."""
+    down = step_size_up if step_size_down is None else step_size_down
+    total = step_size_up + down
+    ratio = step_size_up / total
+    cycle = math.floor(1 + t / total)
+    x = 1.0 + t / total - cycle
+    scale = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+    height = (max_lr - base_lr) * scale
+    if mode == "triangular":
+        return base_lr + height
+    if mode == "triangular2":
+        return base_lr + height * (1 / (2.0 ** (cycle - 1)))
+    if mode == "exp_range":
+        return base_lr + height * gamma**t
+    raise ValueError(f"CyclicLR mode must be triangular, triangular2 or exp_range (got {mode!r})")
+
+
+def cosine_warm_restarts(t: int, lr: float, T_0: int, T_mult: int = 1, eta_min: float = 0.0) -> float:
+    """torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, closed form."""
+    if T_mult == 1:
+        t_cur, t_i = t % T_0, T_0
+    else:
+        n = int(math.log(t / T_0 * (T_mult - 1) + 1, T_mult)) if t >= T_0 else 0
+        t_cur = t - T_0 * (T_mult**n - 1) / (T_mult - 1)
+        t_i = T_0 * T_mult**n
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+
+def warmup_stable_decay(t: int, lr: float, total_num_steps: int, decay_num_steps: int | None = None,
+                        decay_fraction: float = 0.1, min_lr: float = 0.0, decay_type: str = "linear") -> float:
+    """Constant ``lr`` then a cooldown to ``min_lr`` over the last ``decay_num_steps`` (WSD; MiniCPM, Hägele et al. 2024).
+
+    ``t`` counts from the end of the warmup; ``total_num_steps`` is the whole run, so the caller
+    passes the run length minus the warmup.
+    """
+    decay = decay_num_steps if decay_num_steps is not None else int(round(decay_fraction * total_num_steps))
+    start = total_num_steps - decay
+    if t < start or decay <= 0:
+        return lr
+    progress = min(1.0, (t - start) / decay)
+    if decay_type == "linear":
+        return lr + (min_lr - lr) * progress
+    if decay_type == "cosine":
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"WarmupStableDecay decay_type must be linear or cosine (got {decay_type!r})")
+
+
+def check_params(kind: str, params: dict) -> list[str]:
+    """Problems with a toolkit scheduler section, as 'scheduler.params.<key>: ...' lines."""
+    required, optional = TOOLKIT_TYPES[kind]
+    known = set(required) | set(optional) | set(COMMON)
+    problems = [f"scheduler.params.{k}: unknown for {kind} (known: {', '.join(sorted(known))})" for k in params if k not in known]
+    problems += [f"scheduler.params.{k}: required by {kind}" for k in required if k not in params]
+    if kind == "CyclicLR" and params.get("mode", "triangular") not in ("triangular", "triangular2", "exp_range"):
+        problems.append(f"scheduler.params.mode: must be triangular, triangular2 or exp_range (got {params['mode']!r})")
+    if kind == "WarmupStableDecay" and params.get("decay_type", "linear") not in ("linear", "cosine"):
+        problems.append(f"scheduler.params.decay_type: must be linear or cosine (got {params['decay_type']!r})")
+    for k in ("step_size", "T_0", "step_size_up", "total_num_steps"):
+        if k in params and (not isinstance(params[k], int) or params[k] <= 0):
+            problems.append(f"scheduler.params.{k}: must be a positive integer (got {params[k]!r})")
+    w = params.get("warmup_num_steps", 0)
+    if not isinstance(w, int) or w < 0:
+        problems.append(f"scheduler.params.warmup_num_steps: must be a non-negative integer (got {w!r})")
+    return problems
+
+
+def lr_function(kind: str, params: dict, lr: float) -> Callable[[int], float]:
+    """lr(t) for a toolkit scheduler section: ``t`` optimizer steps taken -> LR of the next step."""
+    params = dict(params)
+    warmup = int(params.pop("warmup_num_steps", 0))
+    required, optional = TOOLKIT_TYPES[kind]
+    kw = {**optional, **params}
+    if kind == "StepLR":
+        inner = lambda t: step_lr(t, lr, kw["step_size"], kw["gamma"])  # noqa: E731
+        peak = lr
+    elif kind == "MultiStepLR":
+        inner = lambda t: multistep_lr(t, lr, kw["milestones"], kw["gamma"])  # noqa: E731
+        peak = lr
+    elif kind == "CyclicLR":
+        inner = lambda t: cyclic_lr(t, kw["base_lr"], kw["max_lr"], kw["step_size_up"], kw["step_size_down"],  # noqa: E731
+                                    kw["mode"], kw["gamma"])
+        peak = kw["base_lr"]  # PyTorch's CyclicLR starts each cycle at base_lr
+    elif kind == "CosineAnnealingWarmRestarts":
+        inner = lambda t: cosine_warm_restarts(t, lr, kw["T_0"], kw["T_mult"], kw["eta_min"])  # noqa: E731
+        peak = lr
+    elif kind == "WarmupStableDecay":
+        # total_num_steps and decay_fraction refer to the whole run, warmup included.
+        decay = kw["decay_num_steps"]
+        if decay is None:
+            decay = int(round(kw["decay_fraction"] * kw["total_num_steps"]))
+        total = kw["total_num_steps"] - warmup
+        inner = lambda t: warmup_stable_decay(t, lr, total, decay, 0.0, kw["min_lr"], kw["decay_type"])  # noqa: E731
+        peak = lr
+    else:
+        raise ValueError(f"unknown scheduler type {kind!r}")
+    if warmup <= 0:
+        return inner
+    return lambda t: peak * (t + 1) / warmup if t < warmup else inner(t - warmup)
+
+
+def lambda_scheduler(optimizer, fn: Callable[[int], float]):
+    """A torch LambdaLR that sets every group's LR to ``fn(step)`` (``fn`` returns an absolute LR).
+
+    LambdaLR multiplies a base LR by the lambda's value, so the base is pinned to 1.0.
+    Its state (last_epoch) is saved in DeepSpeed checkpoints, so a resumed run continues exactly.
+    """
     import torch
 
     for group in optimizer.param_groups:
-        group["lr"] = base_lr
-        group.setdefault("initial_lr", base_lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step) / base_lr)
+        group["lr"] = 1.0
+        group["initial_lr"] = 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def scale_lr(lr: float, batch: int, reference: int, rule: str) -> float:
+    """Peak LR for a global batch other than the one it was tuned at.
+
+    linear: lr x B/B_ref (Goyal et al. 2017, for SGD); sqrt: lr x sqrt(B/B_ref) (Krizhevsky 2014;
+    Malladi et al. 2022 for Adam); none: unchanged.
+    """
+    if rule == "none" or batch == reference:
+        return lr
+    k = batch / reference
+    if rule == "linear":
+        return lr * k
+    if rule == "sqrt":
+        return lr * math.sqrt(k)
+    raise ValueError(f"unknown LR scaling rule {rule!r}")
+
+
+def scale_warmup(steps: int, batch: int, reference: int) -> int:
+    """Warmup steps that cover the same number of samples at another global batch."""
+    return max(0, int(round(steps * reference / batch)))

@@ -20,10 +20,10 @@ import torch
 from data_pipelines.loader import TextShards, eval_batches, train_loader
 from pretrain.checkpoint import RESOLVED
 from pretrain.config import Recipe
-from pretrain.ds_config import precision, zero_stage
+from pretrain.ds_config import for_deepspeed, precision, toolkit_scheduler, zero_stage
 from pretrain.metrics import MetricsLogger
 from pretrain.models import get_family
-from pretrain.schedules import lambda_scheduler, warmup_cosine
+from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
 
 
 @dataclass
@@ -89,12 +89,16 @@ class Trainer:
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, eps=tr.eps, weight_decay=tr.weight_decay)
         scheduler = None
-        if "scheduler" not in self.ds_config:
+        own = toolkit_scheduler(self.ds_config)
+        if own is not None or "scheduler" not in self.ds_config:
+            if own is not None:
+                fn = lr_function(own["type"], own.get("params", {}), tr.lr)
+            else:
+                fn = lambda step: warmup_cosine(step, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps)  # noqa: E731
             # A callable: DeepSpeed hands it the base optimizer, which works under every ZeRO stage.
-            fn = lambda step: warmup_cosine(step, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps)  # noqa: E731
-            scheduler = lambda opt: lambda_scheduler(opt, fn, tr.lr)  # noqa: E731
+            scheduler = lambda opt: lambda_scheduler(opt, fn)  # noqa: E731
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                                     lr_scheduler=scheduler, config=self.ds_config)
+                                                     lr_scheduler=scheduler, config=for_deepspeed(self.ds_config))
         self.device = self.engine.device
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()

@@ -91,3 +91,25 @@ def test_unfillable_auto_and_conflicting_precision_are_listed_together():
         resolve_ds_config({"optimizer": {"type": "Lamb", "params": {"max_coeff": "auto"}},
                            "fp16": {"enabled": True}, "bf16": {"enabled": True}}, recipe, 1, 8, "ds.json")
     assert "optimizer.params.max_coeff" in str(e.value) and "both true" in str(e.value)
+
+
+def test_lr_scaling_rewrites_lr_and_warmup_and_says_so():
+    recipe = parse_recipe({"training": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "micro_batch_size": 8,
+                                        "reference_batch_size": 4, "lr_scaling": "sqrt", "scale_warmup": True}})
+    ds, notes = resolve_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+                                   "scheduler": {"type": "StepLR", "params": {"step_size": 10, "warmup_num_steps": "auto"}}},
+                                  recipe, world_size=2, hidden_size=8)
+    assert ds["train_batch_size"] == 16
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(2e-3) and recipe.training.min_lr == pytest.approx(2e-4)
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 25
+    assert any("sqrt scaling" in n and "0.001 -> 0.002" in n for n in notes)
+
+
+def test_toolkit_scheduler_is_kept_in_the_config_but_not_given_to_deepspeed():
+    from pretrain.ds_config import for_deepspeed
+
+    recipe = parse_recipe({})
+    ds, _ = resolve_ds_config({"scheduler": {"type": "CyclicLR", "params": {"base_lr": "auto", "max_lr": "auto"}}}, recipe, 1, 8)
+    assert ds["scheduler"]["params"]["max_lr"] == recipe.training.lr and "scheduler" not in for_deepspeed(ds)
+    with pytest.raises(RecipeError, match="scheduler.type: unknown 'Cosine'"):
+        resolve_ds_config({"scheduler": {"type": "Cosine"}}, recipe, 1, 8)
