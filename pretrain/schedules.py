@@ -186,3 +186,27 @@ def scale_lr(lr: float, batch: int, reference: int, rule: str) -> float:
 def scale_warmup(steps: int, batch: int, reference: int) -> int:
     """Warmup steps that cover the same number of samples at another global batch."""
     return max(0, int(round(steps * reference / batch)))
+
+
+def lrs_for_config(ds: dict, lr: float, min_lr: float, warmup_steps: int, max_steps: int, steps: int) -> list[float]:
+    """The LR of each of ``steps`` optimizer steps under a resolved DeepSpeed config, the way a run would use it:
+    DeepSpeed's own types through DeepSpeed's classes, the toolkit's through ``lr_function``."""
+    import torch
+
+    sched = ds.get("scheduler")
+    if sched is None:
+        fn = lambda t: warmup_cosine(t, lr, min_lr, warmup_steps, max_steps)  # noqa: E731
+    elif sched.get("type") in TOOLKIT_TYPES:
+        fn = lr_function(sched["type"], sched.get("params", {}), lr)
+    else:
+        from deepspeed.runtime import lr_schedules
+
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=lr)
+        ds_sched = getattr(lr_schedules, sched["type"])(opt, **sched.get("params", {}))
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            ds_sched.step()
+        return out
+    return [fn(t) for t in range(steps)]

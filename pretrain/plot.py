@@ -1,0 +1,151 @@
+"""pretrain-plot: PNG plots of a run, or of a learning-rate schedule before anyone trains with it.
+
+    pretrain-plot RUN_DIR                                   -> RUN_DIR/plots/{loss,lr,throughput}.png
+    pretrain-plot --schedule ds_configs/X.json --steps N    -> schedule.png (or --output)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pretrain.metrics import read_metrics  # noqa: E402
+
+
+def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
+def _loss_panel(ax, train: list[dict], evals: list[dict], x: str, label: str) -> None:
+    xs = [m[x] for m in train]
+    losses = [m["loss"] for m in train]
+    ax.plot(xs, losses, color="tab:blue", alpha=0.25, lw=0.8)
+    ax.plot(xs, smooth(losses), color="tab:blue", lw=1.5, label="train (smoothed)")
+    if evals:
+        ex = [e["step"] if x == "step" else e.get("tokens_seen", 0) for e in evals]
+        val = [e["loss"] for e in evals]
+        tr = [e.get("train_loss") for e in evals]
+        ax.plot(ex, val, "o-", color="tab:orange", lw=1.5, label="val")
+        if all(t is not None for t in tr):
+            ax.plot(ex, tr, "s--", color="tab:green", lw=1, ms=4, label="train over the same window")
+            ax.fill_between(ex, tr, val, color="tab:red", alpha=0.15, label="gap (val - train)")
+    ax.set_xlabel(label)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [m for m in records if "split" not in m and m.get("loss") is not None]
+    evals = [m for m in records if m.get("split") == "val" and m.get("loss") is not None]
+    if not train:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no train lines")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _loss_panel(axes[0], train, evals, "step", "step")
+    _loss_panel(axes[1], train, evals, "tokens", "tokens seen")
+    last = evals[-1] if evals else None
+    title = f"{run_dir.name}: loss" + (f" (last val {last['loss']:.3f}, gap {last.get('gap', float('nan')):+.3f})" if last else "")
+    fig.suptitle(title)
+    fig.tight_layout()
+    written.append(out / "loss.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in train], [m["lr"] for m in train], color="tab:purple")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{run_dir.name}: learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(out / "lr.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tput = [m.get("throughput") or 0.0 for m in train]
+    ax.plot([m["step"] for m in train], tput, color="tab:gray", alpha=0.4, lw=0.8)
+    ax.plot([m["step"] for m in train], smooth(tput), color="tab:gray", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s (all ranks)")
+    ax.set_title(f"{run_dir.name}: throughput")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(out / "throughput.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1) -> Path:
+    from pretrain.config import Recipe, load_json, load_recipe
+    from pretrain.ds_config import resolve_ds_config
+    from pretrain.schedules import lrs_for_config
+
+    recipe = load_recipe(recipe_name)[0] if recipe_name else Recipe()
+    recipe.training.max_steps = steps
+    ds, _ = resolve_ds_config(load_json(ds_path, "DeepSpeed config"), recipe, world_size, recipe.model.hidden_size, ds_path)
+    tr = recipe.training
+    lrs = lrs_for_config(ds, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps, steps)
+    kind = (ds.get("scheduler") or {}).get("type", "warmup + cosine (no scheduler section)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, steps + 1), lrs, color="tab:purple")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{Path(ds_path).name}: {kind}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="run directory holding metrics.jsonl; plots go to RUN_DIR/plots/")
+    p.add_argument("--schedule", metavar="DS_CONFIG", help="draw the LR schedule of this DeepSpeed JSON instead of a run")
+    p.add_argument("--steps", type=int, default=1000, help="with --schedule: steps to draw (fills total_num_steps \"auto\")")
+    p.add_argument("--recipe", help="with --schedule: recipe whose training section fills the \"auto\" values (default: built-in defaults)")
+    p.add_argument("--world-size", type=int, default=1, help="with --schedule: ranks, for batch arithmetic and LR scaling")
+    p.add_argument("--output", default="schedule.png", help="with --schedule: PNG to write (default schedule.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pretrain.config import RecipeError
+
+    try:
+        if args.schedule:
+            print(plot_schedule(args.schedule, args.steps, args.output, args.recipe, args.world_size))
+        elif args.run_dir:
+            for path in plot_run(args.run_dir):
+                print(path)
+        else:
+            build_parser().error("give RUN_DIR or --schedule DS_CONFIG")
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
