@@ -13,7 +13,10 @@ Evaluation reads a split once, in order, and gives every rank the same number of
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,6 +26,8 @@ import torch
 import webdataset as wds
 
 from data_pipelines.manifest import read_manifest
+
+logger = logging.getLogger("data_pipelines.loader")
 
 
 def _seed(*parts: int | str) -> int:
@@ -72,13 +77,67 @@ def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | Non
     return wds.tarfile_to_samples(**kwargs)(src)
 
 
-def decode_tokens(sample: dict) -> np.ndarray:
-    data = sample["tokens.npy"]
-    if isinstance(data, (bytes, bytearray)):
-        import io
+class BadSample(ValueError):
+    """A sample that cannot be trained on; ``reason`` is its counter name."""
 
-        data = np.load(io.BytesIO(data), allow_pickle=False)
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class SkipLog:
+    """Counts skipped samples and shards by reason and warns once per item, naming it.
+
+    Used as the webdataset handler: it never sleeps (webdataset's warn_and_continue sleeps
+    0.5 s per error, which stalls training on dirty data).
+    """
+
+    def __init__(self, where: str = ""):
+        self.where = where
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{reason}: {detail}")
+        logger.warning("%sskipped (%s): %s", self.where, reason, detail)
+
+    def handler(self, exn: Exception) -> bool:
+        self.add("bad_shard", f"{type(exn).__name__}: {exn}")
+        return True
+
+
+def _url_and_key(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def decode_tokens(sample: dict, seq_len: int | None = None, vocab_size: int | None = None) -> np.ndarray:
+    """The token window of a sample, checked; raises BadSample naming the shard and key."""
+    data = sample.get("tokens.npy")
+    where = _url_and_key(sample)
+    if data is None:
+        raise BadSample("missing_tokens", f"{where} has no tokens.npy (members: {sorted(k for k in sample if not k.startswith('__'))})")
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable payload is the same kind of bad sample
+            raise BadSample("bad_npy", f"{where}: {type(e).__name__}: {e}") from None
+    if data.dtype.kind not in "iu":
+        raise BadSample("wrong_dtype", f"{where}: token dtype {data.dtype}, expected an integer type")
+    if seq_len is not None and data.shape != (seq_len + 1,):
+        raise BadSample("wrong_length", f"{where}: shape {data.shape}, expected ({seq_len + 1},)")
+    if vocab_size is not None and data.size and (int(data.max()) >= vocab_size or int(data.min()) < 0):
+        raise BadSample("token_out_of_range", f"{where}: token ids outside [0, {vocab_size})")
     return data
+
+
+def checked_windows(samples: Iterable[dict], log: SkipLog, seq_len: int | None, vocab_size: int | None) -> Iterator[np.ndarray]:
+    for sample in samples:
+        try:
+            yield decode_tokens(sample, seq_len, vocab_size)
+        except BadSample as e:
+            log.add(e.reason, str(e))
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -107,6 +166,7 @@ class TextShards:
         if self.manifest.get("kind") != "text":
             raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected 'text'")
         self.seq_len: int = int(self.manifest["seq_len"])
+        self.vocab_size: int | None = self.manifest.get("tokenizer", {}).get("vocab_size")
 
     def shards(self, split: str) -> list[str]:
         info = self.manifest["splits"].get(split)
@@ -140,6 +200,9 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
         self.num_workers = max(1, num_workers)
+        self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
+        self.skips = SkipLog(f"rank {rank}: ")
+        self.samples_read = 0
 
     def _slot(self) -> Slot:
         info = torch.utils.data.get_worker_info()
@@ -150,11 +213,16 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         epoch = 0
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
-            stream = read_samples(urls)
-            for i, sample in enumerate(stream):
-                if by_sample and i % slot.count != slot.index:
-                    continue
-                yield decode_tokens(sample)
+            mine = (s for i, s in enumerate(read_samples(urls, self.skips.handler))
+                    if not by_sample or i % slot.count == slot.index)
+            got = 0
+            for window in checked_windows(mine, self.skips, self.seq_len, self.vocab_size):
+                got += 1
+                self.samples_read += 1
+                yield window
+            if got == 0:
+                raise RuntimeError(f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) gave no usable sample "
+                                   f"(skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]})")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -164,7 +232,10 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         for window in shuffle_buffer(self.samples(slot), self.buffer, rng):
             batch.append(window)
             if len(batch) == self.batch_size:
-                yield _collate(batch)
+                out = _collate(batch)
+                # Counters travel with the batch: DataLoader workers are other processes.
+                out["_stats"] = {"slot": slot.index, "read": self.samples_read, "skipped": dict(self.skips.counts)}
+                yield out
                 batch = []
 
 
@@ -191,13 +262,17 @@ def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, w
     per_rank = -(-n // world_size)
     mine: list[np.ndarray] = []
     first: np.ndarray | None = None
-    for i, sample in enumerate(read_samples(data.shards(split))):
+    skips = SkipLog(f"eval {split}: ")
+    samples = read_samples(data.shards(split), skips.handler)
+    for i, window in enumerate(checked_windows(samples, skips, data.seq_len, data.vocab_size)):
         if i >= n:
             break
         if first is None:
-            first = decode_tokens(sample)
+            first = window
         if i % world_size == rank:
-            mine.append(decode_tokens(sample))
+            mine.append(window)
+    if first is None:
+        return
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [first] * (per_rank - len(mine))
     for start in range(0, per_rank, batch_size):

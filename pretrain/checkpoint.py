@@ -103,3 +103,98 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
     if tied and not getattr(model.config, "tie_word_embeddings", False):
         raise CheckpointError(f"weights missing for untied parameters {sorted(tied)[:5]}")
     model.tie_weights()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and resuming. DeepSpeed writes files in place and its rank 0 updates `latest` before
+# the final barrier, so a crash on another rank can leave `latest` naming a half-written tag.
+# We save with save_latest=False, mark the tag complete (`toolkit.json`) once every rank has
+# returned from the save, and only then move `latest` to it, atomically.
+
+COMPLETE = "toolkit.json"
+TAG_PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        import os
+
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
+def complete_tags(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and is_complete(p)),
+                  key=lambda p: p.name)
+
+
+def safe_tag(root: Path, tag: str) -> Path:
+    """``root/tag``, refusing a tag that would leave ``root`` (a tampered ``latest``)."""
+    p = (root / tag).resolve()
+    if p.parent != root.resolve():
+        raise CheckpointError(f"{root}/latest: tag {tag!r} points outside the checkpoint directory")
+    return p
+
+
+def resumable(root: Path) -> Path | None:
+    """The checkpoint a resume should load: ``latest`` if it is complete, else the newest complete tag."""
+    tag = latest_tag(root)
+    if tag is not None and is_complete(safe_tag(root, tag)):
+        return root / tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def mark_complete(tag_dir: Path, meta: dict, keep_last: int | None) -> None:
+    """Rank 0, after every rank's save returned: seal the tag, point `latest` at it, prune old tags."""
+    import shutil
+
+    _atomic_write(tag_dir / COMPLETE, json.dumps(meta, indent=2))
+    _atomic_write(tag_dir.parent / "latest", tag_dir.name)
+    if keep_last:
+        for old in complete_tags(tag_dir.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def rank_state_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"toolkit_rank{rank:05d}.pt"
+
+
+def capture_rng() -> dict:
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": torch.from_numpy(np_state[1].astype("int64")), "numpy_pos": int(np_state[2])}
+
+
+def restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
+
+
+def load_rank_state(tag_dir: Path, rank: int) -> dict | None:
+    p = rank_state_path(tag_dir, rank)
+    # Plain tensors, ints and lists only: weights_only refuses anything that could run code.
+    return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None

@@ -69,6 +69,7 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=0, description="samples held in each loader's shuffle buffer (0 = no sample shuffle)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank, each reading its own shards")
     resampled: bool = Field(False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read were bad (skipped), after the first 100")
 
 
 class TrainingConfig(_Section):
@@ -90,6 +91,8 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)")
     seed: int = Field(1234, description="seed for model init, data order and dropout; --seed overrides")
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
+    on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it) or stop the run")
+    max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainingConfig":

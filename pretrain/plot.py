@@ -48,7 +48,7 @@ def _loss_panel(ax, train: list[dict], evals: list[dict], x: str, label: str) ->
 def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    train = [m for m in records if "split" not in m and m.get("loss") is not None]
+    train = [m for m in records if "split" not in m and "event" not in m and m.get("loss") is not None]
     evals = [m for m in records if m.get("split") == "val" and m.get("loss") is not None]
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl has no train lines")

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import deepspeed
 
-    from pretrain.trainer import Trainer
+    import torch.distributed as dist
+
+    from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingStopped
 
     deepspeed.init_distributed()
     if rank == 0:
@@ -143,12 +145,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}", flush=True)
     trainer = Trainer(recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes, args.resume,
                       progress=not args.no_progress)
-    trainer.setup()
-    final = trainer.fit()
-    if rank == 0 and final:
-        print(f"done: step {trainer.state.step}, val loss {final['loss']:.4f}, run dir {run_dir}", flush=True)
-    import torch.distributed as dist
-
+    try:
+        trainer.setup()
+        final = trainer.fit()
+    except TrainingStopped as e:  # decided collectively, so every rank stops here together
+        if rank == 0:
+            print(f"error: training stopped: {e}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        return 1
+    if trainer.preempted:
+        if rank == 0:
+            print(f"preempted at step {trainer.state.step}: checkpoint saved; rerun the same command to continue "
+                  f"(exit {PREEMPTED_EXIT})", flush=True)
+        dist.destroy_process_group()
+        return PREEMPTED_EXIT
+    if rank == 0:
+        if final:
+            print(f"done: step {trainer.state.step}, val loss {final['loss']:.4f}, run dir {run_dir}", flush=True)
+        else:
+            print(f"done: step {trainer.state.step} (nothing left to train), run dir {run_dir}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0

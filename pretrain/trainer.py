@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from data_pipelines.loader import TextShards, eval_batches, train_loader
-from pretrain.checkpoint import RESOLVED
+from pretrain.checkpoint import (RESOLVED, capture_rng, complete_tags, load_rank_state, mark_complete, rank_state_path,
+                                 restore_rng, resumable, tag_for)
 from pretrain.config import Recipe
 from pretrain.ds_config import for_deepspeed, precision, toolkit_scheduler, zero_stage
 from pretrain.metrics import MetricsLogger
@@ -33,12 +35,20 @@ class RunState:
     step: int = 0
     samples: int = 0
     tokens: int = 0
-    micro_batches: int = 0  # consumed by this rank's stream
+    micro_batches: int = 0  # consumed by this rank's stream (skipped non-finite ones included)
+    nonfinite_skips: int = 0
     train_losses: list[float] = field(default_factory=list)  # since the last eval, for the gap
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples": self.samples, "tokens": self.tokens,
-                "micro_batches": self.micro_batches, "train_losses": self.train_losses}
+        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "micro_batches": self.micro_batches,
+                "nonfinite_skips": self.nonfinite_skips, "train_losses": self.train_losses}
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run the same command to continue
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too much bad data, non-finite losses); the message says where."""
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +73,8 @@ class Trainer:
         self.resume, self.progress = resume, progress
         self.family = get_family(recipe.family)
         self.state = RunState()
+        self._slot_stats: dict[int, dict] = {}
+        self._fault_nan_steps = {int(x) for x in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if x}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -111,7 +123,17 @@ class Trainer:
         self.stream = train_loader(self.data, self.recipe.data.train_split, self.micro, self.rank, self.world, tr.seed,
                                    self.recipe.data.shuffle_buffer, self.recipe.data.resampled, self.recipe.data.num_workers)
         for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
-            next(self.stream)
+            self._note_stats(next(self.stream).pop("_stats"))
+        self._signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then every rank agrees to save and stop.
+        self._signal = signum
+
+    def _note_stats(self, stats: dict) -> None:
+        self._slot_stats[stats["slot"]] = stats
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,52 +152,101 @@ class Trainer:
         if not (self.run_dir / "tokenizer").exists():
             shutil.copytree(self.tokenizer_dir, self.run_dir / "tokenizer")
 
-    def _maybe_resume(self) -> None:
+    def _resume_target(self) -> Path | None:
         if self.resume == "none":
-            return
-        ckpt_root = self.run_dir / "checkpoints"
+            return None
         if self.resume == "auto":
-            if not (ckpt_root / "latest").is_file():
-                return
-            load_dir, tag = ckpt_root, None
-        else:
-            p = Path(self.resume)
-            load_dir, tag = (p.parent, p.name) if not (p / "latest").is_file() else (p, None)
-        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
+            return resumable(self.run_dir / "checkpoints")
+        p = Path(self.resume)
+        target = resumable(p) if (p / "latest").is_file() or complete_tags(p) else p
+        if target is None or not (target / "toolkit.json").is_file():
+            raise RuntimeError(f"--resume {self.resume}: not a complete checkpoint (no toolkit.json)")
+        return target
+
+    def _maybe_resume(self) -> None:
+        target = self._resume_target()
+        if target is None:
+            return
+        path, client = self.engine.load_checkpoint(str(target.parent), tag=target.name)
         if path is None:
-            raise RuntimeError(f"could not load a checkpoint from {load_dir}")
-        saved = client.get("run_state", {})
-        self.state = RunState(**saved)
+            raise RuntimeError(f"could not load the checkpoint {target}")
+        self.state = RunState(**client.get("run_state", {}))
+        rank_state = load_rank_state(target, self.rank)
+        if rank_state is not None:
+            restore_rng(rank_state["rng"])
         if self.is_main:
-            print(f"resumed from {path} at step {self.state.step}", flush=True)
+            print(f"resumed from {target} at step {self.state.step}", flush=True)
 
     # ------------------------------------------------------------------ steps
-    def _mean_over_ranks(self, value: float) -> float:
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item()) / self.world
+        return t.tolist()
 
-    def train_step(self) -> dict[str, float]:
+    def _data_counts(self) -> tuple[int, int]:
+        read = sum(s["read"] for s in self._slot_stats.values())
+        bad = sum(sum(s["skipped"].values()) for s in self._slot_stats.values())
+        return read, bad
+
+    def _forward_finite(self) -> torch.Tensor:
+        """Loss of the next micro-batch whose loss is finite on every rank; the others are dropped by all ranks."""
+        while True:
+            raw = next(self.stream)
+            self._note_stats(raw.pop("_stats"))
+            self.state.micro_batches += 1
+            batch = {k: v.to(self.device) for k, v in raw.items()}
+            loss = self.family.loss(self.engine, batch)
+            if self.state.step + 1 in self._fault_nan_steps and self.rank == 0:
+                self._fault_nan_steps.discard(self.state.step + 1)  # test hook: one poisoned micro-batch
+                loss = loss * float("nan")
+            bad_ranks = self._sum_over_ranks([0.0 if torch.isfinite(loss).item() else 1.0])[0]
+            if bad_ranks == 0:
+                return loss
+            self.state.nonfinite_skips += 1
+            where = (f"non-finite loss at step {self.state.step + 1}, micro-batch {self.state.micro_batches} "
+                     f"of the stream, on {int(bad_ranks)} rank(s)")
+            if self.recipe.training.on_nonfinite == "stop":
+                raise TrainingStopped(f"{where}; training.on_nonfinite is 'stop'")
+            if self.state.nonfinite_skips > self.recipe.training.max_nonfinite_skips:
+                raise TrainingStopped(f"{where}: {self.state.nonfinite_skips} skipped so far, more than "
+                                      f"training.max_nonfinite_skips={self.recipe.training.max_nonfinite_skips}")
+            if self.is_main:
+                print(f"warning: {where}; skipped ({self.state.nonfinite_skips} so far)", flush=True)
+
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step: ``gas`` micro-batches through the engine."""
         self.engine.train()
         lr = self.engine.get_lr()[0]
         total = 0.0
         for _ in range(self.gas):
-            batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
-            loss = self.family.loss(self.engine, batch)
+            loss = self._forward_finite()
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
-            self.state.micro_batches += 1
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.seq_len
-        mean_loss = self._mean_over_ranks(total / self.gas)
+        read, bad = self._data_counts()
+        loss_sum, stop, read, bad = self._sum_over_ranks([total / self.gas, float(self._signal is not None), read, bad])
+        mean_loss = loss_sum / self.world
         self.state.train_losses.append(mean_loss)
         norm = self.engine.get_global_grad_norm()
-        return {"loss": mean_loss, "lr": lr, "grad_norm": float(norm) if norm is not None else None}
+        norm = float(norm) if norm is not None else None
+        if norm is not None and not np.isfinite(norm):
+            raise TrainingStopped(f"non-finite gradient norm at step {self.state.step}: the weights are no longer usable")
+        limit = self.recipe.data.max_bad_fraction
+        if read + bad >= 100 and bad / (read + bad) > limit:
+            raise TrainingStopped(f"{int(bad)} of {int(read + bad)} samples read were bad (> data.max_bad_fraction={limit}); "
+                                  f"first: {self._first_bad()}")
+        return {"loss": mean_loss, "lr": lr, "grad_norm": norm, "data_skipped": int(bad), "stop": stop > 0}
+
+    def _first_bad(self) -> str:
+        for s in self._slot_stats.values():
+            if s["skipped"]:
+                return ", ".join(f"{k}={v}" for k, v in s["skipped"].items())
+        return "(on another rank)"
 
     def evaluate(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -195,18 +266,23 @@ class Trainer:
                 "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
 
     def save(self) -> None:
-        tag = f"step_{self.state.step:08d}"
-        self.engine.save_checkpoint(str(self.run_dir / "checkpoints"), tag=tag,
-                                    client_state={"run_state": self.state.to_dict()})
-        keep = self.recipe.checkpoint.keep_last
-        if keep and self.is_main:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            tags = sorted(p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir())
-            for old in tags[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        root = self.run_dir / "checkpoints"
+        tag_dir = root / tag_for(self.state.step)
+        if self.is_main:  # a tag being rewritten is not complete until every rank has written it again
+            (tag_dir / "toolkit.json").unlink(missing_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"run_state": self.state.to_dict()},
+                                    save_latest=False)
+        torch.save({"rng": capture_rng(), "micro_batches": self.state.micro_batches}, rank_state_path(tag_dir, self.rank))
+        dist.barrier()
         if self.is_main:
-            print(f"saved checkpoint {tag}", flush=True)
+            meta = {**self.state.to_dict(), "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
+                    "time": time.time()}
+            mark_complete(tag_dir, meta, self.recipe.checkpoint.keep_last)
+            print(f"saved checkpoint {tag_dir.name}", flush=True)
+        dist.barrier()
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -220,6 +296,7 @@ class Trainer:
         last_eval: dict[str, Any] = {}
         while self.state.step < tr.max_steps:
             out = self.train_step()
+            preempted = out.pop("stop")
             window_tokens += self.global_batch * self.seq_len
             step = self.state.step
             if step % tr.log_every == 0 or step == tr.max_steps:
@@ -227,6 +304,7 @@ class Trainer:
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
+                                  "nonfinite_skips": self.state.nonfinite_skips,
                                   "throughput": tps, "tokens_per_s": tps, "elapsed_s": now - start})
                 bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
             bar.update(1)
@@ -236,8 +314,15 @@ class Trainer:
                 if self.is_main:
                     tqdm.write(f"step {step}: val loss {last_eval['loss']:.4f} (ppl {last_eval['perplexity']:.1f}), "
                                f"train loss {last_eval['train_loss']:.4f}, gap {last_eval['gap']:+.4f}")
-            if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps):
+            if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps) or preempted:
                 self.save()
+            if preempted:
+                self.metrics.log({"step": step, "event": "preempted", "signal": self._signal})
+                bar.close()
+                self.metrics.close()
+                self.preempted = True
+                return last_eval
         bar.close()
         self.metrics.close()
+        self.preempted = False
         return last_eval

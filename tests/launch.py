@@ -61,4 +61,4 @@ def stdlib_files(max_bytes: int) -> list[str]:
 
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "split" not in m], [m for m in lines if "split" in m]
+    return [m for m in lines if "split" not in m and "event" not in m], [m for m in lines if "split" in m]
