@@ -1,0 +1,465 @@
+"""pretrain-plan: what a pretraining run costs before anyone starts it: FLOPs, GPU-days, and the
+memory per GPU under each ZeRO stage.
+
+    pretrain-plan --recipe gpt2-124m --tokens 10B --gpu a100 --num-gpus 8
+    pretrain-plan --params 7b --tokens 2T --gpu h100 --num-gpus 512 --json
+    pretrain-plan --params 150M --flops-per-sample 4.4e9 --samples 400M --gpu a100   (non-text models)
+
+Formulas (each pure function below cites its own):
+
+* Compute. Training FLOPs ~ 6·N·D for N parameters and D tokens: 2·N per token forward, twice that
+  backward (Kaplan et al. 2020, "Scaling Laws", sec. 2.1; Hoffmann et al. 2022, "Chinchilla",
+  Appendix F). ``--attention-flops`` adds the attention-score term of Chowdhery et al. 2022, "PaLM",
+  Appendix B: 12·n_layers·seq_len·hidden per token (QK^T and AV, forward and backward, without
+  halving for the causal mask). A model that is not a token stream gives its forward FLOPs per
+  sample F; training costs 3·F per sample (forward + backward ~ 2x forward).
+* Time. GPU-days = FLOPs / (peak × MFU) / 86400 s; wall-days divides by the GPU count (linear scaling).
+* Model states. Rajbhandari et al. 2020, "ZeRO", sec. 3.1 and Figure 1: mixed-precision Adam holds
+  2 bytes of fp16/bf16 weights, 2 of gradients and K=12 of optimizer state (fp32 master weights,
+  momentum, variance) per parameter; stages 1, 2, 3 shard the optimizer state, then the gradients,
+  then the weights across the Nd data-parallel ranks. fp32 (and tf32) training keeps 4 + 4 bytes and
+  K=8 (momentum, variance; the weights are their own master copy).
+* Activations. Korthikanti et al. 2022, "Reducing Activation Recomputation", sec. 4.1: one layer
+  stores s·b·h·(34 + 5·a·s/h) bytes in 16-bit without tensor/sequence parallelism; full recomputation
+  keeps only each layer's 2·s·b·h input plus one layer's activations while it is recomputed.
+
+GB here is 1e9 bytes throughout, as in the ZeRO paper (so are the vendors' memory sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable
+
+PROG = "pretrain-plan"
+GB = 1e9
+SECONDS_PER_DAY = 86_400
+
+DTYPES = ("bf16", "fp16", "fp32", "tf32")
+BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}  # tf32 is stored as fp32
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gb: float
+    tflops: dict[str, float]  # dense peak per dtype; a dtype the chip has no fast path for is absent
+
+
+# Vendor DENSE peaks (the sparsity figures are 2x these), TFLOPS, and memory per GPU in GB.
+# Sources: NVIDIA datasheets (V100 SXM2, A100 SXM, H100 SXM/PCIe, H200 SXM, HGX B200, L40S, A10, T4)
+# and AMD Instinct datasheets (MI250X, MI300X). fp32 is the non-tensor (vector) rate, as the
+# datasheets list it; tf32 is the tensor-core rate. Notes on the less certain rows:
+#   v100: the 32 GB SXM2 part; fp16 is the tensor-core rate; Volta has no bf16 and no tf32.
+#   b200: one GPU of an HGX B200 (1000 W), 180 GB usable of the 192 GB of HBM3e.
+#   a10g: AWS does not publish a per-dtype table for its A10G; these are the NVIDIA A10 figures,
+#         and measured A10G matmul throughput is often well below them.
+#   mi250x: fp32 is the 47.9 vector rate (its fp32 matrix rate is 95.7); CDNA2 has no tf32.
+#   t4: fp16 is the tensor-core (mixed precision) rate; Turing has no bf16 and no tf32.
+GPUS: dict[str, GPU] = {
+    "v100": GPU("V100 SXM2 32GB", 32, {"fp16": 125, "fp32": 15.7}),
+    "a100": GPU("A100 SXM 40GB", 40, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    "a100-80g": GPU("A100 SXM 80GB", 80, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    "h100": GPU("H100 SXM 80GB", 80, {"bf16": 989, "fp16": 989, "tf32": 494.7, "fp32": 67}),
+    "h100-pcie": GPU("H100 PCIe 80GB", 80, {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
+    "h200": GPU("H200 SXM 141GB", 141, {"bf16": 989, "fp16": 989, "tf32": 494.7, "fp32": 67}),
+    "b200": GPU("B200 (HGX) 180GB", 180, {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 75}),
+    "mi250x": GPU("MI250X 128GB", 128, {"bf16": 383, "fp16": 383, "fp32": 47.9}),
+    "mi300x": GPU("MI300X 192GB", 192, {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4}),
+    "l40s": GPU("L40S 48GB", 48, {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
+    "a10g": GPU("A10G 24GB", 24, {"bf16": 125, "fp16": 125, "tf32": 62.5, "fp32": 31.2}),
+    "t4": GPU("T4 16GB", 16, {"fp16": 65, "fp32": 8.1}),
+}
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: small pure functions.
+
+def parse_count(text: str) -> int:
+    """A positive count written as ``124e6``, ``1.3B``, ``350M``, ``7b``, ``2.5T`` or ``1_000_000``.
+
+    Suffixes (any case): K=1e3, M=1e6, B or G=1e9, T=1e12, P=1e15. Parsed in decimal, so ``1.3B`` is
+    exactly 1,300,000,000; a result that is not a whole number is rounded to the nearest one.
+    """
+    s = str(text).strip().replace("_", "").replace(",", "")
+    suffix = s[-1:].lower() if s[-1:].isalpha() and s[-1:].lower() in _SUFFIXES else ""
+    number = s[: len(s) - len(suffix)]
+    try:
+        value = Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation:
+        raise ValueError(f"not a count: {text!r} (expected e.g. 124e6, 350M, 1.3B, 2.5T)") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"not a positive count: {text!r}")
+    return int(value.to_integral_value())
+
+
+def total_flops(params: float, tokens: float, *, attention: bool = False, num_layers: int | None = None,
+                seq_len: int | None = None, hidden_size: int | None = None) -> float:
+    """Training FLOPs of a decoder: 6·N·D (Kaplan et al. 2020 sec. 2.1; Chinchilla Appendix F).
+
+    With ``attention``, add the PaLM (Chowdhery et al. 2022, Appendix B) attention term
+    12·n_layers·seq_len·hidden·D: the QK^T and AV matmuls (2·2·L·s·h per token forward, x3 with the
+    backward), which 6·N·D leaves out because they involve no parameters.
+    """
+    flops = 6.0 * params * tokens
+    if attention:
+        if not (num_layers and seq_len and hidden_size):
+            raise ValueError("the attention term needs num_layers, seq_len and hidden_size")
+        flops += 12.0 * num_layers * seq_len * hidden_size * tokens
+    return flops
+
+
+def total_flops_from_samples(forward_flops_per_sample: float, samples: float) -> float:
+    """Training FLOPs from forward FLOPs per sample F: 3·F·samples (the backward pass costs about
+    twice the forward, as in the 6 = 3 x 2 of 6·N·D)."""
+    return 3.0 * forward_flops_per_sample * samples
+
+
+def gpu_days(flops: float, peak_tflops: float, mfu: float, num_gpus: int = 1) -> float:
+    """Days to do ``flops`` on ``num_gpus`` GPUs each achieving ``mfu`` of ``peak_tflops``:
+    flops / (num_gpus · peak · 1e12 · mfu) / 86400 (linear scaling across GPUs)."""
+    return flops / (num_gpus * peak_tflops * 1e12 * mfu) / SECONDS_PER_DAY
+
+
+def zero_bytes_per_param(stage: int, dtype: str = "bf16") -> tuple[int, int]:
+    """(bytes replicated on every rank, bytes sharded over the Nd ranks) per parameter.
+
+    ZeRO (Rajbhandari et al. 2020, sec. 3.1 and Figure 1), mixed precision: weights 2, gradients 2,
+    Adam state K=12 (fp32 master weights, momentum, variance). fp32/tf32 training: 4 + 4 + K=8.
+    Stage 0 shards nothing, 1 the optimizer state, 2 also the gradients, 3 also the weights.
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    w, g, k = (2, 2, 12) if BYTES_PER_ELEMENT[dtype] == 2 else (4, 4, 8)
+    return [(w + g + k, 0), (w + g, k), (w, g + k), (0, w + g + k)][stage]
+
+
+def zero_model_states_bytes(params: float, stage: int, dp: int, dtype: str = "bf16") -> float:
+    """Model-state bytes per GPU under ZeRO ``stage`` with ``dp`` data-parallel ranks (Ψ = params):
+    stage 0 (2+2+12)Ψ; 1: 2Ψ+2Ψ+12Ψ/Nd; 2: 2Ψ+(2+12)Ψ/Nd; 3: (2+2+12)Ψ/Nd (fp32: 4, 4, K=8)."""
+    replicated, sharded = zero_bytes_per_param(stage, dtype)
+    return params * (replicated + sharded / dp)
+
+
+def activation_bytes(seq_len: int, micro_batch: int, hidden_size: int, num_layers: int, num_heads: int | None,
+                     *, checkpointing: bool = False, flash_attention: bool = False, dtype: str = "bf16") -> float:
+    """Activation bytes per GPU for one micro-batch, Korthikanti et al. 2022, sec. 4.1 (no tensor or
+    sequence parallelism): each layer stores s·b·h·(34 + 5·a·s/h) bytes in 16-bit.
+
+    The 5·a·s/h part is the a·s² attention scores, softmax and dropout mask; ``flash_attention``
+    drops it (fused attention never materialises them, the same as the paper's selective
+    recomputation). With full ``checkpointing`` (sec. 4.3) only each layer's input, 2·s·b·h, is kept,
+    plus one layer's full activations while it is recomputed in the backward. fp32/tf32 doubles it
+    all (a slight overestimate: the dropout masks stay one byte). Embeddings and the logits are not
+    counted.
+    """
+    sbh = seq_len * micro_batch * hidden_size
+    if flash_attention:
+        per_layer = 34.0 * sbh
+    else:
+        if not num_heads:
+            raise ValueError("the attention-score term needs num_heads (or assume --flash-attention)")
+        per_layer = sbh * (34.0 + 5.0 * num_heads * seq_len / hidden_size)
+    total = 2.0 * sbh * num_layers + per_layer if checkpointing else per_layer * num_layers
+    return total * BYTES_PER_ELEMENT[dtype] / 2
+
+
+def min_gpus(params: float, stage: int, usable_bytes: float, other_bytes: float = 0.0, dtype: str = "bf16") -> int | None:
+    """Smallest Nd at which stage's model states plus ``other_bytes`` (activations) fit in
+    ``usable_bytes``: replicated·Ψ + sharded·Ψ/Nd + other <= usable. None when no Nd does (stage 0
+    shards nothing, so it is 1 or None)."""
+    replicated, sharded = zero_bytes_per_param(stage, dtype)
+    room = usable_bytes - other_bytes - replicated * params
+    if room < 0 or (room == 0 and sharded):
+        return None
+    if sharded == 0:
+        return 1
+    n = max(1, math.ceil(sharded * params / room))
+    while zero_model_states_bytes(params, stage, n, dtype) + other_bytes > usable_bytes:  # float rounding
+        n += 1
+    while n > 1 and zero_model_states_bytes(params, stage, n - 1, dtype) + other_bytes <= usable_bytes:
+        n -= 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families: what a recipe tells the planner. A family registers a function taking
+# (Recipe, vocab_size) and returning a ModelShape; a family whose samples are not token streams
+# (CLIP: an image and a caption) sets forward_flops_per_sample and the plan counts 3·F per sample.
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    seq_len: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    forward_flops_per_sample: float | None = None  # None: a token stream, 6·N·D applies
+    micro_batch: int | None = None
+    precision: str | None = None
+
+
+def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
+    """A gpt-family recipe: parameters counted on the meta device (nothing allocated); vocab_size
+    stands in for the tokenizer's vocabulary and is rounded up to pad_vocab_multiple, as training does."""
+    from pretrain.models.gpt import count_params, model_config
+
+    config = model_config(recipe.model, vocab_size)
+    return ModelShape(
+        params=count_params(config), seq_len=config.max_position_embeddings, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+        micro_batch=recipe.training.micro_batch_size, precision=recipe.training.precision,
+    )
+
+
+FAMILY_SHAPES: dict[str, Callable[[Any, int], ModelShape]] = {"gpt": gpt_shape}
+
+
+def recipe_shape(name_or_path: str, vocab_size: int = 50304) -> ModelShape:
+    from pretrain.config import load_recipe
+
+    recipe, path = load_recipe(name_or_path)
+    shape_of = FAMILY_SHAPES.get(recipe.family)
+    if shape_of is None:
+        raise ValueError(f"{path}: the planner knows no family {recipe.family!r} (known: {', '.join(FAMILY_SHAPES)}); "
+                         "give --params and --flops-per-sample instead")
+    return shape_of(recipe, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = None, samples: int | None = None,
+         seq_len: int | None = None, forward_flops_per_sample: float | None = None, attention_flops: bool = False,
+         num_gpus: int = 1, mfu: float = 0.4, micro_batch: int = 1, hidden_size: int | None = None,
+         num_layers: int | None = None, num_heads: int | None = None, activation_checkpointing: bool = False,
+         flash_attention: bool = False, reserve_gb: float = 2.0) -> dict:
+    """Everything the CLI reports, as the dict printed by ``--json``."""
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r} (known: {', '.join(GPUS)})")
+    spec = GPUS[gpu]
+    if dtype not in spec.tflops:
+        raise ValueError(f"{spec.name} has no {dtype} peak (it supports {', '.join(spec.tflops)}); pick another --dtype")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if num_gpus < 1 or micro_batch < 1:
+        raise ValueError("--num-gpus and --micro-batch must be at least 1")
+    if reserve_gb < 0:
+        raise ValueError("--reserve-gb must not be negative")
+    if tokens is not None and samples is not None:
+        raise ValueError("give --tokens or --samples, not both")
+    notes: list[str] = []
+
+    if forward_flops_per_sample is not None:
+        if attention_flops:
+            raise ValueError("--attention-flops applies to 6·N·D; with --flops-per-sample attention is already in F")
+        if samples is None:
+            if tokens is None or not seq_len:
+                raise ValueError("with --flops-per-sample give --samples (or --tokens with --seq-len)")
+            samples = tokens // seq_len
+        tokens = samples * seq_len if seq_len else None
+        flops = total_flops_from_samples(forward_flops_per_sample, samples)
+        notes.append("FLOPs = 3 x forward FLOPs per sample x samples")
+    else:
+        if tokens is None:
+            if samples is None:
+                raise ValueError("give --tokens, or --samples with --seq-len")
+            if not seq_len:
+                raise ValueError("--samples needs --seq-len (or a --recipe to take it from) to count tokens")
+            tokens = samples * seq_len
+        elif seq_len:
+            samples = tokens // seq_len
+        flops = total_flops(params, tokens, attention=attention_flops, num_layers=num_layers,
+                            seq_len=seq_len, hidden_size=hidden_size)
+        notes.append("FLOPs = 6·N·D" + (" + 12·L·s·h·D (attention)" if attention_flops else ""))
+
+    peak = spec.tflops[dtype]
+    usable = (spec.memory_gb - reserve_gb) * GB
+    act = act_ckpt = None
+    if seq_len and hidden_size and num_layers and (num_heads or flash_attention):
+        kw = dict(flash_attention=flash_attention, dtype=dtype)
+        act = activation_bytes(seq_len, micro_batch, hidden_size, num_layers, num_heads, **kw)
+        act_ckpt = activation_bytes(seq_len, micro_batch, hidden_size, num_layers, num_heads, checkpointing=True, **kw)
+    else:
+        notes.append("activations not estimated (give --recipe, or --seq-len, --hidden-size, --num-layers and "
+                     "--num-heads): memory is model states only")
+    if flash_attention:
+        notes.append("activations assume fused (flash) attention: no a·s² scores stored")
+    used_act = (act_ckpt if activation_checkpointing else act) or 0.0
+
+    zero = {}
+    for stage in range(4):
+        states = zero_model_states_bytes(params, stage, num_gpus, dtype)
+        zero[f"zero{stage}"] = {
+            "model_states_gb_per_gpu": states / GB,
+            "activations_gb_per_gpu": None if act is None else act / GB,
+            "activations_checkpointed_gb_per_gpu": None if act_ckpt is None else act_ckpt / GB,
+            "memory_gb_per_gpu": (states + used_act) / GB,
+            "fits": states + used_act <= usable,
+            "min_gpus": min_gpus(params, stage, usable, used_act, dtype),
+        }
+    cheapest = next((s for s in range(4) if zero[f"zero{s}"]["fits"]), None)
+    days = gpu_days(flops, peak, mfu)
+    return {
+        "params": params, "tokens": tokens, "samples": samples, "seq_len": seq_len, "total_flops": flops,
+        "gpu_days": days, "wall_days": gpu_days(flops, peak, mfu, num_gpus), "gpu_hours": days * 24,
+        "weights_gb": params * BYTES_PER_ELEMENT[dtype] / GB,
+        "zero": zero, "cheapest_stage": cheapest,
+        "gpu": gpu, "gpu_name": spec.name, "gpu_memory_gb": spec.memory_gb, "reserve_gb": reserve_gb,
+        "dtype": dtype, "peak_tflops": peak, "mfu": mfu, "num_gpus": num_gpus, "micro_batch": micro_batch,
+        "activation_checkpointing": activation_checkpointing, "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def _count_arg(text: str) -> int:
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Estimate a pretraining run: total FLOPs, GPU-days and wall-clock days, and the memory per GPU "
+                    "under ZeRO stages 0-3 (model states + activations). Counts accept suffixes: 350M, 1.3B, 2.5T, 124e6.",
+        epilog="Formulas: FLOPs = 6·N·D (Kaplan 2020; Chinchilla App. F) [+ 12·L·s·h·D, PaLM App. B]; "
+               "model states per ZeRO stage from Rajbhandari et al. 2020 (mixed precision 2+2+12 bytes/param, "
+               "fp32 4+4+8); activations s·b·h·(34+5as/h) bytes per layer (Korthikanti et al. 2022). GB = 1e9 bytes.")
+    m = p.add_argument_group("model (one of)")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--params", type=_count_arg, help="parameter count N, e.g. 124e6, 350M, 1.3B, 7b")
+    src.add_argument("--recipe", help="recipe JSON or shipped name (gpt2-124m): its parameters are counted without "
+                                      "allocating the model; it also gives seq-len, sizes, micro-batch and dtype defaults")
+    m.add_argument("--vocab-size", type=int, default=50304,
+                   help="tokenizer vocabulary for a recipe whose model.vocab_size is null, rounded up to "
+                        "pad_vocab_multiple as training does (default 50304)")
+    m.add_argument("--flops-per-sample", type=_count_arg,
+                   help="for non-text models: FORWARD FLOPs per sample F; training is then 3·F per sample "
+                        "(backward ~ 2x forward) and needs --samples")
+    d = p.add_argument_group("data (one of)")
+    amount = d.add_mutually_exclusive_group()
+    amount.add_argument("--tokens", type=_count_arg, help="training tokens D, e.g. 10B, 300B, 2.5T")
+    amount.add_argument("--samples", type=_count_arg, help="training samples S; tokens = S × --seq-len")
+    d.add_argument("--seq-len", type=int, help="tokens per sample (default: the recipe's max_position_embeddings); "
+                                               "also the s of the activation estimate")
+    d.add_argument("--attention-flops", action="store_true",
+                   help="add the attention-score FLOPs 12·n_layers·seq_len·hidden·D (PaLM App. B) to 6·N·D")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--gpu", default="a100", choices=list(GPUS),
+                   help="GPU whose dense (no sparsity) vendor peak and memory are used (default a100 = A100 SXM 40GB)")
+    h.add_argument("--dtype", choices=DTYPES, help="precision of the peak TFLOPS and of the weights/optimizer "
+                                                   "accounting (default: the recipe's precision, else bf16)")
+    h.add_argument("--num-gpus", type=int, default=1, help="GPUs in the run = the ZeRO data-parallel degree Nd (default 1)")
+    h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation: the fraction of peak achieved (default 0.4)")
+    h.add_argument("--reserve-gb", type=float, default=2.0,
+                   help="GPU memory kept back for the CUDA context, NCCL buffers and fragmentation (default 2)")
+    a = p.add_argument_group("activations (defaults from --recipe)")
+    a.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default: recipe micro_batch_size, else 1)")
+    a.add_argument("--hidden-size", type=int, help="model width h")
+    a.add_argument("--num-layers", type=int, help="transformer layers L")
+    a.add_argument("--num-heads", type=int, help="attention heads a (for the a·s² attention-score term)")
+    a.add_argument("--activation-checkpointing", action="store_true",
+                   help="count checkpointed activations in memory_gb_per_gpu and fits (both are reported anyway)")
+    a.add_argument("--flash-attention", action="store_true",
+                   help="fused attention: the a·s² scores are never stored, so drop the 5·a·s/h term")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return p
+
+
+def pick(flag: Any, default: Any) -> Any:
+    """A flag given on the command line wins over the recipe's value."""
+    return default if flag is None else flag
+
+
+def plan_from_args(args: argparse.Namespace) -> dict:
+    if args.params is None and args.recipe is None:
+        raise ValueError("give --params N or --recipe R")
+    if args.tokens is None and args.samples is None:
+        raise ValueError("give --tokens D or --samples S")
+    shape = recipe_shape(args.recipe, args.vocab_size) if args.recipe else ModelShape(params=args.params)
+    return plan(
+        params=shape.params, gpu=args.gpu, dtype=pick(args.dtype, shape.precision or "bf16"),
+        tokens=args.tokens, samples=args.samples, seq_len=pick(args.seq_len, shape.seq_len),
+        forward_flops_per_sample=pick(args.flops_per_sample, shape.forward_flops_per_sample),
+        attention_flops=args.attention_flops, num_gpus=args.num_gpus, mfu=args.mfu,
+        micro_batch=pick(args.micro_batch, shape.micro_batch or 1),
+        hidden_size=pick(args.hidden_size, shape.hidden_size), num_layers=pick(args.num_layers, shape.num_layers),
+        num_heads=pick(args.num_heads, shape.num_heads), activation_checkpointing=args.activation_checkpointing,
+        flash_attention=args.flash_attention, reserve_gb=args.reserve_gb,
+    )
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:g}"
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else (f"{x:,.1f}" if x >= 10 else f"{x:.2f}")
+
+
+def format_plan(r: dict) -> str:
+    usable = r["gpu_memory_gb"] - r["reserve_gb"]
+    days = r["wall_days"]
+    lines = [
+        f"{PROG}: {_human(r['params'])} parameters on {r['num_gpus']} x {r['gpu_name']}, {r['dtype']}",
+        "",
+        "compute",
+        f"  tokens           {_human(r['tokens'])}" + (f"   ({_human(r['samples'])} samples of {r['seq_len']})" if r["samples"] and r["seq_len"] else ""),
+        f"  total FLOPs      {r['total_flops']:.3e}   ({r['notes'][0].removeprefix('FLOPs = ')})",
+        f"  per GPU          {r['peak_tflops']:g} TFLOPS peak x {r['mfu']:g} MFU = {r['peak_tflops'] * r['mfu']:.1f} TFLOPS",
+        f"  GPU time         {r['gpu_days']:,.2f} GPU-days ({r['gpu_hours']:,.1f} GPU-hours)",
+        f"  wall clock       {days:,.2f} days ({days * 24:,.1f} h) on {r['num_gpus']} GPUs, linear scaling",
+        f"  weights          {_gb(r['weights_gb'])} GB in {r['dtype']}",
+        "",
+        f"memory per GPU (GB = 1e9 bytes; {r['gpu_memory_gb']:g} GB - {r['reserve_gb']:g} reserve = {usable:g} usable; "
+        f"micro-batch {r['micro_batch']}, activations {'checkpointed' if r['activation_checkpointing'] else 'stored'} in the total)",
+        f"  {'stage':<7} {'model states':>12} {'activations':>12} {'act. ckpt':>10} {'total':>9} {'fits':>5} {'min GPUs':>9}",
+    ]
+    for stage in range(4):
+        z = r["zero"][f"zero{stage}"]
+        lines.append(f"  ZeRO-{stage:<2} {_gb(z['model_states_gb_per_gpu']):>12} {_gb(z['activations_gb_per_gpu']):>12} "
+                     f"{_gb(z['activations_checkpointed_gb_per_gpu']):>10} {_gb(z['memory_gb_per_gpu']):>9} "
+                     f"{'yes' if z['fits'] else 'no':>5} {z['min_gpus'] if z['min_gpus'] is not None else '-':>9}")
+    c = r["cheapest_stage"]
+    lines.append("")
+    lines.append(f"cheapest stage that fits on {r['num_gpus']} GPUs: " + (f"ZeRO-{c}" if c is not None else
+                 "none (add GPUs" + ("" if r["activation_checkpointing"] else ", checkpoint activations")
+                 + " or shrink the micro-batch)"))
+    lines += [f"note: {n}" for n in r["notes"][1:]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    from pretrain.config import RecipeError
+
+    try:
+        result = plan_from_args(args)
+    except (RecipeError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
