@@ -1,0 +1,1 @@
+"""Image-text data: prepare-image-text, make-synthetic-image-text, transforms and the streaming loader."""

@@ -1,0 +1,327 @@
+"""Streaming loaders over prepared image-text shards: the counterpart of `data_pipelines.loader`.
+
+Training streams divide and reshuffle shards exactly like the text stream (the same `Slot`,
+`epoch_shards`, `shuffle_buffer` and seeds), shuffle the raw samples (compressed JPEG bytes are
+cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
+generator seeded by (seed, slot), so a stream is reproducible.
+
+A sample that fails to decode is logged (naming its shard and key), counted in `stats` and
+skipped; nothing sleeps (webdataset's `warn_and_continue` sleeps 0.5 s per error).
+
+Evaluation reads a split once, in order, sample i on rank i % world_size, and gives every rank
+the same number of batches; padding rows (and undecodable samples) carry weight 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
+from data_pipelines.loader import Slot, _seed, epoch_shards, read_samples, shuffle_buffer
+from data_pipelines.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+KIND = "image-text"
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+# Log the first few bad samples of a stream in full, then only every Nth: dirty data must not
+# flood the log any more than it may stall the run.
+LOG_FIRST, LOG_EVERY = 10, 1000
+
+
+class ImageTextShards:
+    """A prepared image-text dataset: manifest, shard paths, tokenizer and class list."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if self.manifest.get("kind") != KIND:
+            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected {KIND!r}")
+        self.image_size: int | None = self.manifest.get("image_size")
+
+    def shards(self, split: str) -> list[str]:
+        info = self.manifest["splits"].get(split)
+        if info is None:
+            raise ValueError(f"{self.root}/manifest.json: no split {split!r} (have {sorted(self.manifest['splits'])})")
+        return [str(self.root / s) for s in info["shards"]]
+
+    def num_samples(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["samples"])
+
+    def tokenizer_path(self) -> Path | None:
+        """The caption tokenizer saved with the data, or None (the recipe must name one)."""
+        info = self.manifest.get("tokenizer")
+        return None if not info else self.root / info["path"]
+
+    def classes(self) -> dict[str, Any] | None:
+        """classes.json (class names, prompt templates, held-out classes), or None without one."""
+        name = self.manifest.get("classes")
+        if not name:
+            return None
+        path = self.root / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read class list {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give a tokenizer without a pad token its eos token as pad (in place; returned for chaining)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the caption tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _appends_eos(tokenizer: Any) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask`, long (B, context_length), padded on the right.
+
+    Tokenizers that end every text with eos themselves (CLIP's) are called as
+    `tokenizer(captions, padding="max_length", truncation=True, max_length=context_length)`.
+    Those that do not (the byte-level BPE our prepare commands train) get eos appended after
+    truncating to context_length - 1: CLIP's text tower pools the hidden state at the eos, so
+    every caption must have one, even a truncated one.
+    """
+    prepare_tokenizer(tokenizer)
+    if _appends_eos(tokenizer):
+        enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=context_length,
+                        return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+    encoded = tokenizer(list(captions), truncation=True, max_length=max(context_length - 1, 1),
+                        return_attention_mask=False)["input_ids"]
+    ids = torch.full((len(encoded), context_length), int(tokenizer.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(encoded), context_length), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        seq = (list(seq) + [tokenizer.eos_token_id])[:context_length]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+class _BadSamples:
+    """Counts and rate-limited warnings for samples and shards that cannot be read."""
+
+    def __init__(self, stats: dict[str, int]):
+        self.stats = stats
+        self.stats.setdefault("bad_samples", 0)
+        self.stats.setdefault("read_errors", 0)
+
+    def sample(self, sample: dict, exc: BaseException) -> None:
+        self.stats["bad_samples"] += 1
+        n = self.stats["bad_samples"]
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            logger.warning("skipping sample %s of shard %s: %s: %s (%d bad samples so far)",
+                           sample.get("__key__"), sample.get("__url__"), type(exc).__name__, exc, n)
+
+    def read_error(self, exc: Exception) -> bool:
+        """A webdataset handler: log, count, continue (and never sleep)."""
+        self.stats["read_errors"] += 1
+        n = self.stats["read_errors"]
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            logger.warning("shard read error, continuing: %s: %s (%d so far)", type(exc).__name__, exc, n)
+        return True
+
+
+def decode_sample(sample: dict) -> tuple[Any, str]:
+    """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise KeyError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
+    if "txt" not in sample:
+        raise KeyError("no txt member")
+    return decode_rgb(sample[key]), sample["txt"].decode("utf-8")
+
+
+def sample_label(sample: dict) -> int:
+    """The integer class label in the sample's json, or -1."""
+    try:
+        label = json.loads(sample["json"]).get("label") if "json" in sample else None
+    except (ValueError, AttributeError):
+        return -1
+    return label if isinstance(label, int) and not isinstance(label, bool) else -1
+
+
+def _try_decode(sample: dict, bad: _BadSamples) -> tuple[Any, str] | None:
+    try:
+        return decode_sample(sample)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad data, never a reason to stop
+        bad.sample(sample, exc)
+        return None
+
+
+class ImageTextTrainStream(torch.utils.data.IterableDataset):
+    """Endless batches of ``{"pixel_values", "input_ids", "attention_mask"}`` for one rank.
+
+    Rank/worker division and per-epoch reshuffling are those of `TextTrainStream`. With
+    `augment` a random resized crop (and, unless `flip` is False, a random horizontal flip: turn
+    it off when captions say "left" or "right"), otherwise a centre crop. `stats` counts
+    skipped samples ("bad_samples") and shard read errors ("read_errors"); under DataLoader
+    workers each worker counts in its own copy, and its warnings name the shard and key.
+    """
+
+    def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
+                 image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 num_workers: int = 0, augment: bool = True, flip: bool = True, resampled: bool = False,
+                 crop_scale: tuple[float, float] = (0.5, 1.0)):
+        super().__init__()
+        self.shards = data.shards(split)
+        if not self.shards:
+            raise ValueError(f"{data.root}: split {split!r} has no shards")
+        self.batch_size = batch_size
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.context_length, self.image_size = context_length, image_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
+        self.num_workers = max(1, num_workers)
+        self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
+        self.stats: dict[str, int] = {"bad_samples": 0, "read_errors": 0}
+        self._bad = _BadSamples(self.stats)
+
+    def _slot(self) -> Slot:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        return Slot(self.rank, self.world_size, worker, self.num_workers)
+
+    def samples(self, slot: Slot) -> Iterator[dict]:
+        """Raw samples (member -> bytes) of this slot, epoch after epoch."""
+        epoch = 0
+        while True:
+            urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
+            yielded = 0
+            for i, sample in enumerate(read_samples(urls, handler=self._bad.read_error)):
+                if by_sample and i % slot.count != slot.index:
+                    continue
+                yielded += 1
+                yield sample
+            if yielded == 0:
+                # Without this an unreadable split (or one with fewer samples than readers) spins forever.
+                raise RuntimeError(f"reader {slot} got no samples in epoch {epoch} from {len(urls)} shard(s) "
+                                   f"(first {urls[:1]}); fewer samples than ranks x workers, or unreadable shards")
+            epoch += 1
+
+    def collate(self, images: list[torch.Tensor], captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack(images),
+                **tokenize_captions(self.tokenizer, captions, self.context_length)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        slot = self._slot()
+        buffer_rng = random.Random(_seed(self.seed, "buffer", slot.index))
+        augment_rng = random.Random(_seed(self.seed, "augment", slot.index))
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        for sample in shuffle_buffer(self.samples(slot), self.buffer, buffer_rng):
+            decoded = _try_decode(sample, self._bad)
+            if decoded is None:
+                continue
+            img, caption = decoded
+            images.append(train_transform(img, self.image_size, augment_rng, augment=self.augment, flip=self.flip,
+                                          scale=self.crop_scale))
+            captions.append(caption)
+            if len(images) == self.batch_size:
+                yield self.collate(images, captions)
+                images, captions = [], []
+
+
+def image_text_train_loader(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
+                            image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                            shuffle_buffer: int = 1000, num_workers: int = 0, augment: bool = True, flip: bool = True,
+                            resampled: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of training batches; DataLoader worker processes when num_workers > 0."""
+    ds = ImageTextTrainStream(data, split, batch_size, tokenizer, context_length, image_size, rank, world_size, seed,
+                              shuffle_buffer, num_workers, augment, flip, resampled)
+    if num_workers == 0:
+        return iter(ds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,
+                                         prefetch_factor=4)
+    return iter(loader)
+
+
+def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
+                            image_size: int, rank: int = 0, world_size: int = 1, max_samples: int | None = None,
+                            stats: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The split's first ``max_samples`` samples, sample i on rank i % world_size, in order,
+    centre-cropped, as batches of ``pixel_values``, ``input_ids``, ``attention_mask``,
+    ``weight`` (float; 0 for padding and undecodable rows), ``label`` (long; -1 when the sample
+    has none) and ``index`` (long; the sample's position in the split, -1 for padding).
+
+    Every rank yields ceil(n / world_size) rows in the same number of batches, as ZeRO-3's
+    collective forward passes need. Padding rows repeat the split's first decodable sample, so
+    they are ordinary inputs (a blank caption could give an all-masked row, and NaN x 0 is NaN).
+    Pass a dict as `stats` to receive the counts of skipped samples.
+    """
+    prepare_tokenizer(tokenizer)
+    bad = _BadSamples({} if stats is None else stats)
+    total = data.num_samples(split)
+    n = total if max_samples is None else min(total, max_samples)
+    per_rank = -(-n // world_size)
+    template: tuple[torch.Tensor, str] | None = None
+    # Rows of (pixels, caption, weight, label, index); None pixels: fill with the template.
+    rows: list[tuple[torch.Tensor | None, str, float, int, int]] = []
+    emitted = 0
+
+    def flush(count: int) -> Iterator[dict[str, torch.Tensor]]:
+        nonlocal rows
+        assert template is not None
+        chunk, rows = rows[:count], rows[count:]
+        pixels = [p if p is not None else template[0] for p, *_ in chunk]
+        captions = [c if p is not None else template[1] for p, c, *_ in chunk]
+        batch = {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, captions, context_length)}
+        batch["weight"] = torch.tensor([r[2] for r in chunk], dtype=torch.float32)
+        batch["label"] = torch.tensor([r[3] for r in chunk], dtype=torch.long)
+        batch["index"] = torch.tensor([r[4] for r in chunk], dtype=torch.long)
+        yield batch
+
+    shards = data.shards(split)
+    for i, sample in enumerate(read_samples(shards, handler=bad.read_error) if n else ()):
+        if i >= n:
+            break
+        mine = i % world_size == rank
+        if not mine and template is not None:
+            continue
+        decoded = _try_decode(sample, bad) if mine else _quiet_decode(sample)
+        pixels = eval_transform(decoded[0], image_size) if decoded is not None else None
+        if template is None and decoded is not None:
+            template = (pixels, decoded[1])
+        if mine:
+            if decoded is None:
+                rows.append((None, "", 0.0, -1, -1))
+            else:
+                rows.append((pixels, decoded[1], 1.0, sample_label(sample), i))
+        while template is not None and len(rows) >= batch_size:
+            yield from flush(batch_size)
+            emitted += batch_size
+    if per_rank == 0:
+        return
+    if template is None:
+        raise ValueError(f"{data.root}: split {split!r} has no decodable sample among its first {n}")
+    rows += [(None, "", 0.0, -1, -1)] * (per_rank - emitted - len(rows))
+    while rows:
+        yield from flush(batch_size)
+
+
+def _quiet_decode(sample: dict) -> tuple[Any, str] | None:
+    """Decode another rank's sample for the padding template; its owner reports failures."""
+    try:
+        return decode_sample(sample)
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,583 @@
+"""prepare-image-text: image-caption pairs -> resized JPEG WebDataset shards with a manifest.
+
+    prepare-image-text laion-shards/ pairs.csv photos/ --output data/pairs --image-size 256
+
+Inputs are img2dataset output folders, parquet/CSV/TSV tables of image path + caption, and
+folders of images with sidecar .txt captions (see `data_pipelines.image.sources`). Each image
+is decoded (large JPEGs at reduced scale via draft mode), checked, resized, re-encoded as JPEG
+and written with its caption to DIR/{train,val,test}/shard-NNNNNN.tar as `jpg`, `txt` and
+`json` members, the img2dataset / OpenCLIP convention. The split of a sample is a stable hash
+of its image bytes, and exact duplicates are dropped (the first is kept), so an image never
+lands in two splits. DIR/manifest.json is written last: its presence means "complete".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from data_pipelines.image.sources import (
+    DEFAULT_CAPTION_FIELDS,
+    DEFAULT_IMAGE_FIELDS,
+    Fields,
+    ImageInputSpec,
+    Item,
+    Skip,
+    check_table,
+    iter_items,
+    resolve_image_inputs,
+)
+from data_pipelines.image.transforms import center_crop
+from data_pipelines.manifest import MANIFEST_NAME, write_manifest
+from data_pipelines.shards import RecordingShardWriter
+from data_pipelines.splits import SPLITS, assign_split, validate_fractions
+from data_pipelines.text.prepare import UsageError, _HelpFormatter, prepare_output_dir
+from data_pipelines.text.sources import InputError, InputStats, ScanReport
+from data_pipelines.text.tokenizer import (
+    MIN_VOCAB_SIZE,
+    TokenizerError,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe_tokenizer,
+)
+
+PROG = "prepare-image-text"
+KIND = "image-text"
+MANIFEST_VERSION = 1
+TOKENIZER_SUBDIR = "tokenizer"
+CLASSES_NAME = "classes.json"
+RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "no")
+# Images per task sent to a worker: enough to amortise pickling, few enough to keep order cheap.
+CHUNK_ITEMS = 16
+
+__all__ = ["PrepareImageConfig", "ImageOptions", "process_image", "run", "main", "build_parser"]
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What every worker needs to turn source bytes into an output JPEG."""
+
+    image_size: int = 256
+    resize_mode: str = "center_crop"
+    jpeg_quality: int = 90
+    min_image_size: int = 16
+
+
+@dataclass(frozen=True)
+class PrepareImageConfig:
+    inputs: tuple[str, ...]
+    output: Path
+    tokenizer: Path | None = None
+    vocab_size: int | None = None
+    image_size: int = 256
+    resize_mode: str = "center_crop"
+    jpeg_quality: int = 90
+    min_image_size: int = 16
+    max_caption_chars: int = 1000
+    image_field: str | None = None
+    caption_field: str | None = None
+    val_fraction: float = 0.01
+    test_fraction: float = 0.01
+    samples_per_shard: int = 1000
+    workers: int = 1
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def image_options(self) -> ImageOptions:
+        return ImageOptions(self.image_size, self.resize_mode, self.jpeg_quality, self.min_image_size)
+
+    @property
+    def fields(self) -> Fields:
+        return Fields(image=self.image_field, caption=self.caption_field)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting at once, so a user fixes them in one go."""
+        found: list[str] = []
+        if self.tokenizer is not None and self.vocab_size is not None:
+            found.append("pass at most one of --tokenizer PATH or --vocab-size N")
+        if self.vocab_size is not None and self.vocab_size < MIN_VOCAB_SIZE:
+            found.append(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>)")
+        if self.tokenizer is not None and not self.tokenizer.is_dir():
+            found.append(f"--tokenizer {self.tokenizer}: not a directory")
+        if self.image_size < 1:
+            found.append("--image-size must be >= 1")
+        if self.resize_mode not in RESIZE_MODES:
+            found.append(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            found.append("--jpeg-quality must be in 1..100")
+        if self.min_image_size < 0:
+            found.append("--min-image-size must be >= 0")
+        if self.max_caption_chars < 1:
+            found.append("--max-caption-chars must be >= 1")
+        try:
+            validate_fractions(self.val_fraction, self.test_fraction)
+        except ValueError as exc:
+            found.append(str(exc).replace("val_fraction", "--val-fraction").replace("test_fraction", "--test-fraction"))
+        if self.samples_per_shard < 1:
+            found.append("--samples-per-shard must be >= 1")
+        if self.workers < 1:
+            found.append("--workers must be >= 1")
+        if not -(2**63) <= self.seed < 2**63:
+            found.append("--seed must fit in a signed 64-bit integer")
+        if self.output.exists() and not self.output.is_dir():
+            found.append(f"--output {self.output} exists and is not a directory")
+        return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Decode, filter, resize and re-encode image-caption pairs into JPEG WebDataset shards "
+        "split into train/val/test.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="img2dataset output folders or .tar shards (with their .parquet and _stats.json), "
+        ".parquet/.csv/.tsv tables of image path + caption, or folders of images with sidecar .txt "
+        "captions; glob patterns are expanded",
+    )
+    parser.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
+                        help="output directory (must be empty or new unless --overwrite)")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", type=Path, metavar="PATH",
+                     help="local Hugging Face tokenizer directory to copy into DIR/tokenizer for the captions")
+    tok.add_argument("--vocab-size", type=int, metavar="N",
+                     help="train a byte-level BPE caption tokenizer of this size on the train captions; "
+                     "with neither flag the manifest names no tokenizer and the recipe must")
+    parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="output image side in pixels")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop",
+                        help="center_crop: shorter side to --image-size, then crop the centre square; "
+                        "keep_ratio: fit inside the square and pad with black; no: keep the size")
+    parser.add_argument("--jpeg-quality", type=int, metavar="Q", default=90, help="quality of the re-encoded JPEGs")
+    parser.add_argument("--min-image-size", type=int, metavar="PX", default=16,
+                        help="skip images whose shorter side is smaller (reason 'too_small')")
+    parser.add_argument("--max-caption-chars", type=int, metavar="N", default=1000,
+                        help="skip captions longer than this (reason 'caption_too_long')")
+    parser.add_argument("--image-field", metavar="COLUMN",
+                        help=f"table column of image paths (default: the first of {', '.join(DEFAULT_IMAGE_FIELDS)})")
+    parser.add_argument("--caption-field", metavar="COLUMN",
+                        help=f"table column of captions (default: the first of {', '.join(DEFAULT_CAPTION_FIELDS)})")
+    parser.add_argument("--val-fraction", type=float, metavar="F", default=0.01,
+                        help="fraction of samples assigned to the val split by image hash")
+    parser.add_argument("--test-fraction", type=float, metavar="F", default=0.01,
+                        help="fraction of samples assigned to the test split by image hash")
+    parser.add_argument("--samples-per-shard", type=int, metavar="N", default=1000, help="samples per .tar shard")
+    parser.add_argument("--workers", type=int, metavar="N", default=1,
+                        help="image processes; the output is identical for any value")
+    parser.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the split hash")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the dataset (manifest, tokenizer, split folders) in a non-empty --output")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareImageConfig:
+    return PrepareImageConfig(
+        inputs=tuple(args.inputs), output=args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        image_size=args.image_size, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
+        min_image_size=args.min_image_size, max_caption_chars=args.max_caption_chars,
+        image_field=args.image_field, caption_field=args.caption_field, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, samples_per_shard=args.samples_per_shard, workers=args.workers,
+        seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One image: bytes in, checked and re-encoded JPEG out. Runs in worker processes.
+
+
+class Processed(NamedTuple):
+    reason: str | None  # None: accepted
+    detail: str = ""
+    jpeg: bytes = b""
+    sha256: bytes = b""  # of the source bytes: the split key and the first duplicate check
+    pixels: bytes = b""  # digest of the decoded pixels: the second duplicate check
+    width: int = 0
+    height: int = 0
+    resized_width: int = 0
+    resized_height: int = 0
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white (a plain convert would turn it black)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _fit(img: Image.Image, size: int) -> Image.Image:
+    """Fit inside size x size keeping the aspect ratio, centred on a black square."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> Processed:
+    """Read (if given a path), decode, check, resize and re-encode one image."""
+    if data is None:
+        assert path is not None
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return Processed("missing_image", f"no such file: {path}")
+        except OSError as exc:
+            return Processed("missing_image", f"cannot read {path}: {exc}")
+    sha = hashlib.sha256(data).digest()
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if min(width, height) < opts.min_image_size:
+            return Processed("too_small", f"{width}x{height} < {opts.min_image_size} px on the shorter side",
+                             sha256=sha, width=width, height=height)
+        if opts.resize_mode != "no":
+            # JPEG only (a no-op for other formats): let libjpeg decode at 1/2, 1/4 or 1/8 scale,
+            # never below the target size. A 4000 px photo then costs a fraction of a full decode.
+            img.draft("RGB", (opts.image_size, opts.image_size))
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation != 1:  # EXIF orientation: store the picture upright, as viewers show it
+            img = ImageOps.exif_transpose(img)
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+        img = _rgb(img)
+    except Exception as exc:  # noqa: BLE001 - any failure inside a decoder means corrupt data
+        return Processed("undecodable", f"{type(exc).__name__}: {exc}", sha256=sha)
+    pixels = hashlib.blake2b(img.tobytes(), digest_size=16, person=b"pixels").digest()
+    if opts.resize_mode == "center_crop":
+        out = center_crop(img, opts.image_size)
+    elif opts.resize_mode == "keep_ratio":
+        out = _fit(img, opts.image_size)
+    else:
+        out = img
+    buffer = io.BytesIO()
+    out.save(buffer, format="JPEG", quality=opts.jpeg_quality)
+    return Processed(None, "", buffer.getvalue(), sha, pixels, width, height, out.size[0], out.size[1])
+
+
+def _process_chunk(task: tuple[ImageOptions, list[tuple[bytes | None, str | None]]]) -> list[Processed]:
+    opts, images = task
+    return [process_image(data, path, opts) for data, path in images]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming candidates through workers, in input order
+
+
+class _Entry(NamedTuple):
+    input_index: int
+    record: Item | Skip
+    reason: str | None  # set when rejected before any image work (a Skip, or a bad caption)
+    detail: str
+    caption: str
+
+
+def _entries(specs: list[ImageInputSpec], config: PrepareImageConfig) -> Iterator[_Entry]:
+    for index, spec in enumerate(specs):
+        for record in iter_items(spec, config.fields):
+            if isinstance(record, Skip):
+                yield _Entry(index, record, record.reason, record.detail, "")
+                continue
+            caption = (record.caption or "").strip()
+            if not caption:
+                yield _Entry(index, record, "empty_caption", "caption is empty", caption)
+            elif len(caption) > config.max_caption_chars:
+                yield _Entry(index, record, "caption_too_long",
+                             f"{len(caption)} characters > {config.max_caption_chars}", caption)
+            else:
+                yield _Entry(index, record, None, "", caption)
+
+
+def _chunks(entries: Iterable[_Entry], size: int) -> Iterator[list[_Entry]]:
+    """Chunks holding `size` images to process (plus the rejects between them, which cost
+    nothing); capped in length so a long run of rejects (a parquet of failures) stays small."""
+    chunk: list[_Entry] = []
+    images = 0
+    for entry in entries:
+        chunk.append(entry)
+        images += entry.reason is None
+        if images >= size or len(chunk) >= 64 * size:
+            yield chunk
+            chunk, images = [], 0
+    if chunk:
+        yield chunk
+
+
+def _task(chunk: list[_Entry], opts: ImageOptions) -> tuple[ImageOptions, list[tuple[bytes | None, str | None]]]:
+    return opts, [(e.record.data, e.record.path) for e in chunk if e.reason is None]  # type: ignore[union-attr]
+
+
+def _processed(entries: Iterable[_Entry], opts: ImageOptions,
+               workers: int) -> Iterator[tuple[_Entry, Processed | None]]:
+    """(entry, result) in input order; result is None for entries rejected up front.
+
+    With workers > 1 at most 4 chunks per worker are in flight (Pool.imap would read the whole
+    input ahead into memory), and results are consumed in submission order, so the output is
+    identical for any worker count.
+    """
+
+    def pair(chunk: list[_Entry], results: list[Processed]) -> Iterator[tuple[_Entry, Processed | None]]:
+        it = iter(results)
+        for entry in chunk:
+            yield entry, (next(it) if entry.reason is None else None)
+
+    chunks = _chunks(entries, CHUNK_ITEMS)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from pair(chunk, _process_chunk(_task(chunk, opts)))
+        return
+
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        pending: deque[tuple[list[_Entry], Any]] = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_process_chunk, (_task(chunk, opts),))))
+            if len(pending) >= 4 * workers:
+                done, result = pending.popleft()
+                yield from pair(done, result.get())
+        while pending:
+            done, result = pending.popleft()
+            yield from pair(done, result.get())
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+@dataclass
+class SplitWriters:
+    """One recording shard writer per split, naming samples `<split>-<index>` in write order."""
+
+    output: Path
+    samples_per_shard: int
+    writers: dict[str, RecordingShardWriter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writers = {s: RecordingShardWriter(self.output / s, self.samples_per_shard) for s in SPLITS}
+
+    def write(self, split: str, jpeg: bytes, caption: str, meta: dict[str, Any]) -> None:
+        writer = self.writers[split]
+        writer.write({
+            "__key__": f"{split}-{writer.samples:010d}",
+            "jpg": jpeg,
+            "txt": caption.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+        })
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def total(self) -> int:
+        return sum(w.samples for w in self.writers.values())
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            split: {
+                "shards": [p.relative_to(self.output).as_posix() for p in w.shards],
+                "shard_samples": list(w.shard_samples),
+                "samples": w.samples,
+            }
+            for split, w in self.writers.items()
+        }
+
+
+def _warn(err: TextIO) -> Callable[[str], None]:
+    return lambda message: print(f"{PROG}: warning: {message}", file=err)
+
+
+def _progress_on(config: PrepareImageConfig, err: TextIO) -> bool:
+    return config.progress and err.isatty()
+
+
+def _outside(specs: list[ImageInputSpec], output: Path) -> list[ImageInputSpec]:
+    """Drop inputs inside the output directory, so a re-run never reads its own results."""
+    out = output.resolve()
+    return [s for s in specs if out != s.path.resolve() and out not in s.path.resolve().parents]
+
+
+def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
+                  err: TextIO) -> SplitWriters:
+    writers = SplitWriters(config.output, config.samples_per_shard)
+    seen_bytes: set[bytes] = set()
+    seen_pixels: set[bytes] = set()
+    entries = _entries(specs, config)
+    with tqdm(unit="img", desc="images", disable=not _progress_on(config, err), file=err) as bar:
+        try:
+            for entry, result in _processed(entries, config.image_options, config.workers):
+                record = entry.record
+                count = record.count if isinstance(record, Skip) else 1
+                bar.update(count)
+                if result is None:  # rejected before any image work
+                    report.skip(entry.input_index, record.source, entry.reason or "", entry.detail, count)
+                elif result.reason is not None:
+                    report.skip(entry.input_index, record.source, result.reason, result.detail)
+                elif result.sha256 in seen_bytes or result.pixels in seen_pixels:
+                    same = "bytes" if result.sha256 in seen_bytes else "pixels"
+                    report.skip(entry.input_index, record.source, "duplicate_image",
+                                f"same image {same} as an earlier sample")
+                else:
+                    seen_bytes.add(result.sha256)
+                    seen_pixels.add(result.pixels)
+                    assert isinstance(record, Item)
+                    split = assign_split(result.sha256, config.val_fraction, config.test_fraction, config.seed)
+                    meta = {"key": record.key, "source": record.source, "width": result.width,
+                            "height": result.height, "resized_width": result.resized_width,
+                            "resized_height": result.resized_height, **(record.extra or {})}
+                    writers.write(split, result.jpeg, entry.caption, meta)
+                    report.inputs[entry.input_index].documents += 1
+                bar.set_postfix_str(f"kept={writers.total():,} rejected={report.skipped_total:,}", refresh=False)
+        finally:
+            writers.close()
+    return writers
+
+
+def train_captions(output: Path, shards: list[str]) -> Iterator[str]:
+    """Captions of written shards, streamed back from disk (the tokenizer trains on train only)."""
+    from data_pipelines.loader import read_samples
+
+    for sample in read_samples(str(output / s) for s in shards):
+        yield sample["txt"].decode("utf-8")
+
+
+def tokenizer_manifest(tokenizer: Any, trained: bool, source: Path | None) -> dict[str, Any]:
+    return {
+        "path": TOKENIZER_SUBDIR,
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "trained": trained,
+        "source": None if source is None else str(source),
+    }
+
+
+def _tokenizer(config: PrepareImageConfig, external: Any, splits: dict[str, Any], err: TextIO) -> dict[str, Any] | None:
+    directory = config.output / TOKENIZER_SUBDIR
+    if external is not None:
+        save_tokenizer(external, directory)
+    elif config.vocab_size is not None:
+        if not splits["train"]["samples"]:
+            raise UsageError("no train samples to train a caption tokenizer on")
+        trained = train_bpe_tokenizer(train_captions(config.output, splits["train"]["shards"]), config.vocab_size,
+                                      show_progress=_progress_on(config, err))
+        save_tokenizer(trained, directory)
+    else:
+        return None
+    # Describe the saved copy, which is what the trainer will load.
+    return tokenizer_manifest(load_tokenizer(directory), external is None, config.tokenizer)
+
+
+def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
+                   splits: dict[str, Any], tokenizer: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "kind": KIND,
+        "version": MANIFEST_VERSION,
+        "created_by": PROG,
+        "image_size": config.image_size,
+        "resize_mode": config.resize_mode,
+        "jpeg_quality": config.jpeg_quality,
+        "min_image_size": config.min_image_size,
+        "max_caption_chars": config.max_caption_chars,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": config.test_fraction,
+        "samples_per_shard": config.samples_per_shard,
+        "inputs": [{"path": stats.path, "format": spec.format, "samples": stats.documents, "rejected": stats.skipped}
+                   for spec, stats in zip(specs, report.inputs)],
+        "splits": splits,
+        "rejected": report.to_manifest(),
+        "tokenizer": tokenizer,
+    }
+
+
+def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> str:
+    total = sum(s["samples"] for s in manifest["splits"].values())
+    rate = total / seconds if seconds > 0 else 0.0
+    lines = [f"{manifest['created_by']}: wrote {output} in {seconds:.1f}s ({total:,} samples, {rate:,.0f} img/s, "
+             f"{manifest['image_size']} px, resize {manifest['resize_mode']})"]
+    lines.append(f"  {'split':<6}{'samples':>12}{'shards':>8}")
+    for split, s in manifest["splits"].items():
+        lines.append(f"  {split:<6}{s['samples']:>12,}{len(s['shards']):>8}")
+    rejected = manifest["rejected"]
+    reasons = ", ".join(f"{r}={c:,}" for r, c in rejected["by_reason"].items())
+    lines.append(f"  rejected {rejected['total']:,}" + (f": {reasons}" if reasons else ""))
+    tok = manifest["tokenizer"]
+    lines.append("  tokenizer: none (the recipe must name one)" if tok is None else
+                 f"  tokenizer: {tok['path']} (vocab {tok['vocab_size']}, {'trained' if tok['trained'] else 'copied'})")
+    return "\n".join(lines)
+
+
+def clear_output(output: Path, overwrite: bool) -> None:
+    """prepare-text's rules for the output directory, plus the class list a synthetic set leaves."""
+    prepare_output_dir(output, overwrite)
+    (output / CLASSES_NAME).unlink(missing_ok=True)
+
+
+def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
+    """Prepare the dataset described by `config`; return the manifest written."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    started = time.perf_counter()
+    problems = config.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    specs = _outside(resolve_image_inputs(config.inputs), config.output)
+    if not specs:
+        raise InputError(f"no inputs outside the output directory {config.output}")
+    for spec in specs:  # a wrong column name fails now, not after hours of other inputs
+        if spec.format == "table":
+            check_table(spec.path, config.fields)
+    external = load_tokenizer(config.tokenizer) if config.tokenizer is not None else None
+    clear_output(config.output, config.overwrite)
+
+    report = ScanReport([InputStats(str(s.path), s.format, 0) for s in specs])
+    writers = _write_shards(config, specs, report, err)
+    if writers.total() == 0:
+        reasons = ", ".join(f"{r}={c}" for r, c in sorted(report.by_reason.items()))
+        raise UsageError("no usable image-text pairs in the inputs" + (f" (rejected: {reasons})" if reasons else ""))
+    splits = writers.to_manifest()
+    manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, err))
+    write_manifest(config.output, manifest)
+    print(format_summary(manifest, config.output, time.perf_counter() - started), file=out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        run(config_from_args(args))
+    except (UsageError, InputError, TokenizerError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
