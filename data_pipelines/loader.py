@@ -157,16 +157,16 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
     yield from buf
 
 
-class TextShards:
-    """A prepared text dataset: manifest plus shard paths."""
+class PreparedShards:
+    """A prepared dataset directory: its manifest (checked to be of ``KIND``) and shard paths per split."""
+
+    KIND = ""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        if self.manifest.get("kind") != "text":
-            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected 'text'")
-        self.seq_len: int = int(self.manifest["seq_len"])
-        self.vocab_size: int | None = self.manifest.get("tokenizer", {}).get("vocab_size")
+        if self.manifest.get("kind") != self.KIND:
+            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected {self.KIND!r}")
 
     def shards(self, split: str) -> list[str]:
         info = self.manifest["splits"].get(split)
@@ -176,6 +176,17 @@ class TextShards:
 
     def num_samples(self, split: str) -> int:
         return int(self.manifest["splits"][split]["samples"])
+
+
+class TextShards(PreparedShards):
+    """A prepared text dataset: manifest plus shard paths."""
+
+    KIND = "text"
+
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.vocab_size: int | None = self.manifest.get("tokenizer", {}).get("vocab_size")
 
 
 def _collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:

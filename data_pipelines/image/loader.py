@@ -23,8 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
-from data_pipelines.loader import Slot, _seed, epoch_shards, read_samples, shuffle_buffer
-from data_pipelines.manifest import read_manifest
+from data_pipelines.loader import PreparedShards, Slot, _seed, epoch_shards, read_samples, shuffle_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +34,14 @@ IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 LOG_FIRST, LOG_EVERY = 10, 1000
 
 
-class ImageTextShards:
+class ImageTextShards(PreparedShards):
     """A prepared image-text dataset: manifest, shard paths, tokenizer and class list."""
 
+    KIND = KIND
+
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        if self.manifest.get("kind") != KIND:
-            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected {KIND!r}")
+        super().__init__(root)
         self.image_size: int | None = self.manifest.get("image_size")
-
-    def shards(self, split: str) -> list[str]:
-        info = self.manifest["splits"].get(split)
-        if info is None:
-            raise ValueError(f"{self.root}/manifest.json: no split {split!r} (have {sorted(self.manifest['splits'])})")
-        return [str(self.root / s) for s in info["shards"]]
-
-    def num_samples(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["samples"])
 
     def tokenizer_path(self) -> Path | None:
         """The caption tokenizer saved with the data, or None (the recipe must name one)."""
