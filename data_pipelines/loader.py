@@ -86,11 +86,14 @@ class BadSample(ValueError):
 
 
 class SkipLog:
-    """Counts skipped samples and shards by reason and warns once per item, naming it.
+    """Counts skipped samples and shards by reason and warns, naming the item.
 
-    Used as the webdataset handler: it never sleeps (webdataset's warn_and_continue sleeps
-    0.5 s per error, which stalls training on dirty data).
+    The first ``LOG_FIRST`` items of each reason are logged, then every ``LOG_EVERY``-th: dirty
+    data must not flood the log any more than it may stall the run. Used as the webdataset
+    handler: it never sleeps (webdataset's warn_and_continue sleeps 0.5 s per error).
     """
+
+    LOG_FIRST, LOG_EVERY = 10, 1000
 
     def __init__(self, where: str = ""):
         self.where = where
@@ -101,7 +104,13 @@ class SkipLog:
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{reason}: {detail}")
-        logger.warning("%sskipped (%s): %s", self.where, reason, detail)
+        n = self.counts[reason]
+        if n <= self.LOG_FIRST or n % self.LOG_EVERY == 0:
+            logger.warning("%sskipped (%s, %d so far): %s", self.where, reason, n, detail)
+
+    def stats(self, slot: int, read: int) -> dict:
+        """The counters a batch carries to the trainer (DataLoader workers are other processes)."""
+        return {"slot": slot, "read": read, "skipped": dict(self.counts)}
 
     def handler(self, exn: Exception) -> bool:
         self.add("bad_shard", f"{type(exn).__name__}: {exn}")
@@ -245,7 +254,7 @@ class TextTrainStream(torch.utils.data.IterableDataset):
             if len(batch) == self.batch_size:
                 out = _collate(batch)
                 # Counters travel with the batch: DataLoader workers are other processes.
-                out["_stats"] = {"slot": slot.index, "read": self.samples_read, "skipped": dict(self.skips.counts)}
+                out["_stats"] = self.skips.stats(slot.index, self.samples_read)
                 yield out
                 batch = []
 

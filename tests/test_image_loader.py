@@ -113,11 +113,12 @@ def test_train_batches_shapes_dtypes_and_determinism(tmp_path: Path, tokenizer) 
 
     a, b = run(0), run(0)
     batch = a[0]
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "_stats"}
+    assert batch["_stats"] == {"slot": 0, "read": 4, "skipped": {}}
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, CTX)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x), "same seed, same crops and order"
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x if k != "_stats"), "same seed, same crops and order"
     order = [i for x in a for i in ids_of(x["pixel_values"])]
     assert len(order) == 36 and set(order) == set(range(12)), "three epochs of 12 samples, no end"
     assert order[:12] != sorted(order[:12])
@@ -179,10 +180,10 @@ def test_bad_samples_are_skipped_counted_and_named_without_sleeping(tmp_path: Pa
 
     monkeypatch.setattr(time, "sleep", no_sleep)
     ds = ImageTextTrainStream(data, "train", 1, tokenizer, CTX, SIZE, shuffle_buffer=0, augment=False)
-    with caplog.at_level(logging.WARNING, logger="data_pipelines.image.loader"):
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
         got = [ids_of(b["pixel_values"])[0] for b in itertools.islice(iter(ds), 16)]
     assert sorted(got[:8]) == [0, 1, 3, 4, 5, 6, 7, 8], "one epoch: every sample but the bad one"
-    assert ds.stats["bad_samples"] == 2
+    assert ds.skips.counts["undecodable"] == 2
     assert "train-0000000002" in caplog.text and "train/shard-000000.tar" in caplog.text
 
     stats: dict[str, int] = {}
@@ -197,7 +198,7 @@ def test_bad_samples_are_skipped_counted_and_named_without_sleeping(tmp_path: Pa
             pixels = torch.cat([b["pixel_values"] for b in batches])
             # The bad row holds the padding template: the split's first good sample.
             assert ids_of(pixels) == [11, 12, 14]
-    assert per_rank[0] == per_rank[1] and stats["bad_samples"] == 1
+    assert per_rank[0] == per_rank[1] and stats["undecodable"] == 1
 
 
 def test_unreadable_split_fails_instead_of_spinning(tmp_path: Path, tokenizer) -> None:
@@ -206,7 +207,7 @@ def test_unreadable_split_fails_instead_of_spinning(tmp_path: Path, tokenizer) -
     (tmp_path / "train" / "shard-000000.tar").write_bytes(b"not a tar")
     with pytest.raises(RuntimeError, match="no samples"):
         next(iter(ds))
-    assert ds.stats["read_errors"] >= 1
+    assert ds.skips.counts["bad_shard"] >= 1
 
 
 def test_tokenize_captions_appends_eos_pads_and_truncates(tokenizer) -> None:

@@ -5,8 +5,10 @@ Training streams divide and reshuffle shards exactly like the text stream (the s
 cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
 generator seeded by (seed, slot), so a stream is reproducible.
 
-A sample that fails to decode is logged (naming its shard and key), counted in `stats` and
-skipped; nothing sleeps (webdataset's `warn_and_continue` sleeps 0.5 s per error).
+A sample that fails to decode is logged (naming its shard and key), counted by reason in a
+`SkipLog` and skipped; nothing sleeps (webdataset's `warn_and_continue` sleeps 0.5 s per error).
+Training batches carry the counts in `_stats`, as text batches do, so they reach the trainer
+from DataLoader worker processes.
 
 Evaluation reads a split once, in order, sample i on rank i % world_size, and gives every rank
 the same number of batches; padding rows (and undecodable samples) carry weight 0.
@@ -23,15 +25,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
-from data_pipelines.loader import PreparedShards, Slot, _seed, epoch_shards, read_samples, shuffle_buffer
+from data_pipelines.loader import PreparedShards, SkipLog, Slot, _seed, epoch_shards, read_samples, shuffle_buffer
 
 logger = logging.getLogger(__name__)
 
 KIND = "image-text"
 IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-# Log the first few bad samples of a stream in full, then only every Nth: dirty data must not
-# flood the log any more than it may stall the run.
-LOG_FIRST, LOG_EVERY = 10, 1000
 
 
 class ImageTextShards(PreparedShards):
@@ -107,30 +106,6 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: i
 # Samples
 
 
-class _BadSamples:
-    """Counts and rate-limited warnings for samples and shards that cannot be read."""
-
-    def __init__(self, stats: dict[str, int]):
-        self.stats = stats
-        self.stats.setdefault("bad_samples", 0)
-        self.stats.setdefault("read_errors", 0)
-
-    def sample(self, sample: dict, exc: BaseException) -> None:
-        self.stats["bad_samples"] += 1
-        n = self.stats["bad_samples"]
-        if n <= LOG_FIRST or n % LOG_EVERY == 0:
-            logger.warning("skipping sample %s of shard %s: %s: %s (%d bad samples so far)",
-                           sample.get("__key__"), sample.get("__url__"), type(exc).__name__, exc, n)
-
-    def read_error(self, exc: Exception) -> bool:
-        """A webdataset handler: log, count, continue (and never sleep)."""
-        self.stats["read_errors"] += 1
-        n = self.stats["read_errors"]
-        if n <= LOG_FIRST or n % LOG_EVERY == 0:
-            logger.warning("shard read error, continuing: %s: %s (%d so far)", type(exc).__name__, exc, n)
-        return True
-
-
 def decode_sample(sample: dict) -> tuple[Any, str]:
     """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -150,11 +125,12 @@ def sample_label(sample: dict) -> int:
     return label if isinstance(label, int) and not isinstance(label, bool) else -1
 
 
-def _try_decode(sample: dict, bad: _BadSamples) -> tuple[Any, str] | None:
+def _try_decode(sample: dict, log: SkipLog) -> tuple[Any, str] | None:
     try:
         return decode_sample(sample)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad data, never a reason to stop
-        bad.sample(sample, exc)
+        reason = "missing_member" if isinstance(exc, KeyError) else "undecodable"
+        log.add(reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {type(exc).__name__}: {exc}")
         return None
 
 
@@ -163,9 +139,10 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
 
     Rank/worker division and per-epoch reshuffling are those of `TextTrainStream`. With
     `augment` a random resized crop (and, unless `flip` is False, a random horizontal flip: turn
-    it off when captions say "left" or "right"), otherwise a centre crop. `stats` counts
-    skipped samples ("bad_samples") and shard read errors ("read_errors"); under DataLoader
-    workers each worker counts in its own copy, and its warnings name the shard and key.
+    it off when captions say "left" or "right"), otherwise a centre crop. `skips` counts
+    skipped samples ("undecodable", "missing_member") and shard read errors ("bad_shard");
+    under DataLoader workers each worker counts in its own copy, and every batch carries its
+    reader's counts in ``_stats``.
     """
 
     def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
@@ -183,8 +160,8 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
         self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
         self.num_workers = max(1, num_workers)
         self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
-        self.stats: dict[str, int] = {"bad_samples": 0, "read_errors": 0}
-        self._bad = _BadSamples(self.stats)
+        self.skips = SkipLog(f"rank {rank}: ")
+        self.samples_read = 0
 
     def _slot(self) -> Slot:
         info = torch.utils.data.get_worker_info()
@@ -197,7 +174,7 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
             yielded = 0
-            for i, sample in enumerate(read_samples(urls, handler=self._bad.read_error)):
+            for i, sample in enumerate(read_samples(urls, handler=self.skips.handler)):
                 if by_sample and i % slot.count != slot.index:
                     continue
                 yielded += 1
@@ -219,15 +196,18 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
         images: list[torch.Tensor] = []
         captions: list[str] = []
         for sample in shuffle_buffer(self.samples(slot), self.buffer, buffer_rng):
-            decoded = _try_decode(sample, self._bad)
+            decoded = _try_decode(sample, self.skips)
             if decoded is None:
                 continue
+            self.samples_read += 1
             img, caption = decoded
             images.append(train_transform(img, self.image_size, augment_rng, augment=self.augment, flip=self.flip,
                                           scale=self.crop_scale))
             captions.append(caption)
             if len(images) == self.batch_size:
-                yield self.collate(images, captions)
+                batch = self.collate(images, captions)
+                batch["_stats"] = self.skips.stats(slot.index, self.samples_read)
+                yield batch
                 images, captions = [], []
 
 
@@ -256,10 +236,10 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
     Every rank yields ceil(n / world_size) rows in the same number of batches, as ZeRO-3's
     collective forward passes need. Padding rows repeat the split's first decodable sample, so
     they are ordinary inputs (a blank caption could give an all-masked row, and NaN x 0 is NaN).
-    Pass a dict as `stats` to receive the counts of skipped samples.
+    Pass a dict as `stats` to receive the counts of skipped samples by reason.
     """
     prepare_tokenizer(tokenizer)
-    bad = _BadSamples({} if stats is None else stats)
+    bad = SkipLog(f"eval {split}: ")
     total = data.num_samples(split)
     n = total if max_samples is None else min(total, max_samples)
     per_rank = -(-n // world_size)
@@ -281,7 +261,7 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
         yield batch
 
     shards = data.shards(split)
-    for i, sample in enumerate(read_samples(shards, handler=bad.read_error) if n else ()):
+    for i, sample in enumerate(read_samples(shards, handler=bad.handler) if n else ()):
         if i >= n:
             break
         mine = i % world_size == rank
@@ -299,6 +279,9 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
         while template is not None and len(rows) >= batch_size:
             yield from flush(batch_size)
             emitted += batch_size
+    if stats is not None:
+        for reason, count in bad.counts.items():
+            stats[reason] = stats.get(reason, 0) + count
     if per_rank == 0:
         return
     if template is None:
