@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +30,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
 
+class VisionConfig(_Section):
+    """CLIP's image tower (a ViT); the text tower is the model section's own sizes."""
+
+    image_size: int = Field(224, gt=0, description="input resolution; the loader crops and resizes to it")
+    patch_size: int = Field(32, gt=0, description="ViT patch side in pixels; must divide image_size")
+    hidden_size: int = Field(768, gt=0, description="ViT width")
+    num_layers: int = Field(12, gt=0, description="ViT blocks")
+    num_heads: int = Field(12, gt=0, description="ViT attention heads; must divide hidden_size")
+    intermediate_size: int | None = Field(None, gt=0, description="ViT MLP width (default 4*hidden_size)")
+
+    @model_validator(mode="after")
+    def _divides(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
 class ModelConfig(_Section):
     """Architecture of the network built from scratch (ignored in favour of the checkpoint's own
-    config when ``init_from`` names a Hugging Face directory)."""
+    config when ``init_from`` names a Hugging Face directory). For CLIP the sizes below describe
+    the text tower, ``vision`` the image tower."""
 
-    arch: Literal["gpt2", "llama"] = Field("gpt2", description="transformers architecture: gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM)")
+    arch: Literal["gpt2", "llama", "clip"] = Field(
+        "gpt2", description="transformers architecture: gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) or clip (CLIPModel)")
     hidden_size: int = Field(768, gt=0, description="width of the residual stream")
     num_layers: int = Field(12, gt=0, description="transformer blocks")
     num_heads: int = Field(12, gt=0, description="attention heads; must divide hidden_size")
@@ -46,6 +68,14 @@ class ModelConfig(_Section):
     tie_word_embeddings: bool = Field(True, description="share the input embedding with the output projection")
     rope_theta: float = Field(10000.0, gt=0, description="llama only: RoPE base")
     init_from: str | None = Field(None, description="local Hugging Face model directory to start from (fine-tuning); overrides the sizes above")
+    vision: VisionConfig | None = Field(None, description="clip only: the image tower (default: ViT-B/32 sizes)")
+    projection_dim: int = Field(512, gt=0, description="clip only: width of the shared image-text embedding")
+    logit_scale_init: float = Field(2.6592, description="clip only: initial log of the contrastive temperature's inverse (ln(1/0.07))")
+    max_logit_scale: float = Field(100.0, gt=0, description="clip only: the learnt temperature's inverse is clamped at this (CLIP: 100)")
+    freeze: list[str] = Field(default_factory=list, description="parameters left untrained: 'vision' or 'text' (a whole CLIP tower; "
+                              "['vision'] is locked-image tuning) or regular expressions matched against parameter names")
+    trust_remote_code: bool = Field(False, description="let transformers run Python code shipped in init_from or the tokenizer "
+                                    "directory (it runs with your permissions); --trust-remote-code sets it")
     zero3_init: bool | Literal["auto"] = Field(
         "auto", description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it whole; "
         "auto: only above 1B parameters (zero.Init draws the random init in another order, so small runs would not "
@@ -57,13 +87,22 @@ class ModelConfig(_Section):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        for pattern in self.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"freeze: {pattern!r} is not a regular expression ({e})") from None
         return self
 
 
 class DataConfig(_Section):
     """Where the prepared shards are and how the streaming loader reads them."""
 
-    path: str | None = Field(None, description="directory written by prepare-text (holds manifest.json); --data overrides")
+    path: str | None = Field(None, description="directory written by prepare-text or prepare-image-text (holds manifest.json); --data overrides")
+    tokenizer: str | None = Field(None, description="clip only: local Hugging Face tokenizer directory for the captions "
+                                  "(default: init_from's tokenizer, else the one saved with the data)")
+    augment: bool = Field(True, description="clip only: random resized crop when training (eval always centre-crops)")
+    flip: bool = Field(True, description="clip only: random horizontal flip when training; turn off when captions say left or right")
     train_split: str = Field("train", description="split trained on")
     eval_split: Literal["val"] = Field("val", description="split evaluated during training (the test split is only for pretrain-eval --split test)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples held in each loader's shuffle buffer (0 = no sample shuffle)")
@@ -121,7 +160,7 @@ class Recipe(_Section):
     """A whole run."""
 
     name: str = Field("run", description="short name, used for the default output directory")
-    family: Literal["gpt"] = Field("gpt", description="model family: gpt (causal LM)")
+    family: Literal["gpt", "clip"] = Field("gpt", description="model family: gpt (causal LM on text shards) or clip (contrastive, on image-text shards)")
     output_dir: str | None = Field(None, description="run directory (default: runs/<name>); --output-dir overrides")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON used when --deepspeed_config is not given")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -129,6 +168,16 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _family_matches_arch(self) -> "Recipe":
+        is_clip = self.model.arch == "clip"
+        if (self.family == "clip") != is_clip:
+            raise ValueError(f"family {self.family!r} does not go with model.arch {self.model.arch!r} "
+                             "(family clip needs arch clip; family gpt needs gpt2 or llama)")
+        if not is_clip and (self.model.vision is not None or self.data.tokenizer):
+            raise ValueError("model.vision and data.tokenizer are for family clip only")
+        return self
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

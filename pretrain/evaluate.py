@@ -1,4 +1,7 @@
-"""pretrain-eval: loss and perplexity of a checkpoint on a data split (one process, no DeepSpeed engine).
+"""pretrain-eval: a checkpoint's metrics on a data split (one process, no DeepSpeed engine).
+
+gpt: loss and perplexity. clip: contrastive loss, zero-shot top-1/top-5 with prompt-template
+ensembling (when the data has classes.json) and image->text / text->image recall@1/5/10.
 
 The test split is read only here, and only when asked for by name.
 """
@@ -7,7 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,42 +27,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory, its checkpoints/ folder, one checkpoint tag, or an exported Hugging Face directory")
     p.add_argument("--data", required=True, help="prepared data directory (holds manifest.json)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to evaluate (default val)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N sequences of the split")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences (or image-text pairs) per forward pass")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
-def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """The model in fp32 on the CPU, and facts about where it came from."""
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # in fp32 on the CPU, eval mode; for CLIP the ContrastiveCLIP wrapper
+    family: str
+    config: Any  # the transformers config
+    tokenizer_dir: Path | None
+    info: dict
+
+
+def load_model(checkpoint: str) -> Loaded:
+    """A run's checkpoint (any ZeRO stage) or an exported Hugging Face directory, of either family."""
     from transformers import AutoConfig
 
     from pretrain.checkpoint import run_metadata
-    from pretrain.models import get_family
+    from pretrain.models import family_of_hf_config, get_family
 
     ref = resolve_checkpoint(checkpoint)
     if ref.kind == "hf":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
-        return model.eval(), {"checkpoint": str(ref.path), "format": "hf"}
+        config = AutoConfig.from_pretrained(ref.path)
+        name = family_of_hf_config(config)
+        model = get_family(name).from_pretrained(ref.path)
+        return Loaded(model.eval(), name, config, ref.path, {"checkpoint": str(ref.path), "format": "hf", "family": name})
     meta = run_metadata(ref)
-    family = get_family(meta["recipe"]["family"])
-    model = family.model_from_config(AutoConfig.from_pretrained(ref.run_dir / "model"))
+    name = meta["recipe"]["family"]
+    family = get_family(name)
+    config = AutoConfig.from_pretrained(ref.run_dir / "model")
+    model = family.model_from_config(config)
+    if hasattr(model, "max_log_scale"):
+        model.max_log_scale = math.log(meta["recipe"]["model"].get("max_logit_scale", 100.0))
     load_weights(model, fp32_state_dict(ref))
-    return model.eval(), {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag,
-                          "family": meta["recipe"]["family"]}
+    tok = ref.run_dir / "tokenizer"
+    return Loaded(model.eval(), name, config, tok if tok.is_dir() else None,
+                  {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name})
 
 
 def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int = 16,
              max_samples: int | None = None) -> dict:
-    from data_pipelines.loader import TextShards, eval_batches
-    from pretrain.models import gpt
+    """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
+    top-1/top-5 and retrieval recall@1/5/10 for clip."""
+    from pretrain.models import get_family
 
-    model, info = load_model(checkpoint)
-    data = TextShards(data_dir)
-    sums = gpt.evaluate_sums(model, eval_batches(data, split, batch_size, max_samples=max_samples))
-    return {"split": split, **gpt.metrics_from_sums(sums), **info}
+    loaded = load_model(checkpoint)
+    family = get_family(loaded.family)
+    data = family.open_data(data_dir)
+    result = family.evaluate(loaded.model, data, split, batch_size, max_samples=max_samples,
+                             tokenizer_path=loaded.tokenizer_dir, config=loaded.config)
+    return {"split": split, **result, **loaded.info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
+            print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
     return 0
 
 

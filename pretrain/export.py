@@ -1,6 +1,7 @@
 """pretrain-export: a DeepSpeed checkpoint (any ZeRO stage) -> a Hugging Face model directory.
 
-The result loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+The result loads with ``AutoModelForCausalLM.from_pretrained`` (gpt) or ``CLIPModel.from_pretrained``
+(clip), and ``AutoTokenizer.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(checkpoint: str, output: str, dtype: str = "fp32") -> Path:
     from pretrain.evaluate import load_model
+    from pretrain.models import get_family
 
     out = Path(output)
     if out.exists() and any(out.iterdir()):
@@ -34,14 +36,18 @@ def export(checkpoint: str, output: str, dtype: str = "fp32") -> Path:
     ref = resolve_checkpoint(checkpoint)
     if ref.kind != "deepspeed":
         raise CheckpointError(f"{ref.path}: already a Hugging Face directory")
-    model, info = load_model(checkpoint)
+    loaded = load_model(checkpoint)
+    model, info = get_family(loaded.family).to_hf(loaded.model), loaded.info
     model.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
-    tok_dir = ref.run_dir / "tokenizer"
-    if tok_dir.is_dir():
+    tok_dir = loaded.tokenizer_dir
+    if tok_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
+        if loaded.family == "clip" and tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # what training padded captions with
         tok.save_pretrained(out)
+    if tok_dir is not None and loaded.family == "gpt":
         gen = model.generation_config
         gen.eos_token_id = tok.eos_token_id
         gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -208,9 +208,11 @@ class ModelShape:
 def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
     """A gpt-family recipe: parameters counted on the meta device (nothing allocated); vocab_size
     stands in for the tokenizer's vocabulary and is rounded up to pad_vocab_multiple, as training does."""
-    from pretrain.models.gpt import count_params, model_config
+    from transformers import AutoConfig
 
-    config = model_config(recipe.model, vocab_size)
+    from pretrain.models.gpt import count_params, hf_config
+
+    config = AutoConfig.from_pretrained(recipe.model.init_from) if recipe.model.init_from else hf_config(recipe.model, vocab_size)
     return ModelShape(
         params=count_params(config), seq_len=config.max_position_embeddings, hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
@@ -218,7 +220,49 @@ def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
     )
 
 
-FAMILY_SHAPES: dict[str, Callable[[Any, int], ModelShape]] = {"gpt": gpt_shape}
+def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
+    """A clip-family recipe: each tower's forward costs 2 FLOPs per matmul parameter per token it
+    sees (image patches + class token; caption positions), the count that 6·N·D rests on.
+    ViT-B/32 comes to 14.7 GFLOPs per pair, twice the 7.4 G multiply-adds OpenCLIP lists."""
+    import torch
+    from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel
+
+    from pretrain.models.clip import hf_config
+
+    config = (AutoConfig.from_pretrained(recipe.model.init_from) if recipe.model.init_from
+              else hf_config(recipe.model, _Sized(vocab_size)))
+    def sizes(model: torch.nn.Module) -> tuple[int, int]:
+        """(all parameters, those used in matmuls: not the token and position lookup tables)"""
+        named = list(model.named_parameters())
+        lookups = sum(p.numel() for n, p in named if "embedding" in n and "patch_embedding" not in n)
+        total = sum(p.numel() for _, p in named)
+        return total, total - lookups
+
+    with torch.device("meta"):
+        vision, vision_mm = sizes(CLIPVisionModel(config.vision_config))
+        text, text_mm = sizes(CLIPTextModel(config.text_config))
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    projections = config.projection_dim * (v.hidden_size + t.hidden_size) + 1
+    flops = 2.0 * (vision_mm * patches + text_mm * t.max_position_embeddings)
+    return ModelShape(params=vision + text + projections, forward_flops_per_sample=flops,
+                      hidden_size=max(v.hidden_size, t.hidden_size), micro_batch=recipe.training.micro_batch_size,
+                      precision=recipe.training.precision)
+
+
+class _Sized:
+    """Stands in for a tokenizer of a given vocabulary when only sizes matter."""
+
+    eos_token_id = pad_token_id = bos_token_id = 0
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+FAMILY_SHAPES: dict[str, Callable[[Any, int], ModelShape]] = {"gpt": gpt_shape, "clip": clip_shape}
 
 
 def recipe_shape(name_or_path: str, vocab_size: int = 50304) -> ModelShape:

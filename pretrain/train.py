@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="local Hugging Face model directory to fine-tune (overrides model.init_from)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from OUTPUT/checkpoints/latest if present; none: start fresh; or a checkpoint path")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code shipped inside the init_from model or tokenizer directory "
+                        "(sets model.trust_remote_code; off by default: such code runs with your permissions)")
     p.add_argument("--seed", type=int, help="seed for init, data order and dropout (overrides training.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -66,16 +69,17 @@ def _resolve_path(p: str) -> Path:
 
 def prepare(args: argparse.Namespace):
     """Validate everything and return what the trainer needs; raises RecipeError listing all problems."""
+    import torch
     from transformers import AutoTokenizer
 
-    from data_pipelines.loader import TextShards
     from pretrain.ds_config import resolve_ds_config
-    from pretrain.models import get_family
+    from pretrain.models import freeze_by_pattern, get_family
 
     overrides = {
         "data.path": args.data, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
         "eval.every": args.eval_every, "checkpoint.every": args.checkpoint_every,
         "model.init_from": args.init_from, "training.seed": args.seed,
+        "model.trust_remote_code": True if args.trust_remote_code else None,
     }
     recipe, recipe_path = load_recipe(args.config, overrides)
     problems: list[str] = []
@@ -86,33 +90,45 @@ def prepare(args: argparse.Namespace):
     else:
         ds_raw = load_json(_resolve_path(ds_path), "DeepSpeed config")
     data = None
+    family = get_family(recipe.family)
+    maker = "prepare-text" if recipe.family == "gpt" else "prepare-image-text or make-synthetic-image-text"
     if not recipe.data.path:
-        problems.append("data.path: not set; pass --data DIR (a directory written by prepare-text)")
+        problems.append(f"data.path: not set; pass --data DIR (a directory written by {maker})")
     elif not (Path(recipe.data.path) / "manifest.json").is_file():
-        problems.append(f"data.path: {recipe.data.path}/manifest.json not found; run prepare-text first")
+        problems.append(f"data.path: {recipe.data.path}/manifest.json not found; run {maker} first")
     else:
         try:
-            data = TextShards(recipe.data.path)
+            data = family.open_data(recipe.data.path)
         except (ValueError, KeyError) as e:
             problems.append(f"data.path: {e}")
+    if recipe.data.tokenizer and not Path(recipe.data.tokenizer).is_dir():
+        problems.append(f"data.tokenizer: {recipe.data.tokenizer} is not a directory")
+        recipe.data.tokenizer = None
     if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
         problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
         recipe.model.init_from = None
     if problems or data is None:
         raise RecipeError(str(recipe_path), problems)
 
-    family = get_family(recipe.family)
-    tokenizer_dir = data.root / data.manifest["tokenizer"]["path"]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok_vocab = len(tokenizer)
-    model_config = family.model_config(recipe.model, tok_vocab, tokenizer.eos_token_id)
-    if model_config.vocab_size < tok_vocab:
-        problems.append(f"model.vocab_size: {model_config.vocab_size} is smaller than the tokenizer's vocabulary ({tok_vocab})")
-    max_pos = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", 0)
-    if max_pos < data.seq_len:
-        problems.append(f"model.max_position_embeddings: {max_pos} is shorter than the data's seq_len {data.seq_len}")
+    tokenizer_dir = family.tokenizer_dir(recipe, data)
+    if tokenizer_dir is None:
+        raise RecipeError(str(recipe_path), [f"data.tokenizer: not set, and {data.root} has no tokenizer of its own; "
+                                             "name a local Hugging Face tokenizer directory"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RecipeError(str(recipe_path), [f"tokenizer {tokenizer_dir}: cannot be loaded ({e})"]) from None
+    model_config = family.model_config(recipe.model, tokenizer)
+    problems.extend(family.check(recipe, data, model_config, tokenizer))
+    if recipe.model.freeze and not problems:
+        with torch.device("meta"):  # names only; nothing allocated
+            skeleton = family.model_from_config(model_config)
+        try:
+            freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.FREEZE_ALIASES)
+        except ValueError as e:
+            problems.append(str(e))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
+    hidden = family.hidden_size(model_config)
     try:
         ds_config, notes = resolve_ds_config(ds_raw, recipe, world, hidden, str(ds_path))
     except RecipeError as e:

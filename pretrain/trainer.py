@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.loader import TextShards, eval_batches, train_loader
 from pretrain.checkpoint import (RESOLVED, capture_rng, complete_tags, load_rank_state, mark_complete, rank_state_path,
                                  restore_rng, resumable, tag_for)
 from pretrain.config import Recipe
 from pretrain.ds_config import for_deepspeed, precision, toolkit_scheduler, zero_stage
 from pretrain.metrics import MetricsLogger
-from pretrain.models import get_family
+from pretrain.models import freeze_by_pattern, get_family
 from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
 
 
@@ -65,8 +64,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+def describe_eval(ev: dict[str, Any]) -> str:
+    """One line for the console: the val loss, the family's headline metric, the gap."""
+    extra = ""
+    if "perplexity" in ev:
+        extra = f" (ppl {ev['perplexity']:.1f})"
+    elif "zero_shot_top1" in ev:
+        extra = f", zero-shot top-1 {ev['zero_shot_top1']:.3f} of {ev['num_classes']} classes"
+    if "image_to_text_R@1" in ev:
+        extra += f", i->t R@1 {ev['image_to_text_R@1']:.3f}"
+    return f"val loss {ev['loss']:.4f}{extra}, train loss {ev['train_loss']:.4f}, gap {ev['gap']:+.4f}"
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, ds_config: dict, run_dir: Path, data: TextShards, tokenizer_dir: Path,
+    def __init__(self, recipe: Recipe, ds_config: dict, run_dir: Path, data, tokenizer_dir: Path,
                  model_config, notes: list[str], resume: str = "auto", progress: bool = True):
         self.recipe, self.ds_config, self.run_dir = recipe, ds_config, run_dir
         self.data, self.tokenizer_dir, self.model_config, self.notes = data, tokenizer_dir, model_config, notes
@@ -96,6 +107,12 @@ class Trainer:
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
         model = self.family.build_model(self.recipe.model, self.model_config)
+        if self.recipe.model.freeze:
+            frozen = freeze_by_pattern(self.family.hf_model(model), self.recipe.model.freeze, self.family.FREEZE_ALIASES)
+            if self.is_main:
+                print(f"froze {frozen} parameter tensors matching {self.recipe.model.freeze}", flush=True)
+        if stage == 3 and hasattr(self.family, "register_external_parameters"):
+            self.family.register_external_parameters(model)
         groups = param_groups(model, tr.weight_decay, self.family.no_decay)
         optimizer = None
         if "optimizer" not in self.ds_config:
@@ -115,13 +132,13 @@ class Trainer:
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
         self.global_batch = self.micro * self.gas * self.world
-        self.seq_len = self.data.seq_len
+        self.tokens_per_sample = self.family.tokens_per_sample(self.data, self.model_config)
         if self.is_main:
             self._write_run_files()
         self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
-        self.stream = train_loader(self.data, self.recipe.data.train_split, self.micro, self.rank, self.world, tr.seed,
-                                   self.recipe.data.shuffle_buffer, self.recipe.data.resampled, self.recipe.data.num_workers)
+        self.stream = self.family.train_stream(self.data, self.recipe, self.micro, self.rank, self.world,
+                                               self.tokenizer_dir, self.model_config)
         for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
             self._note_stats(next(self.stream).pop("_stats"))
         self._signal: int | None = None
@@ -143,8 +160,9 @@ class Trainer:
             "world_size": self.world,
             "precision": precision(self.ds_config),
             "zero_stage": zero_stage(self.ds_config),
-            "data": {"path": str(self.data.root.resolve()), "seq_len": self.seq_len,
-                     "tokens_per_step": self.global_batch * self.seq_len},
+            "data": {"path": str(self.data.root.resolve()), "kind": self.data.KIND,
+                     "tokens_per_sample": self.tokens_per_sample,
+                     "tokens_per_step": self.global_batch * self.tokens_per_sample},
             "notes": self.notes,
         }
         (self.run_dir / RESOLVED).write_text(json.dumps(resolved, indent=2))
@@ -227,7 +245,7 @@ class Trainer:
             total += loss.item()
         self.state.step += 1
         self.state.samples += self.global_batch
-        self.state.tokens += self.global_batch * self.seq_len
+        self.state.tokens += self.global_batch * self.tokens_per_sample
         read, bad = self._data_counts()
         loss_sum, stop, read, bad = self._sum_over_ranks([total / self.gas, float(self._signal is not None), read, bad])
         mean_loss = loss_sum / self.world
@@ -253,11 +271,9 @@ class Trainer:
 
         ev = self.recipe.eval
         self.engine.eval()
-        batches = eval_batches(self.data, self.recipe.data.eval_split, ev.batch_size or self.micro, self.rank,
-                               self.world, ev.max_samples)
-        sums = self.family.evaluate_sums(self.engine, batches, self.device)
-        dist.all_reduce(sums)
-        result = self.family.metrics_from_sums(sums)
+        result = self.family.evaluate(self.engine, self.data, self.recipe.data.eval_split, ev.batch_size or self.micro,
+                                      self.rank, self.world, self.device, ev.max_samples, self.tokenizer_dir,
+                                      self.model_config)
         window = self.state.train_losses
         train_loss = sum(window) / len(window) if window else float("nan")
         self.state.train_losses = []
@@ -292,28 +308,31 @@ class Trainer:
         bar = tqdm(total=tr.max_steps, initial=self.state.step, disable=(not self.is_main or not self.progress) or None,
                    desc="train", unit="step", dynamic_ncols=True)
         start = time.time()
-        window_start, window_tokens = time.time(), 0
+        window_start, window_samples = time.time(), 0
         last_eval: dict[str, Any] = {}
         while self.state.step < tr.max_steps:
             out = self.train_step()
             preempted = out.pop("stop")
-            window_tokens += self.global_batch * self.seq_len
+            window_samples += self.global_batch
             step = self.state.step
             if step % tr.log_every == 0 or step == tr.max_steps:
                 now = time.time()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
+                sps = window_samples / max(now - window_start, 1e-9)
+                tps = sps * self.tokens_per_sample
+                window_start, window_samples = now, 0
+                # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
+                tput = tps if self.family.UNIT == "tokens" else sps
                 self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
-                                  "nonfinite_skips": self.state.nonfinite_skips,
-                                  "throughput": tps, "tokens_per_s": tps, "elapsed_s": now - start})
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                                  "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
+                                  "throughput_unit": f"{self.family.UNIT}/s", "tokens_per_s": tps, "samples_per_s": sps,
+                                  "elapsed_s": now - start})
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.UNIT[:3] + "_s": f"{tput:,.0f}"})
             bar.update(1)
             if (ev.every and step % ev.every == 0) or step == tr.max_steps:
                 last_eval = self.evaluate()
                 self.metrics.log(last_eval)
                 if self.is_main:
-                    tqdm.write(f"step {step}: val loss {last_eval['loss']:.4f} (ppl {last_eval['perplexity']:.1f}), "
-                               f"train loss {last_eval['train_loss']:.4f}, gap {last_eval['gap']:+.4f}")
+                    tqdm.write(f"step {step}: {describe_eval(last_eval)}")
             if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps) or preempted:
                 self.save()
             if preempted:

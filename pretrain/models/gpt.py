@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, Recipe
+
+FREEZE_ALIASES: dict[str, str] = {}
+UNIT = "tokens"
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -36,10 +39,51 @@ def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None =
     )
 
 
-def model_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None) -> PretrainedConfig:
+def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
-        return AutoConfig.from_pretrained(cfg.init_from)
-    return hf_config(cfg, tokenizer_vocab, eos_token_id)
+        return AutoConfig.from_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
+    return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id)
+
+
+def open_data(path):
+    from data_pipelines.loader import TextShards
+
+    return TextShards(path)
+
+
+def tokenizer_dir(recipe: Recipe, data):
+    return data.root / data.manifest["tokenizer"]["path"]
+
+
+def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str]:
+    problems = []
+    if getattr(config, "model_type", None) == "clip":
+        return [f"model.init_from: {recipe.model.init_from} holds a CLIP model; use family clip"]
+    if config.vocab_size < len(tokenizer):
+        problems.append(f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's vocabulary ({len(tokenizer)})")
+    max_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
+    if max_pos < data.seq_len:
+        problems.append(f"model.max_position_embeddings: {max_pos} is shorter than the data's seq_len {data.seq_len}")
+    return problems
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def tokens_per_sample(data, config: PretrainedConfig) -> int:
+    return data.seq_len
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model
+
+
+to_hf = hf_model
+
+
+def from_pretrained(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
@@ -48,11 +92,12 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     # patches tensor construction: importing dynamo inside that context fails.
     import torch._dynamo  # noqa: F401
 
-    AutoModelForCausalLM._model_mapping[type(config)]
+    if not cfg.trust_remote_code:
+        AutoModelForCausalLM._model_mapping[type(config)]
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     return model
 
@@ -96,6 +141,27 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
         sums[1] += w.double().sum() * batch["labels"].shape[1]
         sums[2] += w.double().sum()
     return sums
+
+
+def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path=None, config=None):
+    from data_pipelines.loader import train_loader
+
+    d = recipe.data
+    return train_loader(data, d.train_split, micro, rank, world, recipe.training.seed, d.shuffle_buffer, d.resampled,
+                        d.num_workers)
+
+
+def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
+             max_samples: int | None = None, tokenizer_path=None, config=None) -> dict:
+    """Loss and perplexity over the split's first max_samples windows; collective over ranks."""
+    from data_pipelines.loader import eval_batches
+
+    sums = evaluate_sums(model, eval_batches(data, split, batch_size, rank, world, max_samples), device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    return metrics_from_sums(sums)
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:

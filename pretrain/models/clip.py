@@ -1,0 +1,421 @@
+"""CLIP-style contrastive image-text models (transformers CLIPModel): build, loss across ranks, evaluate.
+
+The loss is OpenCLIP's "local loss with gathered features": every rank all-gathers the image
+and text embeddings of the whole global batch (gradients flow back to the rank that computed
+them), scores its own rows against every column, and DeepSpeed's gradient averaging then gives
+exactly the gradient of the loss of one process holding the global batch. The negatives of a
+step are the whole global batch, which is what makes CLIP improve with scale.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+
+from pretrain.config import ModelConfig, Recipe, VisionConfig
+from pretrain.models.gpt import round_up
+
+# Parameter-name prefixes of each tower, for `model.freeze: ["vision"]` (locked-image tuning).
+FREEZE_ALIASES = {"vision": r"^(vision_model|visual_projection)\.", "text": r"^(text_model|text_projection)\."}
+UNIT = "samples"
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows.
+
+    Written with all_reduce rather than torch.distributed.nn's all_gather, whose backward
+    needs reduce_scatter or all_to_all: every backend (gloo included) has all_reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rows of every rank concatenated in rank order, offset of this rank's rows). Every rank
+    must pass the same number of rows."""
+    rank, world = _world()
+    if world == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), rank * x.shape[0]
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    rank, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def contrastive_row_losses(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's rows against the global batch, one value per local row.
+
+    `image` and `text` are L2-normalised (B, D) embeddings of the same B pairs; `scale` is the
+    inverse temperature. Columns whose `weight` is 0 (eval padding) are not negatives, and rows
+    whose weight is 0 get loss 0.
+    """
+    all_image, offset = gather_with_grad(image)
+    all_text, _ = gather_with_grad(text)
+    logits_per_image = scale * image @ all_text.T
+    logits_per_text = scale * text @ all_image.T
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    if weight is not None:
+        padding = gather_no_grad(weight.to(image.device).float()) <= 0
+        logits_per_image = logits_per_image.masked_fill(padding, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(padding, float("-inf"))
+    losses = (F.cross_entropy(logits_per_image, labels, reduction="none")
+              + F.cross_entropy(logits_per_text, labels, reduction="none")) / 2
+    if weight is not None:
+        losses = torch.where(weight.to(losses.device) > 0, losses, torch.zeros_like(losses))
+    return losses
+
+
+class ContrastiveCLIP(torch.nn.Module):
+    """A transformers CLIPModel (``.clip``) whose forward is the training loss.
+
+    ``forward(pixel_values, input_ids, attention_mask)`` returns the mean contrastive loss;
+    with ``weight`` it returns a dict with the weighted loss sum and count and the embeddings;
+    with only ``input_ids`` (and ``attention_mask``) the text embeddings. Everything goes
+    through forward so that DeepSpeed's engine (ZeRO-3's parameter gathering) sees every call.
+    """
+
+    def __init__(self, clip: CLIPModel, max_logit_scale: float = 100.0):
+        super().__init__()
+        self.clip = clip
+        self.max_log_scale = math.log(max_logit_scale)
+        # CLIPModel's temperature is a 0-dim parameter, which DeepSpeed's initial broadcast
+        # cannot view as bytes; it trains as shape (1,) and is a scalar again in to_hf().
+        if clip.logit_scale.dim() == 0:
+            clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(1),
+                                                  requires_grad=clip.logit_scale.requires_grad)
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.clip.config
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The engine does not cast inputs: match the tower's dtype (bf16 under bf16 training).
+        dtype = self.clip.visual_projection.weight.dtype
+        pooled = self.clip.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
+        return F.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(self.clip.text_projection(pooled).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """The inverse temperature, clamped at max_logit_scale (CLIP's 100) as OpenCLIP does."""
+        return self.clip.logit_scale.float().clamp(max=self.max_log_scale).exp().reshape(())
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+        text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        if pixel_values is None:
+            return text
+        image = self.encode_image(pixel_values)
+        scale = self.scale()
+        losses = contrastive_row_losses(image, text, scale, weight)
+        if weight is None:
+            return losses.mean()
+        return {"loss_sum": (losses * weight.to(losses.device)).sum(), "count": weight.sum(), "image": image,
+                "text": text, "scale": scale.detach()}
+
+
+def register_external_parameters(model: ContrastiveCLIP) -> None:
+    """ZeRO-3 gathers a module's parameters when that module's forward runs; logit_scale belongs
+    to CLIPModel, whose own forward is never called, so it is declared used by the wrapper."""
+    from deepspeed.zero import register_external_parameter
+
+    register_external_parameter(model, model.clip.logit_scale)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def open_data(path: str | Path):
+    from data_pipelines.image.loader import ImageTextShards
+
+    return ImageTextShards(path)
+
+
+def tokenizer_dir(recipe: Recipe, data) -> Path | None:
+    """The caption tokenizer: data.tokenizer, else init_from's own, else the one saved with the data."""
+    if recipe.data.tokenizer:
+        return Path(recipe.data.tokenizer)
+    if recipe.model.init_from and any((Path(recipe.model.init_from) / f).is_file()
+                                      for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        return Path(recipe.model.init_from)
+    return data.tokenizer_path()
+
+
+def hf_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
+    vision = cfg.vision or VisionConfig()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    text = CLIPTextConfig(
+        vocab_size=cfg.vocab_size or round_up(len(tokenizer), cfg.pad_vocab_multiple), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+        projection_dim=cfg.projection_dim, attention_dropout=cfg.dropout, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+    image = CLIPVisionConfig(
+        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size or 4 * vision.hidden_size,
+        num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads, image_size=vision.image_size,
+        patch_size=vision.patch_size, projection_dim=cfg.projection_dim, attention_dropout=cfg.dropout)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=image.to_dict(), projection_dim=cfg.projection_dim,
+                      logit_scale_init_value=cfg.logit_scale_init)
+
+
+def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
+    if cfg.init_from:
+        return AutoConfig.from_pretrained(cfg.init_from)
+    return hf_config(cfg, tokenizer)
+
+
+def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str]:
+    """Problems that would only show once training ran."""
+    problems = []
+    if getattr(config, "model_type", None) != "clip":
+        problems.append(f"model.init_from: {recipe.model.init_from} holds a {getattr(config, 'model_type', '?')!r} model, "
+                        "not a CLIP model")
+        return problems
+    if config.text_config.vocab_size < len(tokenizer):
+        problems.append(f"model.vocab_size: the text tower's {config.text_config.vocab_size} rows are fewer than the "
+                        f"caption tokenizer's vocabulary ({len(tokenizer)})")
+    if config.text_config.eos_token_id == 2 and tokenizer.eos_token_id != len(tokenizer) - 1:
+        # transformers then pools the text at argmax(input_ids), which is only the eos for OpenAI's vocabulary.
+        problems.append("model: the text config's eos_token_id is 2 (transformers' legacy pooling), which only works "
+                        "with OpenAI's CLIP tokenizer; set eos_token_id in the checkpoint's text_config")
+    if tokenizer.eos_token_id is None:
+        problems.append("data.tokenizer: the caption tokenizer has no eos token (CLIP pools the text at the eos)")
+    for split in (recipe.data.train_split, recipe.data.eval_split):
+        if split not in data.manifest["splits"] or not data.shards(split):
+            problems.append(f"data.path: {data.root} has no {split!r} shards")
+    return problems
+
+
+def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ContrastiveCLIP:
+    import torch._dynamo  # noqa: F401  (see gpt.build_model: not importable inside zero.Init)
+
+    if cfg.init_from:
+        clip = CLIPModel.from_pretrained(cfg.init_from, dtype=torch.float32)
+    else:
+        clip = CLIPModel(config)
+    return ContrastiveCLIP(clip, cfg.max_logit_scale)
+
+
+def model_from_config(config: PretrainedConfig, max_logit_scale: float = 100.0) -> ContrastiveCLIP:
+    return ContrastiveCLIP(CLIPModel(config), max_logit_scale)
+
+
+def from_pretrained(path: str | Path) -> ContrastiveCLIP:
+    return ContrastiveCLIP(CLIPModel.from_pretrained(path, dtype=torch.float32))
+
+
+def hf_model(model: ContrastiveCLIP) -> CLIPModel:
+    """The transformers model inside (parameter names as Hugging Face spells them)."""
+    return model.clip
+
+
+def to_hf(model: ContrastiveCLIP) -> CLIPModel:
+    """The transformers model, its temperature a scalar again, ready for save_pretrained."""
+    clip = model.clip
+    clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(()))
+    return clip
+
+
+def count_params(config: PretrainedConfig) -> int:
+    with torch.device("meta"):
+        model = CLIPModel(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return max(config.text_config.hidden_size, config.vision_config.hidden_size)
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Gains, biases, the temperature and the class/position embeddings are not decayed (OpenCLIP)."""
+    return param.ndim < 2 or "logit_scale" in name or "embedding" in name and "patch_embedding" not in name
+
+
+def tokens_per_sample(data, config: PretrainedConfig) -> int:
+    return config.text_config.max_position_embeddings
+
+
+def context_length(config: PretrainedConfig) -> int:
+    return config.text_config.max_position_embeddings
+
+
+def image_size(config: PretrainedConfig) -> int:
+    return config.vision_config.image_size
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from data_pipelines.image.loader import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path: Path,
+                 config: PretrainedConfig) -> Iterator[dict]:
+    from data_pipelines.image.loader import image_text_train_loader
+
+    d = recipe.data
+    return image_text_train_loader(data, d.train_split, micro, _tokenizer(tokenizer_path), context_length(config),
+                                   image_size(config), rank, world, recipe.training.seed, d.shuffle_buffer,
+                                   d.num_workers, d.augment, d.flip, d.resampled)
+
+
+def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[int, int]:
+    """For each k, how many rows have their target among the k highest logits (ties count as hits)."""
+    target_logit = logits.gather(1, targets[:, None])
+    rank = (logits > target_logit).sum(dim=1)
+    return {k: int((rank < k).sum()) for k in ks}
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, classes: dict[str, Any], context: int, device) -> torch.Tensor:
+    """(num_classes, D): each class's text embedding averaged over the prompt templates and
+    renormalised (CLIP's prompt ensembling)."""
+    from data_pipelines.image.loader import tokenize_captions
+
+    names, templates = classes["classnames"], classes.get("templates") or ["{}"]
+    rows = []
+    for name in names:
+        enc = tokenize_captions(tokenizer, [t.format(name) for t in templates], context)
+        emb = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+        rows.append(F.normalize(emb.float().mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
+             max_samples: int | None = None, tokenizer_path: Path | None = None,
+             config: PretrainedConfig | None = None) -> dict[str, Any]:
+    """Contrastive loss (over batches of batch_size x world, padding masked), zero-shot top-1/5
+    with prompt ensembling (when the data has classes.json), and retrieval recall@1/5/10 in both
+    directions. Collective: every rank calls it and gets the same result."""
+    from data_pipelines.image.loader import image_text_eval_batches
+
+    config = config or model.config
+    tokenizer = _tokenizer(tokenizer_path)
+    context, size = context_length(config), image_size(config)
+    classes = data.classes()
+    classifier = class_embeddings(model, tokenizer, classes, context, device) if classes else None
+    stats: dict[str, int] = {}
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    zs = torch.zeros(5, dtype=torch.float64)  # labelled, top1, top5, held-out labelled, held-out top1
+    held_out = torch.tensor(sorted(classes.get("held_out", [])) if classes else [], dtype=torch.long)
+    feats_i, feats_t, index = [], [], []
+    for batch in image_text_eval_batches(data, split, batch_size, tokenizer, context, size, rank, world,
+                                         max_samples, stats):
+        weight, label = batch.pop("weight"), batch.pop("label")
+        out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device), weight=weight.to(device))
+        loss_sum += torch.tensor([float(out["loss_sum"]), float(out["count"])], dtype=torch.float64)
+        image, text = out["image"].cpu(), out["text"].cpu()
+        valid = batch["index"] >= 0
+        feats_i.append(image[valid]), feats_t.append(text[valid]), index.append(batch["index"][valid])
+        if classifier is not None:
+            keep = valid & (label >= 0)
+            if keep.any():
+                logits = image[keep] @ classifier.cpu().T
+                hits = _topk_hits(logits, label[keep], (1, min(5, logits.shape[1])))
+                zs[0] += int(keep.sum())
+                zs[1] += hits[1]
+                zs[2] += hits[min(5, logits.shape[1])]
+                unseen = torch.isin(label[keep], held_out)
+                if unseen.any():
+                    zs[3] += int(unseen.sum())
+                    zs[4] += _topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
+    if world > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(zs)
+    result: dict[str, Any] = {"loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
+                              "samples": int(loss_sum[1])}
+    if classifier is not None and zs[0] > 0:
+        result.update(zero_shot_top1=float(zs[1] / zs[0]), zero_shot_top5=float(zs[2] / zs[0]),
+                      num_classes=len(classes["classnames"]), zero_shot_samples=int(zs[0]),
+                      chance_top1=1.0 / len(classes["classnames"]))
+        if zs[3] > 0:
+            result.update(zero_shot_top1_held_out=float(zs[4] / zs[3]), held_out_samples=int(zs[3]))
+    result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world)))
+    if stats:
+        result["skipped"] = stats
+    return result
+
+
+def _gather_rows(feats_i: list, feats_t: list, index: list, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's valid eval rows, ordered by their position in the split."""
+    image, text, idx = torch.cat(feats_i), torch.cat(feats_t), torch.cat(index)
+    if world > 1:
+        # Ranks hold different numbers of valid rows: pad to the longest, gather, drop the padding.
+        n = torch.tensor([idx.numel()])
+        counts = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(counts, n)
+        longest = int(max(c.item() for c in counts))
+        pad = longest - idx.numel()
+        image = torch.cat([image, image.new_zeros(pad, image.shape[1])])
+        text = torch.cat([text, text.new_zeros(pad, text.shape[1])])
+        idx = torch.cat([idx, idx.new_full((pad,), -1)])
+        image, text, idx = gather_no_grad(image), gather_no_grad(text), gather_no_grad(idx)
+        keep = idx >= 0
+        image, text, idx = image[keep], text[keep], idx[keep]
+    order = torch.argsort(idx)
+    return image[order], text[order]
+
+
+def retrieval(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k of image->text and text->image retrieval among the given pairs (row i of each
+    is a pair). Identical captions tie, and a tie counts as found."""
+    if image.shape[0] == 0:
+        return {}
+    sims = image @ text.T
+    target = torch.arange(sims.shape[0])
+    i2t, t2i = _topk_hits(sims, target, ks), _topk_hits(sims.T, target, ks)
+    n = sims.shape[0]
+    out = {f"image_to_text_R@{k}": i2t[k] / n for k in ks}
+    out.update({f"text_to_image_R@{k}": t2i[k] / n for k in ks})
+    out["retrieval_pairs"] = n
+    return out
