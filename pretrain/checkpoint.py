@@ -102,7 +102,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
         raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     if tied and not getattr(model.config, "tie_word_embeddings", False):
         raise CheckpointError(f"weights missing for untied parameters {sorted(tied)[:5]}")
-    model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,9 +152,9 @@ class ContrastiveCLIP(torch.nn.Module):
 def register_external_parameters(model: ContrastiveCLIP) -> None:
     """ZeRO-3 gathers a module's parameters when that module's forward runs; logit_scale belongs
     to CLIPModel, whose own forward is never called, so it is declared used by the wrapper."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
-    register_external_parameter(model, model.clip.logit_scale)
+    deepspeed.zero.register_external_parameter(model, model.clip.logit_scale)
 
 
 # --------------------------------------------------------------------------------------------- build
