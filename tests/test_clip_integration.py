@@ -112,3 +112,38 @@ def test_export_loads_in_transformers_and_reproduces_zero_shot(runs, data, tmp_p
     assert right / total == pytest.approx(toolkit["zero_shot_top1"], abs=1.5 / total)
     exported = _eval_json("--checkpoint", str(out), "--data", str(data), "--batch-size", "64", "--max-samples", "512")
     assert exported["format"] == "hf" and exported["zero_shot_top1"] == toolkit["zero_shot_top1"]
+
+
+def test_locked_image_tuning_from_an_exported_clip(runs, data, recipe, tmp_path):
+    """--init-from a Hugging Face CLIP directory with model.freeze ["vision"]: the image tower stays
+    bit-identical, the text tower trains, and the caption tokenizer is the checkpoint's own."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z2"), "--output", str(base)]))
+    r = json.loads(Path(recipe).read_text())
+    r["model"]["freeze"] = ["vision"]
+    lit = tmp_path / "lit.json"
+    lit.write_text(json.dumps(r))
+    out = tmp_path / "run"
+    p = run(module_cmd("pretrain.train", ["--config", str(lit), "--data", str(data), "--init-from", str(base),
+                                          "--output-dir", str(out), "--max-steps", "4", "--eval-every", "0",
+                                          "--no-progress"]))
+    assert "froze" in p.stdout
+    run(module_cmd("pretrain.export", ["--checkpoint", str(out), "--output", str(tmp_path / "tuned")]))
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
+    text = [k for k in before if k.startswith(("text_model.", "text_projection."))]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_refused_before_training(data, recipe, tmp_path):
+    r = json.loads(Path(recipe).read_text())
+    r["model"]["freeze"] = ["vison_model"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(r))
+    p = run(module_cmd("pretrain.train", ["--config", str(bad), "--data", str(data), "--output-dir",
+                                          str(tmp_path / "out"), "--no-progress"]), check=False)
+    assert p.returncode == 2 and "vison_model" in p.stderr and "match no parameter" in p.stderr
+    assert not (tmp_path / "out").exists()
