@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Image-text throughput: the CLIP training loader against a bare Pillow loop, and
+prepare-image-text with 1 and 2 workers.
+
+Makes (once) a folder of ``--count`` photo-sized JPEGs (``--source-size``, smooth random colour
+fields with noise, which compress like photographs rather than like flat shapes) with sidecar
+captions, then:
+
+  prepare   ``python -m data_pipelines.image.prepare SRC --image-size 256 --workers N`` as a
+            subprocess, N = 1 and 2; images/s = samples written / wall seconds
+  bare      for every train JPEG of the prepared shards: webdataset read + Image.open + convert
+            RGB + resize to --train-size (the baseline: no crop, no tensor, no captions)
+  loader_wN image_text_train_loader(num_workers=N): random resized crop + flip + normalise to a
+            float tensor + caption tokenisation, batched; images/s in total and per worker
+
+Rows run round-robin ``--repeats`` times; reported are medians and the median of per-repeat
+ratios against the baseline of the same repeat.
+
+    python benchmarks/bench_image_loader.py --json image.json
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_pipelines.image.loader import ImageTextShards, image_text_train_loader  # noqa: E402
+from data_pipelines.loader import read_samples  # noqa: E402
+
+WORDS = "a photo of red green blue small large dog cat car tree house river mountain city night day".split()
+
+
+def make_sources(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(count):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 12, (h, w, 3))
+        arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=90)
+        (folder / f"{i:06d}.txt").write_text(" ".join(rng.choice(WORDS, size=8)))
+
+
+def run_prepare(src: Path, out: Path, workers: int) -> tuple[float, int]:
+    cmd = [sys.executable, "-m", "data_pipelines.image.prepare", str(src), "--output", str(out), "--image-size", "256",
+           "--vocab-size", "300", "--workers", str(workers), "--no-progress", "--overwrite"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return wall, sum(s["samples"] for s in manifest["splits"].values())
+
+
+def bare(data: ImageTextShards, size: int) -> tuple[float, int]:
+    start, n = time.perf_counter(), 0
+    for sample in read_samples(data.shards("train")):
+        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        img.resize((size, size), Image.Resampling.BICUBIC)
+        n += 1
+    return time.perf_counter() - start, n
+
+
+def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int) -> tuple[float, int]:
+    it = image_text_train_loader(data, "train", batch, tokenizer, 32, size, seed=0, shuffle_buffer=256,
+                                 num_workers=workers)
+    next(it)  # worker start-up and buffer fill are not throughput
+    start = time.perf_counter()
+    n = 0
+    for b in itertools.islice(it, max(1, images // batch)):
+        n += b["pixel_values"].shape[0]
+    return time.perf_counter() - start, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=800, help="source images to make (default 800)")
+    p.add_argument("--source-size", type=int, nargs=2, default=(1024, 768), metavar=("W", "H"),
+                   help="source JPEG size (default 1024 768, so draft-mode decoding matters)")
+    p.add_argument("--train-size", type=int, default=224, help="model input side (default 224)")
+    p.add_argument("--batch", type=int, default=32, help="loader batch size (default 32)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader num_workers rows (default 0 1 2)")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats (default 3)")
+    p.add_argument("--no-prepare", action="store_true", help="skip the prepare-image-text rows")
+    p.add_argument("--work-dir", type=Path, help="keep sources and shards here (reused); default a temp dir")
+    p.add_argument("--json", type=Path, help="write every measurement here")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-image-"))
+    src, shards = work / "src", work / "shards"
+    if not (src / f"{args.count - 1:06d}.jpg").exists():
+        make_sources(src, args.count, tuple(args.source_size))
+    rows: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        if not args.no_prepare:
+            rates = {}
+            for w in (1, 2):
+                wall, n = run_prepare(src, shards, w)
+                rates[w] = n / wall
+                rows.setdefault(f"prepare workers={w}", []).append(rates[w])
+            ratios.setdefault("prepare workers=2", []).append(rates[2] / rates[1])
+            ratios.setdefault("prepare workers=1", []).append(1.0)
+        elif not (shards / "manifest.json").exists():
+            run_prepare(src, shards, 1)
+        data = ImageTextShards(shards)
+        tok = AutoTokenizer.from_pretrained(shards / "tokenizer")
+        wall, n = bare(data, args.train_size)
+        base = n / wall
+        rows.setdefault("bare decode+resize", []).append(base)
+        ratios.setdefault("bare decode+resize", []).append(1.0)
+        for w in args.workers:
+            wall, n = loader(data, tok, args.train_size, w, args.batch, data.num_samples("train"))
+            rate = n / wall
+            rows.setdefault(f"loader workers={w}", []).append(rate)
+            ratios.setdefault(f"loader workers={w}", []).append(rate / base)
+            if w < 2:
+                continue
+            per = rate / w
+            rows.setdefault(f"loader workers={w} per worker", []).append(per)
+            ratios.setdefault(f"loader workers={w} per worker", []).append(per / base)
+        print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+
+    print(f"{'row':<34}{'images/s':>12}{'vs baseline':>14}")
+    for name, values in rows.items():
+        print(f"{name:<34}{statistics.median(values):>12,.0f}{statistics.median(ratios[name]):>13.2f}x")
+    print("baseline: 'prepare workers=1' for the prepare rows, 'bare decode+resize' for the loader rows")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                         "ratios": ratios, "python": platform.python_version(),
+                                         "torch": torch.__version__, "cpus": torch.get_num_threads()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
