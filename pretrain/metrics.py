@@ -44,6 +44,33 @@ class MetricsLogger:
                 self._tb.close()
 
 
+def rewind(run_dir: str | Path, step: int) -> int:
+    """Before a resumed run logs again: keep the lines of steps <= ``step`` and move the later
+    ones (logged after the checkpoint by the run that died) to metrics-discarded.jsonl, so
+    metrics.jsonl reads as one uninterrupted run. A partial last line, which a kill -9 in the
+    middle of a write leaves, is discarded too. Returns how many lines were moved."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            drop.append(line)
+            continue
+        (keep if int(record.get("step", 0)) <= step else drop).append(line)
+    if drop:
+        with (path.parent / "metrics-discarded.jsonl").open("a") as fh:
+            fh.write("".join(d + "\n" for d in drop))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    tmp.replace(path)
+    return len(drop)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

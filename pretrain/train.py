@@ -139,7 +139,27 @@ def prepare(args: argparse.Namespace):
     return recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes
 
 
+def _remove_shm_buffers() -> None:
+    """DeepSpeed's CPU all-reduce leaves a shared-memory buffer per rank in /dev/shm (RAM) named
+    after the master address and port; a machine running many jobs fills up with them."""
+    import glob
+
+    addr, port, local = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK", "0")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _remove_shm_buffers()
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     single_process_env()
     rank = int(os.environ.get("RANK", 0))

@@ -22,7 +22,7 @@ from pretrain.checkpoint import (RESOLVED, capture_rng, complete_tags, load_rank
                                  restore_rng, resumable, tag_for)
 from pretrain.config import Recipe
 from pretrain.ds_config import for_deepspeed, precision, toolkit_scheduler, zero_stage
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import MetricsLogger, rewind
 from pretrain.models import freeze_by_pattern, get_family
 from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
 
@@ -85,7 +85,9 @@ class Trainer:
         self.family = get_family(recipe.family)
         self.state = RunState()
         self._slot_stats: dict[int, dict] = {}
+        # Fault injection for the tests (never set in real runs): NaN losses at these steps; stall in this save.
         self._fault_nan_steps = {int(x) for x in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if x}
+        self._fault_stall_save = int(os.environ.get("PRETRAIN_FAULT_STALL_IN_SAVE", "0") or 0)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -135,8 +137,12 @@ class Trainer:
         self.tokens_per_sample = self.family.tokens_per_sample(self.data, self.model_config)
         if self.is_main:
             self._write_run_files()
-        self._maybe_resume()
+        resumed_from = self._maybe_resume()
+        discarded = rewind(self.run_dir, self.state.step) if self.is_main and resumed_from else 0
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
+        if resumed_from:
+            self.metrics.log({"step": self.state.step, "event": "resumed", "checkpoint": resumed_from.name,
+                              "world_size": self.world, "discarded_lines": discarded})
         self.stream = self.family.train_stream(self.data, self.recipe, self.micro, self.rank, self.world,
                                                self.tokenizer_dir, self.model_config)
         for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
@@ -181,10 +187,10 @@ class Trainer:
             raise RuntimeError(f"--resume {self.resume}: not a complete checkpoint (no toolkit.json)")
         return target
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> Path | None:
         target = self._resume_target()
         if target is None:
-            return
+            return None
         path, client = self.engine.load_checkpoint(str(target.parent), tag=target.name)
         if path is None:
             raise RuntimeError(f"could not load the checkpoint {target}")
@@ -194,6 +200,7 @@ class Trainer:
             restore_rng(rank_state["rng"])
         if self.is_main:
             print(f"resumed from {target} at step {self.state.step}", flush=True)
+        return target
 
     # ------------------------------------------------------------------ steps
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -292,6 +299,10 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"run_state": self.state.to_dict()},
                                     save_latest=False)
         torch.save({"rng": capture_rng(), "micro_batches": self.state.micro_batches}, rank_state_path(tag_dir, self.rank))
+        if self.state.step == self._fault_stall_save:
+            # Test hook: hold every rank inside the save (files written, not sealed) for a kill -9.
+            (self.run_dir / f"stalled-in-save-rank{self.rank}").write_text(str(self.state.step))
+            time.sleep(3600)
         dist.barrier()
         if self.is_main:
             meta = {**self.state.to_dict(), "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
