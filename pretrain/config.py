@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -87,12 +87,17 @@ class ModelConfig(_Section):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        for pattern in self.freeze:
+        return self
+
+    @field_validator("freeze")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"freeze: {pattern!r} is not a regular expression ({e})") from None
-        return self
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return patterns
 
 
 class DataConfig(_Section):
