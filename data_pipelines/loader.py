@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -203,16 +204,29 @@ def _collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     return {"input_ids": arr[:, :-1].contiguous(), "labels": arr[:, 1:].contiguous()}
 
 
+_LEDGERS: dict[tuple, tuple[set, int]] = {}
+
+
 class TextTrainStream(torch.utils.data.IterableDataset):
     """Endless batches of ``{"input_ids", "labels"}`` for one rank.
 
     Under a DataLoader with workers, each worker is its own slot; DataLoader interleaves the
     workers' batches in a fixed round-robin, so the rank's stream stays deterministic.
+
+    ``history`` lists earlier segments of the same run that ran on other world sizes, oldest
+    first, each ``{"world", "workers", "micro", "micro_batches"}`` (micro-batches pulled per
+    rank). The stream then starts with the *remainder*: every sample of the epochs those
+    segments touched that they did not consume, re-divided among this world's slots, and goes
+    on from the next epoch. Within an epoch no sample is lost or repeated across a change of
+    world size. Finding the consumed samples replays the earlier streams (O(samples seen)).
+    With ``trace`` each batch carries ``_ids``: "epoch:shard:key" of its windows.
     """
 
     def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0):
+                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
+                 history: Sequence[dict] = (), trace: bool = False):
         super().__init__()
+        self.data, self.split = data, split
         self.shards = data.shards(split)
         if not self.shards:
             raise ValueError(f"{data.root}: split {split!r} has no shards")
@@ -221,6 +235,11 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
         self.num_workers = max(1, num_workers)
         self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
+        self.history = [dict(h) for h in history]
+        if self.history and resampled:
+            raise ValueError("data.resampled draws shards with replacement: there is no epoch to re-divide when "
+                             "the world size changes")
+        self.trace = trace
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
 
@@ -229,39 +248,101 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         return Slot(self.rank, self.world_size, worker, self.num_workers)
 
-    def samples(self, slot: Slot) -> Iterator[np.ndarray]:
+    def _checked(self, samples: Iterable[dict], epoch: int) -> Iterator[tuple[tuple, np.ndarray]]:
+        for sample in samples:
+            try:
+                window = decode_tokens(sample, self.seq_len, self.vocab_size)
+            except BadSample as e:
+                self.skips.add(e.reason, str(e))
+                continue
+            self.samples_read += 1
+            yield (epoch, sample.get("__url__"), sample.get("__key__")), window
+
+    def samples(self, slot: Slot) -> Iterator[tuple[tuple, np.ndarray]]:
+        """(epoch, shard, key) and window of every sample this slot trains on, epoch after epoch."""
         epoch = 0
+        if self.history:
+            consumed, last_epoch = self._ledger()
+            yield from self._remainder(slot, consumed, last_epoch)
+            epoch = last_epoch + 1
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
             mine = (s for i, s in enumerate(read_samples(urls, self.skips.handler))
                     if not by_sample or i % slot.count == slot.index)
             got = 0
-            for window in checked_windows(mine, self.skips, self.seq_len, self.vocab_size):
+            for item in self._checked(mine, epoch):
                 got += 1
-                self.samples_read += 1
-                yield window
+                yield item
             if got == 0:
                 raise RuntimeError(f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) gave no usable sample "
                                    f"(skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]})")
             epoch += 1
 
+    def _ledger(self) -> tuple[set, int]:
+        """The samples all earlier segments consumed, and the last epoch they touched."""
+        key = (str(self.data.root), self.split, self.seed, self.buffer, repr(self.history))
+        if key not in _LEDGERS:
+            _LEDGERS.clear()  # one run's history at a time
+            _LEDGERS[key] = self._replay()
+        return _LEDGERS[key]
+
+    def _replay(self) -> tuple[set, int]:
+        *earlier, last = self.history
+        consumed: set = set()
+        last_epoch = 0
+        if earlier:
+            before, last_epoch = TextTrainStream(self.data, self.split, 1, 0, 1, self.seed, self.buffer,
+                                                 history=earlier)._ledger()
+            consumed |= before
+        workers = max(1, int(last["workers"]))
+        for rank in range(int(last["world"])):
+            old = TextTrainStream(self.data, self.split, int(last["micro"]), rank, int(last["world"]), self.seed,
+                                  self.buffer, False, workers, history=earlier)
+            for worker in range(workers):
+                pulled = len(range(worker, int(last["micro_batches"]), workers))  # DataLoader round-robin
+                for ids, _ in itertools.islice(old._batches(Slot(rank, int(last["world"]), worker, workers)), pulled):
+                    consumed.update(ids)
+                    last_epoch = max(last_epoch, max(i[0] for i in ids))
+        return consumed, last_epoch
+
+    def _remainder(self, slot: Slot, consumed: set, last_epoch: int) -> Iterator[tuple[tuple, np.ndarray]]:
+        """Epochs 0..last_epoch without the consumed samples, divided among this world's slots."""
+        for epoch in range(last_epoch + 1):
+            order, _ = epoch_shards(self.shards, Slot(), epoch, self.seed)
+            by_shard = len(order) >= slot.count
+            urls = order[slot.index :: slot.count] if by_shard else order
+            left = (s for s in read_samples(urls, self.skips.handler)
+                    if (epoch, s.get("__url__"), s.get("__key__")) not in consumed)
+            mine = (s for i, s in enumerate(left) if by_shard or i % slot.count == slot.index)
+            yield from self._checked(mine, epoch)
+
+    def _batches(self, slot: Slot) -> Iterator[tuple[list[tuple], list[np.ndarray]]]:
+        rng = random.Random(_seed(self.seed, "buffer", slot.index))
+        ids: list[tuple] = []
+        windows: list[np.ndarray] = []
+        for ident, window in shuffle_buffer(self.samples(slot), self.buffer, rng):
+            ids.append(ident)
+            windows.append(window)
+            if len(windows) == self.batch_size:
+                yield ids, windows
+                ids, windows = [], []
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         slot = self._slot()
-        rng = random.Random(_seed(self.seed, "buffer", slot.index))
-        batch: list[np.ndarray] = []
-        for window in shuffle_buffer(self.samples(slot), self.buffer, rng):
-            batch.append(window)
-            if len(batch) == self.batch_size:
-                out = _collate(batch)
-                # Counters travel with the batch: DataLoader workers are other processes.
-                out["_stats"] = self.skips.stats(slot.index, self.samples_read)
-                yield out
-                batch = []
+        for ids, windows in self._batches(slot):
+            out = _collate(windows)
+            # Counters travel with the batch: DataLoader workers are other processes.
+            out["_stats"] = self.skips.stats(slot.index, self.samples_read)
+            if self.trace:
+                out["_ids"] = [f"{e}:{Path(u).name}:{k}" for e, u, k in ids]
+            yield out
 
 
 def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers)
+                 shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
+                 history: Sequence[dict] = (), trace: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
+                         history, trace)
     if num_workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,

@@ -37,10 +37,14 @@ class RunState:
     micro_batches: int = 0  # consumed by this rank's stream (skipped non-finite ones included)
     nonfinite_skips: int = 0
     train_losses: list[float] = field(default_factory=list)  # since the last eval, for the gap
+    # Earlier segments of this run on other world sizes ({"world", "workers", "micro", "micro_batches"}):
+    # the data stream re-divides their epochs' unconsumed samples before going on.
+    data_history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "micro_batches": self.micro_batches,
-                "nonfinite_skips": self.nonfinite_skips, "train_losses": self.train_losses}
+                "nonfinite_skips": self.nonfinite_skips, "train_losses": self.train_losses,
+                "data_history": self.data_history}
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run the same command to continue
@@ -128,8 +132,16 @@ class Trainer:
                 fn = lambda step: warmup_cosine(step, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps)  # noqa: E731
             # A callable: DeepSpeed hands it the base optimizer, which works under every ZeRO stage.
             scheduler = lambda opt: lambda_scheduler(opt, fn)  # noqa: E731
+        target = self._resume_target()
+        saved = json.loads((target / "toolkit.json").read_text()) if target is not None else None
+        self._universal = None
+        ds_init = for_deepspeed(self.ds_config)
+        if saved is not None and saved.get("world_size", self.world) != self.world:
+            self._universal = self._prepare_world_change(target, saved)
+            if self._universal is not None:
+                ds_init = {**ds_init, "checkpoint": {**ds_init.get("checkpoint", {}), "load_universal": True}}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                                     lr_scheduler=scheduler, config=for_deepspeed(self.ds_config))
+                                                     lr_scheduler=scheduler, config=ds_init)
         self.device = self.engine.device
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
@@ -137,14 +149,16 @@ class Trainer:
         self.tokens_per_sample = self.family.tokens_per_sample(self.data, self.model_config)
         if self.is_main:
             self._write_run_files()
-        resumed_from = self._maybe_resume()
+        resumed_from = self._maybe_resume(target, saved)
         discarded = rewind(self.run_dir, self.state.step) if self.is_main and resumed_from else 0
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
         if resumed_from:
             self.metrics.log({"step": self.state.step, "event": "resumed", "checkpoint": resumed_from.name,
                               "world_size": self.world, "discarded_lines": discarded})
         self.stream = self.family.train_stream(self.data, self.recipe, self.micro, self.rank, self.world,
-                                               self.tokenizer_dir, self.model_config)
+                                               self.tokenizer_dir, self.model_config, self.state.data_history)
+        trace_dir = os.environ.get("PRETRAIN_TRACE_SAMPLES")  # tests: which samples each step trained on
+        self._trace = open(Path(trace_dir) / f"trace-rank{self.rank}.txt", "a") if trace_dir else None
         for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
             self._note_stats(next(self.stream).pop("_stats"))
         self._signal: int | None = None
@@ -187,19 +201,67 @@ class Trainer:
             raise RuntimeError(f"--resume {self.resume}: not a complete checkpoint (no toolkit.json)")
         return target
 
-    def _maybe_resume(self) -> Path | None:
-        target = self._resume_target()
+    def _prepare_world_change(self, target: Path, saved: dict) -> Path | None:
+        """A checkpoint from another world size. ZeRO-1/2/3 optimizer state is partitioned by rank,
+        so it goes through DeepSpeed's universal format (converted once, by rank 0, into the tag's
+        universal/ folder); ZeRO-0 state is whole and loads as it is. Returns the universal folder."""
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        if not hasattr(self.family, "supports_data_history") or not self.family.supports_data_history:
+            raise RuntimeError(f"{target} was written by {saved['world_size']} rank(s), this run has {self.world}: "
+                               f"the {self.recipe.family} data stream cannot re-divide an epoch yet; resume on "
+                               f"{saved['world_size']} rank(s)")
+        if self.recipe.data.resampled:
+            raise RuntimeError("data.resampled is on: there is no epoch position to re-divide on another world size")
+        if saved.get("zero_stage", 0) == 0:
+            return None
+        universal = target / "universal"
+        done = universal / "converted.json"
+        if self.is_main and not done.is_file():
+            print(f"converting {target} ({saved['world_size']} ranks) to a universal checkpoint for {self.world}",
+                  flush=True)
+            shutil.rmtree(universal, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target),
+                   "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            ok = proc.returncode == 0
+            if ok:
+                done.write_text(json.dumps({"from_world_size": saved["world_size"], "time": time.time()}))
+            else:
+                print(f"error: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", flush=True)
+        dist.barrier()
+        if not done.is_file():
+            raise RuntimeError(f"could not convert {target} to a universal checkpoint (see rank 0's output)")
+        return universal
+
+    def _maybe_resume(self, target: Path | None, saved: dict | None) -> Path | None:
         if target is None:
             return None
-        path, client = self.engine.load_checkpoint(str(target.parent), tag=target.name)
+        if self._universal is not None:
+            path, client = self.engine.load_checkpoint(str(target), tag=self._universal.name)
+        else:
+            path, client = self.engine.load_checkpoint(str(target.parent), tag=target.name)
         if path is None:
             raise RuntimeError(f"could not load the checkpoint {target}")
         self.state = RunState(**client.get("run_state", {}))
-        rank_state = load_rank_state(target, self.rank)
-        if rank_state is not None:
-            restore_rng(rank_state["rng"])
+        old_world = saved.get("world_size", self.world)
+        if old_world != self.world:
+            # The stream starts over in this world's numbering, after the earlier segments' samples.
+            self.state.data_history.append({"world": old_world, "workers": saved.get("num_workers", 0),
+                                            "micro": saved["micro"], "micro_batches": self.state.micro_batches})
+            self.state.micro_batches = 0
+            seed_everything(self.recipe.training.seed + self.state.step)  # rank RNG states do not map across worlds
+        else:
+            rank_state = load_rank_state(target, self.rank)
+            if rank_state is not None:
+                restore_rng(rank_state["rng"])
         if self.is_main:
-            print(f"resumed from {target} at step {self.state.step}", flush=True)
+            change = f" ({old_world} -> {self.world} ranks)" if old_world != self.world else ""
+            print(f"resumed from {target} at step {self.state.step}{change}", flush=True)
         return target
 
     # ------------------------------------------------------------------ steps
@@ -220,6 +282,10 @@ class Trainer:
         while True:
             raw = next(self.stream)
             self._note_stats(raw.pop("_stats"))
+            ids = raw.pop("_ids", None)
+            if self._trace is not None and ids is not None:
+                self._trace.write(f"{self.state.step + 1}\t{' '.join(ids)}\n")
+                self._trace.flush()
             self.state.micro_batches += 1
             batch = {k: v.to(self.device) for k, v in raw.items()}
             loss = self.family.loss(self.engine, batch)
@@ -306,7 +372,7 @@ class Trainer:
         dist.barrier()
         if self.is_main:
             meta = {**self.state.to_dict(), "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
-                    "time": time.time()}
+                    "micro": self.micro, "num_workers": self.recipe.data.num_workers, "time": time.time()}
             mark_complete(tag_dir, meta, self.recipe.checkpoint.keep_last)
             print(f"saved checkpoint {tag_dir.name}", flush=True)
         dist.barrier()

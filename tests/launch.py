@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict[str, str]:
+def _env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
              OMP_NUM_THREADS="1")
@@ -27,8 +27,10 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd or REPO)
+def run(cmd: list[str], timeout: int = 600, check: bool = True, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
+                       cwd=cwd or REPO)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
     return p
@@ -62,3 +64,6 @@ def stdlib_files(max_bytes: int) -> list[str]:
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if "split" not in m and "event" not in m], [m for m in lines if "split" in m]
+
+
+env = _env  # the environment every launched command gets

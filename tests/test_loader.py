@@ -48,7 +48,7 @@ def test_one_epoch_over_ranks_and_workers_covers_every_sample_once(tmp_path, sha
             urls, by_sample = epoch_shards(ds.shards, slot, 0, 3)
             n = sum(shard_sizes[int(u[-10:-4])] for u in urls)
             expected = n if not by_sample else len(range(slot.index, n, 4))
-            seen.update(int(w[0]) for w in itertools.islice(ds.samples(slot), expected))
+            seen.update(int(w[0]) for _, w in itertools.islice(ds.samples(slot), expected))
     assert sorted(seen) == list(range(sum(shard_sizes))) and set(seen.values()) == {1}
 
 
@@ -90,3 +90,35 @@ def test_eval_batches_are_equal_per_rank_and_cover_the_split_once(tmp_path, worl
             for row, w in zip(b["input_ids"], b["weight"]):
                 weighted[int(row[0])] += float(w)
     assert weighted == Counter({i: 1.0 for i in range(7)}) | Counter()
+
+
+def _pull(loader, n):
+    return [i for b in itertools.islice(loader, n) for i in b["_ids"]]
+
+
+@pytest.mark.parametrize("shard_sizes", [[5, 7, 6, 4, 8, 3, 5, 2], [10, 13, 9]], ids=["shards>=slots", "shards<slots"])
+def test_a_world_size_change_re_divides_the_epoch_without_losing_or_repeating_samples(tmp_path, shard_sizes):
+    """2 ranks x 2 DataLoader workers -> 1 rank -> 3 ranks: within every epoch each sample once."""
+    data = make_dataset(tmp_path, {"train": shard_sizes})
+    n = sum(shard_sizes)
+    common = dict(seed=5, shuffle_buffer=4, trace=True)
+    seen = []
+    for rank in range(2):  # segment 1: world 2, 2 workers each, 4 micro-batches of 3 per rank
+        seen += _pull(train_loader(data, "train", 3, rank, 2, num_workers=2, **common), 4)
+    history = [{"world": 2, "workers": 2, "micro": 3, "micro_batches": 4}]
+    seen += _pull(train_loader(data, "train", 5, 0, 1, history=history, **common), 7)  # segment 2: world 1
+    history.append({"world": 1, "workers": 0, "micro": 5, "micro_batches": 7})
+    for rank in range(3):  # segment 3: world 3, far enough to finish two more epochs
+        seen += _pull(train_loader(data, "train", 2, rank, 3, history=history, **common), 2 * n // 6 + 2)
+    assert Counter(seen).most_common(1)[0][1] == 1, "no sample twice in one epoch"
+    assert max(int(s.split(":", 1)[0]) for s in seen) >= 3
+    for e in (0, 1):  # the epochs the changes of world size cut through, long finished by every slot
+        keys = {s.rsplit(":", 1)[1] for s in seen if s.startswith(f"{e}:")}
+        assert len(keys) == n, f"epoch {e}: {len(keys)} of {n} samples"
+
+
+def test_resampled_streams_refuse_a_history(tmp_path):
+    data = make_dataset(tmp_path, {"train": [4, 4]})
+    with pytest.raises(ValueError, match="resampled"):
+        TextTrainStream(data, "train", 2, resampled=True, history=[{"world": 2, "workers": 0, "micro": 2,
+                                                                      "micro_batches": 1}])

@@ -291,9 +291,11 @@ def _tokenizer(path: Path):
 
 
 def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path: Path,
-                 config: PretrainedConfig) -> Iterator[dict]:
+                 config: PretrainedConfig, history=()) -> Iterator[dict]:
     from data_pipelines.image.loader import image_text_train_loader
 
+    if history:
+        raise ValueError("the image-text stream cannot re-divide an epoch after a change of world size")
     d = recipe.data
     return image_text_train_loader(data, d.train_split, micro, _tokenizer(tokenizer_path), context_length(config),
                                    image_size(config), rank, world, recipe.training.seed, d.shuffle_buffer,

@@ -143,12 +143,18 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
     return sums
 
 
-def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path=None, config=None):
+supports_data_history = True  # the text stream re-divides an epoch when the world size changes
+
+
+def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path=None, config=None,
+                 history=()):
+    import os
+
     from data_pipelines.loader import train_loader
 
     d = recipe.data
     return train_loader(data, d.train_split, micro, rank, world, recipe.training.seed, d.shuffle_buffer, d.resampled,
-                        d.num_workers)
+                        d.num_workers, history, trace=bool(os.environ.get("PRETRAIN_TRACE_SAMPLES")))
 
 
 def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",

@@ -1,0 +1,79 @@
+"""A run saved on 2 ranks resumes on 1 (DeepSpeed universal checkpoint) and then on 2 again; the
+data position is re-divided so that within an epoch no sample is lost or repeated."""
+import json
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
+from tests.launch import REPO, deepspeed_cmd, metrics, module_cmd, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """About 650 train windows: small enough that the test runs through a whole epoch."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = [str(p) for p in files if 5_000 < p.stat().st_size < 12_000][:8]
+    out = tmp_path_factory.mktemp("small") / "data"
+    run(module_cmd("data_pipelines.text.prepare", [*files, "--output", str(out), "--vocab-size", "512", "--seq-len",
+                                                    "32", "--val-fraction", "0.1", "--test-fraction", "0.1",
+                                                    "--samples-per-shard", "50", "--no-progress"]))
+    return out
+
+
+def _trace(trace_dir: Path) -> list[str]:
+    ids = []
+    for f in sorted(trace_dir.glob("trace-rank*.txt")):
+        for line in f.read_text().splitlines():
+            ids += line.split("\t", 1)[1].split()
+    return ids
+
+
+def test_two_ranks_to_one_and_back_loses_and_repeats_no_sample(small_data, tmp_path):
+    manifest = json.loads((small_data / "manifest.json").read_text())
+    n = manifest["splits"]["train"]["samples"]
+    out, trace = tmp_path / "run", tmp_path / "trace"
+    trace.mkdir()
+    env = {"PRETRAIN_TRACE_SAMPLES": str(trace)}
+    ds = json.loads((REPO / "ds_configs/zero2_fp32.json").read_text())
+    (tmp_path / "gas2.json").write_text(json.dumps({**ds, "gradient_accumulation_steps": 2}))
+    recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
+    recipe["data"]["shuffle_buffer"] = 32  # epoch 0 ends soon after its last sample is read
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    common = ["--config", str(tmp_path / "recipe.json"), "--data", str(small_data), "--output-dir", str(out), "--eval-every", "0",
+              "--no-progress"]
+    steps_on_one = -(-n // 16) + 6  # past the end of epoch 0 and the buffer (16 sequences a step in both worlds)
+
+    run(deepspeed_cmd(2, [*common, "--deepspeed_config", "ds_configs/zero2_fp32.json", "--max-steps", "6",
+                          "--checkpoint-every", "6"]), env=env)
+    one_rank = [*common, "--deepspeed_config", str(tmp_path / "gas2.json"), "--checkpoint-every", "7"]
+    p = run(module_cmd("pretrain.train", [*one_rank, "--max-steps", "7"]), env=env)
+    assert "universal checkpoint" in p.stdout and "(2 -> 1 ranks)" in p.stdout
+    # The weights (and Adam state) came across: one step later they have barely moved.
+    w6, w7 = (fp32_state_dict(resolve_checkpoint(str(out / "checkpoints" / f"step_{s:08d}"))) for s in (6, 7))
+    lr = metrics(out)[0][6]["lr"]
+    moved = max(float((w7[k] - w6[k]).detach().abs().max()) for k in w6)
+    assert 0 < moved <= 3 * lr, (moved, lr)
+    last = 6 + steps_on_one
+    p = run(module_cmd("pretrain.train", [*one_rank, "--max-steps", str(last)]), env=env)
+    assert "resumed from" in p.stdout and "ranks)" not in p.stdout, "same world: an ordinary resume"
+    p = run(deepspeed_cmd(2, [*common, "--deepspeed_config", "ds_configs/zero2_fp32.json",
+                              "--max-steps", str(last + 5)]), env=env)
+    assert "(1 -> 2 ranks)" in p.stdout
+
+    ids = _trace(trace)
+    assert len(ids) == (last + 5) * 16, "every step trained on a full global batch"
+    repeated = [k for k, c in Counter(ids).items() if c > 1]
+    assert not repeated, f"seen twice in one epoch: {repeated[:5]}"
+    epoch0 = {i.split(":", 1)[1] for i in ids if i.startswith("0:")}
+    assert len(epoch0) == n, f"epoch 0 covered {len(epoch0)} of {n} train samples"
+
+    train, _ = metrics(out)
+    assert [m["step"] for m in train] == list(range(1, last + 6))
+    assert [m["samples"] for m in train] == [16 * s for s in range(1, last + 6)]
+    ckpt = json.loads((out / "checkpoints" / f"step_{last + 5:08d}" / "toolkit.json").read_text())
+    assert [h["world"] for h in ckpt["data_history"]] == [2, 1]
