@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: import the repo, not pretrain/ siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pretrain.config import RecipeError, find_recipe, load_json, load_recipe  # noqa: E402
+from pretrain.config import RecipeError, load_json, load_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

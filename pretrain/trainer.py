@@ -340,8 +340,6 @@ class Trainer:
         return "(on another rank)"
 
     def evaluate(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
         ev = self.recipe.eval
         self.engine.eval()
         result = self.family.evaluate(self.engine, self.data, self.recipe.data.eval_split, ev.batch_size or self.micro,

@@ -39,10 +39,10 @@ from data_pipelines.image.sources import (
     resolve_image_inputs,
 )
 from data_pipelines.image.transforms import center_crop
-from data_pipelines.manifest import MANIFEST_NAME, write_manifest
+from data_pipelines.manifest import write_manifest
 from data_pipelines.shards import RecordingShardWriter
-from data_pipelines.splits import SPLITS, assign_split, validate_fractions
-from data_pipelines.text.prepare import UsageError, _HelpFormatter, prepare_output_dir
+from data_pipelines.splits import SPLITS, assign_split
+from data_pipelines.cli import HelpFormatter, UsageError, common_problems, prepare_output_dir, run_main
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
 from data_pipelines.text.tokenizer import (
     MIN_VOCAB_SIZE,
@@ -122,18 +122,9 @@ class PrepareImageConfig:
             found.append("--min-image-size must be >= 0")
         if self.max_caption_chars < 1:
             found.append("--max-caption-chars must be >= 1")
-        try:
-            validate_fractions(self.val_fraction, self.test_fraction)
-        except ValueError as exc:
-            found.append(str(exc).replace("val_fraction", "--val-fraction").replace("test_fraction", "--test-fraction"))
-        if self.samples_per_shard < 1:
-            found.append("--samples-per-shard must be >= 1")
-        if self.workers < 1:
-            found.append("--workers must be >= 1")
-        if not -(2**63) <= self.seed < 2**63:
-            found.append("--seed must fit in a signed 64-bit integer")
-        if self.output.exists() and not self.output.is_dir():
-            found.append(f"--output {self.output} exists and is not a directory")
+        found += common_problems(val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                                 samples_per_shard=self.samples_per_shard, seed=self.seed, output=self.output,
+                                 workers=self.workers)
         return found
 
 
@@ -142,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Decode, filter, resize and re-encode image-caption pairs into JPEG WebDataset shards "
         "split into train/val/test.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT",
@@ -531,9 +522,8 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
 
 
 def clear_output(output: Path, overwrite: bool) -> None:
-    """prepare-text's rules for the output directory, plus the class list a synthetic set leaves."""
-    prepare_output_dir(output, overwrite)
-    (output / CLASSES_NAME).unlink(missing_ok=True)
+    """The output directory's rules; an image-text dataset owns its tokenizer and class list."""
+    prepare_output_dir(output, overwrite, owned=[TOKENIZER_SUBDIR, CLASSES_NAME])
 
 
 def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
@@ -566,17 +556,7 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        run(config_from_args(args))
-    except (UsageError, InputError, TokenizerError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, build_parser(), argv, lambda args: run(config_from_args(args)), (InputError, TokenizerError))
 
 
 if __name__ == "__main__":

@@ -36,14 +36,13 @@ from data_pipelines.image.prepare import (
     MANIFEST_VERSION,
     TOKENIZER_SUBDIR,
     SplitWriters,
-    UsageError,
-    _HelpFormatter,
     clear_output,
     format_summary,
     tokenizer_manifest,
 )
+from data_pipelines.cli import HelpFormatter, UsageError, common_problems, run_main
 from data_pipelines.manifest import write_manifest
-from data_pipelines.splits import assign_split, validate_fractions
+from data_pipelines.splits import assign_split
 from data_pipelines.text.tokenizer import (
     MIN_VOCAB_SIZE,
     TokenizerError,
@@ -155,19 +154,10 @@ class SyntheticConfig:
             found.append("--count must be >= 1")
         if self.image_size < 16:
             found.append("--image-size must be >= 16")
-        try:
-            validate_fractions(self.val_fraction, self.test_fraction)
-        except ValueError as exc:
-            found.append(str(exc).replace("val_fraction", "--val-fraction").replace("test_fraction", "--test-fraction"))
         if self.vocab_size < MIN_VOCAB_SIZE:
             found.append(f"--vocab-size must be >= {MIN_VOCAB_SIZE}")
-        if self.samples_per_shard < 1:
-            found.append("--samples-per-shard must be >= 1")
-        if not -(2**63) <= self.seed < 2**63:
-            found.append("--seed must fit in a signed 64-bit integer")
-        if self.output.exists() and not self.output.is_dir():
-            found.append(f"--output {self.output} exists and is not a directory")
-        return found
+        return found + common_problems(val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                                       samples_per_shard=self.samples_per_shard, seed=self.seed, output=self.output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Draw a procedural image-caption set (coloured shapes) in prepared-shard form, with class "
         "names for zero-shot evaluation and some colour-shape classes held out of train.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
                         help="output directory (must be empty or new unless --overwrite)")
@@ -355,23 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    config = SyntheticConfig(
+def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
+    return SyntheticConfig(
         output=args.output, count=args.count, image_size=args.image_size, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, vocab_size=args.vocab_size,
         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    try:
-        generate(config)
-    except (UsageError, TokenizerError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, build_parser(), argv, lambda args: generate(config_from_args(args)), (TokenizerError,))
 
 
 if __name__ == "__main__":

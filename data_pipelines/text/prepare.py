@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
 
-from data_pipelines.manifest import MANIFEST_NAME, write_manifest
+from data_pipelines.cli import HelpFormatter, UsageError, common_problems, prepare_output_dir, run_main
+from data_pipelines.manifest import write_manifest
 from data_pipelines.shards import RecordingShardWriter
-from data_pipelines.splits import SPLITS, assign_split, validate_fractions
+from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
 from data_pipelines.text.tokenizer import (
@@ -42,10 +42,6 @@ TOKENIZER_SUBDIR = "tokenizer"
 # small enough that a few in flight per worker stay cheap in memory.
 BATCH_DOCUMENTS = 256
 BATCH_CHARS = 1 << 20
-
-
-class UsageError(Exception):
-    """A bad flag combination or output directory; reported without a traceback, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -77,39 +73,20 @@ class PrepareConfig:
             found.append(f"--tokenizer {self.tokenizer}: not a directory")
         if self.seq_len < 1:
             found.append("--seq-len must be >= 1")
-        try:
-            validate_fractions(self.val_fraction, self.test_fraction)
-        except ValueError as exc:
-            found.append(str(exc).replace("val_fraction", "--val-fraction").replace("test_fraction", "--test-fraction"))
-        if self.samples_per_shard < 1:
-            found.append("--samples-per-shard must be >= 1")
-        if self.workers < 1:
-            found.append("--workers must be >= 1")
         if self.min_chars < 0:
             found.append("--min-chars must be >= 0")
         if self.limit_documents is not None and self.limit_documents < 1:
             found.append("--limit-documents must be >= 1")
-        if not -(2**63) <= self.seed < 2**63:
-            found.append("--seed must fit in a signed 64-bit integer")
-        if self.output.exists() and not self.output.is_dir():
-            found.append(f"--output {self.output} exists and is not a directory")
-        return found
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults only where there is one worth showing (not None / False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
+        return found + common_problems(val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                                       samples_per_shard=self.samples_per_shard, seed=self.seed, output=self.output,
+                                       workers=self.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tokenize a text corpus and pack it into WebDataset shards split into train/val/test.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT",
@@ -168,19 +145,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Steps
-
-
-def prepare_output_dir(output: Path, overwrite: bool) -> None:
-    """Create the output directory, refusing to mix a new dataset into an old one."""
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise UsageError(f"output directory {output} is not empty; pass --overwrite to replace its dataset")
-        # The manifest goes first: an interrupted overwrite must not look complete.
-        (output / MANIFEST_NAME).unlink(missing_ok=True)
-        for name in (TOKENIZER_SUBDIR, *SPLITS):
-            if (output / name).exists():
-                shutil.rmtree(output / name)
-    output.mkdir(parents=True, exist_ok=True)
 
 
 def _outside(specs: list[InputSpec], output: Path) -> list[InputSpec]:
@@ -350,7 +314,7 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
     if not specs:
         raise InputError(f"every input is inside the output directory {config.output}")
     external = load_tokenizer(config.tokenizer) if config.tokenizer is not None else None
-    prepare_output_dir(config.output, config.overwrite)
+    prepare_output_dir(config.output, config.overwrite, owned=[TOKENIZER_SUBDIR])
 
     tokenizer_dir = config.output / TOKENIZER_SUBDIR
     trained = external is None
@@ -373,17 +337,7 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        run(config_from_args(args))
-    except (UsageError, InputError, TokenizerError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, build_parser(), argv, lambda args: run(config_from_args(args)), (InputError, TokenizerError))
 
 
 if __name__ == "__main__":
