@@ -1,6 +1,6 @@
 """pretrain-plot: PNG plots of a run, or of a learning-rate schedule before anyone trains with it.
 
-    pretrain-plot RUN_DIR                                   -> RUN_DIR/plots/{loss,lr,throughput}.png
+    pretrain-plot RUN_DIR                                   -> RUN_DIR/plots/{loss,lr,throughput}.png (+ zero_shot.png for CLIP)
     pretrain-plot --schedule ds_configs/X.json --steps N    -> schedule.png (or --output)
 """
 from __future__ import annotations
@@ -83,13 +83,33 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.plot([m["step"] for m in train], tput, color="tab:gray", alpha=0.4, lw=0.8)
     ax.plot([m["step"] for m in train], smooth(tput), color="tab:gray", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s (all ranks)")
+    ax.set_ylabel(f"{train[-1].get('throughput_unit', 'tokens/s')} (all ranks)")
     ax.set_title(f"{run_dir.name}: throughput")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(out / "throughput.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    zs = [m for m in evals if "zero_shot_top1" in m]
+    if zs:  # CLIP: zero-shot and retrieval against chance
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [m["step"] for m in zs]
+        for key, style in (("zero_shot_top1", "o-"), ("zero_shot_top5", "s-"), ("zero_shot_top1_held_out", "^--"),
+                           ("image_to_text_R@1", "x:"), ("text_to_image_R@1", "+:")):
+            if all(key in m for m in zs):
+                ax.plot(steps, [m[key] for m in zs], style, label=key)
+        ax.axhline(zs[-1]["chance_top1"], color="gray", lw=1, ls="--", label="chance (top-1)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy / recall")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{run_dir.name}: zero-shot over {zs[-1]['num_classes']} classes, retrieval")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "zero_shot.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written
 
 

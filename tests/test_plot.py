@@ -36,6 +36,22 @@ def test_run_plots(tmp_path):
         assert_png(run_dir / "plots" / f"{name}.png")
 
 
+def test_clip_runs_also_get_a_zero_shot_plot(tmp_path):
+    run_dir = tmp_path / "clip"
+    write_run(run_dir)
+    evals = [{"step": s, "split": "val", "loss": 3.0 - s / 40, "train_loss": 3.0, "gap": -s / 40,
+              "zero_shot_top1": s / 100, "zero_shot_top5": s / 50, "num_classes": 48, "chance_top1": 1 / 48,
+              "image_to_text_R@1": s / 200, "text_to_image_R@1": s / 210} for s in (10, 20, 30, 40)]
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(e) + "\n" for e in evals))
+    assert main([str(run_dir)]) == 0
+    assert_png(run_dir / "plots" / "zero_shot.png")
+    assert not (tmp_path / "gpt-only").exists()
+    write_run(tmp_path / "gpt-only")
+    main([str(tmp_path / "gpt-only")])
+    assert not (tmp_path / "gpt-only" / "plots" / "zero_shot.png").exists(), "only for runs with zero-shot evals"
+
+
 def test_schedule_plots_for_toolkit_and_deepspeed_types(tmp_path):
     cfg = tmp_path / "cyclic.json"
     cfg.write_text(json.dumps({"scheduler": {"type": "CyclicLR", "params": {"base_lr": "auto", "max_lr": "auto",
