@@ -78,6 +78,20 @@ def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | Non
     return wds.tarfile_to_samples(**kwargs)(src)
 
 
+def read_checked(urls: Iterable[str], log: "SkipLog", expected: dict[str, int] | None = None) -> Iterator[dict]:
+    """read_samples, shard by shard, that also notices a shard yielding fewer samples than the
+    manifest says: a tar cut at a member boundary ends without any error, and its lost samples
+    are counted (reason "short_shard") and the shard named."""
+    for url in urls:
+        n = 0
+        for sample in read_samples([url], log.handler):
+            n += 1
+            yield sample
+        want = (expected or {}).get(url)
+        if want is not None and n < want:
+            log.add("short_shard", f"{url}: {n} of {want} samples (truncated?)", count=want - n)
+
+
 class BadSample(ValueError):
     """A sample that cannot be trained on; ``reason`` is its counter name."""
 
@@ -99,15 +113,18 @@ class SkipLog:
     def __init__(self, where: str = ""):
         self.where = where
         self.counts: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
         self.examples: list[str] = []
 
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, detail: str, count: int = 1) -> None:
+        """One event (a sample, or a shard that lost ``count`` samples)."""
+        self.counts[reason] += count
+        self._events[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{reason}: {detail}")
-        n = self.counts[reason]
+        n = self._events[reason]
         if n <= self.LOG_FIRST or n % self.LOG_EVERY == 0:
-            logger.warning("%sskipped (%s, %d so far): %s", self.where, reason, n, detail)
+            logger.warning("%sskipped (%s, %d so far): %s", self.where, reason, self.counts[reason], detail)
 
     def stats(self, slot: int, read: int) -> dict:
         """The counters a batch carries to the trainer (DataLoader workers are other processes)."""
@@ -187,6 +204,14 @@ class PreparedShards:
     def num_samples(self, split: str) -> int:
         return int(self.manifest["splits"][split]["samples"])
 
+    def shard_samples(self, split: str) -> dict[str, int] | None:
+        """Samples per shard path as the manifest records them (None for manifests without them)."""
+        info = self.manifest["splits"][split]
+        counts = info.get("shard_samples")
+        if counts is None or len(counts) != len(info["shards"]):
+            return None
+        return dict(zip(self.shards(split), map(int, counts)))
+
 
 class TextShards(PreparedShards):
     """A prepared text dataset: manifest plus shard paths."""
@@ -240,6 +265,7 @@ class TextTrainStream(torch.utils.data.IterableDataset):
             raise ValueError("data.resampled draws shards with replacement: there is no epoch to re-divide when "
                              "the world size changes")
         self.trace = trace
+        self.expected = data.shard_samples(split)
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
 
@@ -267,7 +293,7 @@ class TextTrainStream(torch.utils.data.IterableDataset):
             epoch = last_epoch + 1
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
-            mine = (s for i, s in enumerate(read_samples(urls, self.skips.handler))
+            mine = (s for i, s in enumerate(read_checked(urls, self.skips, self.expected))
                     if not by_sample or i % slot.count == slot.index)
             got = 0
             for item in self._checked(mine, epoch):
@@ -311,7 +337,7 @@ class TextTrainStream(torch.utils.data.IterableDataset):
             order, _ = epoch_shards(self.shards, Slot(), epoch, self.seed)
             by_shard = len(order) >= slot.count
             urls = order[slot.index :: slot.count] if by_shard else order
-            left = (s for s in read_samples(urls, self.skips.handler)
+            left = (s for s in read_checked(urls, self.skips, self.expected)
                     if (epoch, s.get("__url__"), s.get("__key__")) not in consumed)
             mine = (s for i, s in enumerate(left) if by_shard or i % slot.count == slot.index)
             yield from self._checked(mine, epoch)
@@ -364,7 +390,7 @@ def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, w
     mine: list[np.ndarray] = []
     first: np.ndarray | None = None
     skips = SkipLog(f"eval {split}: ")
-    samples = read_samples(data.shards(split), skips.handler)
+    samples = read_checked(data.shards(split), skips, data.shard_samples(split))
     for i, window in enumerate(checked_windows(samples, skips, data.seq_len, data.vocab_size)):
         if i >= n:
             break

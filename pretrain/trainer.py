@@ -333,6 +333,22 @@ class Trainer:
                                   f"first: {self._first_bad()}")
         return {"loss": mean_loss, "lr": lr, "grad_norm": norm, "data_skipped": int(bad), "stop": stop > 0}
 
+    def _skips_by_reason(self) -> dict[str, int]:
+        """Skipped samples and shards by reason, summed over every rank and worker (collective)."""
+        import torch.distributed as dist
+
+        mine: dict[str, int] = {}
+        for stats in self._slot_stats.values():
+            for reason, n in stats["skipped"].items():
+                mine[reason] = mine.get(reason, 0) + n
+        everyone: list[dict] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(everyone, mine)
+        total: dict[str, int] = {}
+        for counts in everyone:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return dict(sorted(total.items()))
+
     def _first_bad(self) -> str:
         for s in self._slot_stats.values():
             if s["skipped"]:
@@ -397,6 +413,8 @@ class Trainer:
                 window_start, window_samples = now, 0
                 # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
                 tput = tps if self.family.UNIT == "tokens" else sps
+                if out["data_skipped"]:
+                    out["data_skipped_by_reason"] = self._skips_by_reason()
                 self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
                                   "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
                                   "throughput_unit": f"{self.family.UNIT}/s", "tokens_per_s": tps, "samples_per_s": sps,

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
-from data_pipelines.loader import PreparedShards, SkipLog, Slot, _seed, epoch_shards, read_samples, shuffle_buffer
+from data_pipelines.loader import PreparedShards, SkipLog, Slot, _seed, epoch_shards, read_checked, shuffle_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
         self.num_workers = max(1, num_workers)
         self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
         self.skips = SkipLog(f"rank {rank}: ")
+        self.expected = data.shard_samples(split)
         self.samples_read = 0
 
     def _slot(self) -> Slot:
@@ -174,7 +175,7 @@ class ImageTextTrainStream(torch.utils.data.IterableDataset):
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
             yielded = 0
-            for i, sample in enumerate(read_samples(urls, handler=self.skips.handler)):
+            for i, sample in enumerate(read_checked(urls, self.skips, self.expected)):
                 if by_sample and i % slot.count != slot.index:
                     continue
                 yielded += 1
@@ -261,7 +262,7 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
         yield batch
 
     shards = data.shards(split)
-    for i, sample in enumerate(read_samples(shards, handler=bad.handler) if n else ()):
+    for i, sample in enumerate(read_checked(shards, bad, data.shard_samples(split)) if n else ()):
         if i >= n:
             break
         mine = i % world_size == rank
