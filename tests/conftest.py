@@ -34,17 +34,3 @@ def prepared_stdlib(tmp_path_factory: pytest.TempPathFactory, stdlib_files: list
     assert main(argv) == 0
     return out
 
-
-@pytest.fixture(autouse=True)
-def _no_shm_leftovers():
-    """Jobs killed by a test leave DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM): remove
-    the ones a test created."""
-    import glob
-
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    yield
-    for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
-        try:
-            os.remove(path)
-        except OSError:
-            pass

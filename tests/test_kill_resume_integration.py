@@ -1,5 +1,6 @@
 """kill -9 of the whole deepspeed job, between checkpoints and in the middle of a save, then
 `--resume auto`: the losses step by step are those of a run that was never interrupted."""
+import glob
 import json
 import os
 import signal
@@ -41,6 +42,10 @@ def _kill_job_when(cmd: list[str], ready, extra_env: dict | None = None, timeout
             except ProcessLookupError:
                 pass
         proc.wait(timeout=60)
+        # A killed job cannot remove DeepSpeed's CPU all-reduce buffers (RAM in /dev/shm) itself.
+        port = cmd[cmd.index("--master_port") + 1]
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            os.remove(leftover)
 
 
 def _steps_logged(out: Path) -> int:
