@@ -232,11 +232,14 @@ def _collate(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
 _LEDGERS: dict[tuple, tuple[set, int]] = {}
 
 
-class TextTrainStream(torch.utils.data.IterableDataset):
-    """Endless batches of ``{"input_ids", "labels"}`` for one rank.
+class EpochStream(torch.utils.data.IterableDataset):
+    """The training stream of one rank, shared by text and image-text data; endless.
 
-    Under a DataLoader with workers, each worker is its own slot; DataLoader interleaves the
-    workers' batches in a fixed round-robin, so the rank's stream stays deterministic.
+    Each epoch's shard list is shuffled with (seed, epoch), divided among the world's slots
+    (rank x DataLoader worker; by sample when there are fewer shards than slots), read, passed
+    through a seeded shuffle buffer and batched. Under a DataLoader with workers, DataLoader
+    interleaves the workers' batches in a fixed round-robin, so the rank's stream stays
+    deterministic and a resume can replay it.
 
     ``history`` lists earlier segments of the same run that ran on other world sizes, oldest
     first, each ``{"world", "workers", "micro", "micro_batches"}`` (micro-batches pulled per
@@ -244,10 +247,16 @@ class TextTrainStream(torch.utils.data.IterableDataset):
     segments touched that they did not consume, re-divided among this world's slots, and goes
     on from the next epoch. Within an epoch no sample is lost or repeated across a change of
     world size. Finding the consumed samples replays the earlier streams (O(samples seen)).
-    With ``trace`` each batch carries ``_ids``: "epoch:shard:key" of its windows.
+    With ``trace`` each batch carries ``_ids``: "epoch:shard:key" of its samples.
+
+    Subclasses say how a raw sample is decoded (``decode``: None to skip it, after logging),
+    whether that happens before the shuffle buffer (``DECODE_EARLY``: small decoded items) or
+    after it (compressed images are cheaper to hold), and how items become a batch (``collate``).
     """
 
-    def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+    DECODE_EARLY = True
+
+    def __init__(self, data: PreparedShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
                  history: Sequence[dict] = (), trace: bool = False):
         super().__init__()
@@ -259,7 +268,6 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
         self.num_workers = max(1, num_workers)
-        self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
         self.history = [dict(h) for h in history]
         if self.history and resampled:
             raise ValueError("data.resampled draws shards with replacement: there is no epoch to re-divide when "
@@ -269,44 +277,77 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
 
+    # -- what a subclass provides
+    def decode(self, sample: dict):
+        raise NotImplementedError
+
+    def collate(self, items: list, state) -> dict:
+        raise NotImplementedError
+
+    def slot_state(self, slot: Slot):
+        """Per-slot state for collate (e.g. the augmentation generator)."""
+        return None
+
+    def replica(self, batch_size: int, rank: int, world_size: int, num_workers: int,
+                history: Sequence[dict]) -> "EpochStream":
+        """The same stream as another world had it (for replaying earlier segments)."""
+        raise NotImplementedError
+
+    # -- the shared machinery
     def _slot(self) -> Slot:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         return Slot(self.rank, self.world_size, worker, self.num_workers)
 
-    def _checked(self, samples: Iterable[dict], epoch: int) -> Iterator[tuple[tuple, np.ndarray]]:
-        for sample in samples:
-            try:
-                window = decode_tokens(sample, self.seq_len, self.vocab_size)
-            except BadSample as e:
-                self.skips.add(e.reason, str(e))
-                continue
-            self.samples_read += 1
-            yield (epoch, sample.get("__url__"), sample.get("__key__")), window
+    def _decoded(self, tagged: Iterable[tuple[tuple, dict]]) -> Iterator[tuple[tuple, object]]:
+        for ident, sample in tagged:
+            item = self.decode(sample)
+            if item is not None:
+                self.samples_read += 1
+                yield ident, item
 
-    def samples(self, slot: Slot) -> Iterator[tuple[tuple, np.ndarray]]:
-        """(epoch, shard, key) and window of every sample this slot trains on, epoch after epoch."""
+    def samples(self, slot: Slot) -> Iterator[tuple[tuple, object]]:
+        """(epoch, shard, key) and item of every sample this slot reads, epoch after epoch
+        (items decoded when DECODE_EARLY, raw otherwise)."""
         epoch = 0
         if self.history:
             consumed, last_epoch = self._ledger()
-            yield from self._remainder(slot, consumed, last_epoch)
+            yield from self._maybe_decoded(self._remainder(slot, consumed, last_epoch))
             epoch = last_epoch + 1
         while True:
             urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
-            mine = (s for i, s in enumerate(read_checked(urls, self.skips, self.expected))
+            mine = ((self._ident(epoch, s), s) for i, s in enumerate(read_checked(urls, self.skips, self.expected))
                     if not by_sample or i % slot.count == slot.index)
             got = 0
-            for item in self._checked(mine, epoch):
+            for item in self._maybe_decoded(mine):
                 got += 1
                 yield item
             if got == 0:
-                raise RuntimeError(f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) gave no usable sample "
-                                   f"(skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]})")
+                raise RuntimeError(f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) gave no samples "
+                                   f"(skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]}); "
+                                   "fewer samples than ranks x workers, or unreadable shards")
             epoch += 1
+
+    @staticmethod
+    def _ident(epoch: int, sample: dict) -> tuple:
+        return epoch, sample.get("__url__"), sample.get("__key__")
+
+    def _maybe_decoded(self, tagged):
+        return self._decoded(tagged) if self.DECODE_EARLY else tagged
+
+    def _remainder(self, slot: Slot, consumed: set, last_epoch: int) -> Iterator[tuple[tuple, dict]]:
+        """Epochs 0..last_epoch without the consumed samples, divided among this world's slots."""
+        for epoch in range(last_epoch + 1):
+            order, _ = epoch_shards(self.shards, Slot(), epoch, self.seed)
+            by_shard = len(order) >= slot.count
+            urls = order[slot.index :: slot.count] if by_shard else order
+            left = ((self._ident(epoch, s), s) for s in read_checked(urls, self.skips, self.expected))
+            left = ((i, s) for i, s in left if i not in consumed)
+            yield from (t for n, t in enumerate(left) if by_shard or n % slot.count == slot.index)
 
     def _ledger(self) -> tuple[set, int]:
         """The samples all earlier segments consumed, and the last epoch they touched."""
-        key = (str(self.data.root), self.split, self.seed, self.buffer, repr(self.history))
+        key = (str(self.data.root), self.split, self.seed, self.buffer, type(self).__name__, repr(self.history))
         if key not in _LEDGERS:
             _LEDGERS.clear()  # one run's history at a time
             _LEDGERS[key] = self._replay()
@@ -317,51 +358,72 @@ class TextTrainStream(torch.utils.data.IterableDataset):
         consumed: set = set()
         last_epoch = 0
         if earlier:
-            before, last_epoch = TextTrainStream(self.data, self.split, 1, 0, 1, self.seed, self.buffer,
-                                                 history=earlier)._ledger()
+            before, last_epoch = self.replica(1, 0, 1, 0, earlier)._ledger()
             consumed |= before
-        workers = max(1, int(last["workers"]))
-        for rank in range(int(last["world"])):
-            old = TextTrainStream(self.data, self.split, int(last["micro"]), rank, int(last["world"]), self.seed,
-                                  self.buffer, False, workers, history=earlier)
+        world, workers, micro = int(last["world"]), max(1, int(last["workers"])), int(last["micro"])
+        for rank in range(world):
+            old = self.replica(micro, rank, world, workers, earlier)
             for worker in range(workers):
                 pulled = len(range(worker, int(last["micro_batches"]), workers))  # DataLoader round-robin
-                for ids, _ in itertools.islice(old._batches(Slot(rank, int(last["world"]), worker, workers)), pulled):
+                for ids, _ in itertools.islice(old._batches(Slot(rank, world, worker, workers)), pulled):
                     consumed.update(ids)
                     last_epoch = max(last_epoch, max(i[0] for i in ids))
         return consumed, last_epoch
 
-    def _remainder(self, slot: Slot, consumed: set, last_epoch: int) -> Iterator[tuple[tuple, np.ndarray]]:
-        """Epochs 0..last_epoch without the consumed samples, divided among this world's slots."""
-        for epoch in range(last_epoch + 1):
-            order, _ = epoch_shards(self.shards, Slot(), epoch, self.seed)
-            by_shard = len(order) >= slot.count
-            urls = order[slot.index :: slot.count] if by_shard else order
-            left = (s for s in read_checked(urls, self.skips, self.expected)
-                    if (epoch, s.get("__url__"), s.get("__key__")) not in consumed)
-            mine = (s for i, s in enumerate(left) if by_shard or i % slot.count == slot.index)
-            yield from self._checked(mine, epoch)
-
-    def _batches(self, slot: Slot) -> Iterator[tuple[list[tuple], list[np.ndarray]]]:
+    def _batches(self, slot: Slot) -> Iterator[tuple[list[tuple], list]]:
         rng = random.Random(_seed(self.seed, "buffer", slot.index))
         ids: list[tuple] = []
-        windows: list[np.ndarray] = []
-        for ident, window in shuffle_buffer(self.samples(slot), self.buffer, rng):
+        items: list = []
+        for ident, item in shuffle_buffer(self.samples(slot), self.buffer, rng):
+            if not self.DECODE_EARLY:
+                item = self.decode(item)
+                if item is None:
+                    continue
+                self.samples_read += 1
             ids.append(ident)
-            windows.append(window)
-            if len(windows) == self.batch_size:
-                yield ids, windows
-                ids, windows = [], []
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield ids, items
+                ids, items = [], []
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict]:
         slot = self._slot()
-        for ids, windows in self._batches(slot):
-            out = _collate(windows)
+        state = self.slot_state(slot)
+        for ids, items in self._batches(slot):
+            out = self.collate(items, state)
             # Counters travel with the batch: DataLoader workers are other processes.
             out["_stats"] = self.skips.stats(slot.index, self.samples_read)
             if self.trace:
                 out["_ids"] = [f"{e}:{Path(u).name}:{k}" for e, u, k in ids]
             yield out
+
+
+class TextTrainStream(EpochStream):
+    """Endless batches of ``{"input_ids", "labels"}`` (long, batch x seq_len) for one rank;
+    token windows are checked (dtype, length, id range) and a bad one is skipped and counted."""
+
+    DECODE_EARLY = True
+
+    def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
+                 history: Sequence[dict] = (), trace: bool = False):
+        super().__init__(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
+                         history, trace)
+        self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
+
+    def decode(self, sample: dict) -> np.ndarray | None:
+        try:
+            return decode_tokens(sample, self.seq_len, self.vocab_size)
+        except BadSample as e:
+            self.skips.add(e.reason, str(e))
+            return None
+
+    def collate(self, items: list, state) -> dict:
+        return _collate(items)
+
+    def replica(self, batch_size, rank, world_size, num_workers, history) -> "TextTrainStream":
+        return TextTrainStream(self.data, self.split, batch_size, rank, world_size, self.seed, self.buffer, False,
+                               num_workers, history)
 
 
 def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, seed: int,

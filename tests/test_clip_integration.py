@@ -147,3 +147,19 @@ def test_a_freeze_pattern_that_matches_nothing_is_refused_before_training(data, 
                                           str(tmp_path / "out"), "--no-progress"]), check=False)
     assert p.returncode == 2 and "vison_model" in p.stderr and "match no parameter" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_two_rank_clip_run_resumes_on_one_rank(runs, data, recipe, tmp_path):
+    """Universal checkpoint of a CLIP model (its temperature included), data re-divided."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "z2", run_dir)
+    p = run(module_cmd("pretrain.train", ["--config", recipe, "--data", str(data), "--output-dir", str(run_dir),
+                                          "--max-steps", str(STEPS + 4), "--eval-every", "0", "--no-progress"]))
+    assert "(2 -> 1 ranks)" in p.stdout
+    train, evals = metrics(run_dir)
+    assert [m["step"] for m in train] == list(range(1, STEPS + 5))
+    before = metrics(runs / "z2")[1][-1]
+    assert evals[-1]["zero_shot_top1"] > 0.7 * before["zero_shot_top1"], "the trained weights came across"
+    assert all(abs(m["loss"] - train[STEPS - 1]["loss"]) < 1.0 for m in train[STEPS:]), "no jump: not a fresh start"

@@ -235,3 +235,29 @@ def test_tokenizer_that_adds_eos_itself_is_called_plainly() -> None:
     assert (ids[0, : n - 1] != tok.eos_token_id).all() and ids[0, n - 1] == tok.eos_token_id
     assert tok.decode(ids[0, : n - 1]) == "sample number 7"
     assert mask[1].all() and ids[1, -1] == tok.eos_token_id and (ids[1, :-1] != tok.eos_token_id).all()
+
+
+def test_a_world_size_change_re_divides_the_epoch_for_image_text_too(tmp_path: Path, tokenizer) -> None:
+    """2 ranks x 2 workers -> 1 rank -> 3 ranks, with a bad image among the samples: every good
+    sample once per epoch, the bad one never."""
+    data = make_dataset(tmp_path, {"train": [5, 7, 6, 4, 8, 3]}, bad={9})
+    n = 33 - 1
+
+    def pull(loader, k):
+        return [i for b in itertools.islice(loader, k) for i in b["_ids"]]
+
+    common = dict(seed=2, shuffle_buffer=4, trace=True)
+    seen = []
+    for rank in range(2):
+        seen += pull(image_text_train_loader(data, "train", 3, tokenizer, CTX, SIZE, rank, 2, num_workers=2,
+                                             **common), 3)
+    history = [{"world": 2, "workers": 2, "micro": 3, "micro_batches": 3}]
+    seen += pull(image_text_train_loader(data, "train", 4, tokenizer, CTX, SIZE, 0, 1, history=history, **common), 5)
+    history.append({"world": 1, "workers": 0, "micro": 4, "micro_batches": 5})
+    for rank in range(3):
+        seen += pull(image_text_train_loader(data, "train", 2, tokenizer, CTX, SIZE, rank, 3, history=history,
+                                             **common), 14)
+    assert Counter(seen).most_common(1)[0][1] == 1, "no sample twice in one epoch"
+    assert not any(s.endswith("train-0000000009") for s in seen), "the undecodable sample never comes out"
+    for epoch in (0, 1):
+        assert len({s for s in seen if s.startswith(f"{epoch}:")}) == n, f"epoch {epoch} incomplete"

@@ -1,8 +1,8 @@
 """Streaming loaders over prepared image-text shards: the counterpart of `data_pipelines.loader`.
 
-Training streams divide and reshuffle shards exactly like the text stream (the same `Slot`,
-`epoch_shards`, `shuffle_buffer` and seeds), shuffle the raw samples (compressed JPEG bytes are
-cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
+Training streams are `EpochStream`s like the text stream (the same division among ranks and
+workers, reshuffling, resume and re-division after a change of world size); they shuffle the raw
+samples (compressed JPEG bytes are cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
 generator seeded by (seed, slot), so a stream is reproducible.
 
 A sample that fails to decode is logged (naming its shard and key), counted by reason in a
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
-from data_pipelines.loader import PreparedShards, SkipLog, Slot, _seed, epoch_shards, read_checked, shuffle_buffer
+from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, _seed, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -134,91 +134,55 @@ def _try_decode(sample: dict, log: SkipLog) -> tuple[Any, str] | None:
         return None
 
 
-class ImageTextTrainStream(torch.utils.data.IterableDataset):
+class ImageTextTrainStream(EpochStream):
     """Endless batches of ``{"pixel_values", "input_ids", "attention_mask"}`` for one rank.
 
-    Rank/worker division and per-epoch reshuffling are those of `TextTrainStream`. With
-    `augment` a random resized crop (and, unless `flip` is False, a random horizontal flip: turn
-    it off when captions say "left" or "right"), otherwise a centre crop. `skips` counts
-    skipped samples ("undecodable", "missing_member") and shard read errors ("bad_shard");
-    under DataLoader workers each worker counts in its own copy, and every batch carries its
-    reader's counts in ``_stats``.
+    Rank/worker division, per-epoch reshuffling, resume and re-division after a change of world
+    size are `EpochStream`'s; the shuffle buffer holds the compressed samples and decoding comes
+    after it. With `augment` a random resized crop (and, unless `flip` is False, a random
+    horizontal flip: turn it off when captions say "left" or "right"), otherwise a centre crop,
+    drawn from a generator seeded by (seed, slot). `skips` counts skipped samples
+    ("undecodable", "missing_member") and shard problems ("bad_shard", "short_shard").
     """
+
+    DECODE_EARLY = False
 
     def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
                  image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  num_workers: int = 0, augment: bool = True, flip: bool = True, resampled: bool = False,
-                 crop_scale: tuple[float, float] = (0.5, 1.0)):
-        super().__init__()
-        self.shards = data.shards(split)
-        if not self.shards:
-            raise ValueError(f"{data.root}: split {split!r} has no shards")
-        self.batch_size = batch_size
+                 crop_scale: tuple[float, float] = (0.5, 1.0), history: Sequence[dict] = (), trace: bool = False):
+        super().__init__(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
+                         history, trace)
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.context_length, self.image_size = context_length, image_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
-        self.num_workers = max(1, num_workers)
         self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
-        self.skips = SkipLog(f"rank {rank}: ")
-        self.expected = data.shard_samples(split)
-        self.samples_read = 0
 
-    def _slot(self) -> Slot:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        return Slot(self.rank, self.world_size, worker, self.num_workers)
+    def decode(self, sample: dict) -> tuple[Any, str] | None:
+        return _try_decode(sample, self.skips)
 
-    def samples(self, slot: Slot) -> Iterator[dict]:
-        """Raw samples (member -> bytes) of this slot, epoch after epoch."""
-        epoch = 0
-        while True:
-            urls, by_sample = epoch_shards(self.shards, slot, epoch, self.seed, self.resampled)
-            yielded = 0
-            for i, sample in enumerate(read_checked(urls, self.skips, self.expected)):
-                if by_sample and i % slot.count != slot.index:
-                    continue
-                yielded += 1
-                yield sample
-            if yielded == 0:
-                # Without this an unreadable split (or one with fewer samples than readers) spins forever.
-                raise RuntimeError(f"reader {slot} got no samples in epoch {epoch} from {len(urls)} shard(s) "
-                                   f"(first {urls[:1]}); fewer samples than ranks x workers, or unreadable shards")
-            epoch += 1
+    def slot_state(self, slot: Slot) -> random.Random:
+        return random.Random(_seed(self.seed, "augment", slot.index))
 
-    def collate(self, images: list[torch.Tensor], captions: list[str]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[tuple[Any, str]], augment_rng: random.Random) -> dict[str, torch.Tensor]:
+        images = [train_transform(img, self.image_size, augment_rng, augment=self.augment, flip=self.flip,
+                                  scale=self.crop_scale) for img, _ in items]
         return {"pixel_values": torch.stack(images),
-                **tokenize_captions(self.tokenizer, captions, self.context_length)}
+                **tokenize_captions(self.tokenizer, [caption for _, caption in items], self.context_length)}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        slot = self._slot()
-        buffer_rng = random.Random(_seed(self.seed, "buffer", slot.index))
-        augment_rng = random.Random(_seed(self.seed, "augment", slot.index))
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
-        for sample in shuffle_buffer(self.samples(slot), self.buffer, buffer_rng):
-            decoded = _try_decode(sample, self.skips)
-            if decoded is None:
-                continue
-            self.samples_read += 1
-            img, caption = decoded
-            images.append(train_transform(img, self.image_size, augment_rng, augment=self.augment, flip=self.flip,
-                                          scale=self.crop_scale))
-            captions.append(caption)
-            if len(images) == self.batch_size:
-                batch = self.collate(images, captions)
-                batch["_stats"] = self.skips.stats(slot.index, self.samples_read)
-                yield batch
-                images, captions = [], []
+    def replica(self, batch_size, rank, world_size, num_workers, history) -> "ImageTextTrainStream":
+        return ImageTextTrainStream(self.data, self.split, batch_size, self.tokenizer, self.context_length,
+                                    self.image_size, rank, world_size, self.seed, self.buffer, num_workers,
+                                    self.augment, self.flip, False, self.crop_scale, history)
 
 
 def image_text_train_loader(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
                             image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                             shuffle_buffer: int = 1000, num_workers: int = 0, augment: bool = True, flip: bool = True,
-                            resampled: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                            resampled: bool = False, history: Sequence[dict] = (),
+                            trace: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of training batches; DataLoader worker processes when num_workers > 0."""
     ds = ImageTextTrainStream(data, split, batch_size, tokenizer, context_length, image_size, rank, world_size, seed,
-                              shuffle_buffer, num_workers, augment, flip, resampled)
+                              shuffle_buffer, num_workers, augment, flip, resampled, history=history, trace=trace)
     if num_workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,

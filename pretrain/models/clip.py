@@ -290,16 +290,20 @@ def _tokenizer(path: Path):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
+supports_data_history = True  # the image-text stream re-divides an epoch when the world size changes
+
+
 def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path: Path,
                  config: PretrainedConfig, history=()) -> Iterator[dict]:
+    import os
+
     from data_pipelines.image.loader import image_text_train_loader
 
-    if history:
-        raise ValueError("the image-text stream cannot re-divide an epoch after a change of world size")
     d = recipe.data
     return image_text_train_loader(data, d.train_split, micro, _tokenizer(tokenizer_path), context_length(config),
                                    image_size(config), rank, world, recipe.training.seed, d.shuffle_buffer,
-                                   d.num_workers, d.augment, d.flip, d.resampled)
+                                   d.num_workers, d.augment, d.flip, d.resampled, history,
+                                   trace=bool(os.environ.get("PRETRAIN_TRACE_SAMPLES")))
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
