@@ -68,6 +68,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+class _NanGradient(torch.autograd.Function):
+    """Test hook: the identity forward, NaN gradients backward (a finite loss, a broken backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
 def describe_eval(ev: dict[str, Any]) -> str:
     """One line for the console: the val loss, the family's headline metric, the gap."""
     extra = ""
@@ -92,6 +104,7 @@ class Trainer:
         # Fault injection for the tests (never set in real runs): NaN losses at these steps; stall in this save.
         self._fault_nan_steps = {int(x) for x in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if x}
         self._fault_stall_save = int(os.environ.get("PRETRAIN_FAULT_STALL_IN_SAVE", "0") or 0)
+        self._fault_nan_grad_steps = {int(x) for x in os.environ.get("PRETRAIN_FAULT_NAN_GRAD_STEPS", "").split(",") if x}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -295,9 +308,13 @@ class Trainer:
             bad_ranks = self._sum_over_ranks([0.0 if torch.isfinite(loss).item() else 1.0])[0]
             if bad_ranks == 0:
                 return loss
-            self.state.nonfinite_skips += 1
             where = (f"non-finite loss at step {self.state.step + 1}, micro-batch {self.state.micro_batches} "
                      f"of the stream, on {int(bad_ranks)} rank(s)")
+            if not self._weights_finite():
+                raise TrainingStopped(f"{where}: the weights themselves are non-finite (an earlier update was applied "
+                                      f"with non-finite gradients, after step {self.state.step} at the latest); resume "
+                                      "from the last checkpoint (--resume auto) after finding the cause")
+            self.state.nonfinite_skips += 1
             if self.recipe.training.on_nonfinite == "stop":
                 raise TrainingStopped(f"{where}; training.on_nonfinite is 'stop'")
             if self.state.nonfinite_skips > self.recipe.training.max_nonfinite_skips:
@@ -311,8 +328,12 @@ class Trainer:
         self.engine.train()
         lr = self.engine.get_lr()[0]
         total = 0.0
-        for _ in range(self.gas):
+        refused_before = getattr(self.engine, "skipped_steps", 0)
+        for micro in range(self.gas):
             loss = self._forward_finite()
+            if self.state.step + 1 in self._fault_nan_grad_steps and micro == 0 and self.rank == 0:
+                self._fault_nan_grad_steps.discard(self.state.step + 1)  # test hook: a finite loss, NaN gradients
+                loss = _NanGradient.apply(loss)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
@@ -326,12 +347,41 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
         if norm is not None and not np.isfinite(norm):
-            raise TrainingStopped(f"non-finite gradient norm at step {self.state.step}: the weights are no longer usable")
+            self._nonfinite_gradient(refused=getattr(self.engine, "skipped_steps", 0) > refused_before)
         limit = self.recipe.data.max_bad_fraction
         if read + bad >= 100 and bad / (read + bad) > limit:
             raise TrainingStopped(f"{int(bad)} of {int(read + bad)} samples read were bad (> data.max_bad_fraction={limit}); "
                                   f"first: {self._first_bad()}")
         return {"loss": mean_loss, "lr": lr, "grad_norm": norm, "data_skipped": int(bad), "stop": stop > 0}
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's weights (its ZeRO-3 partition, or the whole model) are finite."""
+        finite = True
+        for p in self.engine.module.parameters():
+            data = getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.data
+            if data.numel() and not bool(torch.isfinite(data).all()):
+                finite = False
+                break
+        return self._sum_over_ranks([0.0 if finite else 1.0])[0] == 0
+
+    def _nonfinite_gradient(self, refused: bool) -> None:
+        """A non-finite gradient norm. Where DeepSpeed's optimizer checks for it (ZeRO-1/2 in
+        fp32 and fp16) it refused the step and the weights are intact: that counts as a skipped
+        step under on_nonfinite=skip. Elsewhere the update has been applied and the run stops."""
+        where = f"non-finite gradient norm at step {self.state.step} (micro-batches {self.state.micro_batches - self.gas + 1}" \
+                f"..{self.state.micro_batches} of the stream)"
+        if not refused:
+            raise TrainingStopped(f"{where}: the optimizer applied it, so the weights are no longer usable; resume from "
+                                  "the last checkpoint (--resume auto) after finding the cause")
+        if self.recipe.training.on_nonfinite == "stop":
+            raise TrainingStopped(f"{where}; the optimizer skipped the step, and training.on_nonfinite is 'stop'")
+        self.state.nonfinite_skips += 1
+        if self.state.nonfinite_skips > self.recipe.training.max_nonfinite_skips:
+            raise TrainingStopped(f"{where}: {self.state.nonfinite_skips} non-finite losses or gradients so far, more "
+                                  f"than training.max_nonfinite_skips={self.recipe.training.max_nonfinite_skips}")
+        if self.is_main:
+            print(f"warning: {where}; the optimizer skipped the step ({self.state.nonfinite_skips} skips so far)",
+                  flush=True)
 
     def _skips_by_reason(self) -> dict[str, int]:
         """Skipped samples and shards by reason, summed over every rank and worker (collective)."""

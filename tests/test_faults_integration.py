@@ -61,3 +61,29 @@ def test_too_much_bad_data_stops_the_run_with_the_reason(dirty, tmp_path):
     assert p.returncode == 1
     assert "data.max_bad_fraction=0.001" in p.stderr and "bad_shard" in p.stderr
     assert not (out / "checkpoints" / "latest").exists(), "no checkpoint of a run trained on garbage"
+
+
+def _nan_grad_run(data, out, ds_config):
+    return run(module_cmd("pretrain.train", ["--config", "gpt-tiny", "--data", str(data), "--output-dir", str(out),
+                                             "--deepspeed_config", ds_config, "--max-steps", "6", "--eval-every", "0",
+                                             "--no-progress"]),
+               env={"PRETRAIN_FAULT_NAN_GRAD_STEPS": "3"}, check=False)
+
+
+def test_nan_gradients_the_optimizer_refused_count_as_a_skipped_step(prepared_stdlib, tmp_path):
+    """ZeRO-1/2 check the gradient norm and refuse the update: the weights are intact, so the
+    step is skipped (on_nonfinite: skip) and counted."""
+    p = _nan_grad_run(prepared_stdlib, tmp_path / "run", "ds_configs/zero2_fp32.json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "non-finite gradient norm at step 3" in p.stdout and "the optimizer skipped the step" in p.stdout
+    train, evals = metrics(tmp_path / "run")
+    assert train[2]["grad_norm"] is None and train[2]["loss"] is not None, "a finite loss, a non-finite gradient"
+    assert train[-1]["nonfinite_skips"] == 1 and all(m["grad_norm"] is not None for m in train[3:])
+    assert evals[-1]["loss"] is not None
+
+
+def test_nan_gradients_applied_by_the_optimizer_stop_the_run(prepared_stdlib, tmp_path):
+    """Without ZeRO the update is applied: the next loss is NaN and the weights are found broken."""
+    p = _nan_grad_run(prepared_stdlib, tmp_path / "run", "ds_configs/zero0_fp32.json")
+    assert p.returncode == 1
+    assert "the weights themselves are non-finite" in p.stderr and "after step 3" in p.stderr
