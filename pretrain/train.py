@@ -152,11 +152,22 @@ def _remove_shm_buffers() -> None:
             pass
 
 
+_STARTED_DISTRIBUTED = False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        rc = _main(argv)
     finally:
         _remove_shm_buffers()
+    if _STARTED_DISTRIBUTED:
+        # After a distributed run, torch's C++ communication threads can abort the interpreter's
+        # teardown ("terminate called without an active exception", seen with ZeRO-3 on gloo under
+        # load) and turn a finished run into exit -6. Everything is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -175,7 +186,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingStopped
 
+    global _STARTED_DISTRIBUTED
     deepspeed.init_distributed()
+    _STARTED_DISTRIBUTED = True
     if rank == 0:
         for note in notes:
             print(f"note: {note}", flush=True)

@@ -486,5 +486,7 @@ class Trainer:
                 return last_eval
         bar.close()
         self.metrics.close()
+        if self._trace is not None:
+            self._trace.close()
         self.preempted = False
         return last_eval
