@@ -159,12 +159,20 @@ def decode_tokens(sample: dict, seq_len: int | None = None, vocab_size: int | No
     return data
 
 
+def checked_window(sample: dict, log: SkipLog, seq_len: int | None, vocab_size: int | None) -> np.ndarray | None:
+    """decode_tokens, or None after logging and counting the reason."""
+    try:
+        return decode_tokens(sample, seq_len, vocab_size)
+    except BadSample as e:
+        log.add(e.reason, str(e))
+        return None
+
+
 def checked_windows(samples: Iterable[dict], log: SkipLog, seq_len: int | None, vocab_size: int | None) -> Iterator[np.ndarray]:
     for sample in samples:
-        try:
-            yield decode_tokens(sample, seq_len, vocab_size)
-        except BadSample as e:
-            log.add(e.reason, str(e))
+        window = checked_window(sample, log, seq_len, vocab_size)
+        if window is not None:
+            yield window
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -412,11 +420,7 @@ class TextTrainStream(EpochStream):
         self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
 
     def decode(self, sample: dict) -> np.ndarray | None:
-        try:
-            return decode_tokens(sample, self.seq_len, self.vocab_size)
-        except BadSample as e:
-            self.skips.add(e.reason, str(e))
-            return None
+        return checked_window(sample, self.skips, self.seq_len, self.vocab_size)
 
     def collate(self, items: list, state) -> dict:
         return _collate(items)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ def load_model(checkpoint: str) -> Loaded:
     from transformers import AutoConfig
 
     from pretrain.checkpoint import run_metadata
+    from pretrain.config import Recipe
     from pretrain.models import family_of_hf_config, get_family
 
     ref = resolve_checkpoint(checkpoint)
@@ -59,9 +59,7 @@ def load_model(checkpoint: str) -> Loaded:
     name = meta["recipe"]["family"]
     family = get_family(name)
     config = AutoConfig.from_pretrained(ref.run_dir / "model")
-    model = family.model_from_config(config)
-    if hasattr(model, "max_log_scale"):
-        model.max_log_scale = math.log(meta["recipe"]["model"].get("max_logit_scale", 100.0))
+    model = family.model_from_config(config, Recipe.model_validate(meta["recipe"]).model)
     load_weights(model, fp32_state_dict(ref))
     tok = ref.run_dir / "tokenizer"
     return Loaded(model.eval(), name, config, tok if tok.is_dir() else None,

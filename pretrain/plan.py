@@ -230,7 +230,7 @@ def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
     from pretrain.models.clip import hf_config
 
     config = (AutoConfig.from_pretrained(recipe.model.init_from) if recipe.model.init_from
-              else hf_config(recipe.model, _Sized(vocab_size)))
+              else hf_config(recipe.model, vocab_size, eos_token_id=0))
     def sizes(model: torch.nn.Module) -> tuple[int, int]:
         """(all parameters, those used in matmuls: not the token and position lookup tables)"""
         named = list(model.named_parameters())
@@ -248,18 +248,6 @@ def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
     return ModelShape(params=vision + text + projections, forward_flops_per_sample=flops,
                       hidden_size=max(v.hidden_size, t.hidden_size), micro_batch=recipe.training.micro_batch_size,
                       precision=recipe.training.precision)
-
-
-class _Sized:
-    """Stands in for a tokenizer of a given vocabulary when only sizes matter."""
-
-    eos_token_id = pad_token_id = bos_token_id = 0
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 FAMILY_SHAPES: dict[str, Callable[[Any, int], ModelShape]] = {"gpt": gpt_shape, "clip": clip_shape}

@@ -101,6 +101,7 @@ class Trainer:
         self.family = get_family(recipe.family)
         self.state = RunState()
         self._slot_stats: dict[int, dict] = {}
+        self._logged_skips: tuple[int, dict[str, int]] = (0, {})
         # Fault injection for the tests (never set in real runs): NaN losses at these steps; stall in this save.
         self._fault_nan_steps = {int(x) for x in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if x}
         self._fault_stall_save = int(os.environ.get("PRETRAIN_FAULT_STALL_IN_SAVE", "0") or 0)
@@ -168,10 +169,11 @@ class Trainer:
         if resumed_from:
             self.metrics.log({"step": self.state.step, "event": "resumed", "checkpoint": resumed_from.name,
                               "world_size": self.world, "discarded_lines": discarded})
-        self.stream = self.family.train_stream(self.data, self.recipe, self.micro, self.rank, self.world,
-                                               self.tokenizer_dir, self.model_config, self.state.data_history)
         trace_dir = os.environ.get("PRETRAIN_TRACE_SAMPLES")  # tests: which samples each step trained on
         self._trace = open(Path(trace_dir) / f"trace-rank{self.rank}.txt", "a") if trace_dir else None
+        self.stream = self.family.train_stream(self.data, self.recipe, self.micro, self.rank, self.world,
+                                               self.tokenizer_dir, self.model_config, self.state.data_history,
+                                               trace=self._trace is not None)
         for _ in range(self.state.micro_batches):  # replay the deterministic stream to where the checkpoint left it
             self._note_stats(next(self.stream).pop("_stats"))
         self._signal: int | None = None
@@ -223,10 +225,6 @@ class Trainer:
 
         import torch.distributed as dist
 
-        if not hasattr(self.family, "supports_data_history") or not self.family.supports_data_history:
-            raise RuntimeError(f"{target} was written by {saved['world_size']} rank(s), this run has {self.world}: "
-                               f"the {self.recipe.family} data stream cannot re-divide an epoch yet; resume on "
-                               f"{saved['world_size']} rank(s)")
         if self.recipe.data.resampled:
             raise RuntimeError("data.resampled is on: there is no epoch position to re-divide on another world size")
         if saved.get("zero_stage", 0) == 0:
@@ -464,7 +462,9 @@ class Trainer:
                 # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
                 tput = tps if self.family.UNIT == "tokens" else sps
                 if out["data_skipped"]:
-                    out["data_skipped_by_reason"] = self._skips_by_reason()
+                    if out["data_skipped"] != self._logged_skips[0]:  # the total is already summed over ranks
+                        self._logged_skips = (out["data_skipped"], self._skips_by_reason())
+                    out["data_skipped_by_reason"] = self._logged_skips[1]
                 self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
                                   "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
                                   "throughput_unit": f"{self.family.UNIT}/s", "tokens_per_s": tps, "samples_per_s": sps,

@@ -176,16 +176,18 @@ def tokenizer_dir(recipe: Recipe, data) -> Path | None:
     return data.tokenizer_path()
 
 
-def hf_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
+def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None, pad_token_id: int | None = None,
+              bos_token_id: int | None = None) -> CLIPConfig:
+    """The transformers config for a CLIP built from the recipe's sizes (pad and bos default to eos)."""
     vision = cfg.vision or VisionConfig()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos = eos_token_id
+    pad = pad_token_id if pad_token_id is not None else eos
     text = CLIPTextConfig(
-        vocab_size=cfg.vocab_size or round_up(len(tokenizer), cfg.pad_vocab_multiple), hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
         projection_dim=cfg.projection_dim, attention_dropout=cfg.dropout, eos_token_id=eos, pad_token_id=pad,
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+        bos_token_id=bos_token_id if bos_token_id is not None else eos)
     image = CLIPVisionConfig(
         hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size or 4 * vision.hidden_size,
         num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads, image_size=vision.image_size,
@@ -197,7 +199,7 @@ def hf_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
         return AutoConfig.from_pretrained(cfg.init_from)
-    return hf_config(cfg, tokenizer)
+    return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
 
 
 def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str]:
@@ -232,8 +234,8 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ContrastiveCLIP:
     return ContrastiveCLIP(clip, cfg.max_logit_scale)
 
 
-def model_from_config(config: PretrainedConfig, max_logit_scale: float = 100.0) -> ContrastiveCLIP:
-    return ContrastiveCLIP(CLIPModel(config), max_logit_scale)
+def model_from_config(config: PretrainedConfig, cfg: ModelConfig | None = None) -> ContrastiveCLIP:
+    return ContrastiveCLIP(CLIPModel(config), (cfg or ModelConfig(arch="clip")).max_logit_scale)
 
 
 def from_pretrained(path: str | Path) -> ContrastiveCLIP:
@@ -290,20 +292,14 @@ def _tokenizer(path: Path):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-supports_data_history = True  # the image-text stream re-divides an epoch when the world size changes
-
-
 def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path: Path,
-                 config: PretrainedConfig, history=()) -> Iterator[dict]:
-    import os
-
+                 config: PretrainedConfig, history=(), trace: bool = False) -> Iterator[dict]:
     from data_pipelines.image.loader import image_text_train_loader
 
     d = recipe.data
     return image_text_train_loader(data, d.train_split, micro, _tokenizer(tokenizer_path), context_length(config),
                                    image_size(config), rank, world, recipe.training.seed, d.shuffle_buffer,
-                                   d.num_workers, d.augment, d.flip, d.resampled, history,
-                                   trace=bool(os.environ.get("PRETRAIN_TRACE_SAMPLES")))
+                                   d.num_workers, d.augment, d.flip, d.resampled, history, trace)
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -348,7 +344,7 @@ def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int
     tokenizer = _tokenizer(tokenizer_path)
     context, size = context_length(config), image_size(config)
     classes = data.classes()
-    classifier = class_embeddings(model, tokenizer, classes, context, device) if classes else None
+    classifier = class_embeddings(model, tokenizer, classes, context, device).cpu() if classes else None
     stats: dict[str, int] = {}
     loss_sum = torch.zeros(2, dtype=torch.float64)
     zs = torch.zeros(5, dtype=torch.float64)  # labelled, top1, top5, held-out labelled, held-out top1
@@ -366,7 +362,7 @@ def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int
         if classifier is not None:
             keep = valid & (label >= 0)
             if keep.any():
-                logits = image[keep] @ classifier.cpu().T
+                logits = image[keep] @ classifier.T
                 hits = _topk_hits(logits, label[keep], (1, min(5, logits.shape[1])))
                 zs[0] += int(keep.sum())
                 zs[1] += hits[1]

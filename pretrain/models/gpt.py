@@ -102,7 +102,7 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     return model
 
 
-def model_from_config(config: PretrainedConfig) -> torch.nn.Module:
+def model_from_config(config: PretrainedConfig, cfg: ModelConfig | None = None) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
@@ -143,18 +143,13 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
     return sums
 
 
-supports_data_history = True  # the text stream re-divides an epoch when the world size changes
-
-
 def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path=None, config=None,
-                 history=()):
-    import os
-
+                 history=(), trace: bool = False):
     from data_pipelines.loader import train_loader
 
     d = recipe.data
     return train_loader(data, d.train_split, micro, rank, world, recipe.training.seed, d.shuffle_buffer, d.resampled,
-                        d.num_workers, history, trace=bool(os.environ.get("PRETRAIN_TRACE_SAMPLES")))
+                        d.num_workers, history, trace)
 
 
 def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
