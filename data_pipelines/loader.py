@@ -264,7 +264,7 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     DECODE_EARLY = True
 
-    def __init__(self, data: PreparedShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, data: PreparedShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1, *,
                  seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
                  history: Sequence[dict] = (), trace: bool = False):
         super().__init__()
@@ -276,14 +276,18 @@ class EpochStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.buffer, self.resampled = seed, shuffle_buffer, resampled
         self.num_workers = max(1, num_workers)
-        self.history = [dict(h) for h in history]
-        if self.history and resampled:
-            raise ValueError("data.resampled draws shards with replacement: there is no epoch to re-divide when "
-                             "the world size changes")
+        self.set_history(history)
         self.trace = trace
         self.expected = data.shard_samples(split)
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
+
+    def set_history(self, history: Sequence[dict]) -> None:
+        """Earlier segments of the run read with other layouts (see the class docstring)."""
+        if history and self.resampled:
+            raise ValueError("data.resampled draws shards with replacement: there is no epoch position to re-divide "
+                             "when the world size, micro_batch_size or data.num_workers changes")
+        self.history = [dict(h) for h in history]
 
     # -- what a subclass provides
     def decode(self, sample: dict):
@@ -412,11 +416,8 @@ class TextTrainStream(EpochStream):
 
     DECODE_EARLY = True
 
-    def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
-                 history: Sequence[dict] = (), trace: bool = False):
-        super().__init__(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
-                         history, trace)
+    def __init__(self, data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1, **options):
+        super().__init__(data, split, batch_size, rank, world_size, **options)
         self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
 
     def decode(self, sample: dict) -> np.ndarray | None:
@@ -426,20 +427,95 @@ class TextTrainStream(EpochStream):
         return _collate(items)
 
     def replica(self, batch_size, rank, world_size, num_workers, history) -> "TextTrainStream":
-        return TextTrainStream(self.data, self.split, batch_size, rank, world_size, self.seed, self.buffer, False,
-                               num_workers, history)
+        return TextTrainStream(self.data, self.split, batch_size, rank, world_size, seed=self.seed,
+                               shuffle_buffer=self.buffer, num_workers=num_workers, history=history)
 
 
-def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, seed: int,
+class TrainStream:
+    """One rank's endless training batches, and where in them it is (an iterator with
+    ``state_dict`` / ``load_state_dict``, the shape of torchdata's StatefulDataLoader).
+
+    It runs an `EpochStream` in this process or in DataLoader workers and counts the batches it
+    hands out. ``state_dict()`` is the whole position, a small dict of plain values:
+
+        world, workers, micro   the layout it is read with (ranks, DataLoader workers, batch size)
+        micro_batches           batches handed out in this layout
+        data_history            earlier segments of the run that used other layouts
+
+    ``load_state_dict(state)``, before the first batch, continues exactly where ``state`` was.
+    In the same layout the deterministic stream is replayed to the position. In any other layout
+    (another world size, micro_batch_size or data.num_workers) the saved segment is closed and
+    the unconsumed samples of the epochs it touched are re-divided among the new slots, so that
+    within an epoch no sample is lost or repeated. Every rank may be given the same state (any
+    rank's, as all ranks pull the same number of batches) when the world size changes.
+
+    It also keeps the latest skip counters of each slot it reads (``counts()``): DataLoader
+    workers are other processes, so the counters travel inside the batches as ``_stats``.
+    """
+
+    def __init__(self, dataset: EpochStream, num_workers: int = 0):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.micro_batches = 0
+        self.slot_stats: dict[int, dict] = {}
+        self._it: Iterator[dict] | None = None
+
+    def layout(self) -> dict[str, int]:
+        return {"world": self.dataset.world_size, "workers": self.num_workers, "micro": self.dataset.batch_size}
+
+    def state_dict(self) -> dict:
+        return {**self.layout(), "micro_batches": self.micro_batches,
+                "data_history": [dict(h) for h in self.dataset.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("TrainStream.load_state_dict: the stream has already started")
+        saved = {k: int(state[k]) for k in ("world", "workers", "micro")}
+        history = [dict(h) for h in state.get("data_history", [])]
+        if _same_layout(saved, self.layout()):
+            self.dataset.set_history(history)
+            for _ in range(int(state["micro_batches"])):  # replay the deterministic stream to the position
+                next(self)
+        else:
+            self.dataset.set_history([*history, {**saved, "micro_batches": int(state["micro_batches"])}])
+            self.micro_batches = 0
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """(samples read, skipped samples by reason) of this rank, over its slots."""
+        read, skipped = 0, Counter()
+        for stats in self.slot_stats.values():
+            read += stats["read"]
+            skipped.update(stats["skipped"])
+        return read, dict(skipped)
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        self.micro_batches += 1
+        self.slot_stats[batch["_stats"]["slot"]] = batch["_stats"]
+        return batch
+
+    def _start(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                persistent_workers=True, prefetch_factor=4))
+
+
+def _same_layout(a: dict[str, int], b: dict[str, int]) -> bool:
+    """One DataLoader worker reads what the rank itself would: workers 0 and 1 are the same layout."""
+    return (a["world"], max(1, a["workers"]), a["micro"]) == (b["world"], max(1, b["workers"]), b["micro"])
+
+
+def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, *, seed: int,
                  shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
-                 history: Sequence[dict] = (), trace: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
-                         history, trace)
-    if num_workers == 0:
-        return iter(ds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,
-                                         prefetch_factor=4)
-    return iter(loader)
+                 history: Sequence[dict] = (), trace: bool = False) -> TrainStream:
+    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                         resampled=resampled, num_workers=num_workers, history=history, trace=trace)
+    return TrainStream(ds, num_workers)
 
 
 def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -1,14 +1,30 @@
-"""Finding checkpoints and reading their weights without a DeepSpeed engine (eval, export).
+"""Checkpoints: reading their weights without a DeepSpeed engine (eval, export), and the
+`CheckpointManager` that a training run saves, seals, prunes, finds and loads them with.
 
 A run directory holds ``resolved-config.json``, ``model/config.json`` (the transformers
-config), ``tokenizer/`` and ``checkpoints/<tag>/`` written by DeepSpeed. A user can point
-at the run, at ``checkpoints/``, at one tag, or at an exported Hugging Face directory.
+config), ``tokenizer/`` and ``checkpoints/<tag>/``. A user can point at the run, at
+``checkpoints/``, at one tag, or at an exported Hugging Face directory.
+
+One tag holds DeepSpeed's files (model and optimizer states, partitioned by rank under ZeRO),
+``toolkit_rank<r>.pt`` per rank (its RNG states and its data stream's position, an opaque
+``state_dict``) and ``toolkit.json``, the seal: the run's counters, the world size and ZeRO
+stage, and rank 0's data position for people to read. The seal is written last, by rank 0,
+after every rank returned from its save; a tag without it is not a checkpoint.
 """
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import torch
 
@@ -112,8 +128,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
 # ---------------------------------------------------------------------------------------------
 # Writing and resuming. DeepSpeed writes files in place and its rank 0 updates `latest` before
 # the final barrier, so a crash on another rank can leave `latest` naming a half-written tag.
-# We save with save_latest=False, mark the tag complete (`toolkit.json`) once every rank has
-# returned from the save, and only then move `latest` to it, atomically.
+# We save with save_latest=False, seal the tag (`toolkit.json`) once every rank has returned
+# from the save, and only then move `latest` to it, atomically.
 
 COMPLETE = "toolkit.json"
 TAG_PREFIX = "step_"
@@ -128,8 +144,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        import os
-
         os.fsync(f.fileno())
     tmp.replace(path)
 
@@ -165,8 +179,6 @@ def resumable(root: Path) -> Path | None:
 
 def mark_complete(tag_dir: Path, meta: dict, keep_last: int | None) -> None:
     """Rank 0, after every rank's save returned: seal the tag, point `latest` at it, prune old tags."""
-    import shutil
-
     _atomic_write(tag_dir / COMPLETE, json.dumps(meta, indent=2))
     _atomic_write(tag_dir.parent / "latest", tag_dir.name)
     if keep_last:
@@ -178,21 +190,24 @@ def rank_state_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"toolkit_rank{rank:05d}.pt"
 
 
+# ---------------------------------------------------------------------------------------------
+# Random number generators: every rank saves its own, so a resume on the same world draws the
+# same dropout masks and augmentations as the run that was never interrupted.
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
-    import random
-
-    import numpy as np
-
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
             "numpy": torch.from_numpy(np_state[1].astype("int64")), "numpy_pos": int(np_state[2])}
 
 
 def restore_rng(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
@@ -200,5 +215,147 @@ def restore_rng(state: dict) -> None:
 
 def load_rank_state(tag_dir: Path, rank: int) -> dict | None:
     p = rank_state_path(tag_dir, rank)
-    # Plain tensors, ints and lists only: weights_only refuses anything that could run code.
+    # Plain tensors, ints, strings, lists and dicts only: weights_only refuses anything that could run code.
     return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a resume hands back to the trainer."""
+
+    tag: Path
+    run_state: dict[str, Any]  # the counters the trainer saved (RunState's fields)
+    data_state: dict[str, Any] | None  # this rank's data stream position (state_dict), None if absent
+    old_world: int  # the world size it was saved on
+
+
+class CheckpointManager:
+    """Every checkpoint concern of a training run: save, seal, prune, find the resume target,
+    convert for another world size (DeepSpeed's universal format), load, RNG and run state.
+
+    Used in three calls, on every rank: ``deepspeed_config(ds)`` before ``deepspeed.initialize``
+    (a world-size change needs ``load_universal``, and the conversion must happen first),
+    ``load(engine)`` after it, and ``save(engine, step, run_state, data_state)`` during training.
+    ``in_save`` (tests only) is called after a rank's files are written and before the seal.
+    """
+
+    def __init__(self, root: Path, *, rank: int, world: int, zero_stage: int, seed: int, resume: str = "auto",
+                 keep_last: int | None = None, in_save=None):
+        self.root, self.rank, self.world, self.zero_stage = Path(root), rank, world, zero_stage
+        self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
+        self.is_main = rank == 0
+        self.target = self._find(resume)
+        self.saved: dict[str, Any] | None = json.loads((self.target / COMPLETE).read_text()) if self.target else None
+        self._universal: Path | None = None
+
+    @property
+    def saved_world(self) -> int | None:
+        return None if self.saved is None else int(self.saved.get("world_size", self.world))
+
+    def _find(self, resume: str) -> Path | None:
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return resumable(self.root)
+        p = Path(resume)
+        target = resumable(p) if (p / "latest").is_file() or complete_tags(p) else p
+        if target is None or not is_complete(target):
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE})")
+        return target
+
+    # -- before deepspeed.initialize
+    def deepspeed_config(self, ds: dict) -> dict:
+        """``ds``, asking DeepSpeed to load the universal format when the target was saved on another
+        world size. ZeRO-1/2/3 optimizer state is partitioned by rank, so it is converted (once, by
+        rank 0, into the tag's universal/ folder; collective); ZeRO-0 state is whole and loads as it is."""
+        if self.saved is None or self.saved_world == self.world or self.saved.get("zero_stage", 0) == 0:
+            return ds
+        self._universal = self._convert(self.target)
+        return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+
+    def _convert(self, target: Path) -> Path:
+        import torch.distributed as dist
+
+        universal = target / "universal"
+        done = universal / "converted.json"
+        if self.is_main and not done.is_file():
+            print(f"converting {target} ({self.saved_world} ranks) to a universal checkpoint for {self.world}",
+                  flush=True)
+            shutil.rmtree(universal, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target),
+                   "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                done.write_text(json.dumps({"from_world_size": self.saved_world, "time": time.time()}))
+            else:
+                print(f"error: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", flush=True)
+        dist.barrier()
+        if not done.is_file():
+            raise CheckpointError(f"could not convert {target} to a universal checkpoint (see rank 0's output)")
+        return universal
+
+    # -- after deepspeed.initialize
+    def load(self, engine) -> Restored | None:
+        """Load the target into the engine and restore this rank's RNG; None when starting fresh.
+        On another world size every rank gets rank 0's data position (all ranks pull the same
+        number of batches) and the RNGs are reseeded from (seed, step): rank streams do not map
+        across worlds."""
+        target, saved = self.target, self.saved
+        if target is None or saved is None:
+            return None
+        if self._universal is not None:
+            path, _ = engine.load_checkpoint(str(target), tag=self._universal.name)
+        else:
+            path, _ = engine.load_checkpoint(str(target.parent), tag=target.name)
+        if path is None:
+            raise CheckpointError(f"could not load the checkpoint {target}")
+        old_world = self.saved_world
+        same_world = old_world == self.world
+        rank_state = load_rank_state(target, self.rank if same_world else 0) or {}
+        if same_world and "rng" in rank_state:
+            restore_rng(rank_state["rng"])
+        elif not same_world:
+            seed_everything(self.seed + int(saved["step"]))
+        data_state = rank_state.get("data", _data_state_of_old_seal(saved, rank_state))
+        if self.is_main:
+            change = f" ({old_world} -> {self.world} ranks)" if not same_world else ""
+            print(f"resumed from {target} at step {saved['step']}{change}", flush=True)
+        return Restored(target, saved, data_state, old_world)
+
+    # -- during training
+    def save(self, engine, step: int, run_state: dict[str, Any], data_state: dict[str, Any]) -> Path:
+        """Every rank: DeepSpeed's files and this rank's own state; then rank 0 seals, moves
+        `latest` and prunes. A tag being rewritten is unsealed first."""
+        import torch.distributed as dist
+
+        tag_dir = self.root / tag_for(step)
+        if self.is_main:
+            (tag_dir / COMPLETE).unlink(missing_ok=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag_dir.name, save_latest=False)
+        torch.save({"rng": capture_rng(), "data": data_state}, rank_state_path(tag_dir, self.rank))
+        if self.in_save is not None:
+            self.in_save(step, self.rank, tag_dir)
+        dist.barrier()
+        if self.is_main:
+            seal = {**run_state, "world_size": self.world, "zero_stage": self.zero_stage, "time": time.time(),
+                    **data_state}
+            mark_complete(tag_dir, seal, self.keep_last)
+            print(f"saved checkpoint {tag_dir.name}", flush=True)
+        dist.barrier()
+        return tag_dir
+
+
+def _data_state_of_old_seal(saved: dict, rank_state: dict) -> dict | None:
+    """The data position of a checkpoint written before the stream kept its own (toolkit.json
+    held the layout and history, toolkit_rank*.pt the batch count)."""
+    if "micro" not in saved:
+        return None
+    return {"world": saved["world_size"], "workers": saved.get("num_workers", 0), "micro": saved["micro"],
+            "micro_batches": rank_state.get("micro_batches", saved.get("micro_batches", 0)),
+            "data_history": saved.get("data_history", [])}

@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from pretrain.config import Recipe, RecipeError
-from pretrain.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, check_params, scale_lr, scale_warmup
+from pretrain.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params, effective_optimization
 
 AUTO = "auto"
 
@@ -67,25 +67,7 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     ds[keys[0]], ds[keys[1]], ds[keys[2]] = micro, gas, expected
 
 
-def _scale_lr(ds: dict, recipe: Recipe, notes: list[str]) -> None:
-    """Scale the recipe's peak LR (and warmup, if asked) to the run's global batch."""
-    tr = recipe.training
-    batch = ds.get("train_batch_size")
-    if tr.lr_scaling == "none" or tr.reference_batch_size is None or not isinstance(batch, int):
-        return
-    ref = tr.reference_batch_size
-    lr, min_lr, warmup = tr.lr, tr.min_lr, tr.warmup_steps
-    tr.lr = scale_lr(lr, batch, ref, tr.lr_scaling)
-    tr.min_lr = scale_lr(min_lr, batch, ref, tr.lr_scaling)
-    msg = f"global batch {batch} vs reference {ref}: {tr.lr_scaling} scaling, lr {lr:g} -> {tr.lr:g}, min_lr {min_lr:g} -> {tr.min_lr:g}"
-    if tr.scale_warmup:
-        tr.warmup_steps = scale_warmup(warmup, batch, ref)
-        msg += f", warmup_steps {warmup} -> {tr.warmup_steps}"
-    notes.append(msg)
-
-
-def _fill_scheduler(sched: dict, recipe: Recipe) -> list[str]:
-    tr = recipe.training
+def _fill_scheduler(sched: dict, tr: Optimization) -> list[str]:
     kind = sched.get("type")
     params = sched.setdefault("params", {})
     if kind in TOOLKIT_TYPES:
@@ -121,13 +103,18 @@ def for_deepspeed(ds: dict) -> dict:
 
 
 def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: int, source: str = "<deepspeed config>") -> tuple[dict, list[str]]:
-    """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem."""
+    """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem.
+
+    The recipe is not modified: values derived from it (an LR scaled to the global batch) go
+    into the DeepSpeed config's "auto" fields and `effective_optimization`, never back into it."""
     ds = copy.deepcopy(raw)
     tr = recipe.training
     problems: list[str] = []
     notes: list[str] = []
     _batch_sizes(ds, recipe, world_size, problems, notes)
-    _scale_lr(ds, recipe, notes)
+    opt_values = effective_optimization(tr, ds.get("train_batch_size"))
+    if opt_values.note:
+        notes.append(opt_values.note)
     _set_auto(ds, "gradient_clipping", tr.grad_clip)
 
     for name, wanted in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
@@ -137,12 +124,12 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})
-        for k, v in (("lr", tr.lr), ("betas", list(tr.betas)), ("eps", tr.eps), ("weight_decay", tr.weight_decay)):
+        for k, v in (("lr", opt_values.lr), ("betas", list(tr.betas)), ("eps", tr.eps), ("weight_decay", tr.weight_decay)):
             _set_auto(params, k, v)
 
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
-        problems += _fill_scheduler(sched, recipe)
+        problems += _fill_scheduler(sched, opt_values)
 
     zero = ds.get("zero_optimization")
     if isinstance(zero, dict):

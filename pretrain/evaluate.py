@@ -70,13 +70,12 @@ def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int
              max_samples: int | None = None) -> dict:
     """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
     top-1/top-5 and retrieval recall@1/5/10 for clip."""
-    from pretrain.models import get_family
+    from pretrain.models import EvalRequest, RunData, get_family
 
     loaded = load_model(checkpoint)
     family = get_family(loaded.family)
-    data = family.open_data(data_dir)
-    result = family.evaluate(loaded.model, data, split, batch_size, max_samples=max_samples,
-                             tokenizer_path=loaded.tokenizer_dir, config=loaded.config)
+    run = RunData(family.open_data(data_dir), loaded.tokenizer_dir, loaded.config)
+    result = family.evaluate(loaded.model, run, EvalRequest(split, batch_size, max_samples))
     return {"split": split, **result, **loaded.info}
 
 

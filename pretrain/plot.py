@@ -116,12 +116,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1) -> Path:
     from pretrain.config import Recipe, load_json, load_recipe
     from pretrain.ds_config import resolve_ds_config
-    from pretrain.schedules import lrs_for_config
+    from pretrain.schedules import effective_optimization, lrs_for_config
 
     recipe = load_recipe(recipe_name)[0] if recipe_name else Recipe()
     recipe.training.max_steps = steps
     ds, _ = resolve_ds_config(load_json(ds_path, "DeepSpeed config"), recipe, world_size, recipe.model.hidden_size, ds_path)
-    tr = recipe.training
+    tr = effective_optimization(recipe.training, ds["train_batch_size"])
     lrs = lrs_for_config(ds, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps, steps)
     kind = (ds.get("scheduler") or {}).get("type", "warmup + cosine (no scheduler section)")
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 DEEPSPEED_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
@@ -186,6 +187,39 @@ def scale_lr(lr: float, batch: int, reference: int, rule: str) -> float:
 def scale_warmup(steps: int, batch: int, reference: int) -> int:
     """Warmup steps that cover the same number of samples at another global batch."""
     return max(0, int(round(steps * reference / batch)))
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """The schedule's numbers as a run uses them: the recipe's, scaled to the run's global batch
+    when the recipe asks for it (``training.lr_scaling``). Derived, never written back into the recipe."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int
+    note: str | None = None  # what was scaled, for the log; None when nothing was
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps}
+
+
+def effective_optimization(training, global_batch: int | None) -> Optimization:
+    """The recipe's training section (lr, min_lr, warmup_steps, max_steps, lr_scaling,
+    reference_batch_size, scale_warmup) at a global batch of ``global_batch`` sequences."""
+    tr = training
+    lr, min_lr, warmup = tr.lr, tr.min_lr, tr.warmup_steps
+    ref = tr.reference_batch_size
+    if tr.lr_scaling == "none" or ref is None or not isinstance(global_batch, int):
+        return Optimization(lr, min_lr, warmup, tr.max_steps)
+    new_lr, new_min = scale_lr(lr, global_batch, ref, tr.lr_scaling), scale_lr(min_lr, global_batch, ref, tr.lr_scaling)
+    note = (f"global batch {global_batch} vs reference {ref}: {tr.lr_scaling} scaling, lr {lr:g} -> {new_lr:g}, "
+            f"min_lr {min_lr:g} -> {new_min:g}")
+    if tr.scale_warmup:
+        new_warmup = scale_warmup(warmup, global_batch, ref)
+        note += f", warmup_steps {warmup} -> {new_warmup}"
+        warmup = new_warmup
+    return Optimization(new_lr, new_min, warmup, tr.max_steps, note)
 
 
 def lrs_for_config(ds: dict, lr: float, min_lr: float, warmup_steps: int, max_steps: int, steps: int) -> list[float]:

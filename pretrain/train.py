@@ -73,7 +73,9 @@ def prepare(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from pretrain.ds_config import resolve_ds_config
-    from pretrain.models import freeze_by_pattern, get_family
+    from pretrain.models import RunData, freeze_by_pattern, get_family
+    from pretrain.resolved import ResolvedRun
+    from pretrain.schedules import effective_optimization
 
     overrides = {
         "data.path": args.data, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
@@ -124,7 +126,7 @@ def prepare(args: argparse.Namespace):
         with torch.device("meta"):  # names only; nothing allocated
             skeleton = family.model_from_config(model_config)
         try:
-            freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.FREEZE_ALIASES)
+            freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.freeze_aliases)
         except ValueError as e:
             problems.append(str(e))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -135,8 +137,12 @@ def prepare(args: argparse.Namespace):
         problems.extend(e.problems)
     if problems:
         raise RecipeError(str(recipe_path), problems)
+    resolved = ResolvedRun(recipe=recipe, deepspeed=ds_config,
+                           optimization=effective_optimization(recipe.training, ds_config["train_batch_size"]),
+                           world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
+                           data_path=data.root, data_kind=data.KIND, notes=notes)
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
-    return recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes
+    return resolved, RunData(data, tokenizer_dir, model_config), run_dir
 
 
 def _remove_shm_buffers() -> None:
@@ -155,11 +161,15 @@ def _remove_shm_buffers() -> None:
 _STARTED_DISTRIBUTED = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=None) -> int:
+    """The command line. ``hooks`` (a `pretrain.hooks.TrainerHooks`) is for tests that watch or
+    disturb a run from outside; the command line itself never builds one."""
     try:
-        rc = _main(argv)
+        rc = _main(argv, hooks)
     finally:
         _remove_shm_buffers()
+        if hooks is not None:
+            hooks.close()
     if _STARTED_DISTRIBUTED:
         # After a distributed run, torch's C++ communication threads can abort the interpreter's
         # teardown ("terminate called without an active exception", seen with ZeRO-3 on gloo under
@@ -170,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None, hooks=None) -> int:
     args = build_parser().parse_args(argv)
     single_process_env()
     rank = int(os.environ.get("RANK", 0))
     try:
-        recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes = prepare(args)
+        resolved, inputs, run_dir = prepare(args)
     except RecipeError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -184,22 +194,23 @@ def _main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingStopped
 
     global _STARTED_DISTRIBUTED
     deepspeed.init_distributed()
     _STARTED_DISTRIBUTED = True
     if rank == 0:
-        for note in notes:
+        for note in resolved.notes:
             print(f"note: {note}", flush=True)
-    trainer = Trainer(recipe, ds_config, run_dir, data, tokenizer_dir, model_config, notes, args.resume,
-                      progress=not args.no_progress)
+    trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=not args.no_progress, hooks=hooks)
     try:
         trainer.setup()
         final = trainer.fit()
-    except TrainingStopped as e:  # decided collectively, so every rank stops here together
+    except (TrainingStopped, CheckpointError) as e:  # decided collectively, so every rank stops here together
         if rank == 0:
-            print(f"error: training stopped: {e}", file=sys.stderr, flush=True)
+            kind = "training stopped" if isinstance(e, TrainingStopped) else "checkpoint"
+            print(f"error: {kind}: {e}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         return 1
     if trainer.preempted:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "pretrain" / "train.py")
+FAULTS = str(REPO / "tests" / "faults.py")  # pretrain/train.py with a FaultPlan: faults.py [FAULTS] -- ARGS
 
 
 def free_port() -> int:
@@ -36,9 +37,9 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True, cwd: Path | None
     return p
 
 
-def deepspeed_cmd(nproc: int, args: list[str]) -> list[str]:
+def deepspeed_cmd(nproc: int, args: list[str], script: str = TRAIN) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), TRAIN, *args]
+            "--master_port", str(free_port()), script, *args]
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

@@ -35,9 +35,9 @@ def _recipe(tmp_path, max_bad_fraction):
 def test_bad_shards_and_a_nan_loss_are_skipped_and_counted(dirty, tmp_path):
     data, truncated, garbage = dirty
     out = tmp_path / "run"
-    p = run(module_cmd("pretrain.train", ["--config", _recipe(tmp_path, 0.5), "--data", str(data), "--output-dir",
-                                          str(out), "--max-steps", "24", "--eval-every", "0", "--no-progress"]),
-            env={"PRETRAIN_FAULT_NAN_STEPS": "3"})
+    p = run(module_cmd("tests.faults", ["--nan-loss-at", "3", "--", "--config", _recipe(tmp_path, 0.5), "--data",
+                                        str(data), "--output-dir", str(out), "--max-steps", "24", "--eval-every", "0",
+                                        "--no-progress"]))
     log = p.stdout + p.stderr
     assert "non-finite loss at step 3" in log
     assert garbage.split("/")[-1] in log and truncated.split("/")[-1] in log, "warnings name the shards"
@@ -64,10 +64,10 @@ def test_too_much_bad_data_stops_the_run_with_the_reason(dirty, tmp_path):
 
 
 def _nan_grad_run(data, out, ds_config):
-    return run(module_cmd("pretrain.train", ["--config", "gpt-tiny", "--data", str(data), "--output-dir", str(out),
-                                             "--deepspeed_config", ds_config, "--max-steps", "6", "--eval-every", "0",
-                                             "--no-progress"]),
-               env={"PRETRAIN_FAULT_NAN_GRAD_STEPS": "3"}, check=False)
+    return run(module_cmd("tests.faults", ["--nan-grad-at", "3", "--", "--config", "gpt-tiny", "--data", str(data),
+                                           "--output-dir", str(out), "--deepspeed_config", ds_config, "--max-steps", "6",
+                                           "--eval-every", "0", "--no-progress"]),
+               check=False)
 
 
 def test_nan_gradients_the_optimizer_refused_count_as_a_skipped_step(prepared_stdlib, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launch import REPO, deepspeed_cmd, env, metrics, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, env, metrics, run
 
 pytestmark = pytest.mark.integration
 STEPS = 16
@@ -70,9 +70,8 @@ def test_kill_9_between_checkpoints_and_during_a_save_then_resume_repeats_the_un
     assert first_latest in ("step_00000004", "step_00000008")
 
     # Kill 2: every rank inside the save of step 12 (files written, not sealed, latest not moved).
-    _kill_job_when(deepspeed_cmd(2, _args(prepared_stdlib, out)),
-                   lambda: all((out / f"stalled-in-save-rank{r}").is_file() for r in range(2)),
-                   {"PRETRAIN_FAULT_STALL_IN_SAVE": "12"})
+    _kill_job_when(deepspeed_cmd(2, ["--stall-in-save", "12", "--", *_args(prepared_stdlib, out)], script=FAULTS),
+                   lambda: all((out / f"stalled-in-save-rank{r}").is_file() for r in range(2)))
     assert _latest(out) == "step_00000008", "a half-written checkpoint is never named by latest"
     half = out / "checkpoints" / "step_00000012"
     assert half.is_dir() and not (half / "toolkit.json").exists()

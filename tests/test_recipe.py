@@ -6,6 +6,7 @@ import pytest
 
 from pretrain.config import RECIPES_DIR, RecipeError, load_recipe, parse_recipe
 from pretrain.ds_config import resolve_ds_config, zero_stage
+from pretrain.schedules import effective_optimization
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -100,7 +101,9 @@ def test_lr_scaling_rewrites_lr_and_warmup_and_says_so():
                                    "scheduler": {"type": "StepLR", "params": {"step_size": 10, "warmup_num_steps": "auto"}}},
                                   recipe, world_size=2, hidden_size=8)
     assert ds["train_batch_size"] == 16
-    assert ds["optimizer"]["params"]["lr"] == pytest.approx(2e-3) and recipe.training.min_lr == pytest.approx(2e-4)
+    derived = effective_optimization(recipe.training, ds["train_batch_size"])
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(2e-3) and derived.min_lr == pytest.approx(2e-4)
+    assert derived.warmup_steps == 25 and recipe.training.lr == 1e-3, "derived values stay out of the recipe"
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 25
     assert any("sqrt scaling" in n and "0.001 -> 0.002" in n for n in notes)
 

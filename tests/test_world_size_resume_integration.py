@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
-from tests.launch import REPO, deepspeed_cmd, metrics, module_cmd, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, run
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def test_two_ranks_to_one_and_back_loses_and_repeats_no_sample(small_data, tmp_p
     n = manifest["splits"]["train"]["samples"]
     out, trace = tmp_path / "run", tmp_path / "trace"
     trace.mkdir()
-    env = {"PRETRAIN_TRACE_SAMPLES": str(trace)}
+    traced = ["--trace-samples", str(trace), "--"]  # tests/faults.py: a per-sample trace, no faults
     ds = json.loads((REPO / "ds_configs/zero2_fp32.json").read_text())
     (tmp_path / "gas2.json").write_text(json.dumps({**ds, "gradient_accumulation_steps": 2}))
     recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
@@ -48,10 +48,10 @@ def test_two_ranks_to_one_and_back_loses_and_repeats_no_sample(small_data, tmp_p
               "--no-progress"]
     steps_on_one = -(-n // 16) + 6  # past the end of epoch 0 and the buffer (16 sequences a step in both worlds)
 
-    run(deepspeed_cmd(2, [*common, "--deepspeed_config", "ds_configs/zero2_fp32.json", "--max-steps", "6",
-                          "--checkpoint-every", "6"]), env=env)
+    run(deepspeed_cmd(2, [*traced, *common, "--deepspeed_config", "ds_configs/zero2_fp32.json", "--max-steps", "6",
+                          "--checkpoint-every", "6"], script=FAULTS))
     one_rank = [*common, "--deepspeed_config", str(tmp_path / "gas2.json"), "--checkpoint-every", "7"]
-    p = run(module_cmd("pretrain.train", [*one_rank, "--max-steps", "7"]), env=env)
+    p = run(module_cmd("tests.faults", [*traced, *one_rank, "--max-steps", "7"]))
     assert "universal checkpoint" in p.stdout and "(2 -> 1 ranks)" in p.stdout
     # The weights (and Adam state) came across: one step later they have barely moved.
     w6, w7 = (fp32_state_dict(resolve_checkpoint(str(out / "checkpoints" / f"step_{s:08d}"))) for s in (6, 7))
@@ -59,10 +59,10 @@ def test_two_ranks_to_one_and_back_loses_and_repeats_no_sample(small_data, tmp_p
     moved = max(float((w7[k] - w6[k]).detach().abs().max()) for k in w6)
     assert 0 < moved <= 3 * lr, (moved, lr)
     last = 6 + steps_on_one
-    p = run(module_cmd("pretrain.train", [*one_rank, "--max-steps", str(last)]), env=env)
+    p = run(module_cmd("tests.faults", [*traced, *one_rank, "--max-steps", str(last)]))
     assert "resumed from" in p.stdout and "ranks)" not in p.stdout, "same world: an ordinary resume"
-    p = run(deepspeed_cmd(2, [*common, "--deepspeed_config", "ds_configs/zero2_fp32.json",
-                              "--max-steps", str(last + 5)]), env=env)
+    p = run(deepspeed_cmd(2, [*traced, *common, "--deepspeed_config", "ds_configs/zero2_fp32.json",
+                              "--max-steps", str(last + 5)], script=FAULTS))
     assert "(1 -> 2 ranks)" in p.stdout
 
     ids = _trace(trace)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
-from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, _seed, read_checked
+from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, _seed, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +148,9 @@ class ImageTextTrainStream(EpochStream):
     DECODE_EARLY = False
 
     def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
-                 image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
-                 num_workers: int = 0, augment: bool = True, flip: bool = True, resampled: bool = False,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), history: Sequence[dict] = (), trace: bool = False):
-        super().__init__(data, split, batch_size, rank, world_size, seed, shuffle_buffer, resampled, num_workers,
-                         history, trace)
+                 image_size: int, rank: int = 0, world_size: int = 1, *, augment: bool = True, flip: bool = True,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), **options):
+        super().__init__(data, split, batch_size, rank, world_size, **options)
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.context_length, self.image_size = context_length, image_size
         self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
@@ -171,23 +169,19 @@ class ImageTextTrainStream(EpochStream):
 
     def replica(self, batch_size, rank, world_size, num_workers, history) -> "ImageTextTrainStream":
         return ImageTextTrainStream(self.data, self.split, batch_size, self.tokenizer, self.context_length,
-                                    self.image_size, rank, world_size, self.seed, self.buffer, num_workers,
-                                    self.augment, self.flip, False, self.crop_scale, history)
+                                    self.image_size, rank, world_size, augment=self.augment, flip=self.flip,
+                                    crop_scale=self.crop_scale, seed=self.seed, shuffle_buffer=self.buffer,
+                                    num_workers=num_workers, history=history)
 
 
 def image_text_train_loader(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
-                            image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                            shuffle_buffer: int = 1000, num_workers: int = 0, augment: bool = True, flip: bool = True,
-                            resampled: bool = False, history: Sequence[dict] = (),
-                            trace: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless iterator of training batches; DataLoader worker processes when num_workers > 0."""
-    ds = ImageTextTrainStream(data, split, batch_size, tokenizer, context_length, image_size, rank, world_size, seed,
-                              shuffle_buffer, num_workers, augment, flip, resampled, history=history, trace=trace)
-    if num_workers == 0:
-        return iter(ds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=True,
-                                         prefetch_factor=4)
-    return iter(loader)
+                            image_size: int, rank: int = 0, world_size: int = 1, *, num_workers: int = 0,
+                            **options) -> TrainStream:
+    """An endless, stateful iterator of training batches (DataLoader worker processes when
+    num_workers > 0); ``options`` are ImageTextTrainStream's (seed, augment, flip, history, ...)."""
+    ds = ImageTextTrainStream(data, split, batch_size, tokenizer, context_length, image_size, rank, world_size,
+                              num_workers=num_workers, **options)
+    return TrainStream(ds, num_workers)
 
 
 def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,

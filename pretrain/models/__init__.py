@@ -1,34 +1,29 @@
-"""Model families. Each family module has the same pieces, so the trainer, pretrain-eval and
-pretrain-export never ask which family they hold:
-
-    open_data(path)                       the prepared dataset the family trains on
-    tokenizer_dir(recipe, data)           where its tokenizer lives
-    model_config(model_cfg, tokenizer)    the transformers config (from sizes, or init_from's)
-    check(recipe, data, config, tok)      problems found before any rank starts
-    build_model / model_from_config / from_pretrained / hf_model
-    count_params, hidden_size, no_decay, FREEZE_ALIASES
-    train_stream(...), loss(model, batch), evaluate(...)  (collective over ranks)
-    tokens_per_sample(data, config), UNIT ("tokens" or "samples" for throughput)
+"""Model families. Each family module (gpt, clip) describes itself as a `ModelFamily`
+(`pretrain.models.spec`): the same pieces for every family, so the trainer, pretrain-eval and
+pretrain-export never ask which family they hold.
 """
 from __future__ import annotations
 
 import re
-from types import ModuleType
 
 import torch
 
+from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
+
 FAMILIES = ("gpt", "clip")
+__all__ = ["FAMILIES", "EvalRequest", "ModelFamily", "RunData", "StreamRequest", "family_of_hf_config",
+           "freeze_by_pattern", "get_family"]
 
 
-def get_family(name: str) -> ModuleType:
+def get_family(name: str) -> ModelFamily:
     if name == "gpt":
         from pretrain.models import gpt
 
-        return gpt
+        return gpt.FAMILY
     if name == "clip":
         from pretrain.models import clip
 
-        return clip
+        return clip.FAMILY
     raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,10 +19,13 @@ from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIP
 
 from pretrain.config import ModelConfig, Recipe, VisionConfig
 from pretrain.models.gpt import round_up
+from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
+
+if TYPE_CHECKING:
+    from data_pipelines.loader import TrainStream
 
 # Parameter-name prefixes of each tower, for `model.freeze: ["vision"]` (locked-image tuning).
 FREEZE_ALIASES = {"vision": r"^(vision_model|visual_projection)\.", "text": r"^(text_model|text_projection)\."}
-UNIT = "samples"
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -292,14 +295,14 @@ def _tokenizer(path: Path):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path: Path,
-                 config: PretrainedConfig, history=(), trace: bool = False) -> Iterator[dict]:
+def train_stream(run: RunData, req: StreamRequest) -> "TrainStream":
     from data_pipelines.image.loader import image_text_train_loader
 
-    d = recipe.data
-    return image_text_train_loader(data, d.train_split, micro, _tokenizer(tokenizer_path), context_length(config),
-                                   image_size(config), rank, world, recipe.training.seed, d.shuffle_buffer,
-                                   d.num_workers, d.augment, d.flip, d.resampled, history, trace)
+    d, config = req.data, run.model_config
+    return image_text_train_loader(run.data, d.train_split, req.micro_batch_size, _tokenizer(run.tokenizer_dir),
+                                   context_length(config), image_size(config), req.rank, req.world,
+                                   num_workers=d.num_workers, seed=req.seed, shuffle_buffer=d.shuffle_buffer,
+                                   augment=d.augment, flip=d.flip, resampled=d.resampled, trace=req.sample_ids)
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -332,16 +335,14 @@ def class_embeddings(model, tokenizer, classes: dict[str, Any], context: int, de
 
 
 @torch.no_grad()
-def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
-             max_samples: int | None = None, tokenizer_path: Path | None = None,
-             config: PretrainedConfig | None = None) -> dict[str, Any]:
+def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     """Contrastive loss (over batches of batch_size x world, padding masked), zero-shot top-1/5
     with prompt ensembling (when the data has classes.json), and retrieval recall@1/5/10 in both
     directions. Collective: every rank calls it and gets the same result."""
     from data_pipelines.image.loader import image_text_eval_batches
 
-    config = config or model.config
-    tokenizer = _tokenizer(tokenizer_path)
+    data, config, device, world = run.data, run.model_config or model.config, req.device, req.world
+    tokenizer = _tokenizer(run.tokenizer_dir)
     context, size = context_length(config), image_size(config)
     classes = data.classes()
     classifier = class_embeddings(model, tokenizer, classes, context, device).cpu() if classes else None
@@ -350,8 +351,8 @@ def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int
     zs = torch.zeros(5, dtype=torch.float64)  # labelled, top1, top5, held-out labelled, held-out top1
     held_out = torch.tensor(sorted(classes.get("held_out", [])) if classes else [], dtype=torch.long)
     feats_i, feats_t, index = [], [], []
-    for batch in image_text_eval_batches(data, split, batch_size, tokenizer, context, size, rank, world,
-                                         max_samples, stats):
+    for batch in image_text_eval_batches(data, req.split, req.batch_size, tokenizer, context, size, req.rank, world,
+                                         req.max_samples, stats):
         weight, label = batch.pop("weight"), batch.pop("label")
         out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), weight=weight.to(device))
@@ -421,3 +422,13 @@ def retrieval(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1,
     out.update({f"text_to_image_R@{k}": t2i[k] / n for k in ks})
     out["retrieval_pairs"] = n
     return out
+
+
+FAMILY = ModelFamily(
+    name="clip", unit="samples", freeze_aliases=FREEZE_ALIASES,
+    open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
+    count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
+    hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=register_external_parameters,
+    train_stream=train_stream, loss=loss, evaluate=evaluate,
+)

@@ -9,10 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from pretrain.config import ModelConfig, Recipe
-
-FREEZE_ALIASES: dict[str, str] = {}
-UNIT = "tokens"
-
+from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -143,22 +140,22 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
     return sums
 
 
-def train_stream(data, recipe: Recipe, micro: int, rank: int, world: int, tokenizer_path=None, config=None,
-                 history=(), trace: bool = False):
+def train_stream(run: RunData, req: StreamRequest):
     from data_pipelines.loader import train_loader
 
-    d = recipe.data
-    return train_loader(data, d.train_split, micro, rank, world, recipe.training.seed, d.shuffle_buffer, d.resampled,
-                        d.num_workers, history, trace)
+    d = req.data
+    return train_loader(run.data, d.train_split, req.micro_batch_size, req.rank, req.world, seed=req.seed,
+                        shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, num_workers=d.num_workers,
+                        trace=req.sample_ids)
 
 
-def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
-             max_samples: int | None = None, tokenizer_path=None, config=None) -> dict:
+def evaluate(model, run: RunData, req: EvalRequest) -> dict:
     """Loss and perplexity over the split's first max_samples windows; collective over ranks."""
     from data_pipelines.loader import eval_batches
 
-    sums = evaluate_sums(model, eval_batches(data, split, batch_size, rank, world, max_samples), device)
-    if world > 1:
+    batches = eval_batches(run.data, req.split, req.batch_size, req.rank, req.world, req.max_samples)
+    sums = evaluate_sums(model, batches, req.device)
+    if req.world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
@@ -168,3 +165,13 @@ def evaluate(model, data, split: str, batch_size: int, rank: int = 0, world: int
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     loss_value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
     return {"loss": loss_value, "perplexity": math.exp(min(loss_value, 50.0)), "tokens": int(sums[1]), "samples": int(sums[2])}
+
+
+FAMILY = ModelFamily(
+    name="gpt", unit="tokens", freeze_aliases={},
+    open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
+    count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
+    hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=no_external_parameters,
+    train_stream=train_stream, loss=loss, evaluate=evaluate,
+)

@@ -1,0 +1,65 @@
+"""One object for everything a run is configured with, settled before any rank starts.
+
+The recipe stays as the user wrote it (plus command-line overrides); the DeepSpeed config has
+every "auto" filled; the values derived from the two (the LR scaled to the global batch, batch
+arithmetic, tokens per step) live here and nowhere else. ``resolved-config.json`` in the run
+directory (`pretrain.checkpoint.RESOLVED`) is this object, whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import Recipe
+from pretrain.ds_config import precision, zero_stage
+from pretrain.schedules import Optimization
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    recipe: Recipe
+    deepspeed: dict[str, Any]  # as given to the run (a toolkit scheduler section included)
+    optimization: Optimization
+    world_size: int
+    tokens_per_sample: int
+    data_path: Path
+    data_kind: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.deepspeed["gradient_accumulation_steps"])
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.deepspeed["train_batch_size"])
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.deepspeed)
+
+    @property
+    def precision(self) -> str:
+        return precision(self.deepspeed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "deepspeed": self.deepspeed,
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "zero_stage": self.zero_stage,
+            "optimization": self.optimization.to_dict(),
+            "batch": {"micro_batch_size": self.micro_batch_size,
+                      "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                      "global_batch": self.global_batch},
+            "data": {"path": str(self.data_path.resolve()), "kind": self.data_kind,
+                     "tokens_per_sample": self.tokens_per_sample,
+                     "tokens_per_step": self.global_batch * self.tokens_per_sample},
+            "notes": self.notes,
+        }

@@ -1,0 +1,214 @@
+"""The trainer's seams tested in one process (a gloo world of one, real DeepSpeed engines): the
+checkpoint manager, the skip/stop rules, exact resume and a resume in another data layout. What
+needs several ranks stays in the multi-rank subprocess tests."""
+import json
+import os
+import signal
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointManager, complete_tags, resumable
+from pretrain.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
+from tests.faults import FaultPlan
+from tests.launch import REPO, free_port, metrics, module_cmd, run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    """A process group of one in this test process; the environment and signal handlers are put back."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from pretrain.train import _remove_shm_buffers
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false").items():
+            mp.setenv(k, v)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        _remove_shm_buffers()
+        dist.destroy_process_group()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def _trainer(argv: list[str], hooks=None) -> Trainer:
+    from pretrain.train import build_parser, prepare
+
+    args = build_parser().parse_args([*argv, "--no-progress"])
+    resolved, inputs, run_dir = prepare(args)
+    trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False, hooks=hooks)
+    trainer.setup()
+    return trainer
+
+
+def _recipe(tmp_path: Path, **training) -> str:
+    r = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
+    data = training.pop("data", {})
+    r["training"].update(training)
+    r["data"].update(data)
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.json"
+    path.write_text(json.dumps(r))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------ pure rules
+
+
+def test_bad_data_is_judged_after_100_samples_against_max_bad_fraction():
+    assert bad_data_verdict(read=50, bad=40, limit=0.01, first_bad="x") is None, "too early to judge"
+    assert bad_data_verdict(read=990, bad=10, limit=0.01, first_bad="x") is None, "exactly at the limit"
+    msg = bad_data_verdict(read=989, bad=11, limit=0.01, first_bad="bad_shard=1")
+    assert "11 of 1000" in msg and "data.max_bad_fraction=0.01" in msg and "bad_shard=1" in msg
+
+
+def test_non_finite_skips_count_up_to_the_cap_or_stop_at_once():
+    assert count_skip(0, "skip", 2, "at step 3") == 1
+    assert count_skip(1, "skip", 2, "at step 4") == 2
+    with pytest.raises(TrainingStopped, match="3 skipped so far, more than training.max_nonfinite_skips=2"):
+        count_skip(2, "skip", 2, "at step 5")
+    with pytest.raises(TrainingStopped, match="at step 3; training.on_nonfinite is 'stop'"):
+        count_skip(0, "stop", 10, "at step 3")
+
+
+# ------------------------------------------------------------------------------ checkpoint manager
+
+
+def _engine(seed: int):
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9})
+    return engine
+
+
+def _train_one_step(engine, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    loss = engine(torch.randn(4, 8, generator=g)).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+
+
+def test_checkpoint_manager_saves_seals_prunes_finds_and_loads(tmp_path):
+    root = tmp_path / "checkpoints"
+    hooked = []
+    manager = CheckpointManager(root, rank=0, world=1, zero_stage=2, seed=1, keep_last=2,
+                                in_save=lambda step, rank, tag: hooked.append((step, (tag / "toolkit.json").exists())))
+    assert manager.target is None, "nothing to resume yet"
+    engine = _engine(0)
+    for step in (1, 2, 3):
+        _train_one_step(engine, step)
+        manager.save(engine, step, {"step": step, "samples": 4 * step}, {"micro_batches": step, "where": f"s{step}"})
+    assert hooked == [(1, False), (2, False), (3, False)], "in_save runs before the seal"
+    assert [p.name for p in complete_tags(root)] == ["step_00000002", "step_00000003"], "keep_last=2 pruned step 1"
+    seal = json.loads((root / "step_00000003" / "toolkit.json").read_text())
+    assert seal["step"] == 3 and seal["world_size"] == 1 and seal["where"] == "s3"
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    next_draw = torch.rand(3)  # what this rank's generator gives right after the save
+
+    # A tag written but never sealed (a crash inside the save) is not a resume target.
+    (root / "step_00000004").mkdir()
+    (root / "latest").write_text("step_00000004")
+    assert resumable(root) == root / "step_00000003"
+
+    torch.manual_seed(123)
+    other = _engine(1)
+    assert any(not torch.equal(v, other.module.state_dict()[k]) for k, v in weights.items())
+    resumed = CheckpointManager(root, rank=0, world=1, zero_stage=2, seed=1)
+    assert resumed.deepspeed_config({"a": 1}) == {"a": 1}, "same world size: the config as it is"
+    restored = resumed.load(other)
+    assert restored.tag.name == "step_00000003" and restored.old_world == 1
+    assert restored.run_state["samples"] == 12 and restored.data_state == {"micro_batches": 3, "where": "s3"}
+    for k, v in weights.items():
+        assert torch.equal(other.module.state_dict()[k], v), k
+    assert torch.equal(torch.rand(3), next_draw), "the RNG continues where the saved run was"
+
+
+def test_resume_asks_for_a_complete_checkpoint(tmp_path):
+    from pretrain.checkpoint import CheckpointError
+
+    (tmp_path / "step_00000005").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        CheckpointManager(tmp_path, rank=0, world=1, zero_stage=0, seed=0, resume=str(tmp_path / "step_00000005"))
+
+
+# ------------------------------------------------------------------------------------ the trainer
+
+
+def test_a_nan_loss_is_skipped_and_a_resumed_trainer_repeats_the_uninterrupted_one(prepared_stdlib, tmp_path):
+    common = ["--config", "gpt-tiny", "--data", str(prepared_stdlib), "--eval-every", "3", "--checkpoint-every", "3"]
+    ref = _trainer([*common, "--output-dir", str(tmp_path / "ref"), "--max-steps", "6"], FaultPlan(nan_loss_at=[2]))
+    ref.fit()
+    assert ref.state.nonfinite_skips == 1 and ref.state.step == 6
+    assert ref.stream.micro_batches == 7, "six steps and the dropped micro-batch"
+
+    cut = _trainer([*common, "--output-dir", str(tmp_path / "cut"), "--max-steps", "3"], FaultPlan(nan_loss_at=[2]))
+    cut.fit()
+    resumed = _trainer([*common, "--output-dir", str(tmp_path / "cut"), "--max-steps", "6"], FaultPlan())
+    assert resumed.state.step == 3 and resumed.stream.micro_batches == 4, "the stream's own position came back"
+    resumed.fit()
+    (t_ref, e_ref), (t_cut, e_cut) = metrics(tmp_path / "ref"), metrics(tmp_path / "cut")
+    assert [m["loss"] for m in t_cut] == pytest.approx([m["loss"] for m in t_ref], rel=1e-6)
+    assert [e["loss"] for e in e_cut] == pytest.approx([e["loss"] for e in e_ref], rel=1e-6)
+    assert t_cut[-1]["nonfinite_skips"] == 1
+    resolved = json.loads((tmp_path / "cut" / "resolved-config.json").read_text())
+    assert resolved["optimization"]["lr"] == resolved["deepspeed"]["optimizer"]["params"]["lr"] == 2e-3
+    assert resolved["batch"] == {"micro_batch_size": 8, "gradient_accumulation_steps": 1, "global_batch": 8}
+
+
+def test_on_nonfinite_stop_ends_the_run_at_the_first_nan(prepared_stdlib, tmp_path):
+    trainer = _trainer(["--config", _recipe(tmp_path, on_nonfinite="stop"), "--data", str(prepared_stdlib),
+                        "--output-dir", str(tmp_path / "run"), "--max-steps", "5", "--eval-every", "0"],
+                       FaultPlan(nan_loss_at=[2]))
+    with pytest.raises(TrainingStopped, match="non-finite loss at step 2.*on_nonfinite is 'stop'"):
+        trainer.fit()
+    assert trainer.state.step == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """About 200 train windows of 32 tokens: an epoch is some 25 steps of 8."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = [str(p) for p in files if 5_000 < p.stat().st_size < 9_000][:3]
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    run(module_cmd("data_pipelines.text.prepare", [*files, "--output", str(out), "--vocab-size", "400", "--seq-len",
+                                                    "32", "--val-fraction", "0.1", "--samples-per-shard", "20",
+                                                    "--no-progress"]))
+    return out
+
+
+def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_corpus, tmp_path):
+    """Same world size, micro_batch_size 8 -> 4 (x2 accumulation) and num_workers 0 -> 2: the
+    stream re-divides the epoch, and the per-sample trace shows every sample of epoch 0 once."""
+    n = json.loads((tiny_corpus / "manifest.json").read_text())["splits"]["train"]["samples"]
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = ["--data", str(tiny_corpus), "--output-dir", str(tmp_path / "run"), "--eval-every", "0"]
+    first = _trainer(["--config", _recipe(tmp_path, data={"shuffle_buffer": 16}), *out, "--max-steps", "5"],
+                     FaultPlan(trace_dir=trace))
+    first.fit()
+    first.hooks.close()
+    steps = 5 + -(-n // 8) + 3  # past the end of epoch 0 (8 sequences a step in both layouts)
+    second = _trainer(["--config", _recipe(tmp_path, micro_batch_size=4, gradient_accumulation_steps=2,
+                                           data={"shuffle_buffer": 16, "num_workers": 2}),
+                       *out, "--max-steps", str(steps)], FaultPlan(trace_dir=trace))
+    assert second.stream.state_dict()["data_history"] == [{"world": 1, "workers": 0, "micro": 8, "micro_batches": 5}]
+    second.fit()
+    second.hooks.close()
+    ids = [i for line in (trace / "trace-rank0.txt").read_text().splitlines() for i in line.split("\t")[1].split()]
+    assert len(ids) == steps * 8
+    assert Counter(ids).most_common(1)[0][1] == 1, "no sample twice in one epoch"
+    assert len({i for i in ids if i.startswith("0:")}) == n, "epoch 0 covered every train sample"
+    seal = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps:08d}" / "toolkit.json").read_text())
+    assert seal["micro"] == 4 and seal["workers"] == 2 and len(seal["data_history"]) == 1
+    assert os.environ["WORLD_SIZE"] == "1"
