@@ -62,6 +62,19 @@ def stdlib_files(max_bytes: int) -> list[str]:
     return files
 
 
+def prepare_small_corpus(out: Path, files: int, min_bytes: int, max_bytes: int, vocab_size: int, samples_per_shard: int,
+                         test_fraction: float = 0.0) -> Path:
+    """A small prepared text corpus (seq_len 32) from ``files`` stdlib sources of min..max bytes,
+    so that a test can train through whole epochs."""
+    chosen = [str(p) for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+              if min_bytes < p.stat().st_size < max_bytes][:files]
+    run(module_cmd("data_pipelines.text.prepare", [*chosen, "--output", str(out), "--vocab-size", str(vocab_size),
+                                                    "--seq-len", "32", "--val-fraction", "0.1", "--test-fraction",
+                                                    str(test_fraction), "--samples-per-shard", str(samples_per_shard),
+                                                    "--no-progress"]))
+    return out
+
+
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if "split" not in m and "event" not in m], [m for m in lines if "split" in m]

@@ -4,7 +4,6 @@ needs several ranks stays in the multi-rank subprocess tests."""
 import json
 import os
 import signal
-import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from pretrain.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
-from tests.launch import REPO, free_port, metrics, module_cmd, run
+from tests.launch import REPO, free_port, metrics, prepare_small_corpus
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,13 +177,7 @@ def test_on_nonfinite_stop_ends_the_run_at_the_first_nan(prepared_stdlib, tmp_pa
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     """About 200 train windows of 32 tokens: an epoch is some 25 steps of 8."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    files = [str(p) for p in files if 5_000 < p.stat().st_size < 9_000][:3]
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    run(module_cmd("data_pipelines.text.prepare", [*files, "--output", str(out), "--vocab-size", "400", "--seq-len",
-                                                    "32", "--val-fraction", "0.1", "--samples-per-shard", "20",
-                                                    "--no-progress"]))
-    return out
+    return prepare_small_corpus(tmp_path_factory.mktemp("tiny") / "data", 3, 5_000, 9_000, 400, 20)
 
 
 def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_corpus, tmp_path):

@@ -1,14 +1,13 @@
 """A run saved on 2 ranks resumes on 1 (DeepSpeed universal checkpoint) and then on 2 again; the
 data position is re-divided so that within an epoch no sample is lost or repeated."""
 import json
-import sysconfig
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
-from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, prepare_small_corpus, run
 
 pytestmark = pytest.mark.integration
 
@@ -16,13 +15,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """About 650 train windows: small enough that the test runs through a whole epoch."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    files = [str(p) for p in files if 5_000 < p.stat().st_size < 12_000][:8]
-    out = tmp_path_factory.mktemp("small") / "data"
-    run(module_cmd("data_pipelines.text.prepare", [*files, "--output", str(out), "--vocab-size", "512", "--seq-len",
-                                                    "32", "--val-fraction", "0.1", "--test-fraction", "0.1",
-                                                    "--samples-per-shard", "50", "--no-progress"]))
-    return out
+    return prepare_small_corpus(tmp_path_factory.mktemp("small") / "data", 8, 5_000, 12_000, 512, 50, 0.1)
 
 
 def _trace(trace_dir: Path) -> list[str]:
