@@ -219,6 +219,23 @@ def load_rank_state(tag_dir: Path, rank: int) -> dict | None:
     return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
 
 
+def resume_target(root: Path, resume: str) -> Path | None:
+    """The tag a run resumes from: ``auto`` (the newest complete one under ``root``, if any),
+    ``none``, or a path (a checkpoints folder, a run's, or one tag), which must be complete."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return resumable(root)
+    p = Path(resume)
+    for folder in (p, p / "checkpoints"):
+        if (folder / "latest").is_file() or complete_tags(folder):
+            p = resumable(folder) or p
+            break
+    if not is_complete(p):
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE})")
+    return p
+
+
 # ---------------------------------------------------------------------------------------------
 # The manager
 
@@ -248,24 +265,13 @@ class CheckpointManager:
         self.root, self.rank, self.world, self.zero_stage = Path(root), rank, world, zero_stage
         self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
         self.is_main = rank == 0
-        self.target = self._find(resume)
+        self.target = resume_target(self.root, resume)
         self.saved: dict[str, Any] | None = json.loads((self.target / COMPLETE).read_text()) if self.target else None
         self._universal: Path | None = None
 
     @property
     def saved_world(self) -> int | None:
         return None if self.saved is None else int(self.saved.get("world_size", self.world))
-
-    def _find(self, resume: str) -> Path | None:
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return resumable(self.root)
-        p = Path(resume)
-        target = resumable(p) if (p / "latest").is_file() or complete_tags(p) else p
-        if target is None or not is_complete(target):
-            raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE})")
-        return target
 
     # -- before deepspeed.initialize
     def deepspeed_config(self, ds: dict) -> dict:

@@ -72,6 +72,7 @@ def prepare(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
+    from pretrain.checkpoint import CheckpointError, resume_target
     from pretrain.ds_config import resolve_ds_config
     from pretrain.models import RunData, freeze_by_pattern, get_family
     from pretrain.resolved import ResolvedRun
@@ -106,6 +107,11 @@ def prepare(args: argparse.Namespace):
     if recipe.data.tokenizer and not Path(recipe.data.tokenizer).is_dir():
         problems.append(f"data.tokenizer: {recipe.data.tokenizer} is not a directory")
         recipe.data.tokenizer = None
+    if args.resume not in ("auto", "none"):
+        try:
+            resume_target(Path(args.resume), args.resume)
+        except CheckpointError as e:
+            problems.append(str(e))
     if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
         problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
         recipe.model.init_from = None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.checkpoint import RESOLVED, CheckpointManager, seed_everything
+from pretrain.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
 from pretrain.ds_config import for_deepspeed, toolkit_scheduler
 from pretrain.hooks import TrainerHooks
 from pretrain.metrics import MetricsLogger, rewind
@@ -120,6 +120,8 @@ class Trainer:
         if self.is_main:
             self._write_run_files()
         restored = self.ckpt.load(self.engine)
+        if restored is not None:
+            self.state = RunState.from_dict(restored.run_state)
         self.stream = self._stream(restored)
         self.metrics = self._metrics(restored)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -171,23 +173,21 @@ class Trainer:
         self.device = engine.device
         return engine
 
-    def _stream(self, restored):
+    def _stream(self, restored: Restored | None):
         """This rank's training stream, continued from the checkpoint's position (the stream replays
         or re-divides as it needs: same layout or another world size, micro-batch or worker count)."""
         d = self.recipe.data
         stream = self.family.train_stream(self.inputs, StreamRequest(
             data=d, micro_batch_size=self.micro, seed=self.recipe.training.seed, rank=self.rank, world=self.world,
             sample_ids=self.hooks.sample_ids))
-        if restored is not None:
-            self.state = RunState.from_dict(restored.run_state)
-            if restored.data_state is not None:
-                try:
-                    stream.load_state_dict(restored.data_state)
-                except ValueError as e:
-                    raise TrainingStopped(f"cannot continue the data stream of {restored.tag}: {e}") from None
+        if restored is not None and restored.data_state is not None:
+            try:
+                stream.load_state_dict(restored.data_state)
+            except ValueError as e:
+                raise TrainingStopped(f"cannot continue the data stream of {restored.tag}: {e}") from None
         return stream
 
-    def _metrics(self, restored) -> MetricsLogger:
+    def _metrics(self, restored: Restored | None) -> MetricsLogger:
         discarded = rewind(self.run_dir, self.state.step) if self.is_main and restored else 0
         metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
         if restored:

@@ -45,6 +45,8 @@ CASES = [
     ("missing init_from", GPT, DS, ["--init-from", "/nonexistent/model"], ["model.init_from: /nonexistent/model/config.json not found"]),
     ("missing DeepSpeed config", GPT, None, ["--deepspeed_config", "/nonexistent/ds.json"],
      ["/nonexistent/ds.json", "DeepSpeed config not found"]),
+    ("resume from what is not a checkpoint", GPT, DS, ["--resume", "/nonexistent/ckpt"],
+     ["--resume /nonexistent/ckpt: not a complete checkpoint (no toolkit.json)"]),
     ("family and arch disagree", _set(GPT, "family", "clip"), DS, [], ["family 'clip' does not go with model.arch 'gpt2'"]),
     ("image recipe on text shards", CLIP, DS, [], ["kind is 'text', expected 'image-text'"]),
     ("freeze pattern matches nothing", _set(GPT, "model.freeze", ["transformer.hh"]), DS, [],
