@@ -135,6 +135,9 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)")
     seed: int = Field(1234, description="seed for model init, data order and dropout; --seed overrides")
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
+    peak_tflops: float | None = Field(None, gt=0, description="the accelerator's dense peak TFLOPS per GPU for the run's "
+                                      "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/flops.py by "
+                                      "the CUDA device's name; none on a CPU, so mfu is null there)")
     on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it) or stop the run")
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches")
 

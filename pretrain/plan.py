@@ -35,45 +35,12 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
+# The FLOPs math and the accelerator table are shared with the trainer's MFU.
+from pretrain.flops import BYTES_PER_ELEMENT, DTYPES, GPUS, total_flops, total_flops_from_samples  # noqa: F401
+
 PROG = "pretrain-plan"
 GB = 1e9
 SECONDS_PER_DAY = 86_400
-
-DTYPES = ("bf16", "fp16", "fp32", "tf32")
-BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}  # tf32 is stored as fp32
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gb: float
-    tflops: dict[str, float]  # dense peak per dtype; a dtype the chip has no fast path for is absent
-
-
-# Vendor DENSE peaks (the sparsity figures are 2x these), TFLOPS, and memory per GPU in GB.
-# Sources: NVIDIA datasheets (V100 SXM2, A100 SXM, H100 SXM/PCIe, H200 SXM, HGX B200, L40S, A10, T4)
-# and AMD Instinct datasheets (MI250X, MI300X). fp32 is the non-tensor (vector) rate, as the
-# datasheets list it; tf32 is the tensor-core rate. Notes on the less certain rows:
-#   v100: the 32 GB SXM2 part; fp16 is the tensor-core rate; Volta has no bf16 and no tf32.
-#   b200: one GPU of an HGX B200 (1000 W), 180 GB usable of the 192 GB of HBM3e.
-#   a10g: AWS does not publish a per-dtype table for its A10G; these are the NVIDIA A10 figures,
-#         and measured A10G matmul throughput is often well below them.
-#   mi250x: fp32 is the 47.9 vector rate (its fp32 matrix rate is 95.7); CDNA2 has no tf32.
-#   t4: fp16 is the tensor-core (mixed precision) rate; Turing has no bf16 and no tf32.
-GPUS: dict[str, GPU] = {
-    "v100": GPU("V100 SXM2 32GB", 32, {"fp16": 125, "fp32": 15.7}),
-    "a100": GPU("A100 SXM 40GB", 40, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
-    "a100-80g": GPU("A100 SXM 80GB", 80, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
-    "h100": GPU("H100 SXM 80GB", 80, {"bf16": 989, "fp16": 989, "tf32": 494.7, "fp32": 67}),
-    "h100-pcie": GPU("H100 PCIe 80GB", 80, {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
-    "h200": GPU("H200 SXM 141GB", 141, {"bf16": 989, "fp16": 989, "tf32": 494.7, "fp32": 67}),
-    "b200": GPU("B200 (HGX) 180GB", 180, {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 75}),
-    "mi250x": GPU("MI250X 128GB", 128, {"bf16": 383, "fp16": 383, "fp32": 47.9}),
-    "mi300x": GPU("MI300X 192GB", 192, {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4}),
-    "l40s": GPU("L40S 48GB", 48, {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
-    "a10g": GPU("A10G 24GB", 24, {"bf16": 125, "fp16": 125, "tf32": 62.5, "fp32": 31.2}),
-    "t4": GPU("T4 16GB", 16, {"fp16": 65, "fp32": 8.1}),
-}
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "p": 10**15}
 
@@ -97,28 +64,6 @@ def parse_count(text: str) -> int:
     if not value.is_finite() or value <= 0:
         raise ValueError(f"not a positive count: {text!r}")
     return int(value.to_integral_value())
-
-
-def total_flops(params: float, tokens: float, *, attention: bool = False, num_layers: int | None = None,
-                seq_len: int | None = None, hidden_size: int | None = None) -> float:
-    """Training FLOPs of a decoder: 6·N·D (Kaplan et al. 2020 sec. 2.1; Chinchilla Appendix F).
-
-    With ``attention``, add the PaLM (Chowdhery et al. 2022, Appendix B) attention term
-    12·n_layers·seq_len·hidden·D: the QK^T and AV matmuls (2·2·L·s·h per token forward, x3 with the
-    backward), which 6·N·D leaves out because they involve no parameters.
-    """
-    flops = 6.0 * params * tokens
-    if attention:
-        if not (num_layers and seq_len and hidden_size):
-            raise ValueError("the attention term needs num_layers, seq_len and hidden_size")
-        flops += 12.0 * num_layers * seq_len * hidden_size * tokens
-    return flops
-
-
-def total_flops_from_samples(forward_flops_per_sample: float, samples: float) -> float:
-    """Training FLOPs from forward FLOPs per sample F: 3·F·samples (the backward pass costs about
-    twice the forward, as in the 6 = 3 x 2 of 6·N·D)."""
-    return 3.0 * forward_flops_per_sample * samples
 
 
 def gpu_days(flops: float, peak_tflops: float, mfu: float, num_gpus: int = 1) -> float:
@@ -221,31 +166,17 @@ def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
 
 
 def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
-    """A clip-family recipe: each tower's forward costs 2 FLOPs per matmul parameter per token it
-    sees (image patches + class token; caption positions), the count that 6·N·D rests on.
-    ViT-B/32 comes to 14.7 GFLOPs per pair, twice the 7.4 G multiply-adds OpenCLIP lists."""
-    import torch
-    from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel
+    """A clip-family recipe: forward FLOPs per image-text pair from `pretrain.flops.clip_forward_flops`
+    (the function the trainer's MFU uses too)."""
+    from transformers import AutoConfig
 
-    from pretrain.models.clip import hf_config
+    from pretrain.flops import clip_forward_flops
+    from pretrain.models.clip import count_params, hf_config
 
     config = (AutoConfig.from_pretrained(recipe.model.init_from) if recipe.model.init_from
               else hf_config(recipe.model, vocab_size, eos_token_id=0))
-    def sizes(model: torch.nn.Module) -> tuple[int, int]:
-        """(all parameters, those used in matmuls: not the token and position lookup tables)"""
-        named = list(model.named_parameters())
-        lookups = sum(p.numel() for n, p in named if "embedding" in n and "patch_embedding" not in n)
-        total = sum(p.numel() for _, p in named)
-        return total, total - lookups
-
-    with torch.device("meta"):
-        vision, vision_mm = sizes(CLIPVisionModel(config.vision_config))
-        text, text_mm = sizes(CLIPTextModel(config.text_config))
     v, t = config.vision_config, config.text_config
-    patches = (v.image_size // v.patch_size) ** 2 + 1
-    projections = config.projection_dim * (v.hidden_size + t.hidden_size) + 1
-    flops = 2.0 * (vision_mm * patches + text_mm * t.max_position_embeddings)
-    return ModelShape(params=vision + text + projections, forward_flops_per_sample=flops,
+    return ModelShape(params=count_params(config), forward_flops_per_sample=clip_forward_flops(config),
                       hidden_size=max(v.hidden_size, t.hidden_size), micro_batch=recipe.training.micro_batch_size,
                       precision=recipe.training.precision)
 

@@ -23,6 +23,7 @@ class ResolvedRun:
     optimization: Optimization
     world_size: int
     tokens_per_sample: int
+    flops_per_sample: float  # model FLOPs of one training sample, forward and backward (pretrain.flops)
     data_path: Path
     data_kind: str
     notes: list[str] = field(default_factory=list)
@@ -38,6 +39,10 @@ class ResolvedRun:
     @property
     def global_batch(self) -> int:
         return int(self.deepspeed["train_batch_size"])
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.global_batch * self.flops_per_sample
 
     @property
     def zero_stage(self) -> int:
@@ -61,5 +66,6 @@ class ResolvedRun:
             "data": {"path": str(self.data_path.resolve()), "kind": self.data_kind,
                      "tokens_per_sample": self.tokens_per_sample,
                      "tokens_per_step": self.global_batch * self.tokens_per_sample},
+            "model_flops": {"per_sample": self.flops_per_sample, "per_step": self.flops_per_step},
             "notes": self.notes,
         }

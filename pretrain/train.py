@@ -146,6 +146,7 @@ def prepare(args: argparse.Namespace):
     resolved = ResolvedRun(recipe=recipe, deepspeed=ds_config,
                            optimization=effective_optimization(recipe.training, ds_config["train_batch_size"]),
                            world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
+                           flops_per_sample=family.train_flops_per_sample(model_config, data),
                            data_path=data.root, data_kind=data.KIND, notes=notes)
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir

@@ -20,6 +20,7 @@ import torch
 
 from pretrain.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
 from pretrain.ds_config import for_deepspeed, toolkit_scheduler
+from pretrain.flops import peak_tflops, this_accelerator, utilisation
 from pretrain.hooks import TrainerHooks
 from pretrain.metrics import MetricsLogger, rewind
 from pretrain.models import EvalRequest, RunData, StreamRequest, freeze_by_pattern, get_family
@@ -117,6 +118,7 @@ class Trainer:
         self.engine = self._engine(self._model())
         self.micro, self.gas = self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps()
         self.global_batch = self.micro * self.gas * self.world
+        self.peak_tflops = self.recipe.training.peak_tflops or peak_tflops(*self._accelerator())
         if self.is_main:
             self._write_run_files()
         restored = self.ckpt.load(self.engine)
@@ -194,6 +196,10 @@ class Trainer:
             metrics.log({"step": self.state.step, "event": "resumed", "checkpoint": restored.tag.name,
                          "world_size": self.world, "discarded_lines": discarded})
         return metrics
+
+    def _accelerator(self) -> tuple[str | None, str, bool]:
+        name, tf32 = this_accelerator()
+        return name, self.run.precision, tf32
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag: the step in flight finishes, then every rank agrees to save and stop.
@@ -333,18 +339,20 @@ class Trainer:
         bar = tqdm(total=tr.max_steps, initial=self.state.step, disable=(not self.is_main or not self.progress) or None,
                    desc="train", unit="step", dynamic_ncols=True)
         start = time.time()
-        window_start, window_samples = time.time(), 0
+        window_start, window_steps = time.time(), 0
         last_eval: dict[str, Any] = {}
         while self.state.step < tr.max_steps:
             out = self.train_step()
             preempted = out.pop("stop")
-            window_samples += self.global_batch
+            window_steps += 1
             step = self.state.step
             if step % tr.log_every == 0 or step == tr.max_steps:
                 now = time.time()
-                sps = window_samples / max(now - window_start, 1e-9)
+                sps = window_steps * self.global_batch / max(now - window_start, 1e-9)
                 tps = sps * self.run.tokens_per_sample
-                window_start, window_samples = now, 0
+                tflops, mfu = utilisation(self.run.flops_per_step, window_steps, now - window_start, self.world,
+                                          self.peak_tflops)
+                window_start, window_steps = now, 0
                 # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
                 tput = tps if self.family.unit == "tokens" else sps
                 if out["data_skipped"]:
@@ -354,6 +362,7 @@ class Trainer:
                 self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
                                   "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
                                   "throughput_unit": f"{self.family.unit}/s", "tokens_per_s": tps, "samples_per_s": sps,
+                                  "model_flops_per_step": self.run.flops_per_step, "tflops_per_gpu": tflops, "mfu": mfu,
                                   "elapsed_s": now - start})
                 bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"})
             bar.update(1)

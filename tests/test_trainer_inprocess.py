@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointManager, complete_tags, resumable
+from pretrain.models import get_family
 from pretrain.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
 from tests.launch import REPO, free_port, metrics, prepare_small_corpus
@@ -160,6 +161,9 @@ def test_a_nan_loss_is_skipped_and_a_resumed_trainer_repeats_the_uninterrupted_o
     assert [m["loss"] for m in t_cut] == pytest.approx([m["loss"] for m in t_ref], rel=1e-6)
     assert [e["loss"] for e in e_cut] == pytest.approx([e["loss"] for e in e_ref], rel=1e-6)
     assert t_cut[-1]["nonfinite_skips"] == 1
+    flops = get_family("gpt").train_flops_per_sample(ref.inputs.model_config, ref.inputs.data)
+    assert all(m["model_flops_per_step"] == pytest.approx(8 * flops, rel=1e-12) for m in t_ref + t_cut)
+    assert all(m["tflops_per_gpu"] > 0 and m["mfu"] is None for m in t_ref), "no peak is known for a CPU"
     resolved = json.loads((tmp_path / "cut" / "resolved-config.json").read_text())
     assert resolved["optimization"]["lr"] == resolved["deepspeed"]["optimizer"]["params"]["lr"] == 2e-3
     assert resolved["batch"] == {"micro_batch_size": 8, "gradient_accumulation_steps": 1, "global_batch": 8}
@@ -192,7 +196,7 @@ def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_c
     first.fit()
     first.hooks.close()
     steps = 5 + -(-n // 8) + 3  # past the end of epoch 0 (8 sequences a step in both layouts)
-    second = _trainer(["--config", _recipe(tmp_path, micro_batch_size=4, gradient_accumulation_steps=2,
+    second = _trainer(["--config", _recipe(tmp_path, micro_batch_size=4, gradient_accumulation_steps=2, peak_tflops=0.5,
                                            data={"shuffle_buffer": 16, "num_workers": 2}),
                        *out, "--max-steps", str(steps)], FaultPlan(trace_dir=trace))
     assert second.stream.state_dict()["data_history"] == [{"world": 1, "workers": 0, "micro": 8, "micro_batches": 5}]
@@ -202,6 +206,8 @@ def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_c
     assert len(ids) == steps * 8
     assert Counter(ids).most_common(1)[0][1] == 1, "no sample twice in one epoch"
     assert len({i for i in ids if i.startswith("0:")}) == n, "epoch 0 covered every train sample"
+    train, _ = metrics(tmp_path / "run")
+    assert all(m["mfu"] == pytest.approx(m["tflops_per_gpu"] / 0.5) for m in train[5:]), "training.peak_tflops"
     seal = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps:08d}" / "toolkit.json").read_text())
     assert seal["micro"] == 4 and seal["workers"] == 2 and len(seal["data_history"]) == 1
     assert os.environ["WORLD_SIZE"] == "1"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 from pretrain.config import ModelConfig, Recipe, VisionConfig
+from pretrain.flops import clip_forward_flops, total_flops_from_samples
 from pretrain.models.gpt import round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
@@ -276,6 +277,11 @@ def tokens_per_sample(data, config: PretrainedConfig) -> int:
     return config.text_config.max_position_embeddings
 
 
+def train_flops_per_sample(config: PretrainedConfig, data=None) -> float:
+    """Forward and backward FLOPs of one image-text pair: 3 x both towers' forward (`pretrain.flops`)."""
+    return total_flops_from_samples(clip_forward_flops(config), 1)
+
+
 def context_length(config: PretrainedConfig) -> int:
     return config.text_config.max_position_embeddings
 
@@ -428,6 +434,7 @@ FAMILY = ModelFamily(
     name="clip", unit="samples", freeze_aliases=FREEZE_ALIASES,
     open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
     count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    train_flops_per_sample=train_flops_per_sample,
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
     hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=register_external_parameters,
     train_stream=train_stream, loss=loss, evaluate=evaluate,

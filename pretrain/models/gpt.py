@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from pretrain.config import ModelConfig, Recipe
+from pretrain.flops import total_flops
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
 
 def round_up(n: int, multiple: int) -> int:
@@ -70,6 +71,13 @@ def hidden_size(config: PretrainedConfig) -> int:
 
 def tokens_per_sample(data, config: PretrainedConfig) -> int:
     return data.seq_len
+
+
+def train_flops_per_sample(config: PretrainedConfig, data) -> float:
+    """Forward and backward FLOPs of one sequence: 6·N·s + 12·L·s·h·s (`pretrain.flops`)."""
+    s = data.seq_len
+    return total_flops(count_params(config), s, attention=True, num_layers=config.num_hidden_layers, seq_len=s,
+                       hidden_size=hidden_size(config))
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -171,6 +179,7 @@ FAMILY = ModelFamily(
     name="gpt", unit="tokens", freeze_aliases={},
     open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
     count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    train_flops_per_sample=train_flops_per_sample,
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
     hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=no_external_parameters,
     train_stream=train_stream, loss=loss, evaluate=evaluate,

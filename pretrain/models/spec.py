@@ -72,6 +72,7 @@ class ModelFamily:
     count_params: Callable[["PretrainedConfig"], int]
     hidden_size: Callable[["PretrainedConfig"], int]  # sizes DeepSpeed's "auto" buckets
     tokens_per_sample: Callable[["PreparedShards", "PretrainedConfig"], int]
+    train_flops_per_sample: Callable[["PretrainedConfig", "PreparedShards"], float]  # model FLOPs, forward + backward
 
     # the model
     build_model: Callable[["ModelConfig", "PretrainedConfig"], torch.nn.Module]  # for training (init_from honoured)
