@@ -216,12 +216,18 @@ class Trainer:
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return t.tolist()
 
-    def _forward_finite(self, micro: int) -> torch.Tensor:
-        """Loss of the next micro-batch whose loss is finite on every rank; the others are dropped by all ranks."""
+    def _forward_finite(self, micro: int) -> tuple[torch.Tensor, list[float]]:
+        """The loss of the next micro-batch whose loss is finite on every rank (the others are
+        dropped by all ranks), and the sums over ranks of [loss, stop requests, samples read,
+        samples skipped]. One host read per micro-batch: the finiteness of the loss must be known
+        before its backward, so its flag travels with the loss value and the counters in one
+        all-reduce, and nothing else in the step waits for the device."""
+        import torch.distributed as dist
+
         step = self.state.step + 1
         while True:
             raw = next(self.stream)
@@ -229,9 +235,16 @@ class Trainer:
             # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
             batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
             loss = self.hooks.on_loss(step, micro, self.rank, self.family.loss(self.engine, batch))
-            bad_ranks = self._sum_over_ranks([0.0 if torch.isfinite(loss).item() else 1.0])[0]
+            read, skipped = self.stream.counts()
+            value = loss.detach().double().reshape(1)
+            finite = torch.isfinite(value)
+            host = torch.tensor([float(self._signal is not None), read, sum(skipped.values())], dtype=torch.float64)
+            sums = torch.cat([(~finite).double(), torch.where(finite, value, torch.zeros_like(value)),
+                              host.to(self.device)])
+            dist.all_reduce(sums)
+            bad_ranks, *totals = sums.tolist()
             if bad_ranks == 0:
-                return loss
+                return loss, totals
             where = (f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
                      f"of the stream, on {int(bad_ranks)} rank(s)")
             if not self._weights_finite():
@@ -244,30 +257,33 @@ class Trainer:
             if self.is_main:
                 print(f"warning: {where}; skipped ({self.state.nonfinite_skips} so far)", flush=True)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step: ``gas`` micro-batches through the engine."""
+    def train_step(self, log: bool = True) -> dict[str, Any]:
+        """One optimizer step: ``gas`` micro-batches through the engine. The gradient norm is read
+        (a wait for the device) only when ``log`` is set or DeepSpeed refused the update."""
         self.engine.train()
         lr = self.engine.get_lr()[0]
         total = 0.0
         refused_before = getattr(self.engine, "skipped_steps", 0)
         for micro in range(self.gas):
-            loss = self._forward_finite(micro)
+            loss, (loss_sum, stop, read, bad) = self._forward_finite(micro)
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
+            total += loss_sum
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.run.tokens_per_sample
-        read, skipped = self.stream.counts()
-        loss_sum, stop, read, bad = self._sum_over_ranks([total / self.gas, float(self._signal is not None), read,
-                                                          sum(skipped.values())])
-        mean_loss = loss_sum / self.world
+        mean_loss = total / self.gas / self.world
         self.state.train_losses.append(mean_loss)
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
+        refused = getattr(self.engine, "skipped_steps", 0) > refused_before
+        norm = None
+        if log or refused:
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else None
         if norm is not None and not np.isfinite(norm):
-            self._nonfinite_gradient(refused=getattr(self.engine, "skipped_steps", 0) > refused_before)
-        verdict = bad_data_verdict(read, bad, self.recipe.data.max_bad_fraction, self._first_bad(skipped))
+            # Where the update was applied and this step is not logged, the next non-finite loss
+            # finds the weights broken and stops the run just the same.
+            self._nonfinite_gradient(refused=refused)
+        verdict = bad and bad_data_verdict(read, bad, self.recipe.data.max_bad_fraction, self._first_bad())
         if verdict:
             raise TrainingStopped(verdict)
         return {"loss": mean_loss, "lr": lr, "grad_norm": norm, "data_skipped": int(bad), "stop": stop > 0}
@@ -311,8 +327,8 @@ class Trainer:
                 total[reason] = total.get(reason, 0) + n
         return dict(sorted(total.items()))
 
-    @staticmethod
-    def _first_bad(skipped: dict[str, int]) -> str:
+    def _first_bad(self) -> str:
+        skipped = self.stream.counts()[1]
         return ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "(on another rank)"
 
     def evaluate(self) -> dict[str, Any]:
@@ -342,11 +358,12 @@ class Trainer:
         window_start, window_steps = time.time(), 0
         last_eval: dict[str, Any] = {}
         while self.state.step < tr.max_steps:
-            out = self.train_step()
+            step = self.state.step + 1
+            log = step % tr.log_every == 0 or step == tr.max_steps
+            out = self.train_step(log)
             preempted = out.pop("stop")
             window_steps += 1
-            step = self.state.step
-            if step % tr.log_every == 0 or step == tr.max_steps:
+            if log:
                 now = time.time()
                 sps = window_steps * self.global_batch / max(now - window_start, 1e-9)
                 tps = sps * self.run.tokens_per_sample

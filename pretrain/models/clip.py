@@ -379,8 +379,7 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
                     zs[3] += int(unseen.sum())
                     zs[4] += _topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
     if world > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(zs)
+        loss_sum, zs = _all_reduce(loss_sum, device), _all_reduce(zs, device)
     result: dict[str, Any] = {"loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
                               "samples": int(loss_sum[1])}
     if classifier is not None and zs[0] > 0:
@@ -389,18 +388,26 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
                       chance_top1=1.0 / len(classes["classnames"]))
         if zs[3] > 0:
             result.update(zero_shot_top1_held_out=float(zs[4] / zs[3]), held_out_samples=int(zs[3]))
-    result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world)))
+    result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world, device)))
     if stats:
         result["skipped"] = stats
     return result
 
 
-def _gather_rows(feats_i: list, feats_t: list, index: list, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    """Sum a host tensor over ranks, through ``device`` (NCCL reduces device tensors only)."""
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def _gather_rows(feats_i: list, feats_t: list, index: list, world: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's valid eval rows, ordered by their position in the split."""
     image, text, idx = torch.cat(feats_i), torch.cat(feats_t), torch.cat(index)
     if world > 1:
+        image, text, idx = image.to(device), text.to(device), idx.to(device)
         # Ranks hold different numbers of valid rows: pad to the longest, gather, drop the padding.
-        n = torch.tensor([idx.numel()])
+        n = torch.tensor([idx.numel()], device=device)
         counts = [torch.zeros_like(n) for _ in range(world)]
         dist.all_gather(counts, n)
         longest = int(max(c.item() for c in counts))
@@ -410,7 +417,7 @@ def _gather_rows(feats_i: list, feats_t: list, index: list, world: int) -> tuple
         idx = torch.cat([idx, idx.new_full((pad,), -1)])
         image, text, idx = gather_no_grad(image), gather_no_grad(text), gather_no_grad(idx)
         keep = idx >= 0
-        image, text, idx = image[keep], text[keep], idx[keep]
+        image, text, idx = image[keep].cpu(), text[keep].cpu(), idx[keep].cpu()
     order = torch.argsort(idx)
     return image[order], text[order]
 

@@ -166,8 +166,9 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict:
     if req.world > 1:
         import torch.distributed as dist
 
+        sums = sums.to(req.device)  # NCCL reduces device tensors only
         dist.all_reduce(sums)
-    return metrics_from_sums(sums)
+    return metrics_from_sums(sums.cpu())
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
