@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_pipelines.eval_split import EvalShare
 from data_pipelines.manifest import read_manifest
 
 logger = logging.getLogger("data_pipelines.loader")
@@ -524,27 +525,15 @@ def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, w
 
     Every rank yields the same number of batches; padding rows carry ``weight`` 0 so they
     do not count. Summing loss x weight over ranks gives the loss over the split exactly,
-    whatever the world size.
+    whatever the world size. Bad windows are skipped (and counted) before the division, so
+    every rank agrees on which window is i.
     """
-    total = data.num_samples(split)
-    n = total if max_samples is None else min(total, max_samples)
-    per_rank = -(-n // world_size)
-    mine: list[np.ndarray] = []
-    first: np.ndarray | None = None
     skips = SkipLog(f"eval {split}: ")
     samples = read_checked(data.shards(split), skips, data.shard_samples(split))
-    for i, window in enumerate(checked_windows(samples, skips, data.seq_len, data.vocab_size)):
-        if i >= n:
-            break
-        if first is None:
-            first = window
-        if i % world_size == rank:
-            mine.append(window)
-    if first is None:
-        return
-    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-    mine += [first] * (per_rank - len(mine))
-    for start in range(0, per_rank, batch_size):
-        batch = _collate(mine[start : start + batch_size])
-        batch["weight"] = torch.tensor(weights[start : start + batch_size])
+    windows = checked_windows(samples, skips, data.seq_len, data.vocab_size)
+    share: EvalShare[np.ndarray, np.ndarray] = EvalShare(data.num_samples(split), max_samples, rank, world_size,
+                                                         batch_size)
+    for rows, template in itertools.chain(share.read(windows, lambda i, window, mine: window), share.rest()):
+        batch = _collate([template if window is None else window for window in rows])
+        batch["weight"] = torch.tensor([0.0 if window is None else 1.0 for window in rows])
         yield batch

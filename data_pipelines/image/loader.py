@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from data_pipelines.eval_split import EvalShare
 from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
 from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, _seed, read_checked
 
@@ -195,59 +196,37 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
     Every rank yields ceil(n / world_size) rows in the same number of batches, as ZeRO-3's
     collective forward passes need. Padding rows repeat the split's first decodable sample, so
     they are ordinary inputs (a blank caption could give an all-masked row, and NaN x 0 is NaN).
+    An undecodable sample keeps its place as such a row, so every rank agrees on which sample is i.
     Pass a dict as `stats` to receive the counts of skipped samples by reason.
     """
     prepare_tokenizer(tokenizer)
     bad = SkipLog(f"eval {split}: ")
-    total = data.num_samples(split)
-    n = total if max_samples is None else min(total, max_samples)
-    per_rank = -(-n // world_size)
-    template: tuple[torch.Tensor, str] | None = None
-    # Rows of (pixels, caption, weight, label, index); None pixels: fill with the template.
-    rows: list[tuple[torch.Tensor | None, str, float, int, int]] = []
-    emitted = 0
+    Row = tuple[torch.Tensor, str, int, int]  # pixels, caption, label, index
+    share: EvalShare[dict, Row] = EvalShare(data.num_samples(split), max_samples, rank, world_size, batch_size)
 
-    def flush(count: int) -> Iterator[dict[str, torch.Tensor]]:
-        nonlocal rows
-        assert template is not None
-        chunk, rows = rows[:count], rows[count:]
-        pixels = [p if p is not None else template[0] for p, *_ in chunk]
-        captions = [c if p is not None else template[1] for p, c, *_ in chunk]
-        batch = {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, captions, context_length)}
-        batch["weight"] = torch.tensor([r[2] for r in chunk], dtype=torch.float32)
-        batch["label"] = torch.tensor([r[3] for r in chunk], dtype=torch.long)
-        batch["index"] = torch.tensor([r[4] for r in chunk], dtype=torch.long)
-        yield batch
-
-    shards = data.shards(split)
-    for i, sample in enumerate(read_checked(shards, bad, data.shard_samples(split)) if n else ()):
-        if i >= n:
-            break
-        mine = i % world_size == rank
-        if not mine and template is not None:
-            continue
+    def row(i: int, sample: dict, mine: bool) -> Row | None:
         decoded = _try_decode(sample, bad) if mine else _quiet_decode(sample)
-        pixels = eval_transform(decoded[0], image_size) if decoded is not None else None
-        if template is None and decoded is not None:
-            template = (pixels, decoded[1])
-        if mine:
-            if decoded is None:
-                rows.append((None, "", 0.0, -1, -1))
-            else:
-                rows.append((pixels, decoded[1], 1.0, sample_label(sample), i))
-        while template is not None and len(rows) >= batch_size:
-            yield from flush(batch_size)
-            emitted += batch_size
+        if decoded is None:
+            return None
+        return eval_transform(decoded[0], image_size), decoded[1], sample_label(sample), i
+
+    def collate(rows: list[Row | None], template: Row) -> dict[str, torch.Tensor]:
+        pixels, captions, _, _ = zip(*(template if r is None else r for r in rows))
+        return {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, captions, context_length),
+                "weight": torch.tensor([0.0 if r is None else 1.0 for r in rows], dtype=torch.float32),
+                "label": torch.tensor([-1 if r is None else r[2] for r in rows], dtype=torch.long),
+                "index": torch.tensor([-1 if r is None else r[3] for r in rows], dtype=torch.long)}
+
+    samples = read_checked(data.shards(split), bad, data.shard_samples(split))
+    for rows, template in share.read(samples, row):
+        yield collate(rows, template)
     if stats is not None:
         for reason, count in bad.counts.items():
             stats[reason] = stats.get(reason, 0) + count
-    if per_rank == 0:
-        return
-    if template is None:
-        raise ValueError(f"{data.root}: split {split!r} has no decodable sample among its first {n}")
-    rows += [(None, "", 0.0, -1, -1)] * (per_rank - emitted - len(rows))
-    while rows:
-        yield from flush(batch_size)
+    if share.n and share.template is None:
+        raise ValueError(f"{data.root}: split {split!r} has no decodable sample among its first {share.n}")
+    for rows, template in share.rest():
+        yield collate(rows, template)
 
 
 def _quiet_decode(sample: dict) -> tuple[Any, str] | None:

@@ -18,15 +18,14 @@ import hashlib
 import io
 import json
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
+from typing import Any, Iterable, Iterator, NamedTuple, TextIO
 
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from data_pipelines import cli
 from data_pipelines.image.sources import (
     DEFAULT_CAPTION_FIELDS,
     DEFAULT_IMAGE_FIELDS,
@@ -39,23 +38,14 @@ from data_pipelines.image.sources import (
     resolve_image_inputs,
 )
 from data_pipelines.image.transforms import center_crop
-from data_pipelines.manifest import write_manifest
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
-from data_pipelines.cli import HelpFormatter, UsageError, common_problems, prepare_output_dir, run_main
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
-from data_pipelines.text.tokenizer import (
-    MIN_VOCAB_SIZE,
-    TokenizerError,
-    load_tokenizer,
-    save_tokenizer,
-    train_bpe_tokenizer,
-)
+from data_pipelines.text.tokenizer import TokenizerError, train_bpe_tokenizer
 
 PROG = "prepare-image-text"
 KIND = "image-text"
 MANIFEST_VERSION = 1
-TOKENIZER_SUBDIR = "tokenizer"
 CLASSES_NAME = "classes.json"
 RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "no")
 # Images per task sent to a worker: enough to amortise pickling, few enough to keep order cheap.
@@ -74,12 +64,8 @@ class ImageOptions:
     min_image_size: int = 16
 
 
-@dataclass(frozen=True)
-class PrepareImageConfig:
-    inputs: tuple[str, ...]
-    output: Path
-    tokenizer: Path | None = None
-    vocab_size: int | None = None
+@dataclass(frozen=True, kw_only=True)
+class PrepareImageConfig(cli.CorpusConfig):
     image_size: int = 256
     resize_mode: str = "center_crop"
     jpeg_quality: int = 90
@@ -87,13 +73,6 @@ class PrepareImageConfig:
     max_caption_chars: int = 1000
     image_field: str | None = None
     caption_field: str | None = None
-    val_fraction: float = 0.01
-    test_fraction: float = 0.01
-    samples_per_shard: int = 1000
-    workers: int = 1
-    seed: int = 0
-    overwrite: bool = False
-    progress: bool = True
 
     @property
     def image_options(self) -> ImageOptions:
@@ -105,13 +84,7 @@ class PrepareImageConfig:
 
     def problems(self) -> list[str]:
         """Every invalid setting at once, so a user fixes them in one go."""
-        found: list[str] = []
-        if self.tokenizer is not None and self.vocab_size is not None:
-            found.append("pass at most one of --tokenizer PATH or --vocab-size N")
-        if self.vocab_size is not None and self.vocab_size < MIN_VOCAB_SIZE:
-            found.append(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>)")
-        if self.tokenizer is not None and not self.tokenizer.is_dir():
-            found.append(f"--tokenizer {self.tokenizer}: not a directory")
+        found = self.tokenizer_problems(required=False)
         if self.image_size < 1:
             found.append("--image-size must be >= 1")
         if self.resize_mode not in RESIZE_MODES:
@@ -122,33 +95,22 @@ class PrepareImageConfig:
             found.append("--min-image-size must be >= 0")
         if self.max_caption_chars < 1:
             found.append("--max-caption-chars must be >= 1")
-        found += common_problems(val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                                 samples_per_shard=self.samples_per_shard, seed=self.seed, output=self.output,
-                                 workers=self.workers)
-        return found
+        return found + super().problems()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Decode, filter, resize and re-encode image-caption pairs into JPEG WebDataset shards "
-        "split into train/val/test.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT",
-        help="img2dataset output folders or .tar shards (with their .parquet and _stats.json), "
+    parser = cli.command_parser(PROG, "Decode, filter, resize and re-encode image-caption pairs into JPEG "
+                                "WebDataset shards split into train/val/test.")
+    cli.add_corpus_flags(
+        parser,
+        "img2dataset output folders or .tar shards (with their .parquet and _stats.json), "
         ".parquet/.csv/.tsv tables of image path + caption, or folders of images with sidecar .txt "
         "captions; glob patterns are expanded",
+        tokenizer_required=False,
+        tokenizer_help="local Hugging Face tokenizer directory to copy into DIR/tokenizer for the captions",
+        vocab_help="train a byte-level BPE caption tokenizer of this size on the train captions; "
+        "with neither flag the manifest names no tokenizer and the recipe must",
     )
-    parser.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
-                        help="output directory (must be empty or new unless --overwrite)")
-    tok = parser.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", type=Path, metavar="PATH",
-                     help="local Hugging Face tokenizer directory to copy into DIR/tokenizer for the captions")
-    tok.add_argument("--vocab-size", type=int, metavar="N",
-                     help="train a byte-level BPE caption tokenizer of this size on the train captions; "
-                     "with neither flag the manifest names no tokenizer and the recipe must")
     parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="output image side in pixels")
     parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop",
                         help="center_crop: shorter side to --image-size, then crop the centre square; "
@@ -162,29 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"table column of image paths (default: the first of {', '.join(DEFAULT_IMAGE_FIELDS)})")
     parser.add_argument("--caption-field", metavar="COLUMN",
                         help=f"table column of captions (default: the first of {', '.join(DEFAULT_CAPTION_FIELDS)})")
-    parser.add_argument("--val-fraction", type=float, metavar="F", default=0.01,
-                        help="fraction of samples assigned to the val split by image hash")
-    parser.add_argument("--test-fraction", type=float, metavar="F", default=0.01,
-                        help="fraction of samples assigned to the test split by image hash")
-    parser.add_argument("--samples-per-shard", type=int, metavar="N", default=1000, help="samples per .tar shard")
-    parser.add_argument("--workers", type=int, metavar="N", default=1,
-                        help="image processes; the output is identical for any value")
-    parser.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the split hash")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the dataset (manifest, tokenizer, split folders) in a non-empty --output")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cli.add_fraction_flags(parser, 0.01, "fraction of samples assigned to the {split} split by image hash")
+    cli.add_sharding_flags(parser, 1000, "image")
+    cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide the progress bar")
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> PrepareImageConfig:
-    return PrepareImageConfig(
-        inputs=tuple(args.inputs), output=args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        image_size=args.image_size, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
-        min_image_size=args.min_image_size, max_caption_chars=args.max_caption_chars,
-        image_field=args.image_field, caption_field=args.caption_field, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, samples_per_shard=args.samples_per_shard, workers=args.workers,
-        seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,37 +329,16 @@ class SplitWriters:
         return sum(w.samples for w in self.writers.values())
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
-            split: {
-                "shards": [p.relative_to(self.output).as_posix() for p in w.shards],
-                "shard_samples": list(w.shard_samples),
-                "samples": w.samples,
-            }
-            for split, w in self.writers.items()
-        }
-
-
-def _warn(err: TextIO) -> Callable[[str], None]:
-    return lambda message: print(f"{PROG}: warning: {message}", file=err)
-
-
-def _progress_on(config: PrepareImageConfig, err: TextIO) -> bool:
-    return config.progress and err.isatty()
-
-
-def _outside(specs: list[ImageInputSpec], output: Path) -> list[ImageInputSpec]:
-    """Drop inputs inside the output directory, so a re-run never reads its own results."""
-    out = output.resolve()
-    return [s for s in specs if out != s.path.resolve() and out not in s.path.resolve().parents]
+        return {split: cli.shards_manifest(w, self.output) for split, w in self.writers.items()}
 
 
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
-                  err: TextIO) -> SplitWriters:
+                  console: cli.Console) -> SplitWriters:
     writers = SplitWriters(config.output, config.samples_per_shard)
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
     entries = _entries(specs, config)
-    with tqdm(unit="img", desc="images", disable=not _progress_on(config, err), file=err) as bar:
+    with console.bar(unit="img", desc="images") as bar:
         try:
             for entry, result in _processed(entries, config.image_options, config.workers):
                 record = entry.record
@@ -454,31 +376,18 @@ def train_captions(output: Path, shards: list[str]) -> Iterator[str]:
         yield sample["txt"].decode("utf-8")
 
 
-def tokenizer_manifest(tokenizer: Any, trained: bool, source: Path | None) -> dict[str, Any]:
-    return {
-        "path": TOKENIZER_SUBDIR,
-        "vocab_size": len(tokenizer),
-        "eos_token": tokenizer.eos_token,
-        "eos_token_id": tokenizer.eos_token_id,
-        "trained": trained,
-        "source": None if source is None else str(source),
-    }
-
-
-def _tokenizer(config: PrepareImageConfig, external: Any, splits: dict[str, Any], err: TextIO) -> dict[str, Any] | None:
-    directory = config.output / TOKENIZER_SUBDIR
-    if external is not None:
-        save_tokenizer(external, directory)
-    elif config.vocab_size is not None:
+def _tokenizer(config: PrepareImageConfig, external: Any, splits: dict[str, Any],
+               console: cli.Console) -> dict[str, Any] | None:
+    """The caption tokenizer saved with the data: the user's, one trained on the train captions, or none."""
+    tokenizer = external
+    if tokenizer is None and config.vocab_size is not None:
         if not splits["train"]["samples"]:
-            raise UsageError("no train samples to train a caption tokenizer on")
-        trained = train_bpe_tokenizer(train_captions(config.output, splits["train"]["shards"]), config.vocab_size,
-                                      show_progress=_progress_on(config, err))
-        save_tokenizer(trained, directory)
-    else:
+            raise cli.UsageError("no train samples to train a caption tokenizer on")
+        tokenizer = train_bpe_tokenizer(train_captions(config.output, splits["train"]["shards"]), config.vocab_size,
+                                        show_progress=console.bars)
+    if tokenizer is None:
         return None
-    # Describe the saved copy, which is what the trainer will load.
-    return tokenizer_manifest(load_tokenizer(directory), external is None, config.tokenizer)
+    return cli.tokenizer_manifest(cli.save_tokenizer_copy(tokenizer, config.output), config.tokenizer)
 
 
 def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
@@ -492,10 +401,7 @@ def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], repo
         "jpeg_quality": config.jpeg_quality,
         "min_image_size": config.min_image_size,
         "max_caption_chars": config.max_caption_chars,
-        "seed": config.seed,
-        "val_fraction": config.val_fraction,
-        "test_fraction": config.test_fraction,
-        "samples_per_shard": config.samples_per_shard,
+        **config.split_manifest(),
         "inputs": [{"path": stats.path, "format": spec.format, "samples": stats.documents, "rejected": stats.skipped}
                    for spec, stats in zip(specs, report.inputs)],
         "splits": splits,
@@ -513,7 +419,7 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
     for split, s in manifest["splits"].items():
         lines.append(f"  {split:<6}{s['samples']:>12,}{len(s['shards']):>8}")
     rejected = manifest["rejected"]
-    reasons = ", ".join(f"{r}={c:,}" for r, c in rejected["by_reason"].items())
+    reasons = cli.reason_counts(rejected["by_reason"], ",")
     lines.append(f"  rejected {rejected['total']:,}" + (f": {reasons}" if reasons else ""))
     tok = manifest["tokenizer"]
     lines.append("  tokenizer: none (the recipe must name one)" if tok is None else
@@ -523,40 +429,34 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
 
 def clear_output(output: Path, overwrite: bool) -> None:
     """The output directory's rules; an image-text dataset owns its tokenizer and class list."""
-    prepare_output_dir(output, overwrite, owned=[TOKENIZER_SUBDIR, CLASSES_NAME])
+    cli.prepare_output_dir(output, overwrite, owned=[cli.TOKENIZER_SUBDIR, CLASSES_NAME])
 
 
 def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
     """Prepare the dataset described by `config`; return the manifest written."""
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    started = time.perf_counter()
-    problems = config.problems()
-    if problems:
-        raise UsageError("; ".join(problems))
-    specs = _outside(resolve_image_inputs(config.inputs), config.output)
+    console = cli.start_run(PROG, config, out, err)
+    specs = cli.outside(resolve_image_inputs(config.inputs), config.output)
     if not specs:
         raise InputError(f"no inputs outside the output directory {config.output}")
     for spec in specs:  # a wrong column name fails now, not after hours of other inputs
         if spec.format == "table":
             check_table(spec.path, config.fields)
-    external = load_tokenizer(config.tokenizer) if config.tokenizer is not None else None
+    external = cli.external_tokenizer(config.tokenizer)
     clear_output(config.output, config.overwrite)
 
     report = ScanReport([InputStats(str(s.path), s.format, 0) for s in specs])
-    writers = _write_shards(config, specs, report, err)
+    writers = _write_shards(config, specs, report, console)
     if writers.total() == 0:
-        reasons = ", ".join(f"{r}={c}" for r, c in sorted(report.by_reason.items()))
-        raise UsageError("no usable image-text pairs in the inputs" + (f" (rejected: {reasons})" if reasons else ""))
+        reasons = cli.reason_counts(report.by_reason)
+        raise cli.UsageError("no usable image-text pairs in the inputs"
+                             + (f" (rejected: {reasons})" if reasons else ""))
     splits = writers.to_manifest()
-    manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, err))
-    write_manifest(config.output, manifest)
-    print(format_summary(manifest, config.output, time.perf_counter() - started), file=out)
-    return manifest
+    manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, console))
+    return console.finish(config.output, manifest, format_summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(PROG, build_parser(), argv, lambda args: run(config_from_args(args)), (InputError, TokenizerError))
+    return cli.run_main(PROG, build_parser(), argv, PrepareImageConfig, run, (InputError, TokenizerError))
 
 
 if __name__ == "__main__":

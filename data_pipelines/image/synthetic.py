@@ -21,35 +21,23 @@ import json
 import math
 import random
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from data_pipelines import cli
 from data_pipelines.image.prepare import (
     CLASSES_NAME,
     KIND,
     MANIFEST_VERSION,
-    TOKENIZER_SUBDIR,
     SplitWriters,
     clear_output,
     format_summary,
-    tokenizer_manifest,
 )
-from data_pipelines.cli import HelpFormatter, UsageError, common_problems, run_main
-from data_pipelines.manifest import write_manifest
 from data_pipelines.splits import assign_split
-from data_pipelines.text.tokenizer import (
-    MIN_VOCAB_SIZE,
-    TokenizerError,
-    load_tokenizer,
-    save_tokenizer,
-    train_bpe_tokenizer,
-)
+from data_pipelines.text.tokenizer import MIN_VOCAB_SIZE, TokenizerError, train_bpe_tokenizer
 
 PROG = "make-synthetic-image-text"
 
@@ -135,18 +123,14 @@ def classes_document(seed: int) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    output: Path
+@dataclass(frozen=True, kw_only=True)
+class SyntheticConfig(cli.CommandConfig):
     count: int
     image_size: int = 64
-    seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     vocab_size: int = 512
     samples_per_shard: int = 500
-    overwrite: bool = False
-    progress: bool = True
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -156,8 +140,7 @@ class SyntheticConfig:
             found.append("--image-size must be >= 16")
         if self.vocab_size < MIN_VOCAB_SIZE:
             found.append(f"--vocab-size must be >= {MIN_VOCAB_SIZE}")
-        return found + common_problems(val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                                       samples_per_shard=self.samples_per_shard, seed=self.seed, output=self.output)
+        return found + super().problems()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,12 +236,7 @@ def caption_for(template: str, colour: str, shape: str, size_name: str, position
 
 def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
     """Write the synthetic dataset described by `config`; return the manifest written."""
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    started = time.perf_counter()
-    problems = config.problems()
-    if problems:
-        raise UsageError("; ".join(problems))
+    console = cli.start_run(PROG, config, out, err)
     clear_output(config.output, config.overwrite)
 
     classes = classes_document(config.seed)
@@ -270,9 +248,8 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
     writers = SplitWriters(config.output, config.samples_per_shard)
     train_captions: list[str] = []
     size = config.image_size
-    show = config.progress and err.isatty()
     try:
-        for i in tqdm(range(config.count), unit="img", desc="drawing", disable=not show, file=err):
+        for i in console.bar(range(config.count), unit="img", desc="drawing"):
             split = assign_split(f"synthetic-{i}".encode(), config.val_fraction, config.test_fraction, config.seed)
             # Held-out classes never reach train; val and test draw from every class.
             label = rng.choice(train_classes) if split == "train" else rng.randrange(len(names))
@@ -294,10 +271,9 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
     finally:
         writers.close()
     if not train_captions:
-        raise UsageError(f"--count {config.count} left no train samples to train the caption tokenizer on")
+        raise cli.UsageError(f"--count {config.count} left no train samples to train the caption tokenizer on")
 
-    tokenizer_dir = config.output / TOKENIZER_SUBDIR
-    save_tokenizer(train_bpe_tokenizer(train_captions, config.vocab_size), tokenizer_dir)
+    tokenizer = cli.save_tokenizer_copy(train_bpe_tokenizer(train_captions, config.vocab_size), config.output)
     (config.output / CLASSES_NAME).write_text(json.dumps(classes, indent=2) + "\n", encoding="utf-8")
     manifest = {
         "kind": KIND,
@@ -306,55 +282,36 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
         "image_size": size,
         "resize_mode": "no",
         "jpeg_quality": JPEG_QUALITY,
-        "seed": config.seed,
-        "val_fraction": config.val_fraction,
-        "test_fraction": config.test_fraction,
-        "samples_per_shard": config.samples_per_shard,
+        **config.split_manifest(),
         "count": config.count,
         "inputs": [],
         "splits": writers.to_manifest(),
         "rejected": {"total": 0, "by_reason": {}, "examples": []},
-        "tokenizer": tokenizer_manifest(load_tokenizer(tokenizer_dir), True, None),
+        "tokenizer": cli.tokenizer_manifest(tokenizer, None),
         "classes": CLASSES_NAME,
     }
-    write_manifest(config.output, manifest)
-    print(format_summary(manifest, config.output, time.perf_counter() - started), file=out)
-    return manifest
+    return console.finish(config.output, manifest, format_summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Draw a procedural image-caption set (coloured shapes) in prepared-shard form, with class "
-        "names for zero-shot evaluation and some colour-shape classes held out of train.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
-                        help="output directory (must be empty or new unless --overwrite)")
+    parser = cli.command_parser(PROG, "Draw a procedural image-caption set (coloured shapes) in prepared-shard form, "
+                                "with class names for zero-shot evaluation and some colour-shape classes held out "
+                                "of train.")
+    cli.add_output_flag(parser)
     parser.add_argument("--count", required=True, type=int, metavar="N", help="number of images")
     parser.add_argument("--image-size", type=int, metavar="PX", default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
                         help="seed of everything: drawings, captions, splits and held-out classes")
-    parser.add_argument("--val-fraction", type=float, metavar="F", default=0.1, help="fraction of images in val")
-    parser.add_argument("--test-fraction", type=float, metavar="F", default=0.1, help="fraction of images in test")
+    cli.add_fraction_flags(parser, 0.1, "fraction of images in {split}")
     parser.add_argument("--vocab-size", type=int, metavar="N", default=512,
                         help="size of the BPE caption tokenizer trained on the train captions")
-    parser.add_argument("--samples-per-shard", type=int, metavar="N", default=500, help="samples per .tar shard")
-    parser.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --output")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cli.add_shard_flag(parser, 500)
+    cli.add_overwrite_flags(parser, "replace the dataset in a non-empty --output", "hide the progress bar")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
-    return SyntheticConfig(
-        output=args.output, count=args.count, image_size=args.image_size, seed=args.seed,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, vocab_size=args.vocab_size,
-        samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=not args.no_progress,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_main(PROG, build_parser(), argv, lambda args: generate(config_from_args(args)), (TokenizerError,))
+    return cli.run_main(PROG, build_parser(), argv, SyntheticConfig, generate, (TokenizerError,))
 
 
 if __name__ == "__main__":
