@@ -104,3 +104,10 @@ def test_decode_rgb_converts_and_rejects_corrupt_data() -> None:
         decode_rgb(buffer.getvalue()[:200])
     with pytest.raises(Exception):
         decode_rgb(b"not an image")
+
+
+@pytest.mark.parametrize("w,h,size", [(49, 50, 32), (50, 49, 32), (97, 100, 64), (333, 334, 224)])
+def test_center_crop_of_nearly_square_images_stays_inside_them(w: int, h: int, size: int) -> None:
+    # out / (out / w) can round to a hair above w; the crop box must still start at >= 0
+    out = center_crop(Image.new("RGB", (w, h), (10, 20, 30)), size)
+    assert out.size == (size, size) and out.getpixel((0, 0)) == (10, 20, 30)

@@ -43,7 +43,9 @@ def center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     out_w, out_h = _square(size)
     w, h = img.size
     scale = max(out_w / w, out_h / h)
-    crop_w, crop_h = out_w / scale, out_h / scale
+    # min(): out / (out / w) can come back a hair above w in floating point, and Pillow refuses a
+    # box that starts before the image (a 49x50 image to 32 px did).
+    crop_w, crop_h = min(out_w / scale, w), min(out_h / scale, h)
     left, top = (w - crop_w) / 2, (h - crop_h) / 2
     return img.resize((out_w, out_h), RESAMPLE, box=(left, top, left + crop_w, top + crop_h))
 
