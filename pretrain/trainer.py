@@ -103,6 +103,7 @@ class Trainer:
         self.state = RunState()
         self._logged_skips: tuple[int, dict[str, int]] = (0, {})
         self._signal: int | None = None
+        self._data_wait = 0.0  # seconds rank 0 waited for batches since the last train line
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -197,6 +198,13 @@ class Trainer:
                          "world_size": self.world, "discarded_lines": discarded})
         return metrics
 
+    def _peak_memory_gb(self) -> float | None:
+        """The most accelerator memory this rank's tensors held so far (None on a CPU, where process
+        RSS would not show what the model states take)."""
+        if getattr(self.device, "type", str(self.device)) != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 1e9
+
     def _accelerator(self) -> tuple[str | None, str, bool]:
         name, tf32 = this_accelerator()
         return name, self.run.precision, tf32
@@ -230,7 +238,9 @@ class Trainer:
 
         step = self.state.step + 1
         while True:
+            waited = time.perf_counter()
             raw = next(self.stream)
+            self._data_wait += time.perf_counter() - waited
             self.hooks.on_batch(step, self.rank, raw.get("_ids"))
             # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
             batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
@@ -369,7 +379,8 @@ class Trainer:
                 tps = sps * self.run.tokens_per_sample
                 tflops, mfu = utilisation(self.run.flops_per_step, window_steps, now - window_start, self.world,
                                           self.peak_tflops)
-                window_start, window_steps = now, 0
+                data_wait = self._data_wait / window_steps
+                window_start, window_steps, self._data_wait = now, 0, 0.0
                 # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
                 tput = tps if self.family.unit == "tokens" else sps
                 if out["data_skipped"]:
@@ -380,6 +391,7 @@ class Trainer:
                                   "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
                                   "throughput_unit": f"{self.family.unit}/s", "tokens_per_s": tps, "samples_per_s": sps,
                                   "model_flops_per_step": self.run.flops_per_step, "tflops_per_gpu": tflops, "mfu": mfu,
+                                  "data_wait_s": data_wait, "peak_memory_gb": self._peak_memory_gb(),
                                   "elapsed_s": now - start})
                 bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"})
             bar.update(1)

@@ -164,6 +164,7 @@ def test_a_nan_loss_is_skipped_and_a_resumed_trainer_repeats_the_uninterrupted_o
     flops = get_family("gpt").train_flops_per_sample(ref.inputs.model_config, ref.inputs.data)
     assert all(m["model_flops_per_step"] == pytest.approx(8 * flops, rel=1e-12) for m in t_ref + t_cut)
     assert all(m["tflops_per_gpu"] > 0 and m["mfu"] is None for m in t_ref), "no peak is known for a CPU"
+    assert all(m["data_wait_s"] >= 0 and m["peak_memory_gb"] is None for m in t_ref), "no accelerator memory on a CPU"
     resolved = json.loads((tmp_path / "cut" / "resolved-config.json").read_text())
     assert resolved["optimization"]["lr"] == resolved["deepspeed"]["optimizer"]["params"]["lr"] == 2e-3
     assert resolved["batch"] == {"micro_batch_size": 8, "gradient_accumulation_steps": 1, "global_batch": 8}
