@@ -171,8 +171,13 @@ def worker(args: argparse.Namespace) -> int:
     family = get_family("gpt")
     torch.manual_seed(resolved.recipe.training.seed)
     model = family.build_model(resolved.recipe.model, inputs.model_config)
+    optimizer = None
+    if "optimizer" not in resolved.deepspeed:  # the trainer then uses torch's AdamW; so does the bare arm
+        tr, opt = resolved.recipe.training, resolved.optimization
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tr.betas, eps=tr.eps,
+                                      weight_decay=tr.weight_decay)
     bare, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                    config=for_deepspeed(resolved.deepspeed))
+                                    optimizer=optimizer, config=for_deepspeed(resolved.deepspeed))
     device = bare.device
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, inputs.model_config.vocab_size, (size["micro"], size["seq_len"]), generator=g).to(device)
