@@ -76,6 +76,9 @@ class ModelConfig(_Section):
                               "['vision'] is locked-image tuning) or regular expressions matched against parameter names")
     trust_remote_code: bool = Field(False, description="let transformers run Python code shipped in init_from or the tokenizer "
                                     "directory (it runs with your permissions); --trust-remote-code sets it")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (PyTorch's fused scaled-dot-product attention), eager (plain "
+        "matmuls), flash_attention_2 (the flash-attn package, CUDA only; refused before any rank starts elsewhere)")
     zero3_init: bool | Literal["auto"] = Field(
         "auto", description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it whole; "
         "auto: only above 1B parameters (zero.Init draws the random init in another order, so small runs would not "
@@ -134,6 +137,10 @@ class TrainingConfig(_Section):
     scale_warmup: bool = Field(False, description="with lr_scaling, also scale warmup_steps so warmup covers the same number of samples")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)")
     seed: int = Field(1234, description="seed for model init, data order and dropout; --seed overrides")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in the backward pass instead of storing "
+        "them (Hugging Face gradient checkpointing, non-reentrant; GPT and both CLIP towers): much less activation "
+        "memory for about a third more compute; the losses are unchanged")
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
     peak_tflops: float | None = Field(None, gt=0, description="the accelerator's dense peak TFLOPS per GPU for the run's "
                                       "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/flops.py by "

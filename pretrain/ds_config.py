@@ -29,6 +29,27 @@ def _find_autos(node: Any, path: str = "") -> list[str]:
     return [path] if node == AUTO else []
 
 
+def _legacy_forms(ds: dict, problems: list[str], notes: list[str]) -> None:
+    """DeepSpeed's deprecated spellings that DeepSpeed itself still accepts, rewritten to the current
+    ones (so every later reader sees one form); shapes DeepSpeed would crash on are refused."""
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, bool):
+        # DeepSpeed's read_zero_config_deprecated: true is stage 1 with allgather_size as its bucket
+        ds["zero_optimization"] = {"stage": 1, "allgather_bucket_size": ds.pop("allgather_size", 500_000_000)} if zero \
+            else {"stage": 0}
+        notes.append(f"zero_optimization: {str(zero).lower()} is DeepSpeed's deprecated form; read as "
+                     f"{{\"stage\": {ds['zero_optimization']['stage']}}}")
+    elif zero is not None and not isinstance(zero, dict):
+        problems.append(f"zero_optimization: must be an object such as {{\"stage\": 2}} (got {zero!r})")
+    if "bfloat16" in ds and "bf16" not in ds:
+        ds["bf16"] = ds.pop("bfloat16")
+        notes.append("bfloat16: DeepSpeed's old name for the bf16 section; read as bf16")
+    for name in ("fp16", "bf16"):
+        if name in ds and not isinstance(ds[name], dict):
+            problems.append(f"{name}: must be an object such as {{\"enabled\": true}} (got {ds[name]!r})")
+            ds.pop(name)
+
+
 def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str], notes: list[str]) -> None:
     """Make the three batch keys concrete and consistent: train = micro x accumulation x world."""
     tr = recipe.training
@@ -111,6 +132,7 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     tr = recipe.training
     problems: list[str] = []
     notes: list[str] = []
+    _legacy_forms(ds, problems, notes)
     _batch_sizes(ds, recipe, world_size, problems, notes)
     opt_values = effective_optimization(tr, ds.get("train_batch_size"))
     if opt_values.note:

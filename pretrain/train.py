@@ -54,11 +54,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def single_process_env() -> None:
-    """Outside a launcher, be a world of one."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+def single_process_env() -> str | None:
+    """Outside a launcher, be a world of one. Returns a warning when a launcher seems to have been
+    asked for several processes but started this one alone (accelerate on a CPU does)."""
+    if "RANK" in os.environ:
+        return None
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if any(k.startswith("ACCELERATE_") for k in os.environ):
+        return ("accelerate started this process alone (it set no RANK or WORLD_SIZE), so this is a world of one: "
+                "`accelerate launch --cpu --num_processes N` runs one process on a CPU. For N processes use "
+                "`deepspeed --num_gpus N` or `torchrun --nproc_per_node N`, or `accelerate launch --multi_gpu "
+                "--num_processes N` on GPUs")
+    return None
 
 
 def _resolve_path(p: str) -> Path:
@@ -73,7 +81,7 @@ def prepare(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from pretrain.checkpoint import CheckpointError, resume_target
-    from pretrain.ds_config import resolve_ds_config
+    from pretrain.ds_config import precision, resolve_ds_config
     from pretrain.models import RunData, freeze_by_pattern, get_family
     from pretrain.resolved import ResolvedRun
     from pretrain.schedules import effective_optimization
@@ -112,6 +120,9 @@ def prepare(args: argparse.Namespace):
             resume_target(Path(args.resume), args.resume)
         except CheckpointError as e:
             problems.append(str(e))
+    if recipe.model.attn_implementation == "flash_attention_2" and not _has_flash_attention():
+        problems.append("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package, and "
+                        "this machine lacks one or both; use sdpa (the default: PyTorch's own fused attention) or eager")
     if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
         problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
         recipe.model.init_from = None
@@ -139,6 +150,9 @@ def prepare(args: argparse.Namespace):
     hidden = family.hidden_size(model_config)
     try:
         ds_config, notes = resolve_ds_config(ds_raw, recipe, world, hidden, str(ds_path))
+        if precision(ds_config) == "fp16" and not torch.cuda.is_available():
+            problems.append(f"{ds_path}: fp16.enabled: fp16 training needs a GPU (DeepSpeed has no fp16 optimizer "
+                            "on a CPU); set training.precision to bf16 or fp32, or use a bf16/fp32 DeepSpeed config")
     except RecipeError as e:
         problems.extend(e.problems)
     if problems:
@@ -150,6 +164,14 @@ def prepare(args: argparse.Namespace):
                            data_path=data.root, data_kind=data.KIND, notes=notes)
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir
+
+
+def _has_flash_attention() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def _remove_shm_buffers() -> None:
@@ -189,7 +211,9 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
 
 def _main(argv: list[str] | None = None, hooks=None) -> int:
     args = build_parser().parse_args(argv)
-    single_process_env()
+    alone = single_process_env()
+    if alone:
+        print(f"warning: {alone}", file=sys.stderr, flush=True)
     rank = int(os.environ.get("RANK", 0))
     try:
         resolved, inputs, run_dir = prepare(args)

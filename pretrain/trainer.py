@@ -24,6 +24,7 @@ from pretrain.flops import peak_tflops, this_accelerator, utilisation
 from pretrain.hooks import TrainerHooks
 from pretrain.metrics import MetricsLogger, rewind
 from pretrain.models import EvalRequest, RunData, StreamRequest, freeze_by_pattern, get_family
+from pretrain.parallelize import parallelize
 from pretrain.resolved import ResolvedRun
 from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
 
@@ -149,6 +150,9 @@ class Trainer:
                 print(f"froze {frozen} parameter tensors matching {model_cfg.freeze}", flush=True)
         if zero3:
             self.family.register_external_parameters(model)
+        for done in parallelize(model, self.family, self.recipe):
+            if self.is_main:
+                print(f"layout: {done}", flush=True)
         return model
 
     def _engine(self, model: torch.nn.Module):

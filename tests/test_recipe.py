@@ -116,3 +116,15 @@ def test_toolkit_scheduler_is_kept_in_the_config_but_not_given_to_deepspeed():
     assert ds["scheduler"]["params"]["max_lr"] == recipe.training.lr and "scheduler" not in for_deepspeed(ds)
     with pytest.raises(RecipeError, match="scheduler.type: unknown 'Cosine'"):
         resolve_ds_config({"scheduler": {"type": "Cosine"}}, recipe, 1, 8)
+
+
+def test_deepspeeds_deprecated_forms_are_read_as_deepspeed_reads_them():
+    recipe = parse_recipe({})
+    ds, notes = resolve_ds_config({"zero_optimization": True, "bfloat16": {"enabled": True}}, recipe, 1, 8)
+    assert ds["zero_optimization"] == {"stage": 1, "allgather_bucket_size": 500_000_000} and zero_stage(ds) == 1
+    assert ds["bf16"] == {"enabled": True} and "bfloat16" not in ds
+    assert any("deprecated form" in n for n in notes) and any("bfloat16" in n for n in notes)
+    ds, _ = resolve_ds_config({"zero_optimization": False}, recipe, 1, 8)
+    assert zero_stage(ds) == 0
+    with pytest.raises(RecipeError, match="zero_optimization: must be an object"):
+        resolve_ds_config({"zero_optimization": "stage2"}, recipe, 1, 8)

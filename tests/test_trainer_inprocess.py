@@ -170,6 +170,18 @@ def test_a_nan_loss_is_skipped_and_a_resumed_trainer_repeats_the_uninterrupted_o
     assert resolved["batch"] == {"micro_batch_size": 8, "gradient_accumulation_steps": 1, "global_batch": 8}
 
 
+def test_activation_checkpointing_in_a_real_run_gives_the_same_losses(prepared_stdlib, tmp_path):
+    common = ["--data", str(prepared_stdlib), "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]
+    plain = _trainer(["--config", _recipe(tmp_path), *common, "--output-dir", str(tmp_path / "plain")])
+    plain.fit()
+    ac = _trainer(["--config", _recipe(tmp_path, activation_checkpointing=True), *common, "--output-dir",
+                   str(tmp_path / "ac")])
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ac.engine.module.modules())
+    ac.fit()
+    losses = [[m["loss"] for m in metrics(tmp_path / run)[0]] for run in ("plain", "ac")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_on_nonfinite_stop_ends_the_run_at_the_first_nan(prepared_stdlib, tmp_path):
     trainer = _trainer(["--config", _recipe(tmp_path, on_nonfinite="stop"), "--data", str(prepared_stdlib),
                         "--output-dir", str(tmp_path / "run"), "--max-steps", "5", "--eval-every", "0"],

@@ -232,9 +232,9 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ContrastiveCLIP:
     import torch._dynamo  # noqa: F401  (see gpt.build_model: not importable inside zero.Init)
 
     if cfg.init_from:
-        clip = CLIPModel.from_pretrained(cfg.init_from, dtype=torch.float32)
+        clip = CLIPModel.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     else:
-        clip = CLIPModel(config)
+        clip = CLIPModel._from_config(config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
     return ContrastiveCLIP(clip, cfg.max_logit_scale)
 
 

@@ -99,10 +99,11 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
 
     if not cfg.trust_remote_code:
         AutoModelForCausalLM._model_mapping[type(config)]
+    kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.config.use_cache = False
     return model
 
