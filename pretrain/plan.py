@@ -93,7 +93,8 @@ def zero_model_states_bytes(params: float, stage: int, dp: int, dtype: str = "bf
 
 
 def activation_bytes(seq_len: int, micro_batch: int, hidden_size: int, num_layers: int, num_heads: int | None,
-                     *, checkpointing: bool = False, flash_attention: bool = False, dtype: str = "bf16") -> float:
+                     *, checkpointing: bool = False, flash_attention: bool = False, dtype: str = "bf16",
+                     tp: int = 1, sp: int = 1) -> float:
     """Activation bytes per GPU for one micro-batch, Korthikanti et al. 2022, sec. 4.1 (no tensor or
     sequence parallelism): each layer stores s·b·h·(34 + 5·a·s/h) bytes in 16-bit.
 
@@ -103,14 +104,19 @@ def activation_bytes(seq_len: int, micro_batch: int, hidden_size: int, num_layer
     plus one layer's full activations while it is recomputed in the backward. fp32/tf32 doubles it
     all (a slight overestimate: the dropout masks stay one byte). Embeddings and the logits are not
     counted.
+
+    Tensor parallelism of degree ``tp`` (Korthikanti Table 2, without Megatron's sequence
+    parallelism) splits the attention and MLP internals: s·b·h·(10 + 24/t + 5·a·s/(h·t)) per layer.
+    Ulysses sequence parallelism of degree ``sp`` gives each rank s/p of the sequence outside
+    attention and a/p of the heads over the whole sequence inside it: everything divides by p.
     """
-    sbh = seq_len * micro_batch * hidden_size
+    sbh = seq_len * micro_batch * hidden_size / sp
     if flash_attention:
-        per_layer = 34.0 * sbh
+        per_layer = sbh * (10.0 + 24.0 / tp)
     else:
         if not num_heads:
             raise ValueError("the attention-score term needs num_heads (or assume --flash-attention)")
-        per_layer = sbh * (34.0 + 5.0 * num_heads * seq_len / hidden_size)
+        per_layer = sbh * (10.0 + 24.0 / tp + 5.0 * num_heads * seq_len / (hidden_size * tp))
     total = 2.0 * sbh * num_layers + per_layer if checkpointing else per_layer * num_layers
     return total * BYTES_PER_ELEMENT[dtype] / 2
 
@@ -131,6 +137,63 @@ def min_gpus(params: float, stage: int, usable_bytes: float, other_bytes: float 
     while n > 1 and zero_model_states_bytes(params, stage, n - 1, dtype) + other_bytes <= usable_bytes:
         n -= 1
     return n
+
+
+def layout_states_bytes(params: float, stage: int, num_gpus: int, tp: int = 1, sp: int = 1, dtype: str = "bf16") -> float:
+    """Model-state bytes per GPU on ``num_gpus`` = TP x SP x DP GPUs: tensor parallelism splits every
+    weight (and its gradient and optimizer state) t ways; ZeRO then shards over the SP x DP ranks
+    that hold the same TP slice (DeepSpeed's Ulysses counts SP ranks as data-parallel for ZeRO)."""
+    return zero_model_states_bytes(params / tp, stage, num_gpus // tp, dtype)
+
+
+def min_gpus_layout(params: float, stage: int, usable_bytes: float, other_bytes: float = 0.0, dtype: str = "bf16",
+                    tp: int = 1, sp: int = 1) -> int | None:
+    """Fewest GPUs (a multiple of tp x sp) on which the stage's model states plus ``other_bytes``
+    fit, or None."""
+    zero_ranks = min_gpus(params / tp, stage, usable_bytes, other_bytes, dtype)
+    if zero_ranks is None:
+        return None
+    return tp * sp * math.ceil(zero_ranks / sp)
+
+
+def layout_problems(num_gpus: int, tp: int, sp: int, num_heads: int | None, seq_len: int | None) -> list[str]:
+    """What keeps a (TP, SP) layout from running: sizes that do not divide."""
+    problems = []
+    if tp < 1 or sp < 1:
+        problems.append("--tp and --sp must be at least 1")
+        return problems
+    if num_gpus % (tp * sp):
+        problems.append(f"--num-gpus {num_gpus} is not a multiple of tp x sp = {tp * sp}")
+    if num_heads and num_heads % (tp * sp):
+        problems.append(f"{num_heads} attention heads do not divide among tp x sp = {tp * sp} ranks")
+    if seq_len and seq_len % sp:
+        problems.append(f"seq_len {seq_len} does not divide among sp = {sp} ranks")
+    return problems
+
+
+LAYOUT_DEGREES = (1, 2, 4, 8)  # TP beyond one 8-GPU node, or SP beyond 8, are left to the user
+
+
+def smallest_layout(params: float, usable_bytes: float, dtype: str, act_bytes, num_heads: int | None,
+                    seq_len: int | None) -> dict | None:
+    """The (TP, SP, ZeRO stage) that fits on the fewest GPUs; ties go to less model parallelism,
+    then to the lower stage. ``act_bytes(tp, sp)`` gives the activations per GPU of a layout."""
+    best = None
+    for tp in LAYOUT_DEGREES:
+        for sp in LAYOUT_DEGREES:
+            if layout_problems(tp * sp, tp, sp, num_heads, seq_len):
+                continue
+            act = act_bytes(tp, sp)
+            for stage in range(4):
+                gpus = min_gpus_layout(params, stage, usable_bytes, act, dtype, tp, sp)
+                if gpus is None:
+                    continue
+                key = (gpus, tp * sp, stage)
+                if best is None or key < best[0]:
+                    states = layout_states_bytes(params, stage, gpus, tp, sp, dtype)
+                    best = (key, {"tp": tp, "sp": sp, "zero_stage": stage, "num_gpus": gpus,
+                                  "dp": gpus // (tp * sp), "memory_gb_per_gpu": (states + act) / GB})
+    return None if best is None else best[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +265,11 @@ def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = Non
          seq_len: int | None = None, forward_flops_per_sample: float | None = None, attention_flops: bool = False,
          num_gpus: int = 1, mfu: float = 0.4, micro_batch: int = 1, hidden_size: int | None = None,
          num_layers: int | None = None, num_heads: int | None = None, activation_checkpointing: bool = False,
-         flash_attention: bool = False, reserve_gb: float = 2.0) -> dict:
+         flash_attention: bool = False, reserve_gb: float = 2.0, tp: int = 1, sp: int = 1) -> dict:
     """Everything the CLI reports, as the dict printed by ``--json``."""
+    problems = layout_problems(num_gpus, tp, sp, num_heads, seq_len)
+    if problems:
+        raise ValueError("; ".join(problems))
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r} (known: {', '.join(GPUS)})")
     spec = GPUS[gpu]
@@ -245,10 +311,14 @@ def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = Non
     peak = spec.tflops[dtype]
     usable = (spec.memory_gb - reserve_gb) * GB
     act = act_ckpt = None
-    if seq_len and hidden_size and num_layers and (num_heads or flash_attention):
-        kw = dict(flash_attention=flash_attention, dtype=dtype)
-        act = activation_bytes(seq_len, micro_batch, hidden_size, num_layers, num_heads, **kw)
-        act_ckpt = activation_bytes(seq_len, micro_batch, hidden_size, num_layers, num_heads, checkpointing=True, **kw)
+    has_shape = bool(seq_len and hidden_size and num_layers and (num_heads or flash_attention))
+
+    def act_of(t: int, p: int, ckpt: bool) -> float:
+        return activation_bytes(seq_len, micro_batch, hidden_size, num_layers, num_heads, checkpointing=ckpt,
+                                flash_attention=flash_attention, dtype=dtype, tp=t, sp=p) if has_shape else 0.0
+
+    if has_shape:
+        act, act_ckpt = act_of(tp, sp, False), act_of(tp, sp, True)
     else:
         notes.append("activations not estimated (give --recipe, or --seq-len, --hidden-size, --num-layers and "
                      "--num-heads): memory is model states only")
@@ -258,16 +328,21 @@ def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = Non
 
     zero = {}
     for stage in range(4):
-        states = zero_model_states_bytes(params, stage, num_gpus, dtype)
+        states = layout_states_bytes(params, stage, num_gpus, tp, sp, dtype)
         zero[f"zero{stage}"] = {
             "model_states_gb_per_gpu": states / GB,
             "activations_gb_per_gpu": None if act is None else act / GB,
             "activations_checkpointed_gb_per_gpu": None if act_ckpt is None else act_ckpt / GB,
             "memory_gb_per_gpu": (states + used_act) / GB,
             "fits": states + used_act <= usable,
-            "min_gpus": min_gpus(params, stage, usable, used_act, dtype),
+            "min_gpus": min_gpus_layout(params, stage, usable, used_act, dtype, tp, sp),
         }
     cheapest = next((s for s in range(4) if zero[f"zero{s}"]["fits"]), None)
+    smallest = smallest_layout(params, usable, dtype, lambda t, p: act_of(t, p, activation_checkpointing),
+                               num_heads, seq_len)
+    if tp > 1 or sp > 1:
+        notes.append(f"layout TP {tp} x SP {sp} x DP {num_gpus // (tp * sp)}: weights split {tp} ways, ZeRO shards "
+                     f"over the {num_gpus // tp} SP x DP ranks, activations per Korthikanti et al. Table 2 / sp")
     days = gpu_days(flops, peak, mfu)
     return {
         "params": params, "tokens": tokens, "samples": samples, "seq_len": seq_len, "total_flops": flops,
@@ -276,7 +351,8 @@ def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = Non
         "zero": zero, "cheapest_stage": cheapest,
         "gpu": gpu, "gpu_name": spec.name, "gpu_memory_gb": spec.memory_gb, "reserve_gb": reserve_gb,
         "dtype": dtype, "peak_tflops": peak, "mfu": mfu, "num_gpus": num_gpus, "micro_batch": micro_batch,
-        "activation_checkpointing": activation_checkpointing, "notes": notes,
+        "activation_checkpointing": activation_checkpointing, "tp": tp, "sp": sp, "dp": num_gpus // (tp * sp),
+        "smallest_layout": smallest, "notes": notes,
     }
 
 
@@ -322,7 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU whose dense (no sparsity) vendor peak and memory are used (default a100 = A100 SXM 40GB)")
     h.add_argument("--dtype", choices=DTYPES, help="precision of the peak TFLOPS and of the weights/optimizer "
                                                    "accounting (default: the recipe's precision, else bf16)")
-    h.add_argument("--num-gpus", type=int, default=1, help="GPUs in the run = the ZeRO data-parallel degree Nd (default 1)")
+    h.add_argument("--num-gpus", type=int, default=1,
+                   help="GPUs in the run = TP x SP x DP (with --tp 1 --sp 1, the ZeRO data-parallel degree Nd; default 1)")
+    h.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree (DeepSpeed AutoTP's autotp_size): splits every weight and the attention/"
+                        "MLP activations t ways (default 1)")
+    h.add_argument("--sp", type=int, default=1,
+                   help="sequence-parallel degree (DeepSpeed Ulysses): splits each sequence's activations p ways (default 1)")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation: the fraction of peak achieved (default 0.4)")
     h.add_argument("--reserve-gb", type=float, default=2.0,
                    help="GPU memory kept back for the CUDA context, NCCL buffers and fragmentation (default 2)")
@@ -358,7 +440,7 @@ def plan_from_args(args: argparse.Namespace) -> dict:
         micro_batch=pick(args.micro_batch, shape.micro_batch or 1),
         hidden_size=pick(args.hidden_size, shape.hidden_size), num_layers=pick(args.num_layers, shape.num_layers),
         num_heads=pick(args.num_heads, shape.num_heads), activation_checkpointing=args.activation_checkpointing,
-        flash_attention=args.flash_attention, reserve_gb=args.reserve_gb,
+        flash_attention=args.flash_attention, reserve_gb=args.reserve_gb, tp=args.tp, sp=args.sp,
     )
 
 
@@ -403,6 +485,10 @@ def format_plan(r: dict) -> str:
     lines.append(f"cheapest stage that fits on {r['num_gpus']} GPUs: " + (f"ZeRO-{c}" if c is not None else
                  "none (add GPUs" + ("" if r["activation_checkpointing"] else ", checkpoint activations")
                  + " or shrink the micro-batch)"))
+    best = r["smallest_layout"]
+    lines.append("smallest layout that fits: " + (
+        f"TP {best['tp']} x SP {best['sp']} x DP {best['dp']} = {best['num_gpus']} GPUs with ZeRO-{best['zero_stage']} "
+        f"({_gb(best['memory_gb_per_gpu'])} GB per GPU)" if best else "none up to TP 8 x SP 8"))
     lines += [f"note: {n}" for n in r["notes"][1:]]
     return "\n".join(lines)
 

@@ -174,3 +174,42 @@ def test_gpu_table_is_sane():
         assert gpu.memory_gb > 0 and gpu.tflops["fp32"] > 0, name
         assert set(gpu.tflops) <= set(P.DTYPES), name
         assert gpu.tflops.get("fp16", 0) >= gpu.tflops["fp32"], name
+
+
+def test_tensor_and_sequence_parallel_divide_states_and_activations():
+    s, b, h, L, a = 2048, 2, 1024, 24, 16
+    one = activation_bytes(s, b, h, L, a)
+    assert one == pytest.approx(s * b * h * (34 + 5 * a * s / h) * L)
+    # Korthikanti et al. Table 2 without Megatron sequence parallelism: 10 + 24/t + 5as/(ht)
+    assert activation_bytes(s, b, h, L, a, tp=4) == pytest.approx(s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) * L)
+    assert activation_bytes(s, b, h, L, a, tp=4, sp=2) == pytest.approx(activation_bytes(s, b, h, L, a, tp=4) / 2)
+    assert P.layout_states_bytes(1e9, 0, 2, tp=2) == pytest.approx(zero_model_states_bytes(1e9, 0, 1) / 2)
+    # ZeRO shards over the SP x DP ranks holding the same TP slice
+    assert P.layout_states_bytes(1e9, 3, 16, tp=4, sp=2) == pytest.approx(zero_model_states_bytes(0.25e9, 3, 4))
+
+
+def test_layouts_that_do_not_divide_are_refused(capsys):
+    with pytest.raises(ValueError, match="not a multiple of tp x sp = 4"):
+        P.plan(params=10**9, gpu="h100", tokens=10**9, num_gpus=6, tp=2, sp=2)
+    with pytest.raises(ValueError, match="12 attention heads do not divide among tp x sp = 8"):
+        P.plan(params=10**9, gpu="h100", tokens=10**9, num_gpus=8, tp=8, num_heads=12)
+    with pytest.raises(ValueError, match="seq_len 1000 does not divide among sp = 16"):
+        P.plan(params=10**9, gpu="h100", tokens=10**9, num_gpus=16, sp=16, seq_len=1000)
+
+
+def test_the_smallest_layout_for_a_70b_llama_at_8k_fits_and_nothing_smaller_does(capsys):
+    args = ["--params", "70B", "--tokens", "1T", "--gpu", "h100", "--seq-len", "8192", "--hidden-size", "8192",
+            "--num-layers", "80", "--num-heads", "64", "--flash-attention", "--num-gpus", "64", "--tp", "8"]
+    r = run_json(capsys, *args)
+    assert (r["tp"], r["sp"], r["dp"]) == (8, 1, 8)
+    best = r["smallest_layout"]
+    usable = (80 - 2) * 1e9
+    assert best["memory_gb_per_gpu"] * 1e9 <= usable and best["num_gpus"] == best["tp"] * best["sp"] * best["dp"]
+    # brute force over the same space: nothing fits on fewer GPUs
+    for tp in P.LAYOUT_DEGREES:
+        for sp in P.LAYOUT_DEGREES:
+            act = activation_bytes(8192, 1, 8192, 80, 64, flash_attention=True, tp=tp, sp=sp)
+            for stage in range(4):
+                for gpus in range(tp * sp, best["num_gpus"], tp * sp):
+                    assert P.layout_states_bytes(70e9, stage, gpus, tp, sp) + act > usable, (tp, sp, stage, gpus)
+    assert "smallest layout that fits: TP" in P.format_plan(r)
