@@ -36,21 +36,15 @@ def export(checkpoint: str, output: str, dtype: str = "fp32") -> Path:
     if ref.kind != "deepspeed":
         raise CheckpointError(f"{ref.path}: already a Hugging Face directory")
     loaded = load_model(checkpoint)
-    model, info = get_family(loaded.family).to_hf(loaded.model), loaded.info
+    family = get_family(loaded.family)
+    model, info = family.to_hf(loaded.model), loaded.info
     model.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
-    tok_dir = loaded.tokenizer_dir
-    if tok_dir is not None:
+    tokenizer = None
+    if loaded.tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        if loaded.family == "clip" and tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # what training padded captions with
-        tok.save_pretrained(out)
-    if tok_dir is not None and loaded.family == "gpt":
-        gen = model.generation_config
-        gen.eos_token_id = tok.eos_token_id
-        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        gen.save_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+    family.save_hf_assets(model, tokenizer, out)
     (out / "export-info.json").write_text(json.dumps({**info, "dtype": dtype}, indent=2))
     return out
 

@@ -163,3 +163,39 @@ def test_a_two_rank_clip_run_resumes_on_one_rank(runs, data, recipe, tmp_path):
     before = metrics(runs / "z2")[1][-1]
     assert evals[-1]["zero_shot_top1"] > 0.7 * before["zero_shot_top1"], "the trained weights came across"
     assert all(abs(m["loss"] - train[STEPS - 1]["loss"]) < 1.0 for m in train[STEPS:]), "no jump: not a fresh start"
+
+
+def test_the_export_works_in_the_zero_shot_image_classification_pipeline(runs, data, tmp_path):
+    """transformers.pipeline on the export as it is (image processor, eos-terminated captions) agrees
+    with pretrain-eval's zero-shot accuracy with the same single prompt template, within 1 point."""
+    import shutil
+
+    from transformers import pipeline
+
+    from data_pipelines.image.loader import ImageTextShards, decode_sample, sample_label
+    from data_pipelines.loader import read_samples
+
+    out = tmp_path / "hf"
+    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z2"), "--output", str(out)]))
+    assert (out / "preprocessor_config.json").is_file()
+    shards = ImageTextShards(data)
+    classes = shards.classes()
+    template, n = classes["templates"][0], 256
+    images, labels = [], []
+    for sample in read_samples(shards.shards("val")):
+        images.append(decode_sample(sample)[0])
+        labels.append(sample_label(sample))
+        if len(images) == n:
+            break
+    classify = pipeline("zero-shot-image-classification", model=str(out), device="cpu")
+    predictions = classify(images, candidate_labels=classes["classnames"], hypothesis_template=template, batch_size=32)
+    names = classes["classnames"]
+    pipeline_top1 = sum(p[0]["label"] == names[y] for p, y in zip(predictions, labels)) / n
+
+    one_template = tmp_path / "data"  # the same data, pretrain-eval told the pipeline's single prompt
+    shutil.copytree(data, one_template)
+    (one_template / shards.manifest["classes"]).write_text(json.dumps({**classes, "templates": [template]}))
+    ours = _eval_json("--checkpoint", str(out), "--data", str(one_template), "--max-samples", str(n))
+    assert ours["zero_shot_samples"] == n
+    assert ours["zero_shot_top1"] > 5 * ours["chance_top1"], "the export has learnt something to agree on"
+    assert abs(pipeline_top1 - ours["zero_shot_top1"]) <= 0.01, (pipeline_top1, ours["zero_shot_top1"])

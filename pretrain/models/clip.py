@@ -8,6 +8,7 @@ step are the whole global batch, which is what makes CLIP improve with scale.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -258,6 +259,25 @@ def to_hf(model: ContrastiveCLIP) -> CLIPModel:
     return clip
 
 
+def save_hf_assets(model: CLIPModel, tokenizer, out: Path) -> None:
+    """The caption tokenizer (padding with eos, as training did, and ending every text with eos, where
+    CLIP pools) and OpenAI's preprocessor_config.json for the model's image size, so that
+    `pipeline("zero-shot-image-classification", model=out)` works on the export as it is."""
+    from data_pipelines.image.transforms import CLIP_MEAN, CLIP_STD
+    from pretrain.models.hf_assets import save_tokenizer
+
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # what training padded captions with
+        save_tokenizer(tokenizer, out, context_length(model.config), append_eos=True)
+    size = image_size(model.config)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD)}, indent=2))
+
+
 def count_params(config: PretrainedConfig) -> int:
     with torch.device("meta"):
         model = CLIPModel(config)
@@ -443,6 +463,7 @@ FAMILY = ModelFamily(
     count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
     train_flops_per_sample=train_flops_per_sample,
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
-    hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=register_external_parameters,
+    hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
+    register_external_parameters=register_external_parameters,
     train_stream=train_stream, loss=loss, evaluate=evaluate,
 )

@@ -73,6 +73,20 @@ def tokens_per_sample(data, config: PretrainedConfig) -> int:
     return data.seq_len
 
 
+def save_hf_assets(model: torch.nn.Module, tokenizer, out) -> None:
+    """The tokenizer (limited to the model's positions) and a generation config that stops at eos."""
+    if tokenizer is None:
+        return
+    from pretrain.models.hf_assets import save_tokenizer
+
+    config = model.config
+    save_tokenizer(tokenizer, out, getattr(config, "n_positions", None) or config.max_position_embeddings)
+    gen = model.generation_config
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen.save_pretrained(out)
+
+
 def train_flops_per_sample(config: PretrainedConfig, data) -> float:
     """Forward and backward FLOPs of one sequence: 6·N·s + 12·L·s·h·s (`pretrain.flops`)."""
     s = data.seq_len
@@ -183,6 +197,7 @@ FAMILY = ModelFamily(
     count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
     train_flops_per_sample=train_flops_per_sample,
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
-    hf_model=hf_model, to_hf=to_hf, no_decay=no_decay, register_external_parameters=no_external_parameters,
+    hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
+    register_external_parameters=no_external_parameters,
     train_stream=train_stream, loss=loss, evaluate=evaluate,
 )

@@ -80,6 +80,7 @@ class ModelFamily:
     from_pretrained: Callable[[str | Path], torch.nn.Module]  # an exported Hugging Face directory
     hf_model: Callable[[torch.nn.Module], torch.nn.Module]  # the transformers model inside (parameter names)
     to_hf: Callable[[torch.nn.Module], torch.nn.Module]  # ready for save_pretrained
+    save_hf_assets: Callable[[torch.nn.Module, Any, Path], None]  # (hf model, tokenizer or None, dir): the rest of an export
     no_decay: Callable[[str, torch.nn.Parameter], bool]
     register_external_parameters: Callable[[torch.nn.Module], None]  # ZeRO-3: parameters used outside their module
 
