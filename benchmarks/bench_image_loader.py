@@ -10,11 +10,20 @@ captions, then:
             subprocess, N = 1 and 2; images/s = samples written / wall seconds
   bare      for every train JPEG of the prepared shards: webdataset read + Image.open + convert
             RGB + resize to --train-size (the baseline: no crop, no tensor, no captions)
+  decode    the same read and decode without the resize: Pillow (``bare decode``) and the
+            training loader's decoder (``TrainView.decode``: simplejpeg where installed)
   loader_wN image_text_train_loader(num_workers=N): random resized crop + flip + normalise to a
             float tensor + caption tokenisation, batched; images/s in total and per worker
 
 Rows run round-robin ``--repeats`` times; reported are medians and the median of per-repeat
 ratios against the baseline of the same repeat.
+
+Then, once, where the time goes, in CPU milliseconds per image (``time.process_time``, one
+process): the loader's stages (tar read, decode, crop + resize, batch normalisation, caption
+tokenisation) over the train split, and prepare-image-text's per-image stages (read, sha256,
+decode in draft mode, pixel digest, centre crop, JPEG encode; the same calls as
+``process_image``) over --stage-images sources, with its fixed per-run costs (interpreter start
+and imports; training, saving and reloading the caption tokenizer) from a fresh subprocess.
 
     python benchmarks/bench_image_loader.py --json image.json
 """
@@ -24,6 +33,7 @@ import argparse
 import io
 import itertools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,7 +50,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_pipelines.image.loader import ImageTextShards, image_text_train_loader  # noqa: E402
+from data_pipelines.image.loader import (  # noqa: E402
+    ImageTextShards,
+    decode_train_sample,
+    image_text_train_loader,
+    tokenize_captions,
+)
+from data_pipelines.image.transforms import TrainView, normalize_batch, simplejpeg  # noqa: E402
 from data_pipelines.loader import read_samples  # noqa: E402
 
 WORDS = "a photo of red green blue small large dog cat car tree house river mountain city night day".split()
@@ -80,6 +96,23 @@ def bare(data: ImageTextShards, size: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def bare_decode(data: ImageTextShards) -> tuple[float, int]:
+    start, n = time.perf_counter(), 0
+    for sample in read_samples(data.shards("train")):
+        Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        n += 1
+    return time.perf_counter() - start, n
+
+
+def view_decode(data: ImageTextShards, size: int) -> tuple[float, int]:
+    view = TrainView(size)
+    start, n = time.perf_counter(), 0
+    for sample in read_samples(data.shards("train")):
+        view.decode(sample["jpg"])
+        n += 1
+    return time.perf_counter() - start, n
+
+
 def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int) -> tuple[float, int]:
     it = image_text_train_loader(data, "train", batch, tokenizer, 32, size, seed=0, shuffle_buffer=256,
                                  num_workers=workers)
@@ -89,6 +122,104 @@ def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int
     for b in itertools.islice(it, max(1, images // batch)):
         n += b["pixel_values"].shape[0]
     return time.perf_counter() - start, n
+
+
+class Clock:
+    """CPU seconds (this process) summed per stage."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.last = time.process_time()
+
+    def lap(self, stage: str) -> None:
+        now = time.process_time()
+        self.total[stage] = self.total.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def loader_stages(data: ImageTextShards, tokenizer, size: int, batch: int) -> dict[str, float]:
+    """CPU ms per image of each stage of the training loader's path, run by hand in one process."""
+    import random
+
+    view, rng = TrainView(size), random.Random(0)
+    clock, n = Clock(), 0
+    it = iter(read_samples(data.shards("train")))
+    while True:
+        clock.last = time.process_time()
+        raw = list(itertools.islice(it, batch))
+        if not raw:
+            break
+        clock.lap("tar read (webdataset)")
+        items = [decode_train_sample(s, view) for s in raw]
+        clock.lap("decode")
+        pixels = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
+        for row, (image, _) in enumerate(items):
+            pixels[row] = view(image, rng)
+        clock.lap("crop + resize + flip (uint8)")
+        normalize_batch(pixels)
+        clock.lap("normalise batch to float32")
+        tokenize_captions(tokenizer, [c for _, c in items], 32)
+        clock.lap("tokenise captions (per batch)")
+        n += len(items)
+    return {k: v / n * 1e3 for k, v in clock.total.items()}
+
+
+def prepare_stages(src: Path, count: int) -> dict[str, float]:
+    """CPU ms per image of process_image's stages, the same calls in the same order."""
+    import hashlib
+
+    from data_pipelines.image.prepare import ImageOptions, _rgb, center_crop, process_image
+
+    paths = sorted(src.glob("*.jpg"))[:count]
+    opts = ImageOptions(image_size=256)
+    clock = Clock()
+    for path in paths:
+        clock.last = time.process_time()
+        data = path.read_bytes()
+        clock.lap("read file")
+        hashlib.sha256(data).digest()
+        clock.lap("sha256 of the bytes")
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (opts.image_size, opts.image_size))
+        img.load()
+        img.getexif()
+        img = _rgb(img)
+        clock.lap("decode (draft mode) + exif")
+        hashlib.blake2b(img.tobytes(), digest_size=16, person=b"pixels").digest()
+        clock.lap("pixel digest (duplicates)")
+        out = center_crop(img, opts.image_size)
+        clock.lap("centre crop + resize")
+        out.save(io.BytesIO(), format="JPEG", quality=opts.jpeg_quality)
+        clock.lap("JPEG encode")
+    stages = {k: v / len(paths) * 1e3 for k, v in clock.total.items()}
+    start = time.process_time()
+    for path in paths:
+        process_image(None, str(path), opts)
+    stages["process_image (all of the above)"] = (time.process_time() - start) / len(paths) * 1e3
+    return stages
+
+
+FIXED = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data_pipelines.image.prepare  # what `python -m data_pipelines.image.prepare` imports
+start = time.process_time()
+from pathlib import Path
+from data_pipelines import cli
+from data_pipelines.text.tokenizer import train_bpe_tokenizer
+captions = [p.read_text() for p in sorted(Path({src!r}).glob("*.txt"))]
+cli.save_tokenizer_copy(train_bpe_tokenizer(captions, 300), Path({out!r}))
+print(start, time.process_time() - start)
+"""
+
+
+def prepare_fixed(src: Path, out: Path) -> dict[str, float]:
+    """CPU seconds per prepare run that do not depend on the images: interpreter start plus
+    imports, and the caption tokenizer (its transformers imports, training, save and reload)."""
+    proc = subprocess.run([sys.executable, "-c", FIXED.format(repo=str(REPO), src=str(src), out=str(out))],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    imports, tokenizer = map(float, proc.stdout.split()[-2:])
+    return {"start + imports": imports, "caption tokenizer": tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader num_workers rows (default 0 1 2)")
     p.add_argument("--repeats", type=int, default=3, help="round-robin repeats (default 3)")
     p.add_argument("--no-prepare", action="store_true", help="skip the prepare-image-text rows")
+    p.add_argument("--stage-images", type=int, default=200,
+                   help="source images timed per prepare stage (default 200; 0 skips every stage table)")
     p.add_argument("--work-dir", type=Path, help="keep sources and shards here (reused); default a temp dir")
     p.add_argument("--json", type=Path, help="write every measurement here")
     args = p.parse_args(argv)
@@ -131,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         base = n / wall
         rows.setdefault("bare decode+resize", []).append(base)
         ratios.setdefault("bare decode+resize", []).append(1.0)
+        for name, fn in (("bare decode (Pillow, no resize)", bare_decode),
+                         (f"loader's decode ({'simplejpeg' if simplejpeg else 'Pillow'})",
+                          lambda d: view_decode(d, args.train_size))):
+            wall, n = fn(data)
+            rows.setdefault(name, []).append(n / wall)
+            ratios.setdefault(name, []).append(n / wall / base)
         for w in args.workers:
             wall, n = loader(data, tok, args.train_size, w, args.batch, data.num_samples("train"))
             rate = n / wall
@@ -147,10 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in rows.items():
         print(f"{name:<34}{statistics.median(values):>12,.0f}{statistics.median(ratios[name]):>13.2f}x")
     print("baseline: 'prepare workers=1' for the prepare rows, 'bare decode+resize' for the loader rows")
+    stages: dict[str, dict[str, float]] = {}
+    if args.stage_images:
+        stages["loader, CPU ms per image"] = loader_stages(data, tok, args.train_size, args.batch)
+        stages["prepare, CPU ms per image"] = prepare_stages(src, args.stage_images)
+        stages["prepare, CPU s per run"] = prepare_fixed(src, work / "tokenizer-timing")
+        for title, values in stages.items():
+            print(f"\n{title}")
+            for name, value in values.items():
+                print(f"  {name:<40}{value:>8.3f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "ratios": ratios, "python": platform.python_version(),
-                                         "torch": torch.__version__, "cpus": torch.get_num_threads()}, indent=2))
+                                         "ratios": ratios, "stages": stages, "python": platform.python_version(),
+                                         "torch": torch.__version__,
+                                         "simplejpeg": getattr(simplejpeg, "__version__", None),
+                                         "cpus": torch.get_num_threads(), "cpu_count": os.cpu_count()}, indent=2))
     return 0
 
 

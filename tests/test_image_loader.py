@@ -261,3 +261,87 @@ def test_a_world_size_change_re_divides_the_epoch_for_image_text_too(tmp_path: P
     assert not any(s.endswith("train-0000000009") for s in seen), "the undecodable sample never comes out"
     for epoch in (0, 1):
         assert len({s for s in seen if s.startswith(f"{epoch}:")}) == n, f"epoch {epoch} incomplete"
+
+
+def gradient(i: int, w: int = 80, h: int = 64) -> Image.Image:
+    """Red = x, green = y, blue = 3 i: a crop's pixels say where it came from and which sample."""
+    x = torch.linspace(0, 255, w).round().to(torch.uint8)
+    y = torch.linspace(0, 255, h).round().to(torch.uint8)
+    arr = torch.zeros((h, w, 3), dtype=torch.uint8)
+    arr[..., 0], arr[..., 1], arr[..., 2] = x[None, :], y[:, None], 3 * i
+    return Image.fromarray(arr.numpy(), "RGB")
+
+
+def make_gradient_dataset(root: Path, n: int, png: set[int], truncated: set[int],
+                          size: tuple[int, int] = (80, 64)) -> tuple[ImageTextShards, dict]:
+    """One shard of gradient images: JPEGs, PNGs at `png`, truncated JPEGs at `truncated`."""
+    (root / "train").mkdir(parents=True)
+    raw = {}
+    with wds.TarWriter(str(root / "train/shard-000000.tar")) as w:
+        for i in range(n):
+            buffer = io.BytesIO()
+            gradient(i, *size).save(buffer, format="PNG" if i in png else "JPEG", quality=95)
+            data = buffer.getvalue()[:300] if i in truncated else buffer.getvalue()
+            key = f"train-{i:010d}"
+            raw[key] = data
+            w.write({"__key__": key, "png" if i in png else "jpg": data, "txt": f"sample number {i}"})
+    write_manifest(root, {"kind": "image-text", "version": 1, "image_size": 80, "tokenizer": None, "splits": {
+        "train": {"shards": ["train/shard-000000.tar"], "shard_samples": [n], "samples": n}}})
+    return ImageTextShards(root), raw
+
+
+def test_train_stream_takes_the_crops_the_pillow_transform_takes(tmp_path: Path, tokenizer) -> None:
+    """The fast path (reduced decode, box drawn in full-image coordinates, torch resize, batch
+    normalisation) against the Pillow transform of the full-size decode, drawing from the same
+    (seed, slot) generator in the same order; a PNG sample decodes, a truncated JPEG is skipped.
+    200 x 160 JPEGs to 24 px decode at 1/4 scale."""
+    import random
+
+    from data_pipelines.image.transforms import decode_rgb, train_transform
+    from data_pipelines.loader import _seed
+
+    data, raw = make_gradient_dataset(tmp_path, 10, png={3}, truncated={6}, size=(200, 160))
+    ds = ImageTextTrainStream(data, "train", 3, tokenizer, CTX, 24, seed=5, shuffle_buffer=0, trace=True)
+    assert ds.view.decode(raw["train-0000000000"]).pixels.shape == (40, 50, 3)
+    batches = list(itertools.islice(iter(ds), 6))  # two epochs of the 9 good samples
+    rng = random.Random(_seed(5, "augment", 0))
+    keys = []
+    for batch in batches:
+        for row, ident in enumerate(batch["_ids"]):
+            key = ident.rsplit(":", 1)[1]
+            keys.append(key)
+            expected = train_transform(decode_rgb(raw[key]), 24, rng)
+            levels = (batch["pixel_values"][row] - expected).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
+            # JPEG chroma at 1/4 scale costs a level or two; a misplaced box would cost tens.
+            assert levels.mean() < 3 and levels.max() < 16, (key, levels.mean(), levels.max())
+    assert sorted(set(keys)) == sorted(k for i, k in enumerate(raw) if i != 6) and len(keys) == 18
+    assert ds.skips.counts["undecodable"] == 2, "the truncated JPEG, once per epoch"
+
+
+def test_simplejpeg_and_pillow_decoders_give_the_same_stream(tmp_path: Path, tokenizer) -> None:
+    pytest.importorskip("simplejpeg")
+    data, _ = make_gradient_dataset(tmp_path, 8, png={2}, truncated=set())
+
+    def run(decoder: str) -> list[dict]:
+        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=1,
+                                                             shuffle_buffer=4, decoder=decoder), 4))
+
+    fast, slow, again = run("auto"), run("pillow"), run("auto")
+    for a, b, c in zip(fast, slow, again):
+        assert a["pixel_values"].shape == b["pixel_values"].shape == (4, 3, 32, 32)
+        assert torch.equal(a["input_ids"], b["input_ids"]), "same samples in the same order"
+        assert torch.allclose(a["pixel_values"], b["pixel_values"], atol=0.05), "the same libjpeg output"
+        assert all(torch.equal(a[k], c[k]) for k in a if k != "_stats"), "deterministic from the seed"
+
+
+def test_a_dataloader_worker_builds_the_same_batches_as_the_main_process(tmp_path: Path, tokenizer) -> None:
+    """One worker reads what the process itself would; its batches come through shared memory."""
+    data, _ = make_gradient_dataset(tmp_path, 8, png=set(), truncated=set())
+
+    def run(workers: int) -> list[dict]:
+        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=2,
+                                                             shuffle_buffer=4, num_workers=workers), 4))
+
+    for a, b in zip(run(0), run(1)):
+        assert a["pixel_values"].dtype == b["pixel_values"].dtype == torch.float32
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "_stats")

@@ -234,6 +234,42 @@ def test_worker_count_does_not_change_the_output(tmp_path: Path) -> None:
     assert m1["rejected"]["by_reason"] == {"empty_caption": 5, "undecodable": 1}
 
 
+def test_workers_train_the_same_caption_tokenizer_with_its_imports_overlapped(tmp_path: Path) -> None:
+    """With --workers 2 the parent imports the tokenizer classes on a thread while the workers
+    decode; the tokenizer it then trains, saves and names in the manifest is the one --workers 1 makes."""
+    import threading
+
+    from data_pipelines.image import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        noise(40, 40, 300 + i).save(src / f"{i:03d}.jpg")
+        (src / f"{i:03d}.txt").write_text(f"a caption about picture {i} of many")
+    started = []
+    original = prepare._warm_up_tokenizer
+
+    def spy(config):
+        start = original(config)
+        started.append(start is not None)
+        return start
+
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(prepare, "_warm_up_tokenizer", spy)
+            args = [str(src), "--output", str(out), "--workers", str(workers), "--vocab-size", "300", *FAST]
+            assert main(args) == 0
+        outputs.append(out)
+    assert started == [False, True], "the warm-up runs only beside worker processes"
+    assert not [t for t in threading.enumerate() if t.name == "import-tokenizer"], "the thread has finished"
+    m1, m2 = read_manifest(outputs[0]), read_manifest(outputs[1])
+    assert m1["tokenizer"] == m2["tokenizer"] and m1["tokenizer"]["trained"]
+    for name in ("tokenizer/tokenizer.json", "train/shard-000000.tar"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
 def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import JpegImagePlugin
 

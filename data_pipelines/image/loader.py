@@ -3,7 +3,11 @@
 Training streams are `EpochStream`s like the text stream (the same division among ranks and
 workers, reshuffling, resume and re-division after a change of world size); they shuffle the raw
 samples (compressed JPEG bytes are cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
-generator seeded by (seed, slot), so a stream is reproducible.
+generator seeded by (seed, slot), so a stream is reproducible. A training image is decoded at the
+smallest DCT scale its crops allow (simplejpeg, Pillow without it; see `TrainView`), cropped and
+resized as uint8, and each batch becomes one float tensor in a single normalisation (written
+straight into shared memory inside DataLoader workers, so it is not copied there again on its way
+to the main process).
 
 A sample that fails to decode is logged (naming its shard and key), counted by reason in a
 `SkipLog` and skipped; nothing sleeps (webdataset's `warn_and_continue` sleeps 0.5 s per error).
@@ -18,14 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from data_pipelines.eval_split import EvalShare
-from data_pipelines.image.transforms import decode_rgb, eval_transform, train_transform
+from data_pipelines.image.transforms import Decoded, TrainView, decode_rgb, eval_transform, normalize_batch
 from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, _seed, read_checked
 
 logger = logging.getLogger(__name__)
@@ -78,43 +84,58 @@ def _appends_eos(tokenizer: Any) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
-def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: int) -> dict[str, torch.Tensor]:
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: int,
+                      appends_eos: bool | None = None) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask`, long (B, context_length), padded on the right.
 
     Tokenizers that end every text with eos themselves (CLIP's) are called as
     `tokenizer(captions, padding="max_length", truncation=True, max_length=context_length)`.
     Those that do not (the byte-level BPE our prepare commands train) get eos appended after
     truncating to context_length - 1: CLIP's text tower pools the hidden state at the eos, so
-    every caption must have one, even a truncated one.
+    every caption must have one, even a truncated one. `appends_eos` says which kind the
+    tokenizer is (a caller tokenizing many batches finds out once); None: find out now.
     """
     prepare_tokenizer(tokenizer)
-    if _appends_eos(tokenizer):
+    if appends_eos is None:
+        appends_eos = _appends_eos(tokenizer)
+    if appends_eos:
         enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=context_length,
                         return_tensors="pt")
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
     encoded = tokenizer(list(captions), truncation=True, max_length=max(context_length - 1, 1),
                         return_attention_mask=False)["input_ids"]
-    ids = torch.full((len(encoded), context_length), int(tokenizer.pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(encoded), context_length), dtype=torch.long)
+    # Filled in numpy, one tensor per batch (not one per caption).
+    ids = np.full((len(encoded), context_length), int(tokenizer.pad_token_id), dtype=np.int64)
+    mask = np.zeros((len(encoded), context_length), dtype=np.int64)
     for row, seq in enumerate(encoded):
         seq = (list(seq) + [tokenizer.eos_token_id])[:context_length]
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Samples
 
 
-def decode_sample(sample: dict) -> tuple[Any, str]:
-    """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
+def _image_member(sample: dict) -> bytes:
+    """The sample's image bytes; KeyError without an image or a txt member."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise KeyError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
     if "txt" not in sample:
         raise KeyError("no txt member")
-    return decode_rgb(sample[key]), sample["txt"].decode("utf-8")
+    return sample[key]
+
+
+def decode_sample(sample: dict) -> tuple[Any, str]:
+    """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
+    return decode_rgb(_image_member(sample)), sample["txt"].decode("utf-8")
+
+
+def decode_train_sample(sample: dict, view: TrainView) -> tuple[Decoded, str]:
+    """(`Decoded` pixels at the scale `view` needs, caption) of a raw sample; raises as decode_sample."""
+    return view.decode(_image_member(sample)), sample["txt"].decode("utf-8")
 
 
 def sample_label(sample: dict) -> int:
@@ -126,9 +147,10 @@ def sample_label(sample: dict) -> int:
     return label if isinstance(label, int) and not isinstance(label, bool) else -1
 
 
-def _try_decode(sample: dict, log: SkipLog) -> tuple[Any, str] | None:
+def _try_decode(sample: dict, log: SkipLog,
+                decode: Callable[[dict], tuple[Any, str]] = decode_sample) -> tuple[Any, str] | None:
     try:
-        return decode_sample(sample)
+        return decode(sample)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad data, never a reason to stop
         reason = "missing_member" if isinstance(exc, KeyError) else "undecodable"
         log.add(reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {type(exc).__name__}: {exc}")
@@ -144,35 +166,61 @@ class ImageTextTrainStream(EpochStream):
     horizontal flip: turn it off when captions say "left" or "right"), otherwise a centre crop,
     drawn from a generator seeded by (seed, slot). `skips` counts skipped samples
     ("undecodable", "missing_member") and shard problems ("bad_shard", "short_shard").
+
+    Images are decoded by `TrainView` (`decoder`: "auto", "simplejpeg" or "pillow") at the
+    smallest DCT scale every possible crop allows, cropped and resized as uint8; a batch is
+    normalised to float32 in one pass, and captions are tokenized once per batch.
     """
 
     DECODE_EARLY = False
 
     def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
                  image_size: int, rank: int = 0, world_size: int = 1, *, augment: bool = True, flip: bool = True,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), **options):
+                 crop_scale: tuple[float, float] = (0.5, 1.0), decoder: str = "auto", **options):
         super().__init__(data, split, batch_size, rank, world_size, **options)
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.context_length, self.image_size = context_length, image_size
-        self.augment, self.flip, self.crop_scale = augment, flip, crop_scale
+        self.augment, self.flip, self.crop_scale, self.decoder = augment, flip, crop_scale, decoder
+        self.view = TrainView(image_size, augment=augment, flip=flip, scale=crop_scale, decoder=decoder)
+        self.appends_eos = _appends_eos(self.tokenizer)
 
-    def decode(self, sample: dict) -> tuple[Any, str] | None:
-        return _try_decode(sample, self.skips)
+    def decode(self, sample: dict) -> tuple[Decoded, str] | None:
+        return _try_decode(sample, self.skips, self._decode_one)
+
+    def _decode_one(self, sample: dict) -> tuple[Decoded, str]:
+        return decode_train_sample(sample, self.view)
 
     def slot_state(self, slot: Slot) -> random.Random:
         return random.Random(_seed(self.seed, "augment", slot.index))
 
-    def collate(self, items: list[tuple[Any, str]], augment_rng: random.Random) -> dict[str, torch.Tensor]:
-        images = [train_transform(img, self.image_size, augment_rng, augment=self.augment, flip=self.flip,
-                                  scale=self.crop_scale) for img, _ in items]
-        return {"pixel_values": torch.stack(images),
-                **tokenize_captions(self.tokenizer, [caption for _, caption in items], self.context_length)}
+    def collate(self, items: list[tuple[Decoded, str]], augment_rng: random.Random) -> dict[str, torch.Tensor]:
+        size = self.image_size
+        pixels = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
+        for row, (image, _) in enumerate(items):  # the generator's draws, in the old order: crop, flip
+            pixels[row] = self.view(image, augment_rng)
+        return {"pixel_values": normalize_batch(pixels, out=_batch_tensor(pixels.shape, torch.float32)),
+                **tokenize_captions(self.tokenizer, [caption for _, caption in items], self.context_length,
+                                    self.appends_eos)}
 
     def replica(self, batch_size, rank, world_size, num_workers, history) -> "ImageTextTrainStream":
         return ImageTextTrainStream(self.data, self.split, batch_size, self.tokenizer, self.context_length,
                                     self.image_size, rank, world_size, augment=self.augment, flip=self.flip,
-                                    crop_scale=self.crop_scale, seed=self.seed, shuffle_buffer=self.buffer,
-                                    num_workers=num_workers, history=history)
+                                    crop_scale=self.crop_scale, decoder=self.decoder, seed=self.seed,
+                                    shuffle_buffer=self.buffer, num_workers=num_workers, history=history)
+
+
+def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch; in shared memory inside a DataLoader worker, as
+    default_collate does, so sending it to the main process does not copy it into shared
+    memory first (19 MB per 32 x 3 x 224 x 224 float32 batch)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    try:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        storage = torch.UntypedStorage._new_shared(nbytes)  # what default_collate uses (private API)
+        return torch.tensor([], dtype=dtype).set_(storage, 0, tuple(shape))
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - another torch: copied when sent
+        return torch.empty(tuple(shape), dtype=dtype)
 
 
 def image_text_train_loader(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,

@@ -18,10 +18,11 @@ import hashlib
 import io
 import json
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, TextIO
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
 
 from PIL import Image, ImageOps
 
@@ -263,13 +264,14 @@ def _task(chunk: list[_Entry], opts: ImageOptions) -> tuple[ImageOptions, list[t
     return opts, [(e.record.data, e.record.path) for e in chunk if e.reason is None]  # type: ignore[union-attr]
 
 
-def _processed(entries: Iterable[_Entry], opts: ImageOptions,
-               workers: int) -> Iterator[tuple[_Entry, Processed | None]]:
+def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
+               on_pool: Callable[[], Any] | None = None) -> Iterator[tuple[_Entry, Processed | None]]:
     """(entry, result) in input order; result is None for entries rejected up front.
 
     With workers > 1 at most 4 chunks per worker are in flight (Pool.imap would read the whole
     input ahead into memory), and results are consumed in submission order, so the output is
-    identical for any worker count.
+    identical for any worker count. `on_pool` is called once the worker processes exist (after
+    the fork), to start work in the parent that overlaps theirs.
     """
 
     def pair(chunk: list[_Entry], results: list[Processed]) -> Iterator[tuple[_Entry, Processed | None]]:
@@ -286,6 +288,8 @@ def _processed(entries: Iterable[_Entry], opts: ImageOptions,
     import multiprocessing
 
     with multiprocessing.Pool(workers) as pool:
+        if on_pool is not None:
+            on_pool()
         pending: deque[tuple[list[_Entry], Any]] = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(_process_chunk, (_task(chunk, opts),))))
@@ -332,15 +336,36 @@ class SplitWriters:
         return {split: cli.shards_manifest(w, self.output) for split, w in self.writers.items()}
 
 
+def _import_tokenizer_classes() -> None:
+    """Import what training, saving and reloading the caption tokenizer need: ~0.7 s of
+    transformers imports (PreTrainedTokenizerFast, then AutoTokenizer's model registry)."""
+    try:
+        import transformers
+        transformers.PreTrainedTokenizerFast, transformers.AutoTokenizer  # lazy attributes: touching them imports
+    except Exception:  # noqa: BLE001 - the tokenizer step itself reports a real problem
+        pass
+
+
+def _warm_up_tokenizer(config: PrepareImageConfig) -> threading.Thread | None:
+    """With workers, the parent mostly waits for them: a thread (started once they are forked)
+    to do the tokenizer step's imports meanwhile, instead of serially after the last image.
+    None without workers or without a tokenizer to train (an external one is loaded up front)."""
+    if config.workers <= 1 or config.vocab_size is None or config.tokenizer is not None:
+        return None
+    return threading.Thread(target=_import_tokenizer_classes, name="import-tokenizer", daemon=True)
+
+
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
                   console: cli.Console) -> SplitWriters:
     writers = SplitWriters(config.output, config.samples_per_shard)
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
     entries = _entries(specs, config)
+    warm_up = _warm_up_tokenizer(config)
     with console.bar(unit="img", desc="images") as bar:
         try:
-            for entry, result in _processed(entries, config.image_options, config.workers):
+            for entry, result in _processed(entries, config.image_options, config.workers,
+                                            on_pool=None if warm_up is None else warm_up.start):
                 record = entry.record
                 count = record.count if isinstance(record, Skip) else 1
                 bar.update(count)
@@ -365,6 +390,8 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
                 bar.set_postfix_str(f"kept={writers.total():,} rejected={report.skipped_total:,}", refresh=False)
         finally:
             writers.close()
+    if warm_up is not None and warm_up.ident is not None:
+        warm_up.join()  # imports are thread-safe anyway; this just leaves no thread behind
     return writers
 
 
