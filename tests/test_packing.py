@@ -84,3 +84,38 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize(("vocab", "dtype"), [(1000, np.uint16), (65_536, np.uint16), (65_537, np.uint32)])
 def test_token_dtype(vocab: int, dtype: type) -> None:
     assert token_dtype(vocab) == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 63])
+def test_add_documents_equals_add_one_by_one(seq_len: int) -> None:
+    rng = np.random.default_rng(seq_len)
+    docs = [rng.integers(1, 60_000, size=rng.integers(0, 200)) for _ in range(300)]
+    docs[3:6] = [np.array([], dtype=np.int64)] * 3  # empty documents still get their eos
+    one, many = TokenPacker(seq_len, EOS), TokenPacker(seq_len, EOS)
+    expected = [w for d in docs for w in one.add(d)]
+    got = []
+    start = 0
+    for size in [0, 1, 7, 50, 1, 241]:  # uneven groups, one empty, across window boundaries
+        group = docs[start : start + size]
+        flat = np.concatenate(group) if group else np.empty(0, dtype=np.int64)
+        windows = many.add_documents(flat, [len(d) for d in group])
+        assert windows.shape == (len(windows), seq_len + 1) and windows.dtype == np.uint16
+        got.extend(windows)
+        start += size
+    assert start == len(docs)
+    np.testing.assert_array_equal(np.array(got), np.array(expected))
+    assert one.finish() == many.finish()
+    assert (one.documents, one.tokens_in, one.windows) == (many.documents, many.tokens_in, many.windows)
+
+
+def test_add_documents_refuses_bad_input() -> None:
+    packer = TokenPacker(seq_len=4, eos_id=EOS, dtype=np.uint16)
+    with pytest.raises(ValueError, match="out of range"):
+        packer.add_documents(np.array([1, 70_000]), [2])
+    with pytest.raises(ValueError, match="do not describe"):
+        packer.add_documents(np.array([1, 2, 3]), [1, 1])
+    with pytest.raises(ValueError, match="do not describe"):
+        packer.add_documents(np.array([1, 2]), [3, -1])
+    packer.finish()
+    with pytest.raises(RuntimeError):
+        packer.add_documents(np.array([1]), [1])

@@ -111,6 +111,137 @@ def test_workers_give_byte_identical_output(
     assert read_manifest(outs[0])["splits"] == read_manifest(outs[1])["splits"]
 
 
+def reference_dataset(files: list[Path], tokenizer_dir: Path, out: Path, seq_len: int, samples_per_shard: int,
+                      val_fraction: float, test_fraction: float) -> dict[str, dict]:
+    """prepare-text's output the plain way: one document at a time, the Hugging Face call,
+    TokenPacker.add and RecordingShardWriter (the pipeline before --workers was made to scale)."""
+    from data_pipelines.shards import RecordingShardWriter
+    from data_pipelines.splits import assign_split
+    from data_pipelines.text.packing import TokenPacker
+    from data_pipelines.text.sources import ScanReport, iter_documents, resolve_inputs
+    from data_pipelines.text.tokenizer import encode_texts, load_tokenizer, token_dtype
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    specs = resolve_inputs([str(f) for f in files])
+    packers = {s: TokenPacker(seq_len, tokenizer.eos_token_id, token_dtype(len(tokenizer))) for s in SPLITS}
+    writers = {s: RecordingShardWriter(out / s, samples_per_shard) for s in SPLITS}
+    for text in iter_documents(specs, "text", 1, ScanReport.for_inputs(specs)):
+        split = assign_split(text.encode("utf-8"), val_fraction, test_fraction, 0)
+        for window in packers[split].add(encode_texts(tokenizer, [text])[0]):
+            writers[split].write({"__key__": f"{split}-{writers[split].samples:010d}", "tokens.npy": window})
+    for split in SPLITS:
+        writers[split].close()
+        packers[split].finish()
+    return {s: {"shards": [p.relative_to(out).as_posix() for p in writers[s].shards],
+                "shard_samples": writers[s].shard_samples, "samples": writers[s].samples,
+                "tokens": packers[s].tokens_out, "documents": packers[s].documents,
+                "dropped_tokens": packers[s].dropped_tokens} for s in SPLITS}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_output_equals_the_document_by_document_reference(
+    prepared_stdlib: Path, stdlib_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    import data_pipelines.text.prepare as prepare
+
+    # Small batches that mix the three splits: many batches per worker, each split's
+    # documents picked out of every batch, windows spanning batches and shards.
+    monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 4)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 30_000)
+    tok_dir = prepared_stdlib / "tokenizer"
+    expected = reference_dataset(stdlib_files, tok_dir, tmp_path / "ref", 32, 7, 0.25, 0.25)
+    out = tmp_path / "out"
+    assert main([*map(str, stdlib_files), "--output", str(out), "--tokenizer", str(tok_dir), "--workers", str(workers),
+                 "--val-fraction", "0.25", "--test-fraction", "0.25", "--seq-len", "32", "--samples-per-shard", "7",
+                 "--no-progress"]) == 0
+    assert all(expected[s]["documents"] >= 3 and len(expected[s]["shards"]) >= 3 for s in SPLITS)
+    assert read_manifest(out)["splits"] == expected
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize(("samples_per_shard", "dtype", "chunks"), [
+    (1, np.uint16, [3, 1, 2]),
+    (4, np.uint16, [0, 1, 3, 4, 9, 2]),  # an empty write, shard-sized writes, a write over two shards
+    (5, np.uint32, [10]),  # ends exactly on a full shard: no empty shard after it
+])
+def test_window_writer_writes_what_recording_writer_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples_per_shard: int, dtype: type, chunks: list[int]
+) -> None:
+    from data_pipelines.shards import RecordingShardWriter
+    from data_pipelines.text import prepare
+
+    rng = np.random.default_rng(samples_per_shard)
+    windows = rng.integers(0, np.iinfo(dtype).max, size=(sum(chunks), 17)).astype(dtype)
+    reference = RecordingShardWriter(tmp_path / "ref" / "val", samples_per_shard)
+    for n, window in enumerate(windows):
+        reference.write({"__key__": f"val-{n:010d}", "tokens.npy": window})
+    reference.close()
+
+    def written(root: Path) -> prepare.WindowShardWriter:
+        writer = prepare.WindowShardWriter(root / "val", "val", samples_per_shard)
+        start = 0
+        for size in chunks:
+            writer.write(windows[start : start + size])
+            start += size
+        writer.close()
+        return writer
+
+    fast = written(tmp_path / "fast")
+    assert fast._layout is not None and fast._fallback is None  # the template path was taken
+    monkeypatch.setattr(prepare._MemberLayout, "matching_reference", classmethod(lambda cls, split, window: None))
+    slow = written(tmp_path / "slow")
+    assert slow._fallback is not None
+    for writer, root in ((fast, tmp_path / "fast"), (slow, tmp_path / "slow")):
+        assert (writer.samples, writer.shard_samples) == (reference.samples, reference.shard_samples)
+        assert [p.relative_to(root) for p in writer.shards] == [p.relative_to(tmp_path / "ref") for p in reference.shards]
+        assert shard_bytes(root) == shard_bytes(tmp_path / "ref")
+    assert not prepare.WindowShardWriter(tmp_path / "none" / "val", "val", 3).directory.exists()
+
+
+def test_text_encoder_gives_the_hugging_face_ids(prepared_stdlib: Path, stdlib_files: list[Path], tmp_path: Path) -> None:
+    import pickle
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipelines.text.tokenizer import TextEncoder, encode_texts, load_tokenizer
+
+    texts = [p.read_text() for p in stdlib_files[:5]] + [
+        "", "<|endoftext|>", "a<|endoftext|>b <|endoftext|>", "  ünïcödé ✓ 😀\ttabs\r\n", "Hello hello HELLO x"]
+    # A word-level tokenizer saved with truncation, padding and a normalizer: the Hugging Face
+    # call turns truncation and padding off, and so must the encoder.
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "hello": 2, "x": 3}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.enable_truncation(2)
+    backend.enable_padding(length=8)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>").save_pretrained(
+        str(tmp_path / "word"))
+    for tokenizer in (load_tokenizer(prepared_stdlib / "tokenizer"), load_tokenizer(tmp_path / "word")):
+        # Built first: the Hugging Face call below turns truncation and padding off in place.
+        encoders = (TextEncoder(tokenizer), pickle.loads(pickle.dumps(TextEncoder(tokenizer))))
+        assert all(e._backend is not None for e in encoders)  # the direct path to the Rust backend
+        expected = encode_texts(tokenizer, texts)
+        assert max(len(e) for e in expected) > 8  # neither truncated nor padded
+        for encoder in encoders:
+            ids, lengths = encoder(texts)
+            assert lengths.tolist() == [len(e) for e in expected]
+            np.testing.assert_array_equal(ids, np.concatenate(expected))
+            ids, lengths = encoder([])
+            assert ids.size == 0 and lengths.size == 0
+
+    class Custom(PreTrainedTokenizerFast):  # a class that changes the call may change the ids
+        def __call__(self, *args, **kwargs):  # type: ignore[override]
+            return super().__call__(*args, **kwargs)
+
+    custom = Custom(tokenizer_object=Tokenizer.from_file(str(prepared_stdlib / "tokenizer" / "tokenizer.json")),
+                    eos_token="<|endoftext|>")
+    encoder = TextEncoder(custom)
+    assert encoder._backend is None
+    ids, lengths = encoder(texts)
+    np.testing.assert_array_equal(ids, np.concatenate(encode_texts(custom, texts)))
+
+
 def test_documents_packed_in_order_with_one_eos_each(prepared_stdlib: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -6,11 +6,12 @@ worker processes, so what the trainer later loads is exactly what produced the s
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -109,38 +110,110 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
     return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
+# The methods between a Hugging Face fast tokenizer's __call__ and its Rust backend (transformers
+# 4 and 5). A class that overrides none of them encodes exactly as its backend does.
+_CALL_PATH = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus",
+              "set_truncation_and_padding", "_convert_encoding")
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust backend of a fast tokenizer whose class changes nothing on the way to it, else None."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    cls = type(tokenizer)
+    if any(getattr(cls, name, None) is not getattr(PreTrainedTokenizerFast, name, None) for name in _CALL_PATH):
+        return None
+    return tokenizer.backend_tokenizer
+
+
+class TextEncoder:
+    """texts -> (all their token ids in one array, each text's length): the ids of `encode_texts`,
+    concatenated.
+
+    For a plain fast tokenizer it calls the Rust backend directly, on a private copy set up as
+    the Hugging Face call above sets it (no truncation, no padding, special tokens matched as
+    plain text), with `encode_batch_fast` where the installed `tokenizers` has it: the same ids
+    without computing character offsets (~30% less time than `encode_batch` here). Any other
+    tokenizer goes through `encode_texts`. Picklable, so a worker process can be handed one.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        backend = _plain_backend(tokenizer)
+        self._tokenizer = tokenizer if backend is None else None
+        self._backend: Any = None
+        if backend is not None:
+            self._use_backend(backend.to_str())
+
+    def _use_backend(self, serialized: str) -> None:
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(serialized)
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._backend.encode_special_tokens = True
+        self._encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The backend pickles as JSON, which leaves out encode_special_tokens: set up again on arrival.
+        return {"tokenizer": self._tokenizer, "backend": None if self._backend is None else self._backend.to_str()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._tokenizer, self._backend = state["tokenizer"], None
+        if state["backend"] is not None:
+            self._use_backend(state["backend"])
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._backend is None:
+            assert self._tokenizer is not None
+            per_text: list[Any] = encode_texts(self._tokenizer, texts)
+            dtype: type = np.int64
+        else:
+            per_text = [e.ids for e in self._encode(list(texts), add_special_tokens=False)] if texts else []
+            dtype = np.uint32  # the backend's ids are u32: half the bytes back from a worker
+        lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+        flat = np.fromiter(itertools.chain.from_iterable(per_text), dtype=dtype, count=int(lengths.sum()))
+        return flat, lengths
+
+
 # ---------------------------------------------------------------------------------------------
 # Parallel encoding. Module-level state and functions so that any start method can use them.
 
-_worker_tokenizer: PreTrainedTokenizerBase | None = None
+_worker_encoder: TextEncoder | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+def _init_worker(encoder: TextEncoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
 
 
-def _encode_batch(batch: tuple[list[T], list[str]]) -> tuple[list[T], list[np.ndarray]]:
-    tags, texts = batch
-    assert _worker_tokenizer is not None, "worker was not initialised"
-    return tags, encode_texts(_worker_tokenizer, texts)
+def _encode_batch(batch: tuple[T, Sequence[str]]) -> tuple[T, np.ndarray, np.ndarray]:
+    tag, texts = batch
+    assert _worker_encoder is not None, "worker was not initialised"
+    return (tag, *_worker_encoder(texts))
 
 
 def encode_batches(
-    batches: Iterable[tuple[list[T], list[str]]],
-    tokenizer_dir: str | os.PathLike[str],
+    batches: Iterable[tuple[T, Sequence[str]]],
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str],
     workers: int = 1,
-) -> Iterator[tuple[list[T], list[np.ndarray]]]:
-    """Encode (tags, texts) batches in order, in `workers` processes; tags pass through.
+) -> Iterator[tuple[T, np.ndarray, np.ndarray]]:
+    """Encode (tag, texts) batches in order, in `workers` processes: yield (tag, ids, lengths)
+    per batch, ids being the batch's token ids end to end and lengths each text's count.
 
+    `tokenizer`: a loaded tokenizer, or the directory to load it from. Worker processes get
+    it from this process (inherited under fork, pickled otherwise), never load it again.
     Results come back in input order whatever `workers` is, so the output is identical.
     At most 4 batches per worker are in flight: Pool.imap would read the whole input
     iterator ahead into memory, which a large corpus cannot afford.
     """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    encoder = TextEncoder(tokenizer)
     if workers <= 1:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        for tags, texts in batches:
-            yield tags, encode_texts(tokenizer, texts)
+        for tag, texts in batches:
+            yield (tag, *encoder(texts))
         return
 
     import multiprocessing
@@ -149,7 +222,7 @@ def encode_batches(
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
             pending: deque[AsyncResult] = deque()
             for batch in batches:
                 pending.append(pool.apply_async(_encode_batch, (batch,)))
