@@ -297,6 +297,11 @@ class EpochStream(torch.utils.data.IterableDataset):
     def collate(self, items: list, state) -> dict:
         raise NotImplementedError
 
+    def finish(self, batch: dict) -> dict:
+        """Last touches in the consuming process, after a batch left a DataLoader worker
+        (the image stream normalises uint8 pixels here); by default none."""
+        return batch
+
     def slot_state(self, slot: Slot):
         """Per-slot state for collate (e.g. the augmentation generator)."""
         return None
@@ -494,7 +499,7 @@ class TrainStream:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._start()
-        batch = next(self._it)
+        batch = self.dataset.finish(next(self._it))
         self.micro_batches += 1
         self.slot_stats[batch["_stats"]["slot"]] = batch["_stats"]
         return batch
