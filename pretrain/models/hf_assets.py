@@ -20,12 +20,25 @@ def save_tokenizer(tokenizer: Any, out: Path, model_max_length: int, append_eos:
         eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
             single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, eos_id)])
+    if append_eos:
+        _wrap_pre_tokenizer(tokenizer)
     tokenizer.save_pretrained(out)
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config["model_max_length"] = model_max_length
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _wrap_pre_tokenizer(tokenizer: Any) -> None:
+    """transformers 4.x's CLIPProcessor always loads `CLIPTokenizerFast`, which refuses a backend
+    whose pre-tokenizer is not a `Sequence` (OpenAI's layout). A one-element Sequence splits text
+    exactly as the bare pre-tokenizer does."""
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    if backend.pre_tokenizer is not None and not isinstance(backend.pre_tokenizer, pre_tokenizers.Sequence):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([backend.pre_tokenizer])
 
 
 def _appends_eos(tokenizer: Any) -> bool:
