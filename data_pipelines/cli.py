@@ -269,7 +269,24 @@ class Console:
         """Write the manifest, last, as its presence means "complete"; then print the summary."""
         write_manifest(output, manifest)
         print(summary(manifest, output, time.perf_counter() - self.started), file=self.out)
+        for problem in empty_splits(manifest):
+            self.warn(problem)
         return manifest
+
+
+def empty_splits(manifest: Mapping[str, Any]) -> list[str]:
+    """A split asked for (a fraction above 0) that got no sample: a corpus too small for its
+    fraction. Training refuses such data at start; say so now, when re-preparing is cheap."""
+    found = []
+    for split in ("val", "test"):
+        fraction = manifest.get(f"{split}_fraction") or 0
+        info = manifest.get("splits", {}).get(split, {})
+        if fraction > 0 and not info.get("samples"):
+            total = sum(s.get("samples", 0) for s in manifest.get("splits", {}).values())
+            found.append(f"the {split} split is empty: --{split}-fraction {fraction} of {total:,} samples gave none "
+                         f"(hashing assigns whole documents or samples); use a larger --{split}-fraction or more data"
+                         + (", or training will refuse this data without data.eval_sources" if split == "val" else ""))
+    return found
 
 
 def start_run(prog: str, config: CommandConfig, out: TextIO | None, err: TextIO | None) -> Console:

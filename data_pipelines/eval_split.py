@@ -24,10 +24,11 @@ class EvalShare(Generic[Sample, Row]):
     yields the last rows and the padding. A caller can report what reading found in between.
     """
 
-    def __init__(self, total: int, max_samples: int | None, rank: int, world_size: int, batch_size: int):
-        self.n = total if max_samples is None else min(total, max_samples)
-        self.rows_per_rank = -(-self.n // world_size)
+    def __init__(self, total: int | None, max_samples: int | None, rank: int, world_size: int, batch_size: int):
+        # total None: a split whose size is known only by reading it (keys held out of raw shards).
+        self.n = max_samples if total is None else total if max_samples is None else min(total, max_samples)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.seen = 0  # samples read; every rank reads every sample, so all agree on it
         self.template: Row | None = None
         self._rows: list[Row | None] = []
         self._yielded = 0
@@ -37,6 +38,7 @@ class EvalShare(Generic[Sample, Row]):
         """``row(i, sample, mine)`` turns sample i into a row, or None when it cannot be used;
         another rank's samples are only turned into rows until there is a template."""
         for i, sample in enumerate(itertools.islice(samples, self.n)):
+            self.seen = i + 1
             mine = i % self.world_size == self.rank
             if not mine and self.template is not None:
                 continue
@@ -53,7 +55,10 @@ class EvalShare(Generic[Sample, Row]):
         as there is nothing to pad with (the caller decides whether that is an error)."""
         if self.template is None:
             return
-        self._rows += [None] * (self.rows_per_rank - self._yielded - len(self._rows))
+        # Pad to what was read, not to what was promised: a split that ends early (a held-out
+        # fraction, truncated shards) ends early on every rank alike.
+        rows_per_rank = -(-self.seen // self.world_size)
+        self._rows += [None] * (rows_per_rank - self._yielded - len(self._rows))
         yield from self._batches(full_only=False)
 
     def _batches(self, full_only: bool) -> Iterator[tuple[list[Row | None], Row]]:

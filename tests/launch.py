@@ -1,8 +1,11 @@
 """Helpers for tests that run the real command lines (deepspeed launcher, torchrun, console scripts)."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +21,65 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def world_of_one():
+    """A gloo process group of one in this test process, as the launcher would set it up for one rank. On exit
+    the group, DeepSpeed's cached groups, the environment and the signal handlers are put back, so that the next
+    in-process run in the same pytest worker starts clean (DeepSpeed keeps a clone of the world group in a module
+    global, and a clone of a destroyed group makes the next engine's broadcast fail)."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from pretrain.train import _remove_shm_buffers
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield
+    finally:
+        _remove_shm_buffers()
+        dist.destroy_process_group()
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                     "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+        os.environ.clear()
+        os.environ.update(saved)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def with_key(d: dict, dotted: str, value) -> dict:
+    """A deep copy of ``d`` with ``dotted`` (e.g. "training.lr") set to ``value``."""
+    d = json.loads(json.dumps(d))
+    node = d
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    return d
+
+
+def kill_tree(proc: subprocess.Popen, port: str) -> None:
+    """SIGKILL a launcher and every process under it at once, then remove the CPU all-reduce buffers
+    (RAM in /dev/shm) that DeepSpeed's ranks on ``port`` could not remove themselves."""
+    import psutil
+
+    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+    for p in tree:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(leftover)
 
 
 def _env() -> dict[str, str]:
@@ -63,13 +125,13 @@ def stdlib_files(max_bytes: int) -> list[str]:
 
 
 def prepare_small_corpus(out: Path, files: int, min_bytes: int, max_bytes: int, vocab_size: int, samples_per_shard: int,
-                         test_fraction: float = 0.0) -> Path:
+                         test_fraction: float = 0.0, val_fraction: float = 0.1) -> Path:
     """A small prepared text corpus (seq_len 32) from ``files`` stdlib sources of min..max bytes,
     so that a test can train through whole epochs."""
     chosen = [str(p) for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
               if min_bytes < p.stat().st_size < max_bytes][:files]
     run(module_cmd("data_pipelines.text.prepare", [*chosen, "--output", str(out), "--vocab-size", str(vocab_size),
-                                                    "--seq-len", "32", "--val-fraction", "0.1", "--test-fraction",
+                                                    "--seq-len", "32", "--val-fraction", str(val_fraction), "--test-fraction",
                                                     str(test_fraction), "--samples-per-shard", str(samples_per_shard),
                                                     "--no-progress"]))
     return out

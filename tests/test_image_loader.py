@@ -114,7 +114,8 @@ def test_train_batches_shapes_dtypes_and_determinism(tmp_path: Path, tokenizer) 
     a, b = run(0), run(0)
     batch = a[0]
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "_stats"}
-    assert batch["_stats"] == {"slot": 0, "read": 4, "skipped": {}}
+    assert {k: batch["_stats"][k] for k in ("slot", "read", "skipped", "batches")} == {
+        "slot": 0, "read": 4, "skipped": {}, "batches": 1}
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, CTX)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
@@ -293,7 +294,7 @@ def make_gradient_dataset(root: Path, n: int, png: set[int], truncated: set[int]
 def test_train_stream_takes_the_crops_the_pillow_transform_takes(tmp_path: Path, tokenizer) -> None:
     """The fast path (reduced decode, box drawn in full-image coordinates, torch resize, batch
     normalisation) against the Pillow transform of the full-size decode, drawing from the same
-    (seed, slot) generator in the same order; a PNG sample decodes, a truncated JPEG is skipped.
+    (seed, slot, batch) generator in the same order; a PNG sample decodes, a truncated JPEG is skipped.
     200 x 160 JPEGs to 24 px decode at 1/4 scale."""
     import random
 
@@ -304,9 +305,9 @@ def test_train_stream_takes_the_crops_the_pillow_transform_takes(tmp_path: Path,
     ds = ImageTextTrainStream(data, "train", 3, tokenizer, CTX, 24, seed=5, shuffle_buffer=0, trace=True)
     assert ds.view.decode(raw["train-0000000000"]).pixels.shape == (40, 50, 3)
     batches = list(itertools.islice(iter(ds), 6))  # two epochs of the 9 good samples
-    rng = random.Random(_seed(5, "augment", 0))
     keys = []
-    for batch in batches:
+    for n, batch in enumerate(batches):
+        rng = random.Random(_seed(5, "augment", 0, n))  # a generator per (slot, batch)
         for row, ident in enumerate(batch["_ids"]):
             key = ident.rsplit(":", 1)[1]
             keys.append(key)

@@ -23,7 +23,10 @@ def test_a_restored_stream_continues_with_the_batches_the_original_would_have_gi
     _ids(original, 5)
     state = original.state_dict()
     assert json.loads(json.dumps(state)) == state, "plain values: it goes into a checkpoint as it is"
-    assert state == {"world": 1, "workers": workers, "micro": 3, "micro_batches": 5, "data_history": []}
+    assert {k: state[k] for k in ("world", "workers", "micro", "micro_batches", "data_history")} == {
+        "world": 1, "workers": workers, "micro": 3, "micro_batches": 5, "data_history": []}
+    slots = {0: 3, 1: 2} if workers else {0: 5}  # the round-robin's share of each DataLoader worker
+    assert {int(i): s["batches"] for i, s in state["slots"].items()} == slots, "a cursor per slot"
     expected = _ids(original, 6)
 
     restored = train_loader(data, "train", 3, 0, 1, num_workers=workers, **COMMON)

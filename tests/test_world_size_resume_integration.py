@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """About 650 train windows: small enough that the test runs through a whole epoch."""
-    return prepare_small_corpus(tmp_path_factory.mktemp("small") / "data", 8, 5_000, 12_000, 512, 50, 0.1)
+    """Several hundred train windows: small enough that the test runs through a whole epoch; ten documents
+    so that val and test each get at least one (prepare refuses an empty val split)."""
+    return prepare_small_corpus(tmp_path_factory.mktemp("small") / "data", 10, 5_000, 12_000, 512, 50, 0.1, 0.25)
 
 
 def _trace(trace_dir: Path) -> list[str]:

@@ -3,7 +3,7 @@
 Training streams are `EpochStream`s like the text stream (the same division among ranks and
 workers, reshuffling, resume and re-division after a change of world size); they shuffle the raw
 samples (compressed JPEG bytes are cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
-generator seeded by (seed, slot), so a stream is reproducible. A training image is decoded at the
+generator seeded by (seed, slot, batch), so a stream is reproducible. A training image is decoded at the
 smallest DCT scale its crops allow (simplejpeg, Pillow without it; see `TrainView`), cropped and
 resized as uint8, and each batch becomes one float tensor in a single normalisation (written
 straight into shared memory inside DataLoader workers, so it is not copied there again on its way
@@ -44,6 +44,7 @@ class ImageTextShards(PreparedShards):
     """A prepared image-text dataset: manifest, shard paths, tokenizer and class list."""
 
     KIND = KIND
+    caption_key = "txt"  # the member prepare-image-text writes captions to
 
     def __init__(self, root: str | Path):
         super().__init__(root)
@@ -118,24 +119,24 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: i
 # Samples
 
 
-def _image_member(sample: dict) -> bytes:
-    """The sample's image bytes; KeyError without an image or a txt member."""
+def _image_member(sample: dict, caption_key: str = "txt") -> bytes:
+    """The sample's image bytes; KeyError without an image or a caption member."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise KeyError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    if "txt" not in sample:
-        raise KeyError("no txt member")
+    if caption_key not in sample:
+        raise KeyError(f"no {caption_key} member (the caption; data.caption_key names it)")
     return sample[key]
 
 
-def decode_sample(sample: dict) -> tuple[Any, str]:
+def decode_sample(sample: dict, caption_key: str = "txt") -> tuple[Any, str]:
     """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
-    return decode_rgb(_image_member(sample)), sample["txt"].decode("utf-8")
+    return decode_rgb(_image_member(sample, caption_key)), sample[caption_key].decode("utf-8")
 
 
-def decode_train_sample(sample: dict, view: TrainView) -> tuple[Decoded, str]:
+def decode_train_sample(sample: dict, view: TrainView, caption_key: str = "txt") -> tuple[Decoded, str]:
     """(`Decoded` pixels at the scale `view` needs, caption) of a raw sample; raises as decode_sample."""
-    return view.decode(_image_member(sample)), sample["txt"].decode("utf-8")
+    return view.decode(_image_member(sample, caption_key)), sample[caption_key].decode("utf-8")
 
 
 def sample_label(sample: dict) -> int:
@@ -164,7 +165,7 @@ class ImageTextTrainStream(EpochStream):
     size are `EpochStream`'s; the shuffle buffer holds the compressed samples and decoding comes
     after it. With `augment` a random resized crop (and, unless `flip` is False, a random
     horizontal flip: turn it off when captions say "left" or "right"), otherwise a centre crop,
-    drawn from a generator seeded by (seed, slot). `skips` counts skipped samples
+    drawn from a generator seeded by (seed, slot, batch). `skips` counts skipped samples
     ("undecodable", "missing_member") and shard problems ("bad_shard", "short_shard").
 
     Images are decoded by `TrainView` (`decoder`: "auto", "simplejpeg" or "pillow") at the
@@ -188,10 +189,11 @@ class ImageTextTrainStream(EpochStream):
         return _try_decode(sample, self.skips, self._decode_one)
 
     def _decode_one(self, sample: dict) -> tuple[Decoded, str]:
-        return decode_train_sample(sample, self.view)
+        return decode_train_sample(sample, self.view, self.data.caption_key)
 
-    def slot_state(self, slot: Slot) -> random.Random:
-        return random.Random(_seed(self.seed, "augment", slot.index))
+    def slot_state(self, slot: Slot, batch: int) -> random.Random:
+        # One generator per (slot, batch): a resumed stream draws the same crops without replaying.
+        return random.Random(_seed(self.seed, "augment", slot.index, batch))
 
     def collate(self, items: list[tuple[Decoded, str]], augment_rng: random.Random) -> dict[str, torch.Tensor]:
         size = self.image_size
@@ -216,7 +218,8 @@ class ImageTextTrainStream(EpochStream):
         return ImageTextTrainStream(self.data, self.split, batch_size, self.tokenizer, self.context_length,
                                     self.image_size, rank, world_size, augment=self.augment, flip=self.flip,
                                     crop_scale=self.crop_scale, decoder=self.decoder, seed=self.seed,
-                                    shuffle_buffer=self.buffer, num_workers=num_workers, history=history)
+                                    shuffle_buffer=self.buffer, num_workers=num_workers, history=history,
+                                    sources=self.sources)
 
 
 def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -262,8 +265,11 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
     Row = tuple[torch.Tensor, str, int, int]  # pixels, caption, label, index
     share: EvalShare[dict, Row] = EvalShare(data.num_samples(split), max_samples, rank, world_size, batch_size)
 
+    caption_key = data.caption_key
+
     def row(i: int, sample: dict, mine: bool) -> Row | None:
-        decoded = _try_decode(sample, bad) if mine else _quiet_decode(sample)
+        decoded = (_try_decode(sample, bad, lambda s: decode_sample(s, caption_key)) if mine
+                   else _quiet_decode(sample, caption_key))
         if decoded is None:
             return None
         return eval_transform(decoded[0], image_size), decoded[1], sample_label(sample), i
@@ -275,21 +281,21 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
                 "label": torch.tensor([-1 if r is None else r[2] for r in rows], dtype=torch.long),
                 "index": torch.tensor([-1 if r is None else r[3] for r in rows], dtype=torch.long)}
 
-    samples = read_checked(data.shards(split), bad, data.shard_samples(split))
+    samples = read_checked(data.shards(split), bad, data.shard_samples(split), data.keep(split))
     for rows, template in share.read(samples, row):
         yield collate(rows, template)
     if stats is not None:
         for reason, count in bad.counts.items():
             stats[reason] = stats.get(reason, 0) + count
-    if share.n and share.template is None:
-        raise ValueError(f"{data.root}: split {split!r} has no decodable sample among its first {share.n}")
+    if share.seen and share.template is None:
+        raise ValueError(f"{data.root}: split {split!r} has no decodable sample among its first {share.seen}")
     for rows, template in share.rest():
         yield collate(rows, template)
 
 
-def _quiet_decode(sample: dict) -> tuple[Any, str] | None:
+def _quiet_decode(sample: dict, caption_key: str = "txt") -> tuple[Any, str] | None:
     """Decode another rank's sample for the padding template; its owner reports failures."""
     try:
-        return decode_sample(sample)
+        return decode_sample(sample, caption_key)
     except Exception:  # noqa: BLE001
         return None
