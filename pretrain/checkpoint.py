@@ -92,8 +92,28 @@ def _has_zero_partitions(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
 
 
+def _full_shapes(ref: CheckpointRef) -> dict[str, torch.Size]:
+    """Parameter shapes of the whole model a run trains (built on the meta device: no memory)."""
+    from transformers import AutoConfig
+
+    from pretrain.config import Recipe
+    from pretrain.models import get_family
+
+    meta = run_metadata(ref)
+    config = AutoConfig.from_pretrained(ref.run_dir / "model")
+    with torch.device("meta"):
+        model = get_family(meta["recipe"]["family"]).model_from_config(config, Recipe.model_validate(meta["recipe"]).model)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
 def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage."""
+    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, TP shards merged."""
+    from pretrain import tensor_parallel
+
+    if tensor_parallel.tp_degree(ref.path) > 1:
+        stage = json.loads((ref.path / COMPLETE).read_text()).get("zero_stage", 0) if is_complete(ref.path) else \
+            (1 if _has_zero_partitions(ref.path) else 0)
+        return tensor_parallel.merged_fp32_state_dict(ref.path, stage, _full_shapes(ref))
     if _has_zero_partitions(ref.path):
         # ZeRO 1-3 (and bf16): the fp32 master weights live in the per-rank optimizer partitions.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -261,8 +281,8 @@ class CheckpointManager:
     """
 
     def __init__(self, root: Path, *, rank: int, world: int, zero_stage: int, seed: int, resume: str = "auto",
-                 keep_last: int | None = None, in_save=None):
-        self.root, self.rank, self.world, self.zero_stage = Path(root), rank, world, zero_stage
+                 keep_last: int | None = None, in_save=None, tp: int = 1):
+        self.root, self.rank, self.world, self.zero_stage, self.tp = Path(root), rank, world, zero_stage, tp
         self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
         self.is_main = rank == 0
         self.target = resume_target(self.root, resume)
@@ -273,12 +293,27 @@ class CheckpointManager:
     def saved_world(self) -> int | None:
         return None if self.saved is None else int(self.saved.get("world_size", self.world))
 
+    @property
+    def same_layout(self) -> bool:
+        """Saved on as many ranks, split the same tensor-parallel way: every rank loads its own files."""
+        return self.saved_world == self.world and int(self.saved.get("tensor_parallel", 1)) == self.tp
+
     # -- before deepspeed.initialize
     def deepspeed_config(self, ds: dict) -> dict:
         """``ds``, asking DeepSpeed to load the universal format when the target was saved on another
-        world size. ZeRO-1/2/3 optimizer state is partitioned by rank, so it is converted (once, by
-        rank 0, into the tag's universal/ folder; collective); ZeRO-0 state is whole and loads as it is."""
-        if self.saved is None or self.saved_world == self.world or self.saved.get("zero_stage", 0) == 0:
+        world size or tensor-parallel size. ZeRO-1/2/3 optimizer state is partitioned by rank, so it is
+        converted (once, by rank 0, into the tag's universal/ folder; collective; DeepSpeed merges TP
+        slices there too); ZeRO-0 state is whole and loads as it is, unless it is split by TP."""
+        if self.saved is None or self.same_layout:
+            return ds
+        saved_tp = int(self.saved.get("tensor_parallel", 1))
+        if self.saved.get("zero_stage", 0) == 0:
+            if saved_tp > 1 or self.tp > 1:
+                # ZeRO-0's model files are whole per TP rank and there is no universal form to re-split them
+                raise CheckpointError(
+                    f"{self.target} was saved with ZeRO-0 and tensor_parallel.autotp_size {saved_tp} on "
+                    f"{self.saved_world} ranks; this run has {self.tp} on {self.world}. Resume it on the same layout, "
+                    "or pretrain-export it and start from the export with --init-from")
             return ds
         self._universal = self._convert(self.target)
         return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
@@ -321,7 +356,7 @@ class CheckpointManager:
         if path is None:
             raise CheckpointError(f"could not load the checkpoint {target}")
         old_world = self.saved_world
-        same_world = old_world == self.world
+        same_world = self.same_layout
         rank_state = load_rank_state(target, self.rank if same_world else 0) or {}
         if same_world and "rng" in rank_state:
             restore_rng(rank_state["rng"])
@@ -329,7 +364,9 @@ class CheckpointManager:
             seed_everything(self.seed + int(saved["step"]))
         data_state = rank_state.get("data", _data_state_of_old_seal(saved, rank_state))
         if self.is_main:
-            change = f" ({old_world} -> {self.world} ranks)" if not same_world else ""
+            saved_tp = int(saved.get("tensor_parallel", 1))
+            change = "" if same_world else f" ({old_world} -> {self.world} ranks)" if saved_tp == self.tp else \
+                f" ({old_world} ranks with TP {saved_tp} -> {self.world} with TP {self.tp})"
             print(f"resumed from {target} at step {saved['step']}{change}", flush=True)
         return Restored(target, saved, data_state, old_world)
 
@@ -349,8 +386,8 @@ class CheckpointManager:
             self.in_save(step, self.rank, tag_dir)
         dist.barrier()
         if self.is_main:
-            seal = {**run_state, "world_size": self.world, "zero_stage": self.zero_stage, "time": time.time(),
-                    **data_state}
+            seal = {**run_state, "world_size": self.world, "zero_stage": self.zero_stage, "tensor_parallel": self.tp,
+                    "time": time.time(), **data_state}
             mark_complete(tag_dir, seal, self.keep_last)
             print(f"saved checkpoint {tag_dir.name}", flush=True)
         dist.barrier()

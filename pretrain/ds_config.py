@@ -69,7 +69,7 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
         micro = tr.micro_batch_size if tbs is None or gas is None else tbs // (gas * world_size)
     if gas is None and tbs is not None and tbs % (micro * world_size):
         problems.append(f"train_batch_size {tbs} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
-                        f"world size {world_size}, so no gradient_accumulation_steps makes it add up")
+                        f"data-parallel size {world_size}, so no gradient_accumulation_steps makes it add up")
         ds.update({k: None for k in keys if ds.get(k) == AUTO})  # reported here, not again as an unfilled "auto"
         return
     if gas is None:
@@ -78,7 +78,7 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     if tbs is not None and tbs != expected:
         problems.append(
             f"train_batch_size {tbs} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-            f"{gas} x world size {world_size} (= {expected})"
+            f"{gas} x data-parallel size {world_size} (= {expected})"
         )
         ds.update({k: None for k in keys if ds.get(k) == AUTO})
         return

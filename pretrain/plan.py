@@ -28,7 +28,6 @@ GB here is 1e9 bytes throughout, as in the ZeRO paper (so are the vendors' memor
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 # The FLOPs math and the accelerator table are shared with the trainer's MFU.
 from pretrain.flops import BYTES_PER_ELEMENT, DTYPES, GPUS, total_flops, total_flops_from_samples  # noqa: F401
+from pretrain.metrics import dumps  # JSON with null, never a bare NaN
 
 PROG = "pretrain-plan"
 GB = 1e9
@@ -171,6 +171,15 @@ def layout_problems(num_gpus: int, tp: int, sp: int, num_heads: int | None, seq_
     return problems
 
 
+def layout_runs(tp: int, sp: int, stage: int) -> bool:
+    """Whether the trainer runs this combination: the rules `pretrain.tensor_parallel.check` and
+    `pretrain.sequence_parallel.check` apply before any rank starts (AutoTP with any ZeRO stage,
+    Ulysses with ZeRO-3, not both at once); tests/test_sequence_parallel.py keeps the two in step."""
+    if tp > 1 and sp > 1:
+        return False
+    return sp == 1 or stage == 3
+
+
 LAYOUT_DEGREES = (1, 2, 4, 8)  # TP beyond one 8-GPU node, or SP beyond 8, are left to the user
 
 
@@ -185,6 +194,8 @@ def smallest_layout(params: float, usable_bytes: float, dtype: str, act_bytes, n
                 continue
             act = act_bytes(tp, sp)
             for stage in range(4):
+                if not layout_runs(tp, sp, stage):
+                    continue
                 gpus = min_gpus_layout(params, stage, usable_bytes, act, dtype, tp, sp)
                 if gpus is None:
                     continue
@@ -336,13 +347,17 @@ def plan(*, params: int, gpu: str, dtype: str = "bf16", tokens: int | None = Non
             "memory_gb_per_gpu": (states + used_act) / GB,
             "fits": states + used_act <= usable,
             "min_gpus": min_gpus_layout(params, stage, usable, used_act, dtype, tp, sp),
+            "runs": layout_runs(tp, sp, stage),  # False: the trainer refuses this stage with this layout
         }
-    cheapest = next((s for s in range(4) if zero[f"zero{s}"]["fits"]), None)
+    cheapest = next((s for s in range(4) if zero[f"zero{s}"]["fits"] and layout_runs(tp, sp, s)), None)
     smallest = smallest_layout(params, usable, dtype, lambda t, p: act_of(t, p, activation_checkpointing),
                                num_heads, seq_len)
     if tp > 1 or sp > 1:
         notes.append(f"layout TP {tp} x SP {sp} x DP {num_gpus // (tp * sp)}: weights split {tp} ways, ZeRO shards "
                      f"over the {num_gpus // tp} SP x DP ranks, activations per Korthikanti et al. Table 2 / sp")
+        runs = [f"ZeRO-{s}" for s in range(4) if layout_runs(tp, sp, s)]
+        notes.append(f"the trainer runs this layout with {', '.join(runs) if runs else 'no ZeRO stage'} "
+                     "(Ulysses SP with ZeRO-3 only, and not together with AutoTP)")
     days = gpu_days(flops, peak, mfu)
     return {
         "params": params, "tokens": tokens, "samples": samples, "seq_len": seq_len, "total_flops": flops,
@@ -404,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel degree (DeepSpeed AutoTP's autotp_size): splits every weight and the attention/"
                         "MLP activations t ways (default 1)")
     h.add_argument("--sp", type=int, default=1,
-                   help="sequence-parallel degree (DeepSpeed Ulysses): splits each sequence's activations p ways (default 1)")
+                   help="sequence-parallel degree (DeepSpeed Ulysses, the config's sequence_parallel_size): splits each "
+                        "sequence's activations p ways; the trainer runs it with ZeRO-3 only, and not with --tp (default 1)")
     h.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation: the fraction of peak achieved (default 0.4)")
     h.add_argument("--reserve-gb", type=float, default=2.0,
                    help="GPU memory kept back for the CUDA context, NCCL buffers and fragmentation (default 2)")
@@ -479,7 +495,7 @@ def format_plan(r: dict) -> str:
         z = r["zero"][f"zero{stage}"]
         lines.append(f"  ZeRO-{stage:<2} {_gb(z['model_states_gb_per_gpu']):>12} {_gb(z['activations_gb_per_gpu']):>12} "
                      f"{_gb(z['activations_checkpointed_gb_per_gpu']):>10} {_gb(z['memory_gb_per_gpu']):>9} "
-                     f"{'yes' if z['fits'] else 'no':>5} {z['min_gpus'] if z['min_gpus'] is not None else '-':>9}")
+                     f"{('yes' if z['fits'] else 'no') if z.get('runs', True) else 'n/a':>5} {z['min_gpus'] if z['min_gpus'] is not None else '-':>9}")
     c = r["cheapest_stage"]
     lines.append("")
     lines.append(f"cheapest stage that fits on {r['num_gpus']} GPUs: " + (f"ZeRO-{c}" if c is not None else
@@ -506,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    print(dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
 

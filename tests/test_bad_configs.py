@@ -8,38 +8,28 @@ import os
 import pytest
 
 from pretrain.train import main
-from tests.launch import REPO
+from tests.launch import REPO, with_key
 
 GPT = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
 CLIP = json.loads((REPO / "pretrain/recipes/clip-tiny.json").read_text())
 DS = json.loads((REPO / "ds_configs/zero2_fp32.json").read_text())
 
 
-def _set(d: dict, dotted: str, value) -> dict:
-    d = json.loads(json.dumps(d))
-    node = d
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-    return d
-
-
 # (case, recipe, DeepSpeed config, extra CLI arguments, expected fragments of the message)
 CASES = [
-    ("unknown key", _set(GPT, "training.lrr", 1e-3), DS, [], ["training.lrr: unknown key (did you mean 'lr'?)"]),
-    ("wrong type", _set(GPT, "training.micro_batch_size", "eight"), DS, [], ["training.micro_batch_size", '"eight"']),
-    ("out of range", _set(GPT, "training.lr", -1.0), DS, [], ["training.lr", "greater than 0"]),
-    ("min_lr above lr", _set(GPT, "training.min_lr", 1.0), DS, [], ["min_lr 1.0 is above lr"]),
-    ("heads do not divide", _set(GPT, "model.num_heads", 3), DS, [], ["not divisible by num_heads 3"]),
+    ("unknown key", with_key(GPT, "training.lrr", 1e-3), DS, [], ["training.lrr: unknown key (did you mean 'lr'?)"]),
+    ("wrong type", with_key(GPT, "training.micro_batch_size", "eight"), DS, [], ["training.micro_batch_size", '"eight"']),
+    ("out of range", with_key(GPT, "training.lr", -1.0), DS, [], ["training.lr", "greater than 0"]),
+    ("min_lr above lr", with_key(GPT, "training.min_lr", 1.0), DS, [], ["min_lr 1.0 is above lr"]),
+    ("heads do not divide", with_key(GPT, "model.num_heads", 3), DS, [], ["not divisible by num_heads 3"]),
     ("batch arithmetic", GPT, {**DS, "train_batch_size": 999, "train_micro_batch_size_per_gpu": 8}, [],
      ["1 problem(s)", "train_batch_size 999 is not a multiple of"]),
     ("batch arithmetic, all concrete", GPT,
      {**DS, "train_batch_size": 64, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}, [],
-     ["train_batch_size 64 != train_micro_batch_size_per_gpu 8 x gradient_accumulation_steps 2 x world size 1 (= 16)"]),
-    ("vocabulary exceeds the model", _set(GPT, "model.vocab_size", 16), DS, [],
+     ["train_batch_size 64 != train_micro_batch_size_per_gpu 8 x gradient_accumulation_steps 2 x data-parallel size 1 (= 16)"]),
+    ("vocabulary exceeds the model", with_key(GPT, "model.vocab_size", 16), DS, [],
      ["model.vocab_size: 16 is smaller than the tokenizer's vocabulary"]),
-    ("sequence longer than positions", _set(GPT, "model.max_position_embeddings", 16), DS, [],
+    ("sequence longer than positions", with_key(GPT, "model.max_position_embeddings", 16), DS, [],
      ["model.max_position_embeddings: 16 is shorter than the data's seq_len 64"]),
     ("missing data directory", GPT, DS, ["--data", "/nonexistent/data"], ["data.path: /nonexistent/data/manifest.json not found"]),
     ("missing init_from", GPT, DS, ["--init-from", "/nonexistent/model"], ["model.init_from: /nonexistent/model/config.json not found"]),
@@ -47,17 +37,17 @@ CASES = [
      ["/nonexistent/ds.json", "DeepSpeed config not found"]),
     ("resume from what is not a checkpoint", GPT, DS, ["--resume", "/nonexistent/ckpt"],
      ["--resume /nonexistent/ckpt: not a complete checkpoint (no toolkit.json)"]),
-    ("fp16 on a CPU", _set(GPT, "training.precision", "fp16"), json.loads((REPO / "ds_configs/zero2_fp16.json").read_text()),
+    ("fp16 on a CPU", with_key(GPT, "training.precision", "fp16"), json.loads((REPO / "ds_configs/zero2_fp16.json").read_text()),
      [], ["fp16.enabled: fp16 training needs a GPU"]),
     ("fp16 as a bare boolean", GPT, {**DS, "fp16": True}, [], ['fp16: must be an object such as {"enabled": true}']),
-    ("flash attention on a CPU", _set(GPT, "model.attn_implementation", "flash_attention_2"), DS, [],
+    ("flash attention on a CPU", with_key(GPT, "model.attn_implementation", "flash_attention_2"), DS, [],
      ["model.attn_implementation: flash_attention_2 needs a CUDA GPU"]),
-    ("family and arch disagree", _set(GPT, "family", "clip"), DS, [], ["family 'clip' does not go with model.arch 'gpt2'"]),
+    ("family and arch disagree", with_key(GPT, "family", "clip"), DS, [], ["family 'clip' does not go with model.arch 'gpt2'"]),
     ("image recipe on text shards", CLIP, DS, [], ["kind is 'text', expected 'image-text'"]),
-    ("freeze pattern matches nothing", _set(GPT, "model.freeze", ["transformer.hh"]), DS, [],
+    ("freeze pattern matches nothing", with_key(GPT, "model.freeze", ["transformer.hh"]), DS, [],
      ["model.freeze: ['transformer.hh'] match no parameter"]),
-    ("bad freeze regex", _set(GPT, "model.freeze", ["(unclosed"]), DS, [], ["model.freeze: '(unclosed' is not a regular expression"]),
-    ("several problems at once", _set(_set(GPT, "model.vocab_size", 16), "model.max_position_embeddings", 16),
+    ("bad freeze regex", with_key(GPT, "model.freeze", ["(unclosed"]), DS, [], ["model.freeze: '(unclosed' is not a regular expression"]),
+    ("several problems at once", with_key(with_key(GPT, "model.vocab_size", 16), "model.max_position_embeddings", 16),
      {**DS, "train_batch_size": 999, "train_micro_batch_size_per_gpu": 8}, [],
      ["3 problem(s)", "model.vocab_size", "model.max_position_embeddings",
       "train_batch_size 999 is not a multiple of train_micro_batch_size_per_gpu 8"]),

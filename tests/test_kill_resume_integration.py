@@ -1,17 +1,13 @@
 """kill -9 of the whole deepspeed job, between checkpoints and in the middle of a save, then
 `--resume auto`: the losses step by step are those of a run that was never interrupted."""
-import glob
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.launch import FAULTS, REPO, deepspeed_cmd, env, metrics, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, env, kill_tree, metrics, run
 
 pytestmark = pytest.mark.integration
 STEPS = 16
@@ -35,17 +31,7 @@ def _kill_job_when(cmd: list[str], ready, extra_env: dict | None = None, timeout
             assert time.time() < deadline, "timed out waiting for the kill point"
             time.sleep(0.2)
     finally:
-        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
-        for p in tree:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
-        # A killed job cannot remove DeepSpeed's CPU all-reduce buffers (RAM in /dev/shm) itself.
-        port = cmd[cmd.index("--master_port") + 1]
-        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(leftover)
+        kill_tree(proc, cmd[cmd.index("--master_port") + 1])
 
 
 def _steps_logged(out: Path) -> int:
