@@ -1,4 +1,6 @@
-"""pretrain-eval: a checkpoint's metrics on a data split (one process, no DeepSpeed engine).
+"""pretrain-eval: a checkpoint's or a Hugging Face model's metrics on a data split (one process,
+no DeepSpeed engine), the same metrics either way, so a model before fine-tuning, a run and its
+export compare with one command each.
 
 gpt: loss and perplexity. clip: contrastive loss, zero-shot top-1/top-5 with prompt-template
 ensembling (when the data has classes.json) and image->text / text->image recall@1/5/10.
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,36 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint import CheckpointError, fp32_state_dict, load_weights, resolve_checkpoint
+from pretrain.metrics import dumps
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain-eval", description=__doc__)
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, its checkpoints/ folder, one checkpoint tag, or an exported Hugging Face directory")
-    p.add_argument("--data", required=True, help="prepared data directory (holds manifest.json)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to evaluate (default val)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint",
+                       help="run directory, its checkpoints/ folder, one checkpoint tag, or an exported Hugging Face directory")
+    which.add_argument("--model", metavar="HF_DIR",
+                       help="a local Hugging Face model directory (a pretrained model before fine-tuning, a "
+                            "pretrain-export output) or a peft adapter directory (its base model with the adapter merged)")
+    p.add_argument("--data", help="prepared data directory (holds manifest.json), or one source string as train's "
+                   "--data takes (raw shards: val is the run's held-out keys); or give --image-folder")
+    p.add_argument("--image-folder", metavar="ROOT",
+                   help="a labelled image folder (ROOT/<class>/*.jpg or ROOT/{train,val}/<class>/*.jpg) instead of "
+                        "--data: a CLIP's top-1/top-5 on it, zero-shot with prompt templates, or with its own head when "
+                        "it was fine-tuned on these classes (task classify)")
+    p.add_argument("--classnames", metavar="FILE",
+                   help="--image-folder: class-name file (text: a name per line in sorted-folder order or 'FOLDER "
+                        "NAME' lines; JSON: list, {folder: name} or {classnames, templates}); default ROOT/classnames.*")
+    p.add_argument("--val-fraction", type=float,
+                   help="--image-folder without train/ and val/ subfolders: the fraction held out as val by a hash "
+                        "of each path (default: a classifier run's data.val_fraction, else 0.1)")
+    p.add_argument("--wise-ft", metavar="A,B,...", type=_alphas,
+                   help="--image-folder, a classifier run: also evaluate WiSE-FT weights (1-alpha)*original + "
+                        "alpha*fine-tuned at these alphas, and report before (alpha 0) and after (alpha 1)")
+    p.add_argument("--wise-ft-from", metavar="DIR",
+                   help="--wise-ft: the original weights (default: the run's model.init_from)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
+                   help="split to evaluate (default val; all: every image of an --image-folder)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences (or image-text pairs) per forward pass")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -39,16 +62,25 @@ class Loaded:
     config: Any  # the transformers config
     tokenizer_dir: Path | None
     info: dict
+    adapter: Any = None  # peft's wrapper around the transformers model, for a LoRA run (pretrain.adapters)
 
 
 def load_model(checkpoint: str) -> Loaded:
     """A run's checkpoint (any ZeRO stage) or an exported Hugging Face directory, of either family."""
     from transformers import AutoConfig
 
+    from pretrain import adapters
     from pretrain.checkpoint import run_metadata
     from pretrain.config import Recipe
-    from pretrain.models import family_of_hf_config, get_family
+    from pretrain.models import family_name, family_of_hf_config, get_family
 
+    if adapters.is_adapter_dir(checkpoint):
+        base = adapters.adapter_base(checkpoint)
+        config = AutoConfig.from_pretrained(base)
+        name = family_of_hf_config(config)
+        model = adapters.load_merged(get_family(name), checkpoint)
+        return Loaded(model.eval(), name, config, Path(checkpoint),
+                      {"checkpoint": str(checkpoint), "format": "peft-adapter", "family": name, "base": str(base)})
     ref = resolve_checkpoint(checkpoint)
     if ref.kind == "hf":
         config = AutoConfig.from_pretrained(ref.path)
@@ -56,43 +88,108 @@ def load_model(checkpoint: str) -> Loaded:
         model = get_family(name).from_pretrained(ref.path)
         return Loaded(model.eval(), name, config, ref.path, {"checkpoint": str(ref.path), "format": "hf", "family": name})
     meta = run_metadata(ref)
-    name = meta["recipe"]["family"]
+    name = family_name(Recipe.model_validate(meta["recipe"]))
     family = get_family(name)
     config = AutoConfig.from_pretrained(ref.run_dir / "model")
-    model = family.model_from_config(config, Recipe.model_validate(meta["recipe"]).model)
+    model_cfg = Recipe.model_validate(meta["recipe"]).model
+    model = family.model_from_config(config, model_cfg)
+    # a LoRA run's checkpoint names its weights as the adapted model does
+    adapter = adapters.add_lora(model, family, model_cfg) if model_cfg.lora else None
     load_weights(model, fp32_state_dict(ref))
     tok = ref.run_dir / "tokenizer"
     return Loaded(model.eval(), name, config, tok if tok.is_dir() else None,
-                  {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name})
+                  {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name}, adapter)
 
 
 def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int = 16,
              max_samples: int | None = None) -> dict:
     """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
     top-1/top-5 and retrieval recall@1/5/10 for clip."""
+    from pretrain.data import open_eval_data
     from pretrain.models import EvalRequest, RunData, get_family
 
     loaded = load_model(checkpoint)
     family = get_family(loaded.family)
-    run = RunData(family.open_data(data_dir), loaded.tokenizer_dir, loaded.config)
+    data = open_eval_data(family, data_dir, checkpoint)
+    tokenizer_dir = loaded.tokenizer_dir
+    if loaded.info["format"] != "deepspeed":
+        tokenizer_dir = _outside_tokenizer(family, loaded, data)
+    run = RunData(data, tokenizer_dir, loaded.config)
     result = family.evaluate(loaded.model, run, EvalRequest(split, batch_size, max_samples))
     return {"split": split, **result, **loaded.info}
 
 
+def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
+    """For a model that did not come from a run: the tokenizer the family would fine-tune it with
+    (gpt: the data's own, whose ids the shards hold; clip: the model directory's, else the data's),
+    refusing a model too small for it (too few embedding rows or positions)."""
+    from transformers import AutoTokenizer
+
+    from pretrain.config import ModelConfig, Recipe
+
+    model_dir = loaded.info["checkpoint"]
+    recipe = Recipe(family=loaded.family, model=ModelConfig(arch="clip" if loaded.family == "clip" else "gpt2",
+                                                            init_from=model_dir))
+    tokenizer_dir = family.tokenizer_dir(recipe, data)
+    if tokenizer_dir is None:
+        raise ValueError(f"{model_dir}: no tokenizer in the model directory nor with the data {data.root}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # only the model's own limits; the data's splits are checked when read
+    problems = [p for p in family.check(recipe, data, loaded.config, tokenizer) if p.startswith("model")]
+    if problems:
+        raise ValueError(f"{model_dir} cannot be evaluated on {data.root}: " + "; ".join(problems))
+    return tokenizer_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is not None and not _is_model_dir(args.model):
+        print(f"error: --model {args.model}: not a Hugging Face model directory (config.json and weights) or a peft "
+              "adapter directory (adapter_config.json); for a run directory or checkpoint use --checkpoint",
+              file=sys.stderr)
+        return 2
+    if (args.data is None) == (args.image_folder is None):
+        print("error: give one of --data DIR (prepared shards) and --image-folder ROOT (a labelled image folder)",
+              file=sys.stderr)
+        return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
-            result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.max_samples)
+            if args.image_folder is not None:
+                from pretrain.classify import evaluate_folder
+
+                result = evaluate_folder(args.checkpoint or args.model, args.image_folder, args.classnames, args.split,
+                                         args.batch_size, args.max_samples, args.wise_ft, args.wise_ft_from,
+                                         args.val_fraction)
+            else:
+                result = evaluate(args.checkpoint or args.model, args.data, args.split, args.batch_size,
+                                  args.max_samples)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result))
+        print(dumps(result))  # null, never a bare NaN (an empty split)
+    elif args.image_folder is not None:
+        from pretrain.classify import describe
+
+        print(describe(result))
     else:
         for k, v in result.items():
             print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
     return 0
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+
+
+def _is_model_dir(path: str) -> bool:
+    from pretrain.adapters import is_adapter_dir
+    from pretrain.checkpoint import _is_hf_dir
+
+    return is_adapter_dir(path) or _is_hf_dir(Path(path))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,15 @@ import numpy as np
 from data_pipelines import cli
 from data_pipelines.shards import SHARD_PATTERN, RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
+from data_pipelines.text import chat
+from data_pipelines.text.packed import FORMAT as CHAT_FORMAT
+from data_pipelines.text.packed import ConversationPacker, window_sample
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
 from data_pipelines.text.tokenizer import TokenizerError, encode_batches, token_dtype, train_bpe_tokenizer
 
 PROG = "prepare-text"
+FORMATS = ("auto", "text", "chat")
 MANIFEST_VERSION = 1
 # Batches sent to tokenizer workers: big enough to amortise inter-process pickling and the
 # per-batch overhead; small enough that a few in flight per worker stay cheap in memory and
@@ -46,6 +50,8 @@ class PrepareConfig(cli.CorpusConfig):
     text_field: str = "text"
     min_chars: int = 1
     limit_documents: int | None = None
+    format: str = "auto"
+    chat_template: str | None = None
 
     def problems(self) -> list[str]:
         """Every invalid setting at once, so a user fixes them in one go."""
@@ -56,6 +62,10 @@ class PrepareConfig(cli.CorpusConfig):
             found.append("--min-chars must be >= 0")
         if self.limit_documents is not None and self.limit_documents < 1:
             found.append("--limit-documents must be >= 1")
+        if self.format not in FORMATS:
+            found.append(f"--format must be one of {', '.join(FORMATS)}")
+        if self.chat_template is not None and self.format == "text":
+            found.append("--chat-template applies to chat data; it contradicts --format text")
         return found + super().problems()
 
 
@@ -81,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip documents shorter than this many characters (reason 'empty')")
     parser.add_argument("--limit-documents", type=int, metavar="N",
                         help="stop after the first N usable documents (for quick trials)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="chat: JSON/JSONL/parquet records with 'messages' [{role, content}] or 'prompt' + "
+                             "'response'/'completion' (+ 'system'), rendered with the chat template, whole "
+                             "conversations packed per window, loss on the assistant's tokens only (mask.npy, "
+                             "segments.npy beside tokens.npy); text: one document per file or record; auto: chat "
+                             "when every input's first record looks like a conversation")
+    parser.add_argument("--chat-template", metavar="FILE_OR_JINJA",
+                        help="chat template for chat data (a Jinja file, or the template text itself) when the "
+                             "tokenizer has none or to replace its own; saved with the dataset's tokenizer")
     cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide progress bars")
     return parser
 
@@ -379,6 +398,8 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
     if not specs:
         raise InputError(f"every input is inside the output directory {config.output}")
     external = cli.external_tokenizer(config.tokenizer)
+    if chat.detect_format(specs, config.format) == "chat":
+        return _run_chat(config, specs, external, console)
     cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR])
 
     trained = external is None
@@ -394,6 +415,87 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
     if report.documents == 0:
         raise cli.UsageError(f"no usable documents in the inputs{_skip_summary(report)}")
     return console.finish(config.output, build_manifest(config, tokenizer, dtype, report, outputs), format_summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat data
+
+
+def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, console: cli.Console) -> dict[str, Any]:
+    """Chat records -> packed conversation windows with assistant-only loss masks."""
+    if external is not None:
+        # Refused before the output directory is touched: a missing template deletes nothing.
+        template = chat.load_template(config.chat_template, external, str(config.tokenizer))
+        chat.ChatRenderer(external, template)  # a slow tokenizer is refused here too
+        tokenizer = external
+    else:
+        if config.chat_template is None:
+            raise chat.ChatError("a tokenizer trained with --vocab-size has no chat template; pass --chat-template")
+        template = chat.load_template(config.chat_template, None, "")
+        tokenizer = None
+    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR])
+    if tokenizer is None:
+        report = ScanReport.for_inputs(specs)
+        train = (m for m, _ in chat.iter_conversations(specs, report, config.limit_documents)
+                 if _chat_split(config, m) == "train")
+        assert config.vocab_size is not None
+        tokenizer = train_bpe_tokenizer(chat.tokenizer_training_texts(train), config.vocab_size,
+                                        show_progress=console.bars)
+    tokenizer.chat_template = template  # the trainer, the export and pipeline("text-generation") use it
+    tokenizer = cli.save_tokenizer_copy(tokenizer, config.output)
+    dtype = token_dtype(len(tokenizer))
+    renderer = chat.ChatRenderer(tokenizer, template)
+
+    report = ScanReport.for_inputs(specs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packers = {split: ConversationPacker(config.seq_len, pad_id, dtype) for split in SPLITS}
+    writers = {split: RecordingShardWriter(config.output / split, config.samples_per_shard) for split in SPLITS}
+
+    def write(split: str, windows: list) -> None:
+        for window in windows:
+            writers[split].write(window_sample(f"{split}-{writers[split].samples:010d}", window))
+
+    with console.bar(unit="conversation", desc="rendering") as bar:
+        try:
+            for messages, (ids, mask) in chat.iter_conversations(specs, report, config.limit_documents, renderer,
+                                                                 config.workers):
+                split = _chat_split(config, messages)
+                write(split, packers[split].add(ids, mask))
+                bar.update(1)
+            for split in SPLITS:
+                write(split, packers[split].finish())
+        finally:
+            for writer in writers.values():
+                writer.close()
+    if report.documents == 0:
+        raise cli.UsageError(f"no usable conversations in the inputs{_skip_summary(report)}")
+    splits = {split: {**cli.shards_manifest(writers[split], config.output),
+                      "tokens": packers[split].windows * packers[split].window,
+                      "documents": packers[split].documents,
+                      "dropped_tokens": packers[split].truncated_tokens,
+                      "trained_tokens": packers[split].trained_tokens,
+                      "padding_tokens": packers[split].padding_tokens,
+                      "truncated_conversations": packers[split].truncated}
+              for split in SPLITS}
+    manifest = {
+        "kind": "text", "version": MANIFEST_VERSION, "created_by": PROG,
+        "seq_len": config.seq_len, "token_dtype": str(dtype),
+        "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
+        **config.split_manifest(),
+        "format": CHAT_FORMAT,
+        "chat": {"template": "--chat-template" if config.chat_template is not None else "tokenizer",
+                 "trained_roles": list(chat.ROLES_TRAINED),
+                 "packing": "whole conversations per window, padded; position ids and attention restart per "
+                            "conversation"},
+        "inputs": [stats.to_manifest() for stats in report.inputs],
+        "splits": splits,
+        "skipped": report.to_manifest(),
+    }
+    return console.finish(config.output, manifest, format_summary)
+
+
+def _chat_split(config: PrepareConfig, messages: list[dict[str, str]]) -> str:
+    return assign_split(chat.canonical(messages), config.val_fraction, config.test_fraction, config.seed)
 
 
 _exit_hook_registered = False
@@ -415,7 +517,7 @@ def _freeze_heap_at_exit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _freeze_heap_at_exit()
-    return cli.run_main(PROG, build_parser(), argv, PrepareConfig, run, (InputError, TokenizerError))
+    return cli.run_main(PROG, build_parser(), argv, PrepareConfig, run, (InputError, TokenizerError, chat.ChatError))
 
 
 if __name__ == "__main__":

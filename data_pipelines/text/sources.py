@@ -405,6 +405,13 @@ _READERS: dict[str, Callable[[Path, str], Iterator[_Item]]] = {
 }
 
 
+def read_records(spec: InputSpec, field_path: str) -> Iterator[_Item]:
+    """The raw records of one input, for readers of whole records (chat data): each has
+    ``source`` and either ``value`` (the parsed record; parquet and datasets inputs give
+    ``{field_path: value}``) or ``reason``, ``detail`` and ``count`` (what could not be read)."""
+    return _READERS[spec.format](spec.path, field_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents
 

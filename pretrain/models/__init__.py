@@ -11,7 +11,7 @@ import torch
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
 FAMILIES = ("gpt", "clip")
-__all__ = ["FAMILIES", "EvalRequest", "ModelFamily", "RunData", "StreamRequest", "family_of_hf_config",
+__all__ = ["FAMILIES", "EvalRequest", "ModelFamily", "RunData", "StreamRequest", "family_name", "family_of_hf_config",
            "freeze_by_pattern", "get_family"]
 
 
@@ -24,12 +24,28 @@ def get_family(name: str) -> ModelFamily:
         from pretrain.models import clip
 
         return clip.FAMILY
+    if name in ("clip-classify", "clip-captions"):
+        from pretrain.models import clip_classify
+
+        return clip_classify.FAMILY if name == "clip-classify" else clip_classify.CAPTIONS_FAMILY
     raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
 
 
+def family_name(recipe) -> str:
+    """The family a recipe trains: its ``family``, or for ``task: "classify"`` (CLIP on a labelled
+    image folder: its own data source, loss and evaluation) clip-classify (a linear head) or
+    clip-captions (contrastive against class-name captions)."""
+    if getattr(recipe, "task", "pretrain") != "classify":
+        return recipe.family
+    return "clip-captions" if recipe.classify_objective == "captions" else "clip-classify"
+
+
 def family_of_hf_config(config) -> str:
-    """The family of an exported Hugging Face directory, from its config's model_type."""
-    return "clip" if getattr(config, "model_type", None) == "clip" else "gpt"
+    """The family of an exported Hugging Face directory, from its config's model_type (a CLIP
+    exported with a classifier head names its head file in ``classifier``)."""
+    if getattr(config, "model_type", None) == "clip":
+        return "clip-classify" if getattr(config, "classifier", None) else "clip"
+    return "gpt"
 
 
 def freeze_by_pattern(model: torch.nn.Module, patterns: list[str], aliases: dict[str, str]) -> int:

@@ -408,7 +408,8 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
                       chance_top1=1.0 / len(classes["classnames"]))
         if zs[3] > 0:
             result.update(zero_shot_top1_held_out=float(zs[4] / zs[3]), held_out_samples=int(zs[3]))
-    result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world, device)))
+    if feats_i:  # no batches at all (an empty split) on every rank alike: nothing to retrieve
+        result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world, device)))
     if stats:
         result["skipped"] = stats
     return result
@@ -466,4 +467,7 @@ FAMILY = ModelFamily(
     hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
     register_external_parameters=register_external_parameters,
     train_stream=train_stream, loss=loss, evaluate=evaluate,
+    # CLIPModel's temperature is a 0-dim parameter, which zero.Init cannot broadcast (DeepSpeed 0.19
+    # views every new parameter as bytes: "self.dim() cannot be 0 to view Float as Byte")
+    zero_init=False,
 )

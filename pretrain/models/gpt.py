@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
+from data_pipelines.text.packed import IGNORE_INDEX
 from pretrain.config import ModelConfig, Recipe
 from pretrain.flops import total_flops
+from pretrain.models.packed_attention import causal_lm_inputs
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
 
 def round_up(n: int, multiple: int) -> int:
@@ -50,7 +53,7 @@ def open_data(path):
 
 
 def tokenizer_dir(recipe: Recipe, data):
-    return data.root / data.manifest["tokenizer"]["path"]
+    return Path(data.root) / data.manifest["tokenizer"]["path"]  # an absolute path for data.sources
 
 
 def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str]:
@@ -80,8 +83,13 @@ def save_hf_assets(model: torch.nn.Module, tokenizer, out) -> None:
     from pretrain.models.hf_assets import save_tokenizer
 
     config = model.config
-    save_tokenizer(tokenizer, out, getattr(config, "n_positions", None) or config.max_position_embeddings)
+    positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+    save_tokenizer(tokenizer, out, positions)
     gen = model.generation_config
+    # pipeline("text-generation") then generates at most up to the position table and refuses a
+    # longer prompt with a ValueError naming max_length, where it would index past the table
+    # (IndexError in the embedding); pipelines do not truncate prompts by default.
+    gen.max_length = positions
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen.save_pretrained(out)
@@ -139,13 +147,19 @@ def no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token cross-entropy, shape (batch, seq). Computed in fp32 whatever the model's dtype."""
-    logits = model(input_ids=batch["input_ids"]).logits
+    """Per-token cross-entropy, shape (batch, seq), 0 where the label is -100 (chat data: not an
+    assistant token). Computed in fp32 whatever the model's dtype. Packed conversations
+    (`segment_ids`) attend within their own conversation only."""
+    logits = model(**causal_lm_inputs(model, batch)).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none").view_as(batch["labels"])
 
 
 def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return token_losses(model, batch).mean()
+    losses = token_losses(model, batch)
+    if "segment_ids" not in batch:  # plain text: every label counts
+        return losses.mean()
+    # the mean over trained (assistant) tokens; a micro-batch without any gives 0 and no gradient
+    return losses.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -157,8 +171,9 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
         w = batch.pop("weight", torch.ones(batch["input_ids"].shape[0]))
         batch = {k: v.to(device) for k, v in batch.items()}
         per_seq = token_losses(model, batch).double().sum(dim=1).cpu()
+        counted = (batch["labels"] != IGNORE_INDEX).sum(dim=1).double().cpu()
         sums[0] += (per_seq * w.double()).sum()
-        sums[1] += w.double().sum() * batch["labels"].shape[1]
+        sums[1] += (counted * w.double()).sum()
         sums[2] += w.double().sum()
     return sums
 
@@ -182,7 +197,7 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict:
         import torch.distributed as dist
 
         sums = sums.to(req.device)  # NCCL reduces device tensors only
-        dist.all_reduce(sums)
+        dist.all_reduce(sums, group=req.group)
     return metrics_from_sums(sums.cpu())
 
 

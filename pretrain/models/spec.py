@@ -32,7 +32,9 @@ class RunData:
 
 @dataclass(frozen=True)
 class StreamRequest:
-    """One rank's training stream: the recipe's data section, the batch size and who is reading."""
+    """One rank's training stream: the recipe's data section, the batch size and who is reading.
+    ``rank``/``world`` are the data-parallel rank and size (`pretrain.layout.ParallelLayout`): the
+    ranks of one tensor- or sequence-parallel group read the same stream."""
 
     data: "DataConfig"
     micro_batch_size: int
@@ -44,7 +46,10 @@ class StreamRequest:
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """One evaluation pass over a split; collective over ``world`` ranks (each calls it)."""
+    """One evaluation pass over a split; collective over ``world`` ranks (each calls it).
+    ``rank``/``world`` are data-parallel (each model replica reads its share of the split);
+    ``group`` is the process group that sums the replicas' results (None: every rank, which is
+    the data-parallel group when there is no tensor or sequence parallelism)."""
 
     split: str
     batch_size: int
@@ -52,6 +57,7 @@ class EvalRequest:
     rank: int = 0
     world: int = 1
     device: torch.device | str = "cpu"
+    group: Any = None
 
 
 def no_external_parameters(model: torch.nn.Module) -> None:
@@ -88,3 +94,6 @@ class ModelFamily:
     train_stream: Callable[[RunData, StreamRequest], "TrainStream"]
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     evaluate: Callable[[torch.nn.Module, RunData, EvalRequest], dict[str, Any]]  # collective over ranks
+
+    # ZeRO-3: whether build_model works inside deepspeed.zero.Init (partitioned from the start)
+    zero_init: bool = True
