@@ -49,6 +49,19 @@ class VisionConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021, through the peft library) on a pretrained model:
+    only the adapters train; pretrain-export writes them as a peft adapter, or merged (--merge)."""
+
+    r: int = Field(8, gt=0, description="rank of each adapter's A (r x in) and B (out x r) matrices")
+    alpha: float = Field(16.0, gt=0, description="the adapter's update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="names of the layers that get adapters, matched as peft does (the whole "
+        "module name or its last dotted parts: 'c_attn', 'q_proj', 'mlp.c_proj'); a name that matches no layer is "
+        "refused. Default: peft's choice for the architecture (gpt2: c_attn; llama and clip: q_proj, v_proj)")
+
+
 class ModelConfig(_Section):
     """Architecture of the network built from scratch (ignored in favour of the checkpoint's own
     config when ``init_from`` names a Hugging Face directory). For CLIP the sizes below describe
@@ -81,8 +94,10 @@ class ModelConfig(_Section):
         "matmuls), flash_attention_2 (the flash-attn package, CUDA only; refused before any rank starts elsewhere)")
     zero3_init: bool | Literal["auto"] = Field(
         "auto", description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it whole; "
-        "auto: only above 1B parameters (zero.Init draws the random init in another order, so small runs would not "
-        "match their ZeRO-0/1/2 twins)")
+        "init_from then loads partitioned too (rank 0 reads the checkpoint and each rank keeps its 1/N). auto: with "
+        "init_from, or above 1B parameters (zero.Init draws a random init in another order, so small runs from "
+        "scratch would not match their ZeRO-0/1/2 twins); gpt only: CLIP's 0-dim temperature defeats zero.Init")
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of the model's weights (needs init_from)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -103,20 +118,63 @@ class ModelConfig(_Section):
         return patterns
 
 
-class DataConfig(_Section):
-    """Where the prepared shards are and how the streaming loader reads them."""
+class SourceConfig(_Section):
+    """One source of training (or evaluation) data, read where it lives (`data_pipelines.sources`)."""
 
-    path: str | None = Field(None, description="directory written by prepare-text or prepare-image-text (holds manifest.json); --data overrides")
+    urls: str | list[str] = Field(description="a folder written by prepare-text / prepare-image-text, a folder of raw "
+                                  "img2dataset shards, a glob, a brace pattern (/data/{00000..00099}.tar), a pipe: "
+                                  "command, an http(s):// pattern or an s3:// / gs:// URL (fsspec); or a list of them")
+    name: str | None = Field(None, description="short name in logs and samples_by_source (default: the folder's name)")
+    weight: float = Field(1.0, gt=0, description="relative share of this source in a mixture of train sources")
+    samples: int | None = Field(None, gt=0, description="samples in the source, where no manifest, sizes.json, "
+                                "*_stats.json or parquet beside the shards says")
+    tokens: int | None = Field(None, gt=0, description="tokens in the source (text), for reference")
+
+    @field_validator("urls")
+    @classmethod
+    def _not_empty(cls, urls: str | list[str]) -> str | list[str]:
+        if not urls or any(not u.strip() for u in ([urls] if isinstance(urls, str) else urls)):
+            raise ValueError("an empty source string")
+        return urls
+
+
+class DataConfig(_Section):
+    """Where the data is and how the streaming loader reads it."""
+
+    path: str | None = Field(None, description="directory written by prepare-text or prepare-image-text (holds "
+                             "manifest.json), or one source string as in sources[].urls; --data overrides (and "
+                             "replaces sources)")
+    sources: list[SourceConfig] = Field(default_factory=list, description="train sources (instead of path), each "
+                                        "{urls, name, weight, samples, tokens}")
+    eval_sources: list[SourceConfig] = Field(default_factory=list, description="sources evaluated on instead of "
+                                             "the val split (their val split when prepared, all of them when raw)")
+    holdout_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the raw train sources' "
+                                           "samples held out for val by a hash of the sample key (never trained on); "
+                                           "default 0.01 when there are raw train sources and no eval_sources, else 0")
+    caption_key: str = Field("txt", min_length=1, description="clip only: the member of a raw sample holding its caption")
     tokenizer: str | None = Field(None, description="clip only: local Hugging Face tokenizer directory for the captions "
                                   "(default: init_from's tokenizer, else the one saved with the data)")
     augment: bool = Field(True, description="clip only: random resized crop when training (eval always centre-crops)")
     flip: bool = Field(True, description="clip only: random horizontal flip when training; turn off when captions say left or right")
     train_split: str = Field("train", description="split trained on")
     eval_split: Literal["val"] = Field("val", description="split evaluated during training (the test split is only for pretrain-eval --split test)")
-    shuffle_buffer: int = Field(1000, ge=0, description="samples held in each loader's shuffle buffer (0 = no sample shuffle)")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples per shuffle block of each loader (read, permuted, handed "
+                                "out; a resume re-reads at most one block and one shard); 0 = no sample shuffle")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank, each reading its own shards")
     resampled: bool = Field(False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read were bad (skipped), after the first 100")
+    classnames: str | None = Field(None, description="task classify only: class-name file of the labelled image folder "
+                                   "(text or JSON, see data_pipelines/image/folder.py; default: data.path's own "
+                                   "classnames.json or classnames.txt, else the folder names)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="task classify only: fraction of each class held out "
+                                "for val by a stable hash of the file's path, when the folder has no train/ and val/ "
+                                "subfolders")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DataConfig":
+        if self.path and self.sources:
+            raise ValueError("path and sources both set: name the data one way (a path is one source)")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -176,6 +234,14 @@ class Recipe(_Section):
 
     name: str = Field("run", description="short name, used for the default output directory")
     family: Literal["gpt", "clip"] = Field("gpt", description="model family: gpt (causal LM on text shards) or clip (contrastive, on image-text shards)")
+    task: Literal["pretrain", "classify"] = Field(
+        "pretrain", description="pretrain: the family's own objective on its data; classify (family clip): fine-tune "
+        "model.init_from as a classifier of the labelled image folder data.path (ROOT/<class>/*.jpg), its head "
+        "initialised from the zero-shot text embeddings (Wortsman et al. 2022)")
+    classify_objective: Literal["head", "captions"] = Field(
+        "head", description="task classify only: head (cross-entropy through the zero-shot-initialised linear head; "
+        "the text tower frozen) or captions (both towers, CLIP's contrastive loss against a class-name caption per "
+        "image, 'a photo of a {class}' from the prompt templates, as FLYP does; the result is a plain CLIP)")
     output_dir: str | None = Field(None, description="run directory (default: runs/<name>); --output-dir overrides")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON used when --deepspeed_config is not given")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -192,6 +258,10 @@ class Recipe(_Section):
                              "(family clip needs arch clip; family gpt needs gpt2 or llama)")
         if not is_clip and (self.model.vision is not None or self.data.tokenizer):
             raise ValueError("model.vision and data.tokenizer are for family clip only")
+        if self.task == "classify" and not is_clip:
+            raise ValueError("task classify fine-tunes a pretrained CLIP: it needs family clip")
+        if self.task != "classify" and self.classify_objective != "head":
+            raise ValueError("classify_objective is for task classify only")
         return self
 
 
@@ -199,10 +269,14 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """The valid keys of the section that a validation error location points into."""
     cls: Any = model
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list section (data.sources.0)
+            continue
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
             return []
         cls = field.annotation
+        # list[X] and X | None: the section inside
+        cls = next((a for a in getattr(cls, "__args__", ()) if hasattr(a, "model_fields")), cls)
     return list(getattr(cls, "model_fields", {}))
 
 

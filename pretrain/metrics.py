@@ -7,6 +7,23 @@ from pathlib import Path
 from typing import Any
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity (at any depth) replaced by None: JSON has no NaN, and
+    strict readers (jq, JavaScript, most languages' parsers) reject Python's bare ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """json.dumps that writes null for a non-finite number and can never write a bare NaN."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
 class MetricsLogger:
     """Appends one JSON object per call to RUN/metrics.jsonl and mirrors numbers to TensorBoard.
 
@@ -28,20 +45,27 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.write(dumps(record) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
             prefix = record.get("split", "train")
             for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k not in ("step", "split") and _number(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                elif isinstance(v, dict):  # samples_by_source, data_skipped_by_reason: a curve per entry
+                    for name, n in v.items():
+                        if _number(n):
+                            self._tb.add_scalar(f"{prefix}/{k}/{name}", n, step)
 
     def close(self) -> None:
         if self.enabled:
             self._fh.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def rewind(run_dir: str | Path, step: int) -> int:

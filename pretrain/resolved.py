@@ -13,6 +13,7 @@ from typing import Any
 
 from pretrain.config import Recipe
 from pretrain.ds_config import precision, zero_stage
+from pretrain.layout import ParallelLayout
 from pretrain.schedules import Optimization
 
 
@@ -27,6 +28,7 @@ class ResolvedRun:
     data_path: Path
     data_kind: str
     notes: list[str] = field(default_factory=list)
+    data_sources: dict[str, Any] | None = None  # data.sources as resolved (shards, counts), when the data has them
 
     @property
     def micro_batch_size(self) -> int:
@@ -44,6 +46,10 @@ class ResolvedRun:
     def flops_per_step(self) -> float:
         return self.global_batch * self.flops_per_sample
 
+    def layout(self, rank: int = 0) -> ParallelLayout:
+        """How the world divides into TP, SP and DP groups, seen from ``rank``."""
+        return ParallelLayout.from_deepspeed(self.deepspeed, self.world_size, rank)
+
     @property
     def zero_stage(self) -> int:
         return zero_stage(self.deepspeed)
@@ -57,13 +63,15 @@ class ResolvedRun:
             "recipe": self.recipe.model_dump(mode="json"),
             "deepspeed": self.deepspeed,
             "world_size": self.world_size,
+            "parallel": {k: getattr(self.layout(), k) for k in ("tp", "sp", "dp")},
             "precision": self.precision,
             "zero_stage": self.zero_stage,
             "optimization": self.optimization.to_dict(),
             "batch": {"micro_batch_size": self.micro_batch_size,
                       "gradient_accumulation_steps": self.gradient_accumulation_steps,
                       "global_batch": self.global_batch},
-            "data": {"path": str(self.data_path.resolve()), "kind": self.data_kind,
+            "data": {"path": None if self.data_sources else str(self.data_path.resolve()), "kind": self.data_kind,
+                     **(self.data_sources or {}),
                      "tokens_per_sample": self.tokens_per_sample,
                      "tokens_per_step": self.global_batch * self.tokens_per_sample},
             "model_flops": {"per_sample": self.flops_per_sample, "per_step": self.flops_per_step},

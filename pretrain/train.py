@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe JSON path, or a shipped recipe name (gpt-tiny, gpt2-124m, ...)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                    help="DeepSpeed JSON (default: the recipe's deepspeed_config); \"auto\" values are filled from the recipe")
-    p.add_argument("--data", help="prepared data directory (overrides data.path)")
+    p.add_argument("--data", help="the data: a directory written by prepare-text / prepare-image-text, or one source "
+                   "string: a folder of raw (img2dataset) shards, a glob, a brace pattern /d/{00000..00099}.tar, "
+                   "a 'pipe:' command, an http(s):// pattern or an s3:// / gs:// URL (overrides data.path and "
+                   "data.sources)")
     p.add_argument("--output-dir", help="run directory (overrides output_dir; default runs/<name>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
     p.add_argument("--eval-every", type=int, help="evaluate on val every N steps, 0 = only at the end (overrides eval.every)")
@@ -80,14 +83,19 @@ def prepare(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
+    from pretrain import adapters
     from pretrain.checkpoint import CheckpointError, resume_target
-    from pretrain.ds_config import precision, resolve_ds_config
-    from pretrain.models import RunData, freeze_by_pattern, get_family
+    from pretrain.data import open_data
+    from pretrain import sequence_parallel, tensor_parallel
+    from pretrain.parallelize import deepspeed_section_notes, deepspeed_section_problems
+    from pretrain.ds_config import precision, resolve_ds_config, zero_stage
+    from pretrain.layout import ParallelLayout
+    from pretrain.models import RunData, family_name, freeze_by_pattern, get_family
     from pretrain.resolved import ResolvedRun
     from pretrain.schedules import effective_optimization
 
     overrides = {
-        "data.path": args.data, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
+        "data.path": args.data, "data.sources": [] if args.data else None, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
         "eval.every": args.eval_every, "checkpoint.every": args.checkpoint_every,
         "model.init_from": args.init_from, "training.seed": args.seed,
         "model.trust_remote_code": True if args.trust_remote_code else None,
@@ -100,18 +108,9 @@ def prepare(args: argparse.Namespace):
         problems.append("no DeepSpeed config: pass --deepspeed_config or set deepspeed_config in the recipe")
     else:
         ds_raw = load_json(_resolve_path(ds_path), "DeepSpeed config")
-    data = None
-    family = get_family(recipe.family)
-    maker = "prepare-text" if recipe.family == "gpt" else "prepare-image-text or make-synthetic-image-text"
-    if not recipe.data.path:
-        problems.append(f"data.path: not set; pass --data DIR (a directory written by {maker})")
-    elif not (Path(recipe.data.path) / "manifest.json").is_file():
-        problems.append(f"data.path: {recipe.data.path}/manifest.json not found; run {maker} first")
-    else:
-        try:
-            data = family.open_data(recipe.data.path)
-        except (ValueError, KeyError) as e:
-            problems.append(f"data.path: {e}")
+    family = get_family(family_name(recipe))
+    data, data_problems, data_notes = open_data(recipe, family)
+    problems.extend(data_problems)
     if recipe.data.tokenizer and not Path(recipe.data.tokenizer).is_dir():
         problems.append(f"data.tokenizer: {recipe.data.tokenizer} is not a directory")
         recipe.data.tokenizer = None
@@ -139,17 +138,53 @@ def prepare(args: argparse.Namespace):
         raise RecipeError(str(recipe_path), [f"tokenizer {tokenizer_dir}: cannot be loaded ({e})"]) from None
     model_config = family.model_config(recipe.model, tokenizer)
     problems.extend(family.check(recipe, data, model_config, tokenizer))
-    if recipe.model.freeze and not problems:
+    if (recipe.model.freeze or recipe.model.lora) and not problems:
         with torch.device("meta"):  # names only; nothing allocated
             skeleton = family.model_from_config(model_config)
         try:
-            freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.freeze_aliases)
+            if recipe.model.freeze:
+                freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.freeze_aliases)
         except ValueError as e:
             problems.append(str(e))
+        problems.extend(adapters.check(recipe.model, family.hf_model(skeleton)))
+    if recipe.model.zero3_init is True and not family.zero_init:
+        problems.append(f"model.zero3_init: the {family.name} family cannot be built partitioned (deepspeed.zero.Init); "
+                        "leave it at auto")
     world = int(os.environ.get("WORLD_SIZE", 1))
     hidden = family.hidden_size(model_config)
     try:
-        ds_config, notes = resolve_ds_config(ds_raw, recipe, world, hidden, str(ds_path))
+        layout = ParallelLayout.from_deepspeed(ds_raw, world)
+    except ValueError as e:
+        problems.append(f"{ds_path}: {e}")
+        layout = ParallelLayout(world)
+    problems.extend(f"{ds_path}: {p}" for p in layout.problems())
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: the ranks on this machine
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    tp_note = [f"tensor_parallel.autotp_size {layout.tp} does not divide the {local} ranks per node, so TP groups "
+               "span machines and every layer's all-reduce crosses the network; keep TP inside a node, DP across"] \
+        if layout.tp_crosses_nodes(local) else []
+    try:
+        # every rank of a TP/SP group trains on the same micro-batch: the batch is micro x gas x DP
+        ds_config, notes = resolve_ds_config(ds_raw, recipe, layout.dp, hidden, str(ds_path))
+        problems.extend(tensor_parallel.check(recipe.model.arch, layout, zero_stage(ds_config),
+                                              getattr(model_config, "num_attention_heads", None),
+                                              getattr(model_config, "num_key_value_heads", None), str(ds_path)))
+        problems.extend(deepspeed_section_problems(ds_config, getattr(model_config, "model_type", recipe.model.arch),
+                                                   str(ds_path)))
+        notes.extend(deepspeed_section_notes(recipe, ds_config))
+        problems.extend(sequence_parallel.check(getattr(model_config, "model_type", recipe.model.arch), layout, zero_stage(ds_config),
+                                                getattr(model_config, "num_attention_heads", None),
+                                                getattr(model_config, "num_key_value_heads", None),
+                                                getattr(data, "seq_len", None), recipe.model.attn_implementation,
+                                                str(ds_path), packed=bool(getattr(data, "chat", False))))
+        if layout.sp > 1 and getattr(data, "chat", False):
+            # the SP loss cuts input_ids and labels only: packed conversations would share positions and attention
+            problems.append(f"{ds_path}: sequence_parallel_size: {layout.sp} with chat data ({data.root}) is not "
+                            "supported: packed conversations need their own position ids and attention mask")
+        try:
+            notes.extend(tensor_parallel.fill(ds_config, layout) + tp_note)
+        except ValueError as e:
+            problems.append(f"{ds_path}: {e}")
         if precision(ds_config) == "fp16" and not torch.cuda.is_available():
             problems.append(f"{ds_path}: fp16.enabled: fp16 training needs a GPU (DeepSpeed has no fp16 optimizer "
                             "on a CPU); set training.precision to bf16 or fp32, or use a bf16/fp32 DeepSpeed config")
@@ -161,7 +196,8 @@ def prepare(args: argparse.Namespace):
                            optimization=effective_optimization(recipe.training, ds_config["train_batch_size"]),
                            world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
                            flops_per_sample=family.train_flops_per_sample(model_config, data),
-                           data_path=data.root, data_kind=data.KIND, notes=notes)
+                           data_path=Path(data.root), data_kind=data.KIND, notes=[*data_notes, *notes],
+                           data_sources=data.to_json() if hasattr(data, "sources") else None)
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir
 
@@ -252,7 +288,8 @@ def _main(argv: list[str] | None = None, hooks=None) -> int:
         return PREEMPTED_EXIT
     if rank == 0:
         if final:
-            print(f"done: step {trainer.state.step}, val loss {final['loss']:.4f}, run dir {run_dir}", flush=True)
+            val = f"val loss {final['loss']:.4f}" if final.get("loss") is not None else f"val: {final.get('note')}"
+            print(f"done: step {trainer.state.step}, {val}, run dir {run_dir}", flush=True)
         else:
             print(f"done: step {trainer.state.step} (nothing left to train), run dir {run_dir}", flush=True)
     dist.barrier()

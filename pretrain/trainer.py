@@ -18,15 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.adapters import add_lora, describe_counts, parameter_counts
 from pretrain.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
+from pretrain.data import empty_split_note
 from pretrain.ds_config import for_deepspeed, toolkit_scheduler
 from pretrain.flops import peak_tflops, this_accelerator, utilisation
 from pretrain.hooks import TrainerHooks
 from pretrain.metrics import MetricsLogger, rewind
-from pretrain.models import EvalRequest, RunData, StreamRequest, freeze_by_pattern, get_family
+from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, freeze_by_pattern, get_family
 from pretrain.parallelize import parallelize
 from pretrain.resolved import ResolvedRun
 from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
+from pretrain import sequence_parallel, tensor_parallel
 
 
 @dataclass
@@ -84,9 +87,13 @@ def count_skip(skips: int, on_nonfinite: str, max_skips: int, where: str, what: 
 
 def describe_eval(ev: dict[str, Any]) -> str:
     """One line for the console: the val loss, the family's headline metric, the gap."""
+    if ev.get("loss") is None:
+        return f"val: {ev.get('note', 'no loss')}"
     extra = ""
     if "perplexity" in ev:
         extra = f" (ppl {ev['perplexity']:.1f})"
+    elif "top1" in ev:  # a classifier (task classify)
+        extra = f", top-1 {ev['top1']:.3f} of {ev['num_classes']} classes"
     elif "zero_shot_top1" in ev:
         extra = f", zero-shot top-1 {ev['zero_shot_top1']:.3f} of {ev['num_classes']} classes"
     if "image_to_text_R@1" in ev:
@@ -100,11 +107,12 @@ class Trainer:
         self.run, self.recipe, self.inputs, self.run_dir = run, run.recipe, inputs, run_dir
         self.resume, self.progress = resume, progress
         self.hooks = hooks or TrainerHooks()
-        self.family = get_family(run.recipe.family)
+        self.family = get_family(family_name(run.recipe))
         self.state = RunState()
         self._logged_skips: tuple[int, dict[str, int]] = (0, {})
         self._signal: int | None = None
         self._data_wait = 0.0  # seconds rank 0 waited for batches since the last train line
+        self.sp: sequence_parallel.SequenceParallel | None = None  # set with the engine when the layout has SP
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -112,14 +120,20 @@ class Trainer:
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        # the ranks of a TP/SP group share one micro-batch: data and batch arithmetic follow the DP rank and size
+        self.layout = self.run.layout(self.rank)
         seed_everything(self.recipe.training.seed)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", rank=self.rank, world=self.world,
                                       zero_stage=self.run.zero_stage, seed=self.recipe.training.seed,
                                       resume=self.resume, keep_last=self.recipe.checkpoint.keep_last,
-                                      in_save=self.hooks.in_save)
+                                      in_save=self.hooks.in_save, tp=self.layout.tp)
         self.engine = self._engine(self._model())
+        if self.layout.tp > 1:
+            held, sharded = tensor_parallel.sharded_parameters(self.engine.module)
+            print(f"layout: {self.layout.describe()}; rank {self.rank} (TP rank {self.layout.tp_rank}) holds {held} "
+                  f"parameter elements, {sharded} of them in TP-sharded layers", flush=True)
         self.micro, self.gas = self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps()
-        self.global_batch = self.micro * self.gas * self.world
+        self.global_batch = self.micro * self.gas * self.layout.dp
         self.peak_tflops = self.recipe.training.peak_tflops or peak_tflops(*self._accelerator())
         if self.is_main:
             self._write_run_files()
@@ -135,8 +149,9 @@ class Trainer:
         model_cfg, config = self.recipe.model, self.inputs.model_config
         zero3 = self.run.zero_stage == 3
         zero3_init = model_cfg.zero3_init
-        if zero3_init == "auto":
-            zero3_init = self.family.count_params(config) > 1_000_000_000
+        if zero3_init == "auto":  # loaded weights do not depend on the init order, so init_from always partitions
+            zero3_init = self.family.zero_init and (
+                bool(model_cfg.init_from) or self.family.count_params(config) > 1_000_000_000)
         if zero3 and zero3_init:
             # transformers then builds (and initialises) the model partitioned across ranks, so no
             # rank ever holds it whole; the object must stay alive while the engine exists.
@@ -148,9 +163,14 @@ class Trainer:
             frozen = freeze_by_pattern(self.family.hf_model(model), model_cfg.freeze, self.family.freeze_aliases)
             if self.is_main:
                 print(f"froze {frozen} parameter tensors matching {model_cfg.freeze}", flush=True)
+        if model_cfg.lora is not None:
+            add_lora(model, self.family, model_cfg)
+        self.param_counts = parameter_counts(model)
+        if self.is_main:
+            print(describe_counts(self.param_counts), flush=True)
         if zero3:
             self.family.register_external_parameters(model)
-        for done in parallelize(model, self.family, self.recipe):
+        for done in parallelize(model, self.family, self.recipe, self.run.deepspeed):
             if self.is_main:
                 print(f"layout: {done}", flush=True)
         return model
@@ -175,8 +195,15 @@ class Trainer:
                 fn = lambda step: warmup_cosine(step, opt.lr, opt.min_lr, opt.warmup_steps, opt.max_steps)  # noqa: E731
             scheduler = lambda o: lambda_scheduler(o, fn)  # noqa: E731
         config = self.ckpt.deepspeed_config(for_deepspeed(ds))
+        # Ulysses replaces the model's attention kernel and makes its groups before the engine exists
+        self.sp = sequence_parallel.setup(model, self.layout, ds, getattr(self.inputs.data, "seq_len", None))
+        self.loss_fn = self.sp.loss if self.sp else self.family.loss
+        if self.sp and self.is_main:
+            print(f"layout: {self.layout.describe()}; Ulysses sequence parallelism: each rank holds "
+                  f"{self.sp.seq_len // self.sp.size} of the {self.sp.seq_len} tokens of every sequence", flush=True)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=config)
+                                               lr_scheduler=scheduler, config=config,
+                                               mpu=self.sp.mpu if self.sp else tensor_parallel.deepspeed_mpu(self.layout))
         self.device = engine.device
         return engine
 
@@ -185,7 +212,8 @@ class Trainer:
         or re-divides as it needs: same layout or another world size, micro-batch or worker count)."""
         d = self.recipe.data
         stream = self.family.train_stream(self.inputs, StreamRequest(
-            data=d, micro_batch_size=self.micro, seed=self.recipe.training.seed, rank=self.rank, world=self.world,
+            data=d, micro_batch_size=self.micro, seed=self.recipe.training.seed, rank=self.layout.dp_rank,
+            world=self.layout.dp,
             sample_ids=self.hooks.sample_ids))
         if restored is not None and restored.data_state is not None:
             try:
@@ -219,7 +247,8 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RESOLVED).write_text(json.dumps(self.run.to_json(), indent=2))
+        # the parameter counts are known only once the model (and any adapters) exist
+        (self.run_dir / RESOLVED).write_text(json.dumps({**self.run.to_json(), "parameters": self.param_counts}, indent=2))
         self.inputs.model_config.save_pretrained(self.run_dir / "model")
         if not (self.run_dir / "tokenizer").exists():
             shutil.copytree(self.inputs.tokenizer_dir, self.run_dir / "tokenizer")
@@ -248,8 +277,8 @@ class Trainer:
             self.hooks.on_batch(step, self.rank, raw.get("_ids"))
             # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
             batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
-            loss = self.hooks.on_loss(step, micro, self.rank, self.family.loss(self.engine, batch))
-            read, skipped = self.stream.counts()
+            loss = self.hooks.on_loss(step, micro, self.rank, self.loss_fn(self.engine, batch))
+            read, skipped = self._data_counts()
             value = loss.detach().double().reshape(1)
             finite = torch.isfinite(value)
             host = torch.tensor([float(self._signal is not None), read, sum(skipped.values())], dtype=torch.float64)
@@ -329,17 +358,34 @@ class Trainer:
             print(f"warning: {where}; the optimizer skipped the step ({self.state.nonfinite_skips} skips so far)",
                   flush=True)
 
+    def _data_counts(self) -> tuple[int, dict[str, int]]:
+        """This rank's share of the samples read and skipped, for sums over ranks: the ranks of a
+        TP or SP group read the same samples, so only the first of each group counts them."""
+        read, skipped = self.stream.counts()
+        if self.layout.rank % self.layout.model_parallel:  # TP and SP are the inner ranks of the order
+            return 0, {}
+        return read, skipped
+
     def _skips_by_reason(self) -> dict[str, int]:
         """Skipped samples and shards by reason, summed over every rank and worker (collective)."""
         import torch.distributed as dist
 
         everyone: list[dict] = [None] * self.world  # type: ignore[list-item]
-        dist.all_gather_object(everyone, self.stream.counts()[1])
+        dist.all_gather_object(everyone, self._data_counts()[1])
         total: dict[str, int] = {}
         for counts in everyone:
             for reason, n in counts.items():
                 total[reason] = total.get(reason, 0) + n
         return dict(sorted(total.items()))
+
+    def _samples_by_source(self) -> dict[str, int]:
+        """Samples consumed so far from each data source, summed over the model replicas (collective)."""
+        import torch.distributed as dist
+
+        mine = self.stream.samples_by_source()
+        t = torch.tensor(list(mine.values()), dtype=torch.float64, device=self.device)  # NCCL: device tensors
+        dist.all_reduce(t, group=self._dp_group())
+        return {name: int(n) for name, n in zip(mine, t.tolist())}
 
     def _first_bad(self) -> str:
         skipped = self.stream.counts()[1]
@@ -349,14 +395,29 @@ class Trainer:
         ev = self.recipe.eval
         self.engine.eval()
         request = EvalRequest(split=self.recipe.data.eval_split, batch_size=ev.batch_size or self.micro,
-                              max_samples=ev.max_samples, rank=self.rank, world=self.world, device=self.device)
+                              max_samples=ev.max_samples, rank=self.layout.dp_rank, world=self.layout.dp,
+                              device=self.device, group=self._dp_group())
         result = self.family.evaluate(self.engine, self.inputs, request)
         window = self.state.train_losses
         train_loss = sum(window) / len(window) if window else float("nan")
         self.state.train_losses = []
         self.engine.train()
-        return {"step": self.state.step, "split": self.recipe.data.eval_split, **result,
-                "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
+        out = {"step": self.state.step, "split": self.recipe.data.eval_split, **result,
+               "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
+        if not result.get("samples"):  # a loss of nothing is not a number: say why instead
+            out.update(loss=None, gap=None, note=empty_split_note(self.inputs.data, self.recipe.data.eval_split))
+        return out
+
+    def _dp_group(self):
+        """The process group over which model replicas sum their eval results (None: all ranks)."""
+        if self.sp is not None:  # DeepSpeed's data-parallel group under Ulysses holds the SP ranks too
+            return self.sp.dp_group
+        if self.layout.dp == self.world:
+            return None
+        from deepspeed.utils import groups
+
+        # the (data_parallel, tensor_parallel) mesh's DP group that tensor_parallel.deepspeed_mpu made
+        return groups.get_data_parallel_group()
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.state.step, self.state.to_dict(), self.stream.state_dict())
@@ -396,7 +457,7 @@ class Trainer:
                                   "throughput_unit": f"{self.family.unit}/s", "tokens_per_s": tps, "samples_per_s": sps,
                                   "model_flops_per_step": self.run.flops_per_step, "tflops_per_gpu": tflops, "mfu": mfu,
                                   "data_wait_s": data_wait, "peak_memory_gb": self._peak_memory_gb(),
-                                  "elapsed_s": now - start})
+                                  "samples_by_source": self._samples_by_source(), "elapsed_s": now - start})
                 bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"})
             bar.update(1)
             if (ev.every and step % ev.every == 0) or step == tr.max_steps:

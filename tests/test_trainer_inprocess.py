@@ -3,7 +3,6 @@ checkpoint manager, the skip/stop rules, exact resume and a resume in another da
 needs several ranks stays in the multi-rank subprocess tests."""
 import json
 import os
-import signal
 from collections import Counter
 from pathlib import Path
 
@@ -14,28 +13,13 @@ from pretrain.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.models import get_family
 from pretrain.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
-from tests.launch import REPO, free_port, metrics, prepare_small_corpus
+from tests.launch import REPO, metrics, prepare_small_corpus, world_of_one as launch_world_of_one
 
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    """A process group of one in this test process; the environment and signal handlers are put back."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from pretrain.train import _remove_shm_buffers
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false").items():
-            mp.setenv(k, v)
-        deepspeed.init_distributed(dist_backend="gloo")
+    with launch_world_of_one():
         yield
-        _remove_shm_buffers()
-        dist.destroy_process_group()
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 def _trainer(argv: list[str], hooks=None) -> Trainer:
@@ -224,3 +208,33 @@ def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_c
     seal = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps:08d}" / "toolkit.json").read_text())
     assert seal["micro"] == 4 and seal["workers"] == 2 and len(seal["data_history"]) == 1
     assert os.environ["WORLD_SIZE"] == "1"
+
+
+def test_a_weighted_mixture_of_corpora_logs_samples_by_source_and_resumes_exactly(prepared_stdlib, tmp_path):
+    """data.sources: two prepared corpora (one tokenizer) weighted 3:1. Every train line counts the
+    samples taken from each source; a run cut at step 3 and resumed from its cursors logs the
+    uninterrupted run's losses and counts."""
+    import sysconfig
+
+    from data_pipelines.text.prepare import main as prepare_text
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    more = [str(p) for p in files if 4_000 < p.stat().st_size < 12_000][-12:]
+    second = tmp_path / "more"
+    assert prepare_text([*more, "--output", str(second), "--tokenizer", str(prepared_stdlib / "tokenizer"),
+                         "--seq-len", "64", "--val-fraction", "0.3", "--samples-per-shard", "20", "--no-progress"]) == 0
+    sources = [{"name": "stdlib", "urls": str(prepared_stdlib), "weight": 3.0},
+               {"name": "more", "urls": str(second), "weight": 1.0}]
+    recipe = _recipe(tmp_path, data={"sources": sources, "shuffle_buffer": 32})
+    common = ["--config", recipe, "--eval-every", "0", "--checkpoint-every", "3"]
+    _trainer([*common, "--output-dir", str(tmp_path / "ref"), "--max-steps", "6"]).fit()
+    _trainer([*common, "--output-dir", str(tmp_path / "cut"), "--max-steps", "3"]).fit()
+    resumed = _trainer([*common, "--output-dir", str(tmp_path / "cut"), "--max-steps", "6"])
+    assert resumed.stream.dataset._resume, "continued from the saved cursors, not replayed"
+    resumed.fit()
+    assert resumed.stream.dataset.io["shards_opened"] <= 2 * 4, "a resume opens a few shards per source"
+    (t_ref, _), (t_cut, _) = metrics(tmp_path / "ref"), metrics(tmp_path / "cut")
+    assert [m["loss"] for m in t_cut] == pytest.approx([m["loss"] for m in t_ref], rel=1e-6)
+    assert [m["samples_by_source"] for m in t_cut] == [m["samples_by_source"] for m in t_ref]
+    assert all(sum(m["samples_by_source"].values()) == m["samples"] for m in t_ref)
+    assert t_ref[-1]["samples_by_source"]["more"] > 0 and t_ref[-1]["samples_by_source"]["stdlib"] > 0
