@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import webdataset as wds
 from data_pipelines.eval_split import EvalShare
 from data_pipelines.manifest import read_manifest
 from data_pipelines.members import npy_member
+from data_pipelines.sources import FetchError, FetchPolicy, open_shard
 from data_pipelines.text.packed import FORMAT as PACKED_FORMAT
 from data_pipelines.text.packed import decode_packed, packed_batch
 
@@ -76,28 +78,101 @@ def epoch_shards(shards: list[str], slot: Slot, epoch: int, seed: int, resampled
     return order, True
 
 
-def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None = None) -> Iterator[dict]:
-    """Raw samples (key -> bytes) of tar shards, read with webdataset."""
-    src = ({"url": u} for u in urls)
-    kwargs = {"handler": handler} if handler is not None else {}
-    return wds.tarfile_to_samples(**kwargs)(src)
+def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None = None,
+                 fetch: FetchPolicy | None = None) -> Iterator[dict]:
+    """Raw samples (key -> bytes) of tar shards: each shard opened by `data_pipelines.sources.open_shard`
+    (local files, http(s) and ``pipe:`` with ``fetch.timeout``, fsspec) and read by webdataset's tar
+    expander and grouping. An error goes to ``handler`` (webdataset's convention: True skips the
+    shard, False ends the stream); without one it is raised. The stream is closed (a ``pipe:``
+    command ended) when the shard is done or abandoned."""
+    raise_ = handler or wds.reraise_exception
+    for url in urls:
+        try:
+            stream = open_shard(url, fetch)
+        except Exception as exn:  # noqa: BLE001 - FetchError, or a local file that cannot be opened
+            if raise_(exn):
+                continue
+            return
+        try:
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=raise_)
+            yield from wds.tariterators.group_by_keys(files, handler=raise_)
+        finally:
+            stream.close()
+
+
+class ShardUnreachable(Exception):
+    """A shard that could not be fetched after ``data.fetch_retries`` retries; ``samples`` of it
+    had been read (and handed on) before the last failure."""
+
+    def __init__(self, url: str, tries: int, samples: int, last: FetchError):
+        super().__init__(f"{url}: unreachable after {tries} tries ({last.reason})"
+                         + (f"; {samples} samples read before" if samples else ""))
+        self.url, self.tries, self.samples, self.last = url, tries, samples, last
+
+
+def read_shard(url: str, log: "SkipLog", fetch: FetchPolicy | None = None, limit: int | None = None) -> Iterator[dict]:
+    """The samples of one shard. A failure to fetch it (`FetchError`: an HTTP error, a dropped
+    connection, a failed ``pipe:`` command, no data for ``fetch.timeout`` seconds) is retried up to
+    ``fetch.retries`` times with doubling waits of ``fetch.backoff`` seconds, each try re-opening the
+    shard and passing over the samples already handed on; then `ShardUnreachable`. Other errors
+    (a malformed tar) go to ``log.handler`` (counted, the shard skipped). ``limit``: stop after that
+    many samples, without fetching more (a shard found unreachable there when first read)."""
+    fetch = fetch or FetchPolicy()
+
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, FetchError):
+            raise exn
+        return log.handler(exn)
+
+    done, failures = 0, 0
+    while limit is None or done < limit:
+        seen = 0
+        try:
+            for sample in read_samples([url], handler, fetch):
+                seen += 1
+                if seen <= done:
+                    continue
+                done += 1
+                yield sample
+                if limit is not None and done >= limit:
+                    return
+            return
+        except FetchError as e:
+            failures += 1
+            if failures > fetch.retries:
+                raise ShardUnreachable(url, failures, done, e) from None
+            wait = fetch.delay(failures)
+            logger.warning("%s (try %d of %d); trying again in %.1f s", e, failures, fetch.retries + 1, wait)
+            time.sleep(wait)
 
 
 def read_checked(urls: Iterable[str], log: "SkipLog", expected: dict[str, int] | None = None,
-                 keep: Callable[[dict], bool] | None = None) -> Iterator[dict]:
+                 keep: Callable[[dict], bool] | None = None, fetch: FetchPolicy | None = None) -> Iterator[dict]:
     """read_samples, shard by shard, that also notices a shard yielding fewer samples than the
     manifest says: a tar cut at a member boundary ends without any error, and its lost samples
-    are counted (reason "short_shard") and the shard named. ``keep`` (a split's filter of
-    held-out keys, `data_pipelines.sources.KeyFilter`) drops samples after they are counted."""
+    are counted (reason "short_shard") and the shard named. A shard that cannot be fetched after
+    retries (`read_shard`) is counted as "shard_unreachable" (its missing samples where known).
+    ``keep`` (a split's filter of held-out keys, `data_pipelines.sources.KeyFilter`) drops samples
+    after they are counted."""
     for url in urls:
         n = 0
-        for sample in read_samples([url], log.handler):
-            n += 1
-            if keep is None or keep(sample):
-                yield sample
         want = (expected or {}).get(url)
+        try:
+            for sample in read_shard(url, log, fetch):
+                n += 1
+                if keep is None or keep(sample):
+                    yield sample
+        except ShardUnreachable as e:
+            log.add("shard_unreachable", str(e), count=unreachable_count(want, n))
+            continue
         if want is not None and n < want:
             log.add("short_shard", f"{url}: {n} of {want} samples (truncated?)", count=want - n)
+
+
+def unreachable_count(want: int | None, read: int) -> int:
+    """The samples an unreachable shard counts for: those of it not read, where its size is known;
+    else 1 (the shard itself)."""
+    return max(1, want - read) if want is not None else 1
 
 
 class BadSample(ValueError):
@@ -142,7 +217,10 @@ class SkipLog:
         return {"slot": slot, "read": read, "skipped": dict(self.counts)}
 
     def handler(self, exn: Exception) -> bool:
-        self.add("bad_shard", f"{type(exn).__name__}: {exn}")
+        if isinstance(exn, FetchError):  # read_samples without retries: still its own reason
+            self.add("shard_unreachable", str(exn))
+        else:
+            self.add("bad_shard", f"{type(exn).__name__}: {exn}")
         return True
 
 
@@ -348,6 +426,8 @@ class EpochStream(torch.utils.data.IterableDataset):
         self.trace = trace
         self.expected = data.shard_samples(split)
         self.keep = data.keep(split) if hasattr(data, "keep") else None
+        # retries and timeout of shard fetches: the data object's (data.fetch_* of the recipe), else the defaults
+        self.fetch = getattr(data, "fetch", None) or FetchPolicy()
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
         self.io: Counter[str] = Counter()  # shards opened and raw samples read by this process (resume cost)
@@ -403,22 +483,30 @@ class EpochStream(torch.utils.data.IterableDataset):
         return self.seed if len(self.sources) == 1 else _seed(self.seed, "source", self.sources[k].name)
 
     def _read(self, k: int, urls: list[str], by_sample: bool, slot: Slot, epoch: int, shard: int = 0,
-              offset: int = 0, kept: int = 0) -> Iterator[tuple[tuple[int, int, int], tuple, dict]]:
+              offset: int = 0, kept: int = 0, cut: Sequence[Sequence[int]] = ()) -> Iterator[tuple[tuple[int, int, int], tuple, dict]]:
         """(position after it, ident, raw sample) of the samples this slot takes from ``urls``, read
         from the position (shard, offset, kept): shards before ``shard`` are not opened, the first
         ``offset`` samples of ``shard`` are read and dropped quietly (a tar stream cannot be entered in
         the middle; they were counted when first read). ``kept`` counts the epoch's samples that
-        passed the split's filter, by which slots share shards when there are fewer shards than slots."""
+        passed the split's filter, by which slots share shards when there are fewer shards than slots.
+
+        A shard that cannot be fetched after ``data.fetch_retries`` retries (`read_shard`) is counted
+        ("shard_unreachable") and passed over: a *marker* (position after the shard, None, (shard,
+        samples read of it)) follows its samples, so that a cursor moves past it. ``cut`` lists such
+        (shard, samples) pairs found when a block now being rebuilt was first read: those shards are
+        read to that many samples and passed over again, without fetching more or counting again."""
         log, src = self.skips, self.sources[k]
+        cuts = {int(i): int(n) for i, n in cut}
         for i in range(shard, len(urls)):
             url = urls[i]
             skip = offset if i == shard else 0
             self.io["shards_opened"] += 1
             n = 0
+            gone = None
             if skip:
                 log.mute += 1
             try:
-                for sample in read_samples([url], log.handler):
+                for sample in read_shard(url, log, self.fetch, cuts.get(i)):
                     n += 1
                     self.io["raw_samples"] += 1
                     if skip:
@@ -432,10 +520,17 @@ class EpochStream(torch.utils.data.IterableDataset):
                     if by_sample and index % slot.count != slot.index:
                         continue
                     yield (i, n, kept), self._ident(epoch, sample), sample
+            except ShardUnreachable as e:
+                gone = e
             finally:
                 if skip:
                     log.mute -= 1
             want = (src.counts or self.expected or {}).get(url)
+            if gone is not None or i in cuts:
+                if gone is not None:  # samples before offset were counted as read when first read
+                    log.add("shard_unreachable", str(gone), count=unreachable_count(want, max(n, offset if i == shard else 0)))
+                yield (i + 1, 0, kept), None, (i, n)
+                continue
             if want is not None and n < want:
                 log.add("short_shard", f"{url}: {n} of {want} samples (truncated?)", count=want - n)
 
@@ -455,6 +550,8 @@ class EpochStream(torch.utils.data.IterableDataset):
         while True:
             urls, by_sample = epoch_shards(list(self.sources[0].shards), slot, epoch, self._source_seed(0), self.resampled)
             for _, ident, sample in self._read(0, urls, by_sample, slot, epoch):
+                if ident is None:  # an unreachable shard passed over
+                    continue
                 item = self._early(sample)
                 if item is not None:
                     yield ident, item
@@ -469,15 +566,19 @@ class EpochStream(torch.utils.data.IterableDataset):
         while True:
             epoch = cur["epoch"]
             urls, by_sample = epoch_shards(list(src.shards), slot, epoch, seed, self.resampled)
-            reader = self._read(k, urls, by_sample, slot, epoch, cur["shard"], cur["offset"], cur["kept"])
+            reader = self._read(k, urls, by_sample, slot, epoch, cur["shard"], cur["offset"], cur["kept"],
+                                cur.get("unreachable", ()))
             got, decoded = int(mid_epoch), self._decoded[k]
             while True:
                 start = (cur["shard"], cur["offset"], cur["kept"])
                 rebuild = cur["emitted"] > 0  # this block was read before the checkpoint: quietly
-                block, end = [], start
+                block, end, gone = [], start, []
                 self.skips.mute += rebuild
                 try:
                     for end, ident, sample in reader:
+                        if ident is None:  # an unreachable shard: the cursor of a resume must pass it too
+                            gone.append(list(sample))
+                            continue
                         item = self._early(sample)
                         if item is not None:
                             block.append((ident, item))
@@ -500,8 +601,11 @@ class EpochStream(torch.utils.data.IterableDataset):
                 for j in range(cur["emitted"], len(block)):
                     if j + 1 == len(block):
                         cur.update(shard=shard, offset=offset, kept=kept, emitted=0)
+                        cur.pop("unreachable", None)
                     else:
                         cur["emitted"] = j + 1
+                        if gone:  # a resume inside this block rebuilds it passing over the same shards
+                            cur["unreachable"] = gone
                     got += 1
                     yield block[j]
             if not self.DECODE_EARLY and not mid_epoch and got:
@@ -543,7 +647,8 @@ class EpochStream(torch.utils.data.IterableDataset):
             order, _ = epoch_shards(list(self.sources[k].shards), Slot(), epoch, self._source_seed(k))
             by_shard = len(order) >= slot.count
             urls = order[slot.index :: slot.count] if by_shard else order
-            left = ((ident, s) for _, ident, s in self._read(k, urls, False, Slot(), epoch) if ident not in consumed)
+            left = ((ident, s) for _, ident, s in self._read(k, urls, False, Slot(), epoch)
+                    if ident is not None and ident not in consumed)
             for n, (ident, sample) in enumerate(left):
                 if by_shard or n % slot.count == slot.index:
                     item = self._early(sample)
@@ -791,7 +896,8 @@ def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, w
     every rank agrees on which window is i.
     """
     skips = SkipLog(f"eval {split}: ")
-    samples = read_checked(data.shards(split), skips, data.shard_samples(split), data.keep(split))
+    samples = read_checked(data.shards(split), skips, data.shard_samples(split), data.keep(split),
+                           getattr(data, "fetch", None))
     windows = checked_windows(samples, skips, data.seq_len, data.vocab_size, data.chat)
     share: EvalShare[np.ndarray, np.ndarray] = EvalShare(data.num_samples(split), max_samples, rank, world_size,
                                                          batch_size)

@@ -163,6 +163,13 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank, each reading its own shards")
     resampled: bool = Field(False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read were bad (skipped), after the first 100")
+    fetch_retries: int = Field(3, ge=0, description="times a shard that cannot be fetched (HTTP error, dropped connection, "
+                               "failed pipe: command, object store error, data.fetch_timeout) is tried again before it is "
+                               "skipped and counted as shard_unreachable (its samples count against max_bad_fraction)")
+    fetch_timeout: float = Field(60.0, gt=0, description="seconds a shard fetch may go without delivering a byte (a stalled "
+                                 "server or command) before it fails, naming the URL, and is retried")
+    fetch_backoff: float = Field(1.0, ge=0, description="seconds before the first retry of a shard fetch, doubled at each "
+                                 "further one (capped at 60, with up to 25% jitter)")
     classnames: str | None = Field(None, description="task classify only: class-name file of the labelled image folder "
                                    "(text or JSON, see data_pipelines/image/folder.py; default: data.path's own "
                                    "classnames.json or classnames.txt, else the folder names)")

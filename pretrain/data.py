@@ -39,7 +39,7 @@ def _looks_like_source(path: str) -> bool:
 
 def open_data(recipe: Recipe, family) -> tuple[Any, list[str], list[str]]:
     """(data object or None, problems naming their keys, notes for the log)."""
-    from data_pipelines.sources import SourceError, open_sources, one_source_string
+    from data_pipelines.sources import FetchPolicy, SourceError, open_sources, one_source_string
 
     d = recipe.data
     problems: list[str] = []
@@ -62,6 +62,7 @@ def open_data(recipe: Recipe, family) -> tuple[Any, list[str], list[str]]:
         except (ValueError, KeyError) as e:
             return None, [f"data.path: {e}"], notes
         problems.extend(_empty_prepared_val(data, d.eval_split, "data.path"))
+        data.fetch = FetchPolicy.of(d)
         return data, problems, notes
     specs = _specs(d.sources, "data.sources") if d.sources else one_source_string(d.path)
     try:
@@ -70,6 +71,7 @@ def open_data(recipe: Recipe, family) -> tuple[Any, list[str], list[str]]:
     except SourceError as e:
         return None, str(e).splitlines(), notes
     data.caption_key = d.caption_key
+    data.fetch = FetchPolicy.of(d)  # retries, backoff and stall timeout of every shard fetch
     problems.extend(_check_eval_split(data, d, notes, recipe.eval.max_samples))
     for src in data.sources:
         counted = f"{src.samples:,} samples ({src.counted_from})" if src.samples is not None else \
