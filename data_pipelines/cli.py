@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -90,6 +91,42 @@ CORPUS_OVERWRITE_HELP = "replace the dataset (manifest, tokenizer, split folders
 def add_overwrite_flags(parser: argparse.ArgumentParser, overwrite_help: str, progress_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     parser.add_argument("--no-progress", action="store_true", help=progress_help)
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def node_defaults() -> tuple[int, int]:
+    """(--num-nodes, --node-rank) defaults: a SLURM array job's task count and this task's index
+    from its first (SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN), else (1, 0)."""
+    count, task = _env_int("SLURM_ARRAY_TASK_COUNT"), _env_int("SLURM_ARRAY_TASK_ID")
+    if count is None or task is None:
+        return 1, 0
+    return count, task - (_env_int("SLURM_ARRAY_TASK_MIN") or 0)
+
+
+def add_node_flags(parser: argparse.ArgumentParser, unit: str) -> None:
+    """--num-nodes and --node-rank: prepare one share of the inputs on each of several machines."""
+    num_nodes, node_rank = node_defaults()
+    parser.add_argument("--num-nodes", type=int, metavar="N", default=num_nodes,
+                        help=f"split the inputs ({unit}) across N machines sharing --output: each writes its own "
+                             "shards and DIR/parts/node-RANK.json, then `prepare-merge DIR` writes manifest.json; "
+                             "in a SLURM array job the default is $SLURM_ARRAY_TASK_COUNT")
+    parser.add_argument("--node-rank", type=int, metavar="I", default=node_rank,
+                        help="this machine's index, 0 to N-1 (default: $SLURM_ARRAY_TASK_ID - "
+                             "$SLURM_ARRAY_TASK_MIN in a SLURM array job, else 0)")
+
+
+def node_problems(num_nodes: int, node_rank: int) -> list[str]:
+    if num_nodes < 1:
+        return ["--num-nodes must be >= 1"]
+    if not 0 <= node_rank < num_nodes:
+        return [f"--node-rank must be in 0..{num_nodes - 1} for --num-nodes {num_nodes}, got {node_rank}"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
+# OpenCLIP's shard index: {"shard-file-name.tar": samples}, beside the shards, so it can train on
+# them without --train-num-samples (it looks the file up in the folder of the shards it is given).
+SIZES_NAME = "sizes.json"
 
 
 class ManifestError(ValueError):
@@ -25,9 +28,13 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
     Readers treat the manifest's presence as "the dataset is complete", so a crash
     mid-write must never leave a truncated file under the final name.
     """
-    target = manifest_path(directory)
-    text = json.dumps(manifest, indent=2) + "\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=target.parent)
+    return write_json_atomic(manifest_path(directory), manifest)
+
+
+def write_json_atomic(target: Path, value: Any) -> Path:
+    """Write `value` as JSON to `target` via a temporary file and a rename: never half-written."""
+    text = json.dumps(value, indent=2) + "\n"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -60,3 +67,19 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ManifestError(f"manifest {path} must hold a JSON object, got {type(manifest).__name__}")
     return manifest
+
+
+def write_sizes(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> list[Path]:
+    """Write OpenCLIP's sizes.json in every folder holding shards the manifest lists, mapping each
+    shard's file name to its sample count; return the files written. Call it before the manifest:
+    the manifest's presence means the directory is complete."""
+    root = Path(directory)
+    folders: dict[Path, dict[str, int]] = {}
+    for info in manifest.get("splits", {}).values():
+        for shard, samples in zip(info.get("shards", []), info.get("shard_samples", [])):
+            path = root / shard
+            sizes = folders.setdefault(path.parent, {})
+            if path.name in sizes:
+                raise ValueError(f"two shards named {path.name} in {path.parent}: sizes.json keys by file name")
+            sizes[path.name] = int(samples)
+    return [write_json_atomic(folder / SIZES_NAME, dict(sorted(sizes.items()))) for folder, sizes in folders.items()]

@@ -39,6 +39,7 @@ from data_pipelines.image.sources import (
     resolve_image_inputs,
 )
 from data_pipelines.image.transforms import center_crop
+from data_pipelines.manifest import write_sizes
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
@@ -479,6 +480,7 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
                              + (f" (rejected: {reasons})" if reasons else ""))
     splits = writers.to_manifest()
     manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, console))
+    write_sizes(config.output, manifest)  # OpenCLIP's shard index, so it needs no --train-num-samples
     return console.finish(config.output, manifest, format_summary)
 
 

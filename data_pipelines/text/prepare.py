@@ -24,6 +24,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from data_pipelines import cli
+from data_pipelines import nodes
+from data_pipelines.manifest import write_sizes
+from data_pipelines.nodes import node_shard_pattern, node_tag
 from data_pipelines.shards import SHARD_PATTERN, RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text import chat
@@ -41,6 +44,10 @@ MANIFEST_VERSION = 1
 # that the last one, which a single worker finishes while the others idle, is short.
 BATCH_DOCUMENTS = 1024
 BATCH_CHARS = 1 << 18
+# Inputs are packed in blocks of at least this many bytes, each block's windows on their own (one
+# dropped tail per block and split, under a window each: ~1e-5 of the tokens at seq_len 2048), so
+# that a block can be prepared on any machine and the result not depend on --num-nodes.
+BLOCK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,10 +59,18 @@ class PrepareConfig(cli.CorpusConfig):
     limit_documents: int | None = None
     format: str = "auto"
     chat_template: str | None = None
+    num_nodes: int = 1
+    node_rank: int = 0
 
     def problems(self) -> list[str]:
         """Every invalid setting at once, so a user fixes them in one go."""
         found = self.tokenizer_problems(required=True)
+        found += cli.node_problems(self.num_nodes, self.node_rank)
+        if self.num_nodes > 1 and self.vocab_size is not None:
+            found.append("--num-nodes > 1 needs --tokenizer: every node must tokenize with the same one (train it "
+                         "first, e.g. prepare-text on one machine with --vocab-size, and pass its DIR/tokenizer)")
+        if self.num_nodes > 1 and self.limit_documents is not None:
+            found.append("--limit-documents counts across all the inputs: it cannot be used with --num-nodes > 1")
         if self.seq_len < 1:
             found.append("--seq-len must be >= 1")
         if self.min_chars < 0:
@@ -100,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", metavar="FILE_OR_JINJA",
                         help="chat template for chat data (a Jinja file, or the template text itself) when the "
                              "tokenizer has none or to replace its own; saved with the dataset's tokenizer")
+    cli.add_node_flags(parser, f"whole packing blocks of >= {BLOCK_BYTES >> 20} MiB of input files, block b on node "
+                               "b %% N; the windows equal a single machine's, which packs by the same blocks")
     cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide progress bars")
     return parser
 
@@ -172,11 +189,15 @@ class WindowShardWriter:
     RecordingShardWriter instead: slower, never different.
     """
 
-    def __init__(self, directory: Path, split: str, samples_per_shard: int) -> None:
+    def __init__(self, directory: Path, split: str, samples_per_shard: int, key_prefix: str | None = None,
+                 pattern: str = SHARD_PATTERN) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.directory = directory
         self.split = split
+        # Keys are f"{key_prefix}-{n:010d}"; files `pattern` % n (one node's of several: their own names).
+        self.key_prefix = split if key_prefix is None else key_prefix
+        self.pattern = pattern
         self.samples_per_shard = samples_per_shard
         self.shards: list[Path] = []
         self.shard_samples: list[int] = []
@@ -187,16 +208,18 @@ class WindowShardWriter:
         self._fallback: RecordingShardWriter | None = None
 
     def _key(self, index: int) -> str:
-        return f"{self.split}-{index:010d}"
+        return f"{self.key_prefix}-{index:010d}"
 
     def write(self, windows: np.ndarray) -> None:
         """Append windows, the rows of a 2-D array, as the next samples."""
         if not len(windows):
             return
         if self._layout is None and self._fallback is None:
-            self._layout = _MemberLayout.matching_reference(self.split, windows[0])
+            self._layout = _MemberLayout.matching_reference(self.key_prefix, windows[0])
             if self._layout is None:
-                self._fallback = RecordingShardWriter(self.directory, self.samples_per_shard)
+                # RecordingShardWriter names files SHARD_PATTERN: another pattern is applied on close.
+                folder = self.directory if self.pattern == SHARD_PATTERN else self.directory / f".{self.key_prefix}"
+                self._fallback = RecordingShardWriter(folder, self.samples_per_shard)
         if self._fallback is not None:
             for window in windows:
                 self._fallback.write({"__key__": self._key(self._fallback.samples), "tokens.npy": window})
@@ -212,7 +235,7 @@ class WindowShardWriter:
                 self._next_shard()
             assert self._file is not None
             take = min(len(windows) - done, self.samples_per_shard - self.shard_samples[-1])
-            data = self._layout.members(self.split, self.samples, windows[done : done + take])
+            data = self._layout.members(self.key_prefix, self.samples, windows[done : done + take])
             self._file.write(data)
             self._offset += len(data)
             self.shard_samples[-1] += take
@@ -223,7 +246,7 @@ class WindowShardWriter:
         self._close_shard()
         if not self.shards:
             self.directory.mkdir(parents=True, exist_ok=True)
-        path = Path(str(self.directory / SHARD_PATTERN) % len(self.shards))
+        path = Path(str(self.directory / self.pattern) % len(self.shards))
         self._file = open(path, "wb")
         self._offset = 0
         self.shards.append(path)
@@ -236,9 +259,13 @@ class WindowShardWriter:
             self._file = None
 
     def close(self) -> None:
-        if self._fallback is not None:
+        if self._fallback is not None and self._fallback.directory.is_dir():
             self._fallback.close()
-            self.shards, self.shard_samples = self._fallback.shards, self._fallback.shard_samples
+            self.shards, self.shard_samples = list(self._fallback.shards), list(self._fallback.shard_samples)
+            if self.pattern != SHARD_PATTERN:  # from the scratch folder to this writer's own names
+                for i, shard in enumerate(self.shards):
+                    self.shards[i] = shard.replace(self.directory / (self.pattern % i))
+                self._fallback.directory.rmdir()
         self._close_shard()
 
 
@@ -311,35 +338,99 @@ class _MemberLayout:
 
 @dataclass
 class _SplitOutput:
+    """One split's packer and shard writer. The packer restarts (its tail dropped) at every
+    packing block, so that the windows of a block depend on that block's inputs alone."""
+
     packer: TokenPacker
     writer: WindowShardWriter
+    tokens: int = 0
+    documents: int = 0
+    dropped_tokens: int = 0
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         self.writer.write(self.packer.add_documents(ids, lengths))
 
+    def finish_block(self) -> None:
+        packer = self.packer
+        packer.finish()
+        self.tokens += packer.tokens_out
+        self.documents += packer.documents
+        self.dropped_tokens += packer.dropped_tokens
+        self.packer = TokenPacker(packer.window - 1, packer.eos_id, packer.dtype)
+
     def to_manifest(self, output: Path) -> dict[str, Any]:
         return {
             **cli.shards_manifest(self.writer, output),  # type: ignore[arg-type]
-            "tokens": self.packer.tokens_out,
-            "documents": self.packer.documents,
-            "dropped_tokens": self.packer.dropped_tokens,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "dropped_tokens": self.dropped_tokens,
         }
+
+
+def packing_blocks(specs: list[InputSpec], block_bytes: int | None = None) -> list[list[int]]:
+    """The inputs' indices cut into consecutive packing blocks of at least `block_bytes` (the
+    last may be smaller). A block is packed on its own and prepared on one node (block b on node
+    b % num_nodes), so any number of nodes writes the windows of a single-machine run."""
+    limit = BLOCK_BYTES if block_bytes is None else block_bytes
+    blocks: list[list[int]] = []
+    size = limit
+    for index, spec in enumerate(specs):
+        if size >= limit:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(index)
+        size += spec.bytes
+    return blocks
+
+
+def _block_batches(config: PrepareConfig, specs: list[InputSpec], blocks: list[tuple[int, list[int]]],
+                   report: ScanReport, warn: Callable[[str], None] | None) -> Iterator[tuple[Any, list[str]]]:
+    """((block number, split index of each text), texts) batches, block after block; a batch
+    never spans two blocks. --limit-documents counts across blocks."""
+    index = {split: i for i, split in enumerate(SPLITS)}
+    remaining = config.limit_documents
+    for number, members in blocks:
+        if remaining == 0:
+            return
+        # The block's inputs, reported into the run's report (their stats and the skip counts shared).
+        sub = ScanReport([report.inputs[i] for i in members], report.max_examples, report.by_reason,
+                         report.examples, report.warnings)
+        docs = iter_documents([specs[i] for i in members], config.text_field, config.min_chars, sub, warn)
+        if remaining is not None:
+            docs = itertools.islice(docs, remaining)
+        taken = 0
+        for splits, texts in _batches((index[_split_of(config, text)], text) for text in docs):
+            taken += len(texts)
+            yield (number, splits), texts
+        if remaining is not None:
+            remaining -= taken
 
 
 def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any, eos_id: int,
                   dtype: Any, report: ScanReport, warn: Callable[[str], None] | None,
                   console: cli.Console) -> dict[str, _SplitOutput]:
-    outputs = [
-        _SplitOutput(TokenPacker(config.seq_len, eos_id, dtype),
-                     WindowShardWriter(config.output / split, split, config.samples_per_shard))
-        for split in SPLITS
-    ]
-    index = {split: i for i, split in enumerate(SPLITS)}
-    tagged = ((index[_split_of(config, text)], text) for text in _documents(config, specs, report, warn))
+    multi = config.num_nodes > 1
+
+    def writer(split: str) -> WindowShardWriter:
+        if not multi:
+            return WindowShardWriter(config.output / split, split, config.samples_per_shard)
+        return WindowShardWriter(config.output / split, split, config.samples_per_shard,
+                                 f"{split}-{node_tag(config.node_rank)}", node_shard_pattern(config.node_rank))
+
+    outputs = [_SplitOutput(TokenPacker(config.seq_len, eos_id, dtype), writer(split)) for split in SPLITS]
+    blocks = [(b, members) for b, members in enumerate(packing_blocks(specs))
+              if b % config.num_nodes == config.node_rank]
     tokens = 0
+    current = None
     with console.bar(unit="doc", desc="tokenizing") as bar:
         try:
-            for splits, ids, lengths in encode_batches(_batches(tagged), tokenizer, config.workers):
+            batches = _block_batches(config, specs, blocks, report, warn)
+            for (block, splits), ids, lengths in encode_batches(batches, tokenizer, config.workers):
+                if block != current:
+                    if current is not None:
+                        for out in outputs:
+                            out.finish_block()
+                    current = block
                 if (splits == splits[0]).all():
                     outputs[splits[0]].add(ids, lengths)
                 else:
@@ -355,7 +446,7 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
             for out in outputs:
                 out.writer.close()
     for out in outputs:
-        out.packer.finish()
+        out.finish_block()
     return dict(zip(SPLITS, outputs))
 
 
@@ -399,8 +490,12 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
         raise InputError(f"every input is inside the output directory {config.output}")
     external = cli.external_tokenizer(config.tokenizer)
     if chat.detect_format(specs, config.format) == "chat":
+        if config.num_nodes > 1:
+            raise cli.UsageError("--num-nodes > 1 prepares plain text only; prepare chat data on one machine")
         return _run_chat(config, specs, external, console)
-    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR])
+    if config.num_nodes > 1:
+        return _run_node(config, specs, external, console)
+    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, nodes.PARTS_DIR])
 
     trained = external is None
     # From here on only the saved copy is used, as the trainer will.
@@ -414,7 +509,76 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
     outputs = _write_shards(config, specs, tokenizer, tokenizer.eos_token_id, dtype, report, warn, console)
     if report.documents == 0:
         raise cli.UsageError(f"no usable documents in the inputs{_skip_summary(report)}")
-    return console.finish(config.output, build_manifest(config, tokenizer, dtype, report, outputs), format_summary)
+    manifest = build_manifest(config, tokenizer, dtype, report, outputs)
+    write_sizes(config.output, manifest)
+    return console.finish(config.output, manifest, format_summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# One node of several
+
+
+def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, console: cli.Console) -> dict[str, Any]:
+    """This node's packing blocks -> its own shards and DIR/parts/node-RANK.json (no manifest.json:
+    `prepare-merge DIR` writes it once every node is done)."""
+    nodes.prepare_node_output(config.output, config.node_rank, config.overwrite)
+    if config.node_rank == 0:
+        tokenizer = cli.save_tokenizer_copy(external, config.output)
+    else:
+        # Node 0 writes DIR/tokenizer; this node uses a saved copy of its own, as node 0 does.
+        with tempfile.TemporaryDirectory(prefix="prepare-text-tokenizer-") as scratch:
+            tokenizer = cli.save_tokenizer_copy(external, Path(scratch))
+    dtype = token_dtype(len(tokenizer))
+    report = ScanReport.for_inputs(specs)
+    outputs = _write_shards(config, specs, tokenizer, tokenizer.eos_token_id, dtype, report, console.warn, console)
+    mine = [i for b, members in enumerate(packing_blocks(specs)) if b % config.num_nodes == config.node_rank
+            for i in members]
+    part = {
+        "kind": "text-part", "version": nodes.PART_VERSION, "created_by": PROG,
+        "num_nodes": config.num_nodes, "node_rank": config.node_rank,
+        "settings": {
+            "seq_len": config.seq_len, "token_dtype": str(dtype),
+            "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
+            "tokenizer_sha256": nodes.tokenizer_fingerprint(tokenizer),
+            **config.split_manifest(), "text_field": config.text_field, "min_chars": config.min_chars,
+            "format": config.format, "pack_block_bytes": BLOCK_BYTES,
+            "input_paths": [str(s.path) for s in specs],
+        },
+        "inputs": {str(i): report.inputs[i].to_manifest() for i in mine},
+        "splits": {split: outputs[split].to_manifest(config.output) for split in SPLITS},
+        "skipped": report.to_manifest(),
+    }
+    path = nodes.write_part(config.output, part)
+    samples = sum(s["samples"] for s in part["splits"].values())
+    print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {len(mine)} of {len(specs)} inputs, "
+          f"{report.documents:,} documents, {samples:,} samples -> {path}; when every node is done: "
+          f"prepare-merge {config.output}", file=console.out)
+    if not mine:
+        console.warn(f"node {config.node_rank} got no inputs: {len(specs)} inputs make "
+                     f"{len(packing_blocks(specs))} packing blocks for {config.num_nodes} nodes")
+    return part
+
+
+def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a single machine's run, from the node parts (read_parts checked they agree)."""
+    settings = parts[0]["settings"]
+    manifest = {
+        "kind": "text", "version": MANIFEST_VERSION, "created_by": PROG,
+        "seq_len": settings["seq_len"], "token_dtype": settings["token_dtype"],
+        "tokenizer": settings["tokenizer"],
+        **{k: settings[k] for k in ("seed", "val_fraction", "test_fraction", "samples_per_shard")},
+        "text_field": settings["text_field"],
+        "inputs": nodes.merge_inputs(parts),
+        "splits": nodes.merge_splits(directory, parts),
+        "skipped": nodes.merge_skipped(parts),
+        "num_nodes": len(parts),
+    }
+    if not (directory / settings["tokenizer"]["path"]).is_dir():
+        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
+    if not sum(s["documents"] for s in manifest["splits"].values()):
+        raise cli.UsageError(f"no usable documents in the inputs of any node (skipped records: "
+                             f"{cli.reason_counts(manifest['skipped']['by_reason'])})")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +597,7 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
             raise chat.ChatError("a tokenizer trained with --vocab-size has no chat template; pass --chat-template")
         template = chat.load_template(config.chat_template, None, "")
         tokenizer = None
-    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR])
+    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, nodes.PARTS_DIR])
     if tokenizer is None:
         report = ScanReport.for_inputs(specs)
         train = (m for m, _ in chat.iter_conversations(specs, report, config.limit_documents)
@@ -491,6 +655,7 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
         "splits": splits,
         "skipped": report.to_manifest(),
     }
+    write_sizes(config.output, manifest)
     return console.finish(config.output, manifest, format_summary)
 
 
