@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism (pretrain/sequence_parallel.py): layouts that cannot run are refused
-before any rank starts, and SP=2 on two ranks gives the losses of the same run without SP."""
+before any rank starts; SP=2 on two ranks gives the losses of the same run without SP, and its
+checkpoint resumes on one rank without SP and gives the trainer's val loss in pretrain-eval and export."""
 from __future__ import annotations
 
 import json
@@ -74,32 +75,35 @@ def test_bad_sp_layout_is_refused_before_any_rank_starts(case, model, ds, expect
     assert not (tmp_path / "out").exists()
 
 
-def _reference_losses(argv: list[str]) -> tuple[list[dict], list[dict]]:
-    """The same run without SP, in this process (a gloo world of one)."""
+def _in_process(argv: list[str]) -> tuple[list[dict], list[dict]]:
+    """A run without SP, in this process (a gloo world of one): the reference, or a resume."""
     from pretrain.train import build_parser, prepare
     from pretrain.trainer import Trainer
 
     with world_of_one():
         args = build_parser().parse_args(argv)
-        trainer = Trainer(*prepare(args), "none", progress=False)
+        trainer = Trainer(*prepare(args), args.resume, progress=False)
         trainer.setup()
         trainer.fit()
     return metrics(Path(args.output_dir))
 
 
 def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prepared_stdlib, tmp_path):
+    from pretrain.evaluate import evaluate
+    from pretrain.export import export
+
     (tmp_path / "recipe.json").write_text(json.dumps(_recipe(LLAMA)))
     common = ["--config", str(tmp_path / "recipe.json"), "--data", str(prepared_stdlib), "--no-progress"]
+    no_sp = [*common, "--deepspeed_config", str(REPO / "ds_configs/zero3_fp32.json")]
     out = run(deepspeed_cmd(2, [*common, "--deepspeed_config", str(REPO / "ds_configs/zero3_sp2_fp32.json"),
-                                "--output-dir", str(tmp_path / "sp2")]), timeout=300)
+                                "--output-dir", str(tmp_path / "sp2"), "--checkpoint-every", "3"]), timeout=300)
     assert "SP 2 x DP 1 (2 ranks); Ulysses sequence parallelism: each rank holds 32 of the 64 tokens" in out.stdout
     resolved = json.loads((tmp_path / "sp2" / "resolved-config.json").read_text())
     assert resolved["parallel"] == {"tp": 1, "sp": 2, "dp": 1}
     assert resolved["deepspeed"]["train_batch_size"] == 2, "the global batch counts DP ranks only"
     sp_train, sp_eval = metrics(tmp_path / "sp2")
 
-    ref_train, ref_eval = _reference_losses([*common, "--deepspeed_config", str(REPO / "ds_configs/zero3_fp32.json"),
-                                             "--output-dir", str(tmp_path / "sp1")])
+    ref_train, ref_eval = _in_process([*no_sp, "--output-dir", str(tmp_path / "sp1"), "--resume", "none"])
     losses = [m["loss"] for m in sp_train]
     assert len(losses) == 6 and all(map(lambda x: x == x and abs(x) < 100, losses))
     assert min(losses[-2:]) < losses[0], f"SP=2 does not learn: {losses}"
@@ -110,6 +114,25 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
     # evaluation runs whole sequences on every SP rank and sums over model replicas only
     assert sp_eval[-1]["samples"] == ref_eval[-1]["samples"] == 8
     assert abs(sp_eval[-1]["loss"] - ref_eval[-1]["loss"]) <= 1e-4 * ref_eval[-1]["loss"]
+
+    # The step-3 checkpoint resumed on 1 rank without SP (DeepSpeed's universal checkpoint, 2 -> 1 ranks;
+    # DP stays 1, so the same micro-batches): steps 4-6 of the run that was never interrupted.
+    step3 = tmp_path / "sp2" / "checkpoints" / "step_00000003"
+    resumed_train, resumed_eval = _in_process([*no_sp, "--output-dir", str(tmp_path / "resumed"), "--resume", str(step3)])
+    assert (step3 / "universal" / "converted.json").is_file(), "resumed through the universal checkpoint"
+    assert [m["step"] for m in resumed_train] == [4, 5, 6]
+    for a, b in zip(resumed_train, sp_train[3:], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+    assert abs(resumed_eval[-1]["loss"] - sp_eval[-1]["loss"]) <= 1e-5 * sp_eval[-1]["loss"]
+
+    # pretrain-eval of the SP run's last checkpoint (step 6, ZeRO-3 partitions of 2 ranks) and of its export
+    # give the val loss the trainer measured with SP.
+    offline = evaluate(str(tmp_path / "sp2"), str(prepared_stdlib), max_samples=8)
+    assert offline["tag"] == "step_00000006" and offline["samples"] == sp_eval[-1]["samples"]
+    assert abs(offline["loss"] - sp_eval[-1]["loss"]) <= 1e-5 * sp_eval[-1]["loss"], (offline, sp_eval[-1])
+    export(str(tmp_path / "sp2"), str(tmp_path / "hf"))
+    exported = evaluate(str(tmp_path / "hf"), str(prepared_stdlib), max_samples=8)
+    assert abs(exported["loss"] - offline["loss"]) <= 1e-6 * offline["loss"], (exported, offline)
 
 
 def test_the_planner_proposes_only_layouts_the_trainer_runs():

@@ -1,16 +1,18 @@
 """Tensor parallelism (DeepSpeed AutoTP, from the DeepSpeed JSON alone) and multi-node launches.
 
 The integration test is one story told with three real launches, on 2 CPU cores:
-1. ``torchrun`` as two "nodes" (node ranks 0 and 1 on 127.0.0.1, two processes each): TP 2 inside
-   each node x DP 2 across the nodes, killed with SIGKILL while every rank is inside the save of the
-   last step;
-2. ``torchrun`` on one node, two processes: plain DP 2, the same model, data and global batch;
+1. ``torchrun`` on one node, four processes: TP 2 x DP 2, killed with SIGKILL while every rank is
+   inside the save of the last step;
+2. ``torchrun`` as two "nodes" (node ranks 0 and 1 on 127.0.0.1), one process each: plain DP 2
+   across the nodes, the same model, data and global batch;
 3. the ``deepspeed`` launcher's multi-node path without ssh (``--no_ssh --node_rank``, a hostfile of
-   two "nodes"), 2 x 2 processes: ``--resume auto`` of run 1.
-Run 1's losses equal run 2's step by step (TP changes the layout, not the math, and the data is
-split by the DP rank only; and two nodes give what one gives), run 3 repeats run 1's last steps
-exactly, each rank holds half of every sharded layer, and ``pretrain-eval`` on the TP checkpoint
-and on its ``pretrain-export`` give the loss the sharded engine measured.
+   two "nodes"), 2 x 2 processes, TP 2 inside each node x DP 2 across them: ``--resume auto`` of run 1.
+Run 2's losses equal run 1's step by step (TP changes the layout, not the math, the data is split by
+the DP rank only, and DP across two nodes gives what one node gives), run 3 repeats run 1's last
+steps exactly (TP x DP on two nodes gives what it gives on one), each rank holds half of every
+sharded layer, ``pretrain-eval`` on the TP checkpoint and on its ``pretrain-export`` give the loss the
+sharded engine measured, and the TP checkpoint resumes in this process on one rank without TP
+(DeepSpeed's universal checkpoint) with its weights and Adam moments.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pretrain.export import export
 from pretrain.layout import ParallelLayout, tensor_parallel_size
 from pretrain.tensor_parallel import merge_shards
 from pretrain.train import main
-from tests.launch import FAULTS, REPO, TRAIN, env, free_port, kill_tree, metrics, run, with_key
+from tests.launch import FAULTS, REPO, TRAIN, env, free_port, kill_tree, metrics, with_key
 
 LLAMA = {"name": "llama-tp", "family": "gpt",
          "model": {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -157,14 +159,13 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
     tp_out, dp_out = tmp_path / "tp", tmp_path / "dp"
     tp_args = [*common, "--deepspeed_config", "ds_configs/zero1_tp2_fp32.json", "--output-dir", str(tp_out)]
 
-    # 1. torchrun, 2 nodes x 2 processes, TP 2 x DP 2; SIGKILL with every rank inside the save of step 4.
+    # 1. torchrun, 1 node x 4 processes, TP 2 x DP 2; SIGKILL with every rank inside the save of step 4.
     port = str(free_port())
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", port]
-    _launch_nodes([[*torchrun, "--node_rank", str(n), FAULTS, "--stall-in-save", str(STEPS), "--", *tp_args]
-                   for n in (0, 1)], tmp_path / "tp-log", port,
+    _launch_nodes([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr",
+                    "127.0.0.1", "--master_port", port, FAULTS, "--stall-in-save", str(STEPS), "--", *tp_args]],
+                  tmp_path / "tp-log", port,
                   until=lambda: all((tp_out / f"stalled-in-save-rank{r}").is_file() for r in range(4)))
-    log = "".join(Path(f"{tmp_path}/tp-log.{n}").read_text() for n in (0, 1))
+    log = Path(f"{tmp_path}/tp-log.0").read_text()
     held = {int(r): (int(a), int(s)) for r, a, s in re.findall(
         r"rank (\d) \(TP rank \d\) holds (\d+) parameter elements, (\d+) of them in TP-sharded layers", log)}
     assert sorted(held) == [0, 1, 2, 3], log[-3000:]
@@ -172,10 +173,12 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
     killed = _losses(tp_out)
     assert sorted(killed) == [1, 2, 3, 4]
 
-    # 2. torchrun, 1 node x 2 processes, plain DP 2: the same model, data split and global batch.
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         TRAIN, *common, "--deepspeed_config", "ds_configs/zero1_fp32.json", "--output-dir", str(dp_out),
-         "--checkpoint-every", "0"])
+    # 2. torchrun, 2 nodes x 1 process, plain DP 2 across the nodes: the same model, data split and global batch.
+    port = str(free_port())
+    _launch_nodes([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port, TRAIN, *common,
+                    "--deepspeed_config", "ds_configs/zero1_fp32.json", "--output-dir", str(dp_out),
+                    "--checkpoint-every", "0"] for n in (0, 1)], tmp_path / "dp-log", port)
     dp = _losses(dp_out)
     for step in range(1, STEPS + 1):
         assert abs(killed[step] - dp[step]) <= 1e-4 * abs(dp[step]), (step, killed, dp)
@@ -217,3 +220,33 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
     assert abs(exported["loss"] - offline["loss"]) <= 1e-6 * offline["loss"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert sum(p.numel() for p in model.parameters()) == whole_total, "one ordinary model, shards merged"
+
+    # The TP 2 x DP 2 checkpoint of step 2 resumed here on 1 rank without TP (DeepSpeed's universal
+    # checkpoint): the engine starts from the checkpoint's merged weights and its Adam moments, and trains on.
+    _resume_on_one_rank_without_tp(tp_out / "checkpoints" / "step_00000002", [*common, "--deepspeed_config",
+                                   "ds_configs/zero1_fp32.json", "--output-dir", str(tmp_path / "one")])
+
+
+def _resume_on_one_rank_without_tp(tag: Path, argv: list[str]) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
+    from pretrain.train import build_parser, prepare
+    from pretrain.trainer import Trainer
+    from tests.launch import world_of_one
+
+    merged = fp32_state_dict(resolve_checkpoint(tag))  # the TP shards merged by pretrain-eval / export
+    with world_of_one():
+        args = build_parser().parse_args([*argv, "--resume", str(tag)])
+        trainer = Trainer(*prepare(args), args.resume, progress=False)
+        trainer.setup()
+        assert trainer.state.step == 2 and trainer.layout.tp == 1
+        for name, param in trainer.engine.module.named_parameters():
+            assert torch.equal(safe_get_full_fp32_param(param), merged[name]), name
+            exp_avg = safe_get_full_optimizer_state(param, "exp_avg")
+            universal = torch.load(tag / "universal" / "zero" / name / "exp_avg.pt", weights_only=False)["param"]
+            assert exp_avg.abs().sum() > 0 and torch.equal(exp_avg, universal.view_as(exp_avg)), name
+        trainer.fit()
+    train, evals = metrics(Path(args.output_dir))
+    assert [m["step"] for m in train] == [3, 4] and all(abs(m["loss"]) < 100 for m in train), train
+    assert evals[-1]["step"] == STEPS and evals[-1]["loss"] == evals[-1]["loss"]
