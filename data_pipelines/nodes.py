@@ -4,6 +4,9 @@ its partial manifest, and `prepare-merge DIR`, which joins the parts into the on
     prepare-text corpus/ --output data/c4 --tokenizer tok/ --num-nodes 4 --node-rank 0   # ... 3
     prepare-merge data/c4
 
+prepare-image-text takes the same two flags (node I prepares every N-th sample, and the merge
+drops the duplicates of samples other nodes kept; see data_pipelines.image.prepare).
+
 Node I writes DIR/{train,val,test}/shard-rIIIII-NNNNNN.tar (sample keys `<split>-rIIIII-<n>`) and,
 last, DIR/parts/node-IIIII.json; it never touches another node's files. The merge checks that
 every node finished with the same settings, tokenizer and input list, then writes each split
@@ -170,6 +173,11 @@ def merge(directory: Path, out: TextIO | None = None, err: TextIO | None = None)
 
         manifest = prepare.merged_manifest(directory, parts)
         summary = prepare.format_summary
+    elif kind == "image-text-part":
+        from data_pipelines.image import prepare as image_prepare
+
+        manifest = image_prepare.merged_manifest(directory, parts)
+        summary = image_prepare.format_summary
     else:
         raise cli.UsageError(f"{PROG} does not know node parts of kind {kind!r}")
     write_sizes(directory, manifest)

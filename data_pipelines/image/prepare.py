@@ -9,24 +9,37 @@ and written with its caption to DIR/{train,val,test}/shard-NNNNNN.tar as `jpg`, 
 `json` members, the img2dataset / OpenCLIP convention. The split of a sample is a stable hash
 of its image bytes, and exact duplicates are dropped (the first is kept), so an image never
 lands in two splits. DIR/manifest.json is written last: its presence means "complete".
+
+With --num-nodes N --node-rank I, node I prepares every N-th candidate sample in input order
+(all nodes read the input listings; tables and captioned folders cost each node only its own
+images, img2dataset tars are read in full by every node). Duplicates are dropped within a node
+as on one machine, and each node records the content hashes of what it kept in
+DIR/parts/node-IIIII.kept.tsv; `prepare-merge DIR` then drops, in global input order, every kept
+sample whose hashes an earlier kept sample of any node has, rewriting the few shards holding
+them, so the merged dataset holds exactly the samples of a single-machine run.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import io
 import json
+import os
 import sys
+import tarfile
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
 
+import webdataset as wds
 from PIL import Image, ImageOps
 
-from data_pipelines import cli
+from data_pipelines import cli, nodes
 from data_pipelines.image.sources import (
     DEFAULT_CAPTION_FIELDS,
     DEFAULT_IMAGE_FIELDS,
@@ -40,6 +53,7 @@ from data_pipelines.image.sources import (
 )
 from data_pipelines.image.transforms import center_crop
 from data_pipelines.manifest import write_sizes
+from data_pipelines.nodes import node_shard_pattern, node_tag
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
@@ -47,6 +61,7 @@ from data_pipelines.text.tokenizer import TokenizerError, train_bpe_tokenizer
 
 PROG = "prepare-image-text"
 KIND = "image-text"
+PART_KIND = "image-text-part"
 MANIFEST_VERSION = 1
 CLASSES_NAME = "classes.json"
 RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "no")
@@ -75,6 +90,8 @@ class PrepareImageConfig(cli.CorpusConfig):
     max_caption_chars: int = 1000
     image_field: str | None = None
     caption_field: str | None = None
+    num_nodes: int = 1
+    node_rank: int = 0
 
     @property
     def image_options(self) -> ImageOptions:
@@ -97,6 +114,10 @@ class PrepareImageConfig(cli.CorpusConfig):
             found.append("--min-image-size must be >= 0")
         if self.max_caption_chars < 1:
             found.append("--max-caption-chars must be >= 1")
+        found += cli.node_problems(self.num_nodes, self.node_rank)
+        if self.num_nodes > 1 and self.vocab_size is not None:
+            found.append("--num-nodes > 1 cannot train a caption tokenizer (--vocab-size) on the captions of "
+                         "every node: pass --tokenizer, or neither flag")
         return found + super().problems()
 
 
@@ -128,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"table column of captions (default: the first of {', '.join(DEFAULT_CAPTION_FIELDS)})")
     cli.add_fraction_flags(parser, 0.01, "fraction of samples assigned to the {split} split by image hash")
     cli.add_sharding_flags(parser, 1000, "image")
+    cli.add_node_flags(parser, "every N-th sample in input order on each node; duplicates across nodes are "
+                               "dropped by prepare-merge")
     cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide the progress bar")
     return parser
 
@@ -228,22 +251,28 @@ class _Entry(NamedTuple):
     reason: str | None  # set when rejected before any image work (a Skip, or a bad caption)
     detail: str
     caption: str
+    ordinal: int = 0  # position among all the records of all the inputs: the global input order
 
 
 def _entries(specs: list[ImageInputSpec], config: PrepareImageConfig) -> Iterator[_Entry]:
+    """The candidate records in input order; with --num-nodes N only every N-th, from --node-rank."""
+    ordinal = -1
     for index, spec in enumerate(specs):
         for record in iter_items(spec, config.fields):
+            ordinal += 1
+            if ordinal % config.num_nodes != config.node_rank:
+                continue
             if isinstance(record, Skip):
-                yield _Entry(index, record, record.reason, record.detail, "")
+                yield _Entry(index, record, record.reason, record.detail, "", ordinal)
                 continue
             caption = (record.caption or "").strip()
             if not caption:
-                yield _Entry(index, record, "empty_caption", "caption is empty", caption)
+                yield _Entry(index, record, "empty_caption", "caption is empty", caption, ordinal)
             elif len(caption) > config.max_caption_chars:
                 yield _Entry(index, record, "caption_too_long",
-                             f"{len(caption)} characters > {config.max_caption_chars}", caption)
+                             f"{len(caption)} characters > {config.max_caption_chars}", caption, ordinal)
             else:
-                yield _Entry(index, record, None, "", caption)
+                yield _Entry(index, record, None, "", caption, ordinal)
 
 
 def _chunks(entries: Iterable[_Entry], size: int) -> Iterator[list[_Entry]]:
@@ -306,21 +335,47 @@ def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
 # Output
 
 
+class _NodeShardWriter(RecordingShardWriter):
+    """A RecordingShardWriter writing one node's file names (`shard-rIIIII-NNNNNN.tar`)."""
+
+    def __init__(self, directory: Path, samples_per_shard: int, pattern: str) -> None:
+        super().__init__(directory, samples_per_shard)
+        self.pattern = pattern
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None:  # as the base class opens it, under this node's file names
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._writer = wds.ShardWriter(str(self.directory / self.pattern), maxcount=self.samples_per_shard,
+                                           maxsize=float("inf"), post=self._on_shard_closed, verbose=0, mtime=0)
+        super().write(sample)
+
+
 @dataclass
 class SplitWriters:
-    """One recording shard writer per split, naming samples `<split>-<index>` in write order."""
+    """One recording shard writer per split, naming samples `<split>-<index>` in write order
+    (`<split>-rIIIII-<index>` and node I's shard names with node_rank set)."""
 
     output: Path
     samples_per_shard: int
+    node_rank: int | None = None
     writers: dict[str, RecordingShardWriter] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.writers = {s: RecordingShardWriter(self.output / s, self.samples_per_shard) for s in SPLITS}
+        if self.node_rank is None:
+            self.writers = {s: RecordingShardWriter(self.output / s, self.samples_per_shard) for s in SPLITS}
+        else:
+            pattern = node_shard_pattern(self.node_rank)
+            self.writers = {s: _NodeShardWriter(self.output / s, self.samples_per_shard, pattern) for s in SPLITS}
+
+    def key(self, split: str) -> str:
+        """The key the next sample of `split` gets."""
+        prefix = split if self.node_rank is None else f"{split}-{node_tag(self.node_rank)}"
+        return f"{prefix}-{self.writers[split].samples:010d}"
 
     def write(self, split: str, jpeg: bytes, caption: str, meta: dict[str, Any]) -> None:
         writer = self.writers[split]
         writer.write({
-            "__key__": f"{split}-{writer.samples:010d}",
+            "__key__": self.key(split),
             "jpg": jpeg,
             "txt": caption.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
@@ -357,8 +412,10 @@ def _warm_up_tokenizer(config: PrepareImageConfig) -> threading.Thread | None:
 
 
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
-                  console: cli.Console) -> SplitWriters:
-    writers = SplitWriters(config.output, config.samples_per_shard)
+                  console: cli.Console, kept: TextIO | None = None) -> SplitWriters:
+    """Every (this node's) sample into the split shards; with `kept`, a line per sample written
+    (see KEPT_COLUMNS) for prepare-merge's duplicate check across nodes."""
+    writers = SplitWriters(config.output, config.samples_per_shard, config.node_rank if config.num_nodes > 1 else None)
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
     entries = _entries(specs, config)
@@ -386,6 +443,9 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
                     meta = {"key": record.key, "source": record.source, "width": result.width,
                             "height": result.height, "resized_width": result.resized_width,
                             "resized_height": result.resized_height, **(record.extra or {})}
+                    if kept is not None:
+                        kept.write(f"{entry.ordinal}\t{entry.input_index}\t{result.sha256.hex()}\t"
+                                   f"{result.pixels.hex()}\t{split}\t{writers.key(split)}\n")
                     writers.write(split, result.jpeg, entry.caption, meta)
                     report.inputs[entry.input_index].documents += 1
                 bar.set_postfix_str(f"kept={writers.total():,} rejected={report.skipped_total:,}", refresh=False)
@@ -456,8 +516,8 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
 
 
 def clear_output(output: Path, overwrite: bool) -> None:
-    """The output directory's rules; an image-text dataset owns its tokenizer and class list."""
-    cli.prepare_output_dir(output, overwrite, owned=[cli.TOKENIZER_SUBDIR, CLASSES_NAME])
+    """The output directory's rules; an image-text dataset owns its tokenizer, class list and node parts."""
+    cli.prepare_output_dir(output, overwrite, owned=[cli.TOKENIZER_SUBDIR, CLASSES_NAME, nodes.PARTS_DIR])
 
 
 def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
@@ -470,6 +530,8 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
         if spec.format == "table":
             check_table(spec.path, config.fields)
     external = cli.external_tokenizer(config.tokenizer)
+    if config.num_nodes > 1:
+        return _run_node(config, specs, external, console)
     clear_output(config.output, config.overwrite)
 
     report = ScanReport([InputStats(str(s.path), s.format, 0) for s in specs])
@@ -482,6 +544,182 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
     manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, console))
     write_sizes(config.output, manifest)  # OpenCLIP's shard index, so it needs no --train-num-samples
     return console.finish(config.output, manifest, format_summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# One node of several, and the merge
+
+# A node's DIR/parts/node-IIIII.kept.tsv: a line per sample it wrote, in input order.
+KEPT_COLUMNS = ("ordinal", "input_index", "sha256", "pixels", "split", "key")
+
+
+def kept_path(output: Path, rank: int) -> Path:
+    return nodes.part_path(output, rank).with_suffix(".kept.tsv")
+
+
+def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external: Any,
+              console: cli.Console) -> dict[str, Any]:
+    """Every N-th candidate sample -> this node's shards, DIR/parts/node-RANK.kept.tsv and, last,
+    DIR/parts/node-RANK.json (no manifest.json: `prepare-merge DIR` writes it once every node is done)."""
+    nodes.prepare_node_output(config.output, config.node_rank, config.overwrite)
+    tokenizer = None
+    if external is not None and config.node_rank == 0:
+        tokenizer = cli.save_tokenizer_copy(external, config.output)
+    elif external is not None:
+        # Node 0 writes DIR/tokenizer; this node fingerprints a saved copy of its own, as node 0 does.
+        with tempfile.TemporaryDirectory(prefix="prepare-image-text-tokenizer-") as scratch:
+            tokenizer = cli.save_tokenizer_copy(external, Path(scratch))
+    report = ScanReport([InputStats(str(s.path), s.format, 0) for s in specs])
+    kept = kept_path(config.output, config.node_rank)
+    scratch_kept = kept.with_name(kept.name + ".tmp")
+    with open(scratch_kept, "w", encoding="utf-8") as file:
+        writers = _write_shards(config, specs, report, console, file)
+    os.replace(scratch_kept, kept)
+    part = {
+        "kind": PART_KIND, "version": nodes.PART_VERSION, "created_by": PROG,
+        "num_nodes": config.num_nodes, "node_rank": config.node_rank,
+        "settings": {
+            "image_size": config.image_size, "resize_mode": config.resize_mode,
+            "jpeg_quality": config.jpeg_quality, "min_image_size": config.min_image_size,
+            "max_caption_chars": config.max_caption_chars, **config.split_manifest(),
+            "image_field": config.image_field, "caption_field": config.caption_field,
+            "tokenizer": None if tokenizer is None else cli.tokenizer_manifest(tokenizer, config.tokenizer),
+            "tokenizer_sha256": None if tokenizer is None else nodes.tokenizer_fingerprint(tokenizer),
+            "input_paths": [str(s.path) for s in specs], "input_formats": [s.format for s in specs],
+        },
+        "inputs": [{"samples": stats.documents, "rejected": stats.skipped} for stats in report.inputs],
+        "splits": writers.to_manifest(),
+        "skipped": report.to_manifest(),
+        "kept": kept.name,
+    }
+    path = nodes.write_part(config.output, part)
+    print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {writers.total():,} samples kept, "
+          f"{report.skipped_total:,} rejected -> {path}; when every node is done: prepare-merge {config.output}",
+          file=console.out)
+    return part
+
+
+def _kept_rows(directory: Path, part: dict[str, Any]) -> Iterator[tuple[int, int, list[str]]]:
+    path = directory / nodes.PARTS_DIR / part["kept"]
+    try:
+        file = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise cli.UsageError(f"cannot read {path} of node {part['node_rank']}: {exc}") from None
+    with file:
+        for line in file:
+            row = line.rstrip("\n").split("\t")
+            if len(row) != len(KEPT_COLUMNS):
+                raise cli.UsageError(f"{path}: not a line of {', '.join(KEPT_COLUMNS)}: {line[:200]!r}")
+            yield int(row[0]), part["node_rank"], row
+
+
+def cross_node_duplicates(directory: Path, parts: list[dict[str, Any]]) -> list[tuple[int, list[str]]]:
+    """(node rank, kept row) of every sample a node kept that repeats the bytes or pixels of one
+    kept earlier in global input order (by another node: a node drops its own duplicates).
+
+    This is the single-machine rule: equal bytes decode to equal pixels, so a sample is a
+    duplicate exactly when its pixels equal those of the first such sample, which one of the
+    nodes kept. The sets hold two digests per kept sample, as on one machine."""
+    seen_bytes: set[str] = set()
+    seen_pixels: set[str] = set()
+    found = []
+    for _, rank, row in heapq.merge(*(_kept_rows(directory, part) for part in parts)):
+        sha, pixels = row[2], row[3]
+        if sha in seen_bytes or pixels in seen_pixels:
+            found.append((rank, row))
+        else:
+            seen_bytes.add(sha)
+            seen_pixels.add(pixels)
+    return found
+
+
+def _drop_samples(shard: Path, keys: set[str]) -> None:
+    """Rewrite a tar without the members of `keys` (atomically; a no-op on one already rewritten)."""
+    with tempfile.NamedTemporaryFile(dir=shard.parent, prefix=f".{shard.name}.", delete=False) as scratch:
+        pass
+    try:
+        with tarfile.open(shard) as source, tarfile.open(scratch.name, "w") as target:
+            for member in source:
+                if member.name.split(".", 1)[0] not in keys:
+                    target.addfile(member, source.extractfile(member) if member.isfile() else None)
+        os.replace(scratch.name, shard)
+    finally:
+        Path(scratch.name).unlink(missing_ok=True)
+
+
+def _without_duplicates(directory: Path, parts: list[dict[str, Any]],
+                        duplicates: list[tuple[int, list[str]]]) -> list[dict[str, Any]]:
+    """Copies of the parts with the duplicates taken out of their shards (rewritten on disk; a
+    shard left empty is deleted and unlisted) and their counts."""
+    parts = json.loads(json.dumps(parts))
+    per_node = parts[0]["settings"]["samples_per_shard"]
+    by_shard: dict[tuple[int, str, int], set[str]] = {}
+    for rank, row in duplicates:
+        split, key = row[4], row[5]
+        by_shard.setdefault((rank, split, int(key.rsplit("-", 1)[1]) // per_node), set()).add(key)
+    for (rank, split, index), keys in sorted(by_shard.items()):
+        info = parts[rank]["splits"][split]
+        shard = directory / info["shards"][index]
+        info["shard_samples"][index] -= len(keys)
+        info["samples"] -= len(keys)
+        if info["shard_samples"][index] == 0:
+            shard.unlink(missing_ok=True)
+        elif shard.is_file():
+            _drop_samples(shard, keys)
+    for part in parts:
+        for info in part["splits"].values():
+            pairs = [(s, n) for s, n in zip(info["shards"], info["shard_samples"]) if n > 0]
+            info["shards"], info["shard_samples"] = [s for s, _ in pairs], [n for _, n in pairs]
+    return parts
+
+
+def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a single machine's run, from the node parts (read_parts checked they agree);
+    the samples that repeat one of another node are dropped from the shards first."""
+    settings = parts[0]["settings"]
+    duplicates = cross_node_duplicates(directory, parts)
+    kept = _without_duplicates(directory, parts, duplicates)
+    paths = settings["input_paths"]
+    inputs = [{"path": path, "format": fmt, "samples": 0, "rejected": 0}
+              for path, fmt in zip(paths, settings["input_formats"])]
+    for part in parts:
+        if len(part["inputs"]) != len(paths):
+            raise cli.UsageError(f"the part of node {part['node_rank']} counts {len(part['inputs'])} inputs, "
+                                 f"not {len(paths)}")
+        for total, stats in zip(inputs, part["inputs"]):
+            total["samples"] += stats["samples"]
+            total["rejected"] += stats["rejected"]
+    rejected = nodes.merge_skipped(parts)
+    for rank, row in duplicates:
+        inputs[int(row[1])]["samples"] -= 1
+        inputs[int(row[1])]["rejected"] += 1
+        if len(rejected["examples"]) < 20:
+            rejected["examples"].append({"source": f"{paths[int(row[1])]} (sample {row[5]} of node {rank})",
+                                         "reason": "duplicate_image",
+                                         "detail": "same image as an earlier sample of another node"})
+    if duplicates:
+        by_reason = dict(rejected["by_reason"])
+        by_reason["duplicate_image"] = by_reason.get("duplicate_image", 0) + len(duplicates)
+        rejected["by_reason"] = dict(sorted(by_reason.items()))
+        rejected["total"] = sum(by_reason.values())
+    manifest = {
+        "kind": KIND, "version": MANIFEST_VERSION, "created_by": PROG,
+        **{k: settings[k] for k in ("image_size", "resize_mode", "jpeg_quality", "min_image_size",
+                                    "max_caption_chars", "seed", "val_fraction", "test_fraction",
+                                    "samples_per_shard")},
+        "inputs": inputs,
+        "splits": nodes.merge_splits(directory, kept),
+        "rejected": rejected,
+        "tokenizer": settings["tokenizer"],
+        "num_nodes": len(parts),
+    }
+    if settings["tokenizer"] is not None and not (directory / settings["tokenizer"]["path"]).is_dir():
+        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
+    if not sum(s["samples"] for s in manifest["splits"].values()):
+        reasons = cli.reason_counts(rejected["by_reason"])
+        raise cli.UsageError("no usable image-text pairs in the inputs of any node"
+                             + (f" (rejected: {reasons})" if reasons else ""))
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
