@@ -210,7 +210,7 @@ class TrainingConfig(_Section):
     peak_tflops: float | None = Field(None, gt=0, description="the accelerator's dense peak TFLOPS per GPU for the run's "
                                       "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/flops.py by "
                                       "the CUDA device's name; none on a CPU, so mfu is null there)")
-    on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it) or stop the run")
+    on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it; with gradient accumulation under ZeRO-1/2/3 the whole optimizer step, checked once per step) or stop the run")
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches")
 
     @model_validator(mode="after")

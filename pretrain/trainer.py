@@ -261,31 +261,39 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _next_loss(self, step: int, micro: int) -> torch.Tensor:
+        """The loss of the stream's next micro-batch (not yet read back to the host)."""
+        waited = time.perf_counter()
+        raw = next(self.stream)
+        self._data_wait += time.perf_counter() - waited
+        self.hooks.on_batch(step, self.rank, raw.get("_ids"))
+        # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
+        batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
+        return self.hooks.on_loss(step, micro, self.rank, self.loss_fn(self.engine, batch))
+
+    def _read_sums(self, device_values: list[torch.Tensor]) -> list[float]:
+        """The step's one host read: the device values, then [stop requests, samples read, samples
+        skipped] from the host, each summed over ranks in one all-reduce."""
+        import torch.distributed as dist
+
+        read, skipped = self._data_counts()
+        host = torch.tensor([float(self._signal is not None), read, sum(skipped.values())], dtype=torch.float64)
+        sums = torch.cat([*device_values, host.to(self.device)])
+        dist.all_reduce(sums)
+        return sums.tolist()
+
     def _forward_finite(self, micro: int) -> tuple[torch.Tensor, list[float]]:
         """The loss of the next micro-batch whose loss is finite on every rank (the others are
         dropped by all ranks), and the sums over ranks of [loss, stop requests, samples read,
         samples skipped]. One host read per micro-batch: the finiteness of the loss must be known
         before its backward, so its flag travels with the loss value and the counters in one
         all-reduce, and nothing else in the step waits for the device."""
-        import torch.distributed as dist
-
         step = self.state.step + 1
         while True:
-            waited = time.perf_counter()
-            raw = next(self.stream)
-            self._data_wait += time.perf_counter() - waited
-            self.hooks.on_batch(step, self.rank, raw.get("_ids"))
-            # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
-            batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
-            loss = self.hooks.on_loss(step, micro, self.rank, self.loss_fn(self.engine, batch))
-            read, skipped = self._data_counts()
+            loss = self._next_loss(step, micro)
             value = loss.detach().double().reshape(1)
             finite = torch.isfinite(value)
-            host = torch.tensor([float(self._signal is not None), read, sum(skipped.values())], dtype=torch.float64)
-            sums = torch.cat([(~finite).double(), torch.where(finite, value, torch.zeros_like(value)),
-                              host.to(self.device)])
-            dist.all_reduce(sums)
-            bad_ranks, *totals = sums.tolist()
+            bad_ranks, *totals = self._read_sums([(~finite).double(), torch.where(finite, value, torch.zeros_like(value))])
             if bad_ranks == 0:
                 return loss, totals
             where = (f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
@@ -300,26 +308,73 @@ class Trainer:
             if self.is_main:
                 print(f"warning: {where}; skipped ({self.state.nonfinite_skips} so far)", flush=True)
 
+    def _accumulate_checked_each(self) -> tuple[float, list[float], int]:
+        """``gas`` micro-batches, each checked before its backward (a non-finite one is replaced by
+        the next): one host read per micro-batch. Used where nothing else would stop a non-finite
+        gradient from being applied (ZeRO-0), and at gas 1, where it is the step's only read anyway."""
+        total = 0.0
+        for micro in range(self.gas):
+            loss, (loss_sum, *counters) = self._forward_finite(micro)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss_sum
+        return total, counters, 0
+
+    def _accumulate_checked_once(self) -> tuple[float, list[float], int]:
+        """``gas`` micro-batches with one host read per optimizer step (on a GPU a read per
+        micro-batch would stall the host until the device drains, ``gas`` times a step). The losses'
+        finiteness is summed on the device; before the last backward every rank learns, through a
+        device-side all-reduce, whether any micro-batch of the step was non-finite anywhere, and if
+        so multiplies its last loss by NaN. Every rank's gradient is then non-finite, so the ZeRO
+        optimizer (which checks the gradient norm) refuses the update on every rank, whatever its
+        process groups: the step is skipped whole, weights, moments and LR schedule untouched.
+        Returns the loss sum over finite micro-batches and ranks, the counters, and how many
+        micro-batch losses were non-finite (summed over ranks)."""
+        import torch.distributed as dist
+
+        step = self.state.step + 1
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for micro in range(self.gas):
+            loss = self._next_loss(step, micro)
+            value = loss.detach().double().reshape(1)
+            finite = torch.isfinite(value)
+            bad += (~finite).double()
+            loss_sum += torch.where(finite, value, torch.zeros_like(value))
+            if micro == self.gas - 1:
+                anywhere = bad.clone()
+                dist.all_reduce(anywhere)  # stays on the device: nothing here waits for it
+                poison = torch.where(anywhere > 0, torch.full_like(anywhere, float("nan")), torch.ones_like(anywhere))
+                loss = loss * poison.to(loss.dtype).reshape(())
+            self.engine.backward(loss)
+            self.engine.step()
+        bad_total, total, *counters = self._read_sums([bad, loss_sum])
+        return total, counters, int(bad_total)
+
     def train_step(self, log: bool = True) -> dict[str, Any]:
         """One optimizer step: ``gas`` micro-batches through the engine. The gradient norm is read
         (a wait for the device) only when ``log`` is set or DeepSpeed refused the update."""
         self.engine.train()
         lr = self.engine.get_lr()[0]
-        total = 0.0
         refused_before = getattr(self.engine, "skipped_steps", 0)
-        for micro in range(self.gas):
-            loss, (loss_sum, stop, read, bad) = self._forward_finite(micro)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss_sum
+        if self.gas > 1 and self.run.zero_stage >= 1:
+            total, (stop, read, bad), nonfinite = self._accumulate_checked_once()
+        else:
+            total, (stop, read, bad), nonfinite = self._accumulate_checked_each()
+        refused = getattr(self.engine, "skipped_steps", 0) > refused_before
+        if nonfinite:  # raises, or counts the skipped step
+            self._nonfinite_gradient(refused, f"non-finite loss at step {self.state.step + 1} in {nonfinite} "
+                                     f"micro-batch(es) of {self.gas} x {self.world} rank(s)",
+                                     "the optimizer applied the step (is the DeepSpeed config's gradient overflow "
+                                     "check off?)")
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.run.tokens_per_sample
-        mean_loss = total / self.gas / self.world
-        self.state.train_losses.append(mean_loss)
-        refused = getattr(self.engine, "skipped_steps", 0) > refused_before
+        mean_loss = total / self.gas / self.world if not nonfinite else float("nan")
+        if not nonfinite:
+            self.state.train_losses.append(mean_loss)
         norm = None
-        if log or refused:
+        if (log or refused) and not nonfinite:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else None
         if norm is not None and not np.isfinite(norm):
@@ -341,14 +396,18 @@ class Trainer:
                 break
         return self._sum_over_ranks([0.0 if finite else 1.0])[0] == 0
 
-    def _nonfinite_gradient(self, refused: bool) -> None:
-        """A non-finite gradient norm. Where DeepSpeed's optimizer checks for it (ZeRO-1/2 in
-        fp32 and fp16) it refused the step and the weights are intact: that counts as a skipped
-        step under on_nonfinite=skip. Elsewhere the update has been applied and the run stops."""
+    def _nonfinite_gradient(self, refused: bool, where: str | None = None,
+                            applied: str = "the optimizer applied it") -> None:
+        """A step with a non-finite gradient (norm), or with non-finite losses that
+        ``_accumulate_checked_once`` turned into one. Where DeepSpeed's optimizer checks the norm
+        (ZeRO-1/2/3 in fp32, bf16 and fp16) it refused the step and the weights are intact: that
+        counts as a skipped step under on_nonfinite=skip. Elsewhere the update has been applied
+        and the run stops."""
         last = self.stream.micro_batches
-        where = f"non-finite gradient norm at step {self.state.step} (micro-batches {last - self.gas + 1}..{last} of the stream)"
+        where = where or f"non-finite gradient norm at step {self.state.step}"
+        where += f" (micro-batches {last - self.gas + 1}..{last} of the stream)"
         if not refused:
-            raise TrainingStopped(f"{where}: the optimizer applied it, so the weights are no longer usable; resume from "
+            raise TrainingStopped(f"{where}: {applied}, so the weights are no longer usable; resume from "
                                   "the last checkpoint (--resume auto) after finding the cause")
         tr = self.recipe.training
         self.state.nonfinite_skips = count_skip(self.state.nonfinite_skips, tr.on_nonfinite, tr.max_nonfinite_skips,

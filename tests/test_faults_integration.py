@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from data_pipelines.loader import Slot, TextShards, epoch_shards
-from tests.launch import REPO, metrics, module_cmd, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, run
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +70,28 @@ def _nan_grad_run(data, out, ds_config):
                check=False)
 
 
-def test_nan_gradients_the_optimizer_refused_count_as_a_skipped_step(prepared_stdlib, tmp_path):
-    """ZeRO-1/2 check the gradient norm and refuse the update: the weights are intact, so the
-    step is skipped (on_nonfinite: skip) and counted."""
-    p = _nan_grad_run(prepared_stdlib, tmp_path / "run", "ds_configs/zero2_fp32.json")
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_nan_gradients_and_a_nan_loss_under_accumulation_are_refused_on_every_rank(prepared_stdlib, tmp_path):
+    """ZeRO-2 on 2 ranks, 2 micro-batches a step, faults on rank 0 only: NaN gradients behind a
+    finite loss at step 3, a NaN loss at step 5 (checked once per step, on the device, so the
+    step is skipped whole). ZeRO checks the gradient norm and refuses both updates: the weights
+    are intact, each step is counted as skipped, the LR schedule waits, and training goes on."""
+    r = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
+    r["training"].update(micro_batch_size=4, gradient_accumulation_steps=2)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(r))
+    out = tmp_path / "run"
+    p = run(deepspeed_cmd(2, ["--nan-grad-at", "3", "--nan-loss-at", "5", "--", "--config", str(recipe), "--data",
+                              str(prepared_stdlib), "--output-dir", str(out), "--max-steps", "7", "--eval-every", "0",
+                              "--no-progress"], script=FAULTS))
     assert "non-finite gradient norm at step 3" in p.stdout and "the optimizer skipped the step" in p.stdout
-    train, evals = metrics(tmp_path / "run")
+    assert "non-finite loss at step 5 in 1 micro-batch(es) of 2 x 2 rank(s)" in p.stdout
+    train, evals = metrics(out)
+    assert [m["step"] for m in train] == list(range(1, 8))
     assert train[2]["grad_norm"] is None and train[2]["loss"] is not None, "a finite loss, a non-finite gradient"
-    assert train[-1]["nonfinite_skips"] == 1 and all(m["grad_norm"] is not None for m in train[3:])
+    assert train[4]["grad_norm"] is None and train[4]["loss"] is None, "the NaN loss is not averaged into the log"
+    assert train[-1]["nonfinite_skips"] == 2 and all(train[i]["grad_norm"] is not None for i in (3, 5, 6))
+    lr = [m["lr"] for m in train]
+    assert lr[1] < lr[2] == lr[3] < lr[4] == lr[5] < lr[6], "a refused step does not advance the schedule"
     assert evals[-1]["loss"] is not None
 
 

@@ -175,6 +175,74 @@ def test_on_nonfinite_stop_ends_the_run_at_the_first_nan(prepared_stdlib, tmp_pa
     assert trainer.state.step == 1
 
 
+class HostReads:
+    """Counts the reads of tensor values back to the host (``item``, ``tolist``, ``bool``,
+    ``float``, ``int``) made by the toolkit's own code, not by DeepSpeed's: on a GPU each one waits
+    for the device to drain."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        import sys
+
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        counter = self
+
+        def wrap(original):
+            def read(tensor, *args, **kwargs):
+                if f"{os.sep}pretrain{os.sep}" in sys._getframe(1).f_code.co_filename:
+                    counter.count += 1
+                return original(tensor, *args, **kwargs)
+            return read
+
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, wrap(original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_with_gradient_accumulation_a_step_reads_the_host_once_and_a_nan_loss_skips_it_whole(prepared_stdlib, tmp_path):
+    """gas 4 under ZeRO-2: one host read per optimizer step (not one per micro-batch). A NaN
+    loss in micro-batch 0 of step 2 makes the optimizer refuse step 2 on every rank: the weights
+    and the LR after it are those after step 1, all four micro-batches are consumed, and step 3
+    trains normally. With on_nonfinite=stop the run stops there instead."""
+    recipe = _recipe(tmp_path, micro_batch_size=2, gradient_accumulation_steps=4)
+    common = ["--config", recipe, "--data", str(prepared_stdlib), "--max-steps", "5", "--eval-every", "0",
+              "--checkpoint-every", "0"]
+    clean = _trainer([*common, "--output-dir", str(tmp_path / "clean")])
+    clean.train_step(log=False)
+    faulty = _trainer([*common, "--output-dir", str(tmp_path / "faulty")], FaultPlan(nan_loss_at=[2]))
+    with HostReads() as reads:
+        first = faulty.train_step(log=False)
+        assert reads.count == 1, "one host read for a step of 4 micro-batches"
+        second = faulty.train_step(log=False)
+        assert reads.count == 2
+    assert first["loss"] == pytest.approx(clean.state.train_losses[0], rel=1e-12) and second["loss"] != second["loss"]
+    assert faulty.state.nonfinite_skips == 1 and faulty.state.step == 2 and faulty.engine.skipped_steps == 1
+    assert faulty.stream.micro_batches == 8, "the skipped step's micro-batches are consumed, not replaced"
+    assert faulty.hooks.losses_seen == [(1, m) for m in range(4)] + [(2, m) for m in range(4)]
+    for (name, a), b in zip(clean.engine.module.state_dict().items(), faulty.engine.module.state_dict().values()):
+        assert torch.equal(a, b), f"{name} changed in the refused step"
+    assert faulty.engine.get_lr() == clean.engine.get_lr(), "the LR schedule did not advance"
+    third = faulty.train_step(log=True)
+    assert third["grad_norm"] is not None and third["grad_norm"] > 0 and third["loss"] == third["loss"]
+
+    stop = _trainer(["--config", _recipe(tmp_path, micro_batch_size=2, gradient_accumulation_steps=4,
+                                         on_nonfinite="stop"), *common[2:], "--output-dir", str(tmp_path / "stop")],
+                    FaultPlan(nan_loss_at=[2]))
+    stop.train_step(log=False)
+    with pytest.raises(TrainingStopped, match=r"non-finite loss at step 2 in 1 micro-batch\(es\) of 4 x 1 rank.*"
+                                              r"on_nonfinite is 'stop'"):
+        stop.train_step(log=False)
+    assert stop.state.step == 1 and stop.engine.skipped_steps == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     """About 200 train windows of 32 tokens: an epoch is some 25 steps of 8."""
