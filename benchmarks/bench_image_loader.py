@@ -12,8 +12,11 @@ captions, then:
             RGB + resize to --train-size (the baseline: no crop, no tensor, no captions)
   decode    the same read and decode without the resize: Pillow (``bare decode``) and the
             training loader's decoder (``TrainView.decode``: simplejpeg where installed)
-  loader_wN image_text_train_loader(num_workers=N): random resized crop + flip + normalise to a
-            float tensor + caption tokenisation, batched; images/s in total and per worker
+  loader_wN image_text_train_loader(num_workers=N) as the trainer uses it: random resized crop +
+            flip into a uint8 batch + caption tokenisation (the trainer normalises the uint8
+            pixels on its device, in the model); images/s in total and per worker
+  float     the same at the largest N with normalize=True: the batch normalised to float32 in
+            the loader (in the consuming process when N > 0), as the stream did before
 
 Rows run round-robin ``--repeats`` times; reported are medians and the median of per-repeat
 ratios against the baseline of the same repeat.
@@ -113,9 +116,10 @@ def view_decode(data: ImageTextShards, size: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int) -> tuple[float, int]:
+def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int,
+           normalize: bool = False) -> tuple[float, int]:
     it = image_text_train_loader(data, "train", batch, tokenizer, 32, size, seed=0, shuffle_buffer=256,
-                                 num_workers=workers)
+                                 num_workers=workers, normalize=normalize)
     next(it)  # worker start-up and buffer fill are not throughput
     start = time.perf_counter()
     n = 0
@@ -280,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
             per = rate / w
             rows.setdefault(f"loader workers={w} per worker", []).append(per)
             ratios.setdefault(f"loader workers={w} per worker", []).append(per / base)
+        w = max(args.workers)
+        wall, n = loader(data, tok, args.train_size, w, args.batch, data.num_samples("train"), normalize=True)
+        rows.setdefault(f"loader workers={w}, float32 out", []).append(n / wall)
+        ratios.setdefault(f"loader workers={w}, float32 out", []).append(n / wall / base)
         print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
 
-    print(f"{'row':<34}{'images/s':>12}{'vs baseline':>14}")
+    print(f"{'row':<38}{'images/s':>12}{'vs baseline':>14}")
     for name, values in rows.items():
-        print(f"{name:<34}{statistics.median(values):>12,.0f}{statistics.median(ratios[name]):>13.2f}x")
+        print(f"{name:<38}{statistics.median(values):>12,.0f}{statistics.median(ratios[name]):>13.2f}x")
     print("baseline: 'prepare workers=1' for the prepare rows, 'bare decode+resize' for the loader rows")
     stages: dict[str, dict[str, float]] = {}
     if args.stage_images:

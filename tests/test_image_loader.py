@@ -346,3 +346,39 @@ def test_a_dataloader_worker_builds_the_same_batches_as_the_main_process(tmp_pat
     for a, b in zip(run(0), run(1)):
         assert a["pixel_values"].dtype == b["pixel_values"].dtype == torch.float32
         assert all(torch.equal(a[k], b[k]) for k in a if k != "_stats")
+
+
+def test_a_uint8_stream_normalised_on_the_device_gives_the_same_pixels_and_clip_loss(tmp_path: Path, tokenizer) -> None:
+    """normalize=False (what the trainer asks for): batches keep uint8 pixels, in a worker too,
+    and `normalize_batch` of them (what the CLIP model does on its device) is exactly the float
+    stream's batch; the model's loss on either is the same."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from data_pipelines.image.transforms import normalize_batch
+    from pretrain.models.clip import ContrastiveCLIP
+
+    data, _ = make_gradient_dataset(tmp_path, 8, png=set(), truncated=set())
+
+    def run(workers: int, normalize: bool) -> list[dict]:
+        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=3,
+                                                             shuffle_buffer=4, num_workers=workers,
+                                                             normalize=normalize), 3))
+
+    floats = run(0, True)
+    for workers in (0, 1):
+        for a, b in zip(floats, run(workers, False)):
+            assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape == (4, 3, 32, 32)
+            assert torch.equal(normalize_batch(b["pixel_values"]), a["pixel_values"])
+            assert torch.equal(a["input_ids"], b["input_ids"])
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"vocab_size": tokenizer.vocab_size + 8, "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                                     "max_position_embeddings": CTX},
+                        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=16)
+    model = ContrastiveCLIP(CLIPModel(config)).eval()
+    uint8 = run(0, False)[0]
+    with torch.no_grad():
+        losses = [model(pixel_values=b["pixel_values"], input_ids=b["input_ids"],
+                        attention_mask=b["attention_mask"]) for b in (floats[0], uint8)]
+    assert torch.equal(losses[0], losses[1])

@@ -338,11 +338,12 @@ class TrainView:
 def normalize_batch(pixels: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std per channel, as `to_tensor_normalized`
-    per image (to within 1e-6), in one conversion, one multiply and one add over the whole batch;
-    into `out` (float32, same shape) when given."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+    per image (to within 1e-6), in one conversion, one multiply and one add over the whole batch,
+    on the device the pixels are on; into `out` (float32, same shape) when given."""
+    device = pixels.device
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device).view(1, -1, 1, 1)
     if out is None:
-        out = torch.empty(pixels.shape, dtype=torch.float32)
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=device)
     # copy_ then float ops: torch.mul(uint8, float32) promotes element by element, 3x slower.
     return out.copy_(pixels).mul_(scale).add_(bias)

@@ -106,7 +106,8 @@ def contrastive_row_losses(image: torch.Tensor, text: torch.Tensor, scale: torch
 class ContrastiveCLIP(torch.nn.Module):
     """A transformers CLIPModel (``.clip``) whose forward is the training loss.
 
-    ``forward(pixel_values, input_ids, attention_mask)`` returns the mean contrastive loss;
+    ``forward(pixel_values, input_ids, attention_mask)`` returns the mean contrastive loss
+    (``pixel_values`` normalised float, or the training stream's uint8, normalised on the device);
     with ``weight`` it returns a dict with the weighted loss sum and count and the embeddings;
     with only ``input_ids`` (and ``attention_mask``) the text embeddings. Everything goes
     through forward so that DeepSpeed's engine (ZeRO-3's parameter gathering) sees every call.
@@ -127,6 +128,10 @@ class ContrastiveCLIP(torch.nn.Module):
         return self.clip.config
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype == torch.uint8:  # the training stream's pixels, normalised here on the device
+            from data_pipelines.image.transforms import normalize_batch
+
+            pixel_values = normalize_batch(pixel_values)
         # The engine does not cast inputs: match the tower's dtype (bf16 under bf16 training).
         dtype = self.clip.visual_projection.weight.dtype
         pooled = self.clip.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
@@ -328,7 +333,8 @@ def train_stream(run: RunData, req: StreamRequest) -> "TrainStream":
     return image_text_train_loader(run.data, d.train_split, req.micro_batch_size, _tokenizer(run.tokenizer_dir),
                                    context_length(config), image_size(config), req.rank, req.world,
                                    num_workers=d.num_workers, seed=req.seed, shuffle_buffer=d.shuffle_buffer,
-                                   augment=d.augment, flip=d.flip, resampled=d.resampled, trace=req.sample_ids)
+                                   augment=d.augment, flip=d.flip, resampled=d.resampled, trace=req.sample_ids,
+                                   normalize=False)  # uint8 to the device; encode_image normalises there
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
