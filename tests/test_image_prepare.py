@@ -235,8 +235,9 @@ def test_worker_count_does_not_change_the_output(tmp_path: Path) -> None:
 
 
 def test_workers_train_the_same_caption_tokenizer_with_its_imports_overlapped(tmp_path: Path) -> None:
-    """With --workers 2 the parent imports the tokenizer classes on a thread while the workers
-    decode; the tokenizer it then trains, saves and names in the manifest is the one --workers 1 makes."""
+    """With --workers 2 the parent imports the shard writer and the tokenizer classes on a thread
+    while the workers decode; the shards and the tokenizer it then trains, saves and names in the
+    manifest are the ones --workers 1 makes."""
     import threading
 
     from data_pipelines.image import prepare
@@ -247,23 +248,22 @@ def test_workers_train_the_same_caption_tokenizer_with_its_imports_overlapped(tm
         noise(40, 40, 300 + i).save(src / f"{i:03d}.jpg")
         (src / f"{i:03d}.txt").write_text(f"a caption about picture {i} of many")
     started = []
-    original = prepare._warm_up_tokenizer
+    original = prepare._BackgroundImports.start
 
-    def spy(config):
-        start = original(config)
-        started.append(start is not None)
-        return start
+    def spy(self):
+        started.append([step.__name__ for step in self.steps])
+        return original(self)
 
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(prepare, "_warm_up_tokenizer", spy)
+            mp.setattr(prepare._BackgroundImports, "start", spy)
             args = [str(src), "--output", str(out), "--workers", str(workers), "--vocab-size", "300", *FAST]
             assert main(args) == 0
         outputs.append(out)
-    assert started == [False, True], "the warm-up runs only beside worker processes"
-    assert not [t for t in threading.enumerate() if t.name == "import-tokenizer"], "the thread has finished"
+    assert started == [["import_shard_writer", "_import_tokenizer_class"]], "only beside worker processes"
+    assert not [t for t in threading.enumerate() if t.name == "background-imports"], "the thread has finished"
     m1, m2 = read_manifest(outputs[0]), read_manifest(outputs[1])
     assert m1["tokenizer"] == m2["tokenizer"] and m1["tokenizer"]["trained"]
     for name in ("tokenizer/tokenizer.json", "train/shard-000000.tar"):

@@ -31,12 +31,10 @@ import sys
 import tarfile
 import tempfile
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
 
-import webdataset as wds
 from PIL import Image, ImageOps
 
 from data_pipelines import cli, nodes
@@ -51,13 +49,14 @@ from data_pipelines.image.sources import (
     iter_items,
     resolve_image_inputs,
 )
-from data_pipelines.image.transforms import center_crop
+from data_pipelines.image.geometry import center_crop
 from data_pipelines.manifest import write_sizes
 from data_pipelines.nodes import node_shard_pattern, node_tag
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
 from data_pipelines.text.tokenizer import TokenizerError, train_bpe_tokenizer
+from data_pipelines.workers import import_shard_writer, in_background, ordered_map
 
 PROG = "prepare-image-text"
 KIND = "image-text"
@@ -294,14 +293,20 @@ def _task(chunk: list[_Entry], opts: ImageOptions) -> tuple[ImageOptions, list[t
     return opts, [(e.record.data, e.record.path) for e in chunk if e.reason is None]  # type: ignore[union-attr]
 
 
+def _chunk_bytes(chunk: list[_Entry]) -> int:
+    """The image bytes a chunk carries to its worker (files read there count as nothing: what
+    waits in memory for them is their small result)."""
+    return sum(len(e.record.data) for e in chunk if e.reason is None and e.record.data is not None)  # type: ignore[union-attr]
+
+
 def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
                on_pool: Callable[[], Any] | None = None) -> Iterator[tuple[_Entry, Processed | None]]:
     """(entry, result) in input order; result is None for entries rejected up front.
 
-    With workers > 1 at most 4 chunks per worker are in flight (Pool.imap would read the whole
-    input ahead into memory), and results are consumed in submission order, so the output is
-    identical for any worker count. `on_pool` is called once the worker processes exist (after
-    the fork), to start work in the parent that overlaps theirs.
+    With workers > 1 the chunks go through `ordered_map` (a bounded window, results in
+    submission order), so the output is identical for any worker count. `on_pool` is called
+    once the worker processes exist (after the fork), to start work in the parent that
+    overlaps theirs.
     """
 
     def pair(chunk: list[_Entry], results: list[Processed]) -> Iterator[tuple[_Entry, Processed | None]]:
@@ -314,40 +319,13 @@ def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
         for chunk in chunks:
             yield from pair(chunk, _process_chunk(_task(chunk, opts)))
         return
-
-    import multiprocessing
-
-    with multiprocessing.Pool(workers) as pool:
-        if on_pool is not None:
-            on_pool()
-        pending: deque[tuple[list[_Entry], Any]] = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_process_chunk, (_task(chunk, opts),))))
-            if len(pending) >= 4 * workers:
-                done, result = pending.popleft()
-                yield from pair(done, result.get())
-        while pending:
-            done, result = pending.popleft()
-            yield from pair(done, result.get())
+    tasks = ((chunk, _task(chunk, opts), _chunk_bytes(chunk)) for chunk in chunks)
+    for chunk, results in ordered_map(_process_chunk, tasks, workers, on_start=on_pool):
+        yield from pair(chunk, results)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-class _NodeShardWriter(RecordingShardWriter):
-    """A RecordingShardWriter writing one node's file names (`shard-rIIIII-NNNNNN.tar`)."""
-
-    def __init__(self, directory: Path, samples_per_shard: int, pattern: str) -> None:
-        super().__init__(directory, samples_per_shard)
-        self.pattern = pattern
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None:  # as the base class opens it, under this node's file names
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._writer = wds.ShardWriter(str(self.directory / self.pattern), maxcount=self.samples_per_shard,
-                                           maxsize=float("inf"), post=self._on_shard_closed, verbose=0, mtime=0)
-        super().write(sample)
 
 
 @dataclass
@@ -365,7 +343,7 @@ class SplitWriters:
             self.writers = {s: RecordingShardWriter(self.output / s, self.samples_per_shard) for s in SPLITS}
         else:
             pattern = node_shard_pattern(self.node_rank)
-            self.writers = {s: _NodeShardWriter(self.output / s, self.samples_per_shard, pattern) for s in SPLITS}
+            self.writers = {s: RecordingShardWriter(self.output / s, self.samples_per_shard, pattern) for s in SPLITS}
 
     def key(self, split: str) -> str:
         """The key the next sample of `split` gets."""
@@ -392,23 +370,32 @@ class SplitWriters:
         return {split: cli.shards_manifest(w, self.output) for split, w in self.writers.items()}
 
 
-def _import_tokenizer_classes() -> None:
-    """Import what training, saving and reloading the caption tokenizer need: ~0.7 s of
-    transformers imports (PreTrainedTokenizerFast, then AutoTokenizer's model registry)."""
-    try:
-        import transformers
-        transformers.PreTrainedTokenizerFast, transformers.AutoTokenizer  # lazy attributes: touching them imports
-    except Exception:  # noqa: BLE001 - the tokenizer step itself reports a real problem
-        pass
+def _import_tokenizer_class() -> None:
+    """Import what training, saving and reloading the caption tokenizer need (~0.5 s of
+    transformers imports)."""
+    import transformers
+
+    transformers.PreTrainedTokenizerFast  # a lazy attribute: touching it imports  # noqa: B018
 
 
-def _warm_up_tokenizer(config: PrepareImageConfig) -> threading.Thread | None:
-    """With workers, the parent mostly waits for them: a thread (started once they are forked)
-    to do the tokenizer step's imports meanwhile, instead of serially after the last image.
-    None without workers or without a tokenizer to train (an external one is loaded up front)."""
-    if config.workers <= 1 or config.vocab_size is None or config.tokenizer is not None:
-        return None
-    return threading.Thread(target=_import_tokenizer_classes, name="import-tokenizer", daemon=True)
+class _BackgroundImports:
+    """With workers the parent mostly waits for them: once they are forked (`start`), a thread
+    imports what the parent needs later, instead of serially when it first needs it: the shard
+    writer's webdataset and torch (~1 s, first shard write) and, when a caption tokenizer is
+    trained, its transformers classes (after the last image)."""
+
+    def __init__(self, config: PrepareImageConfig) -> None:
+        self.steps: list[Callable[[], None]] = [import_shard_writer]
+        if config.vocab_size is not None and config.tokenizer is None:  # an external one is loaded up front
+            self.steps.append(_import_tokenizer_class)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = in_background(*self.steps)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()  # imports are thread-safe anyway; this just leaves no thread behind
 
 
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
@@ -419,11 +406,11 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
     entries = _entries(specs, config)
-    warm_up = _warm_up_tokenizer(config)
+    imports = _BackgroundImports(config)
     with console.bar(unit="img", desc="images") as bar:
         try:
             for entry, result in _processed(entries, config.image_options, config.workers,
-                                            on_pool=None if warm_up is None else warm_up.start):
+                                            on_pool=imports.start):
                 record = entry.record
                 count = record.count if isinstance(record, Skip) else 1
                 bar.update(count)
@@ -451,8 +438,7 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
                 bar.set_postfix_str(f"kept={writers.total():,} rejected={report.skipped_total:,}", refresh=False)
         finally:
             writers.close()
-    if warm_up is not None and warm_up.ident is not None:
-        warm_up.join()  # imports are thread-safe anyway; this just leaves no thread behind
+    imports.join()
     return writers
 
 

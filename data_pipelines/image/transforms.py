@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data_pipelines.image.geometry import RESAMPLE, Box, _square, center_box, center_crop  # noqa: F401 - re-exported
+
 try:  # libjpeg-turbo without Pillow's per-image overhead; Pillow decodes when it is missing
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -38,8 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-RESAMPLE = Image.Resampling.BICUBIC
-
 
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes fully into an RGB image; raises on corrupt or truncated data."""
@@ -48,33 +48,6 @@ def decode_rgb(data: bytes) -> Image.Image:
     # later in a transform, where the error would name no sample.
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _square(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-Box = tuple[float, float, float, float]  # left, top, right, bottom
-
-
-def center_box(width: int, height: int, size: int | tuple[int, int]) -> Box:
-    """The centre region of a width x height image that scales to cover `size` (width, height)."""
-    out_w, out_h = _square(size)
-    scale = max(out_w / width, out_h / height)
-    # min(): out / (out / w) can come back a hair above w in floating point, and Pillow refuses a
-    # box that starts before the image (a 49x50 image to 32 px did).
-    crop_w, crop_h = min(out_w / scale, width), min(out_h / scale, height)
-    left, top = (width - crop_w) / 2, (height - crop_h) / 2
-    return left, top, left + crop_w, top + crop_h
-
-
-def center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
-    """Scale so the image covers `size` (width, height), then cut out the centre.
-
-    Crops in source coordinates and resizes once (`resize(box=...)`), which is both faster
-    and sharper than resizing the whole image and cropping afterwards.
-    """
-    return img.resize(_square(size), RESAMPLE, box=center_box(*img.size, size))
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float] = (0.5, 1.0),

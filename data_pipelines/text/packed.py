@@ -11,14 +11,17 @@ A batch of such windows carries, beside ``input_ids`` and ``labels`` (-100 where
 is not trained on, or belongs to another conversation), ``position_ids`` that restart at 0 in
 each conversation and ``segment_ids``, from which the model builds a block-diagonal causal
 attention mask (`pretrain.models.packed_attention`). Pure numpy / torch: the loader and
-prepare-text both import it.
+prepare-text both import it, and only the batch functions import torch (prepare-text never
+needs it, and importing it costs ~1 s of every run).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from data_pipelines.members import npy_member
 
@@ -140,6 +143,8 @@ def packed_batch(windows: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
     """0, 1, ... restarting where the segment id changes (each conversation starts at position 0)."""
+    import torch
+
     index = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]

@@ -17,6 +17,7 @@ import itertools
 import sys
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, TextIO
@@ -35,6 +36,7 @@ from data_pipelines.text.packed import ConversationPacker, window_sample
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
 from data_pipelines.text.tokenizer import TokenizerError, encode_batches, token_dtype, train_bpe_tokenizer
+from data_pipelines.workers import import_shard_writer, in_background
 
 PROG = "prepare-text"
 FORMATS = ("auto", "text", "chat")
@@ -217,9 +219,7 @@ class WindowShardWriter:
         if self._layout is None and self._fallback is None:
             self._layout = _MemberLayout.matching_reference(self.key_prefix, windows[0])
             if self._layout is None:
-                # RecordingShardWriter names files SHARD_PATTERN: another pattern is applied on close.
-                folder = self.directory if self.pattern == SHARD_PATTERN else self.directory / f".{self.key_prefix}"
-                self._fallback = RecordingShardWriter(folder, self.samples_per_shard)
+                self._fallback = RecordingShardWriter(self.directory, self.samples_per_shard, self.pattern)
         if self._fallback is not None:
             for window in windows:
                 self._fallback.write({"__key__": self._key(self._fallback.samples), "tokens.npy": window})
@@ -259,13 +259,9 @@ class WindowShardWriter:
             self._file = None
 
     def close(self) -> None:
-        if self._fallback is not None and self._fallback.directory.is_dir():
+        if self._fallback is not None:
             self._fallback.close()
             self.shards, self.shard_samples = list(self._fallback.shards), list(self._fallback.shard_samples)
-            if self.pattern != SHARD_PATTERN:  # from the scratch folder to this writer's own names
-                for i, shard in enumerate(self.shards):
-                    self.shards[i] = shard.replace(self.directory / (self.pattern % i))
-                self._fallback.directory.rmdir()
         self._close_shard()
 
 
@@ -422,10 +418,15 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
               if b % config.num_nodes == config.node_rank]
     tokens = 0
     current = None
+    # With workers, the first shard write's import of webdataset (and torch, ~1 s) runs on a
+    # thread once they are forked, overlapping their work.
+    imports: list[threading.Thread] = []
     with console.bar(unit="doc", desc="tokenizing") as bar:
         try:
             batches = _block_batches(config, specs, blocks, report, warn)
-            for (block, splits), ids, lengths in encode_batches(batches, tokenizer, config.workers):
+            encoded = encode_batches(batches, tokenizer, config.workers,
+                                     on_start=lambda: imports.append(in_background(import_shard_writer)))
+            for (block, splits), ids, lengths in encoded:
                 if block != current:
                     if current is not None:
                         for out in outputs:
@@ -445,6 +446,8 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
         finally:
             for out in outputs:
                 out.writer.close()
+            for thread in imports:
+                thread.join()
     for out in outputs:
         out.finish_block()
     return dict(zip(SPLITS, outputs))

@@ -7,11 +7,10 @@ worker processes, so what the trainer later loads is exactly what produced the s
 from __future__ import annotations
 
 import itertools
+import json
 import os
-from collections import deque
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -37,14 +36,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load a local Hugging Face tokenizer directory; it must define an eos token."""
-    from transformers import AutoTokenizer
-
     directory = Path(path)
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory not found: {directory}")
     try:
         # local_files_only: a typo must not turn into a download attempt of a hub repo id.
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = _tokenizer_class(directory).from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TokenizerError(f"cannot load a tokenizer from {directory}: {exc}") from None
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
@@ -52,6 +49,30 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
             f"tokenizer at {directory} has no eos token; documents are separated by it when packing"
         )
     return tokenizer
+
+
+# The class names under which transformers saves a plain fast tokenizer (ours included): 4.x
+# and 5.x respectively. AutoTokenizer would resolve either to PreTrainedTokenizerFast.
+_PLAIN_FAST_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+
+
+def _tokenizer_class(directory: Path) -> Any:
+    """PreTrainedTokenizerFast for a directory whose tokenizer_config.json names a plain fast
+    tokenizer, else AutoTokenizer. The result is the same class either way; the difference is
+    that AutoTokenizer imports transformers' model-configuration code and with it torch, ~1 s
+    of every data command that never uses torch."""
+    try:
+        with open(directory / "tokenizer_config.json", encoding="utf-8") as f:
+            name = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None  # AutoTokenizer reports a missing or broken config itself
+    if name in _PLAIN_FAST_CLASSES and (directory / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def train_bpe_tokenizer(
@@ -198,15 +219,16 @@ def encode_batches(
     batches: Iterable[tuple[T, Sequence[str]]],
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str],
     workers: int = 1,
+    on_start: Callable[[], Any] | None = None,
 ) -> Iterator[tuple[T, np.ndarray, np.ndarray]]:
     """Encode (tag, texts) batches in order, in `workers` processes: yield (tag, ids, lengths)
     per batch, ids being the batch's token ids end to end and lengths each text's count.
 
     `tokenizer`: a loaded tokenizer, or the directory to load it from. Worker processes get
     it from this process (inherited under fork, pickled otherwise), never load it again.
-    Results come back in input order whatever `workers` is, so the output is identical.
-    At most 4 batches per worker are in flight: Pool.imap would read the whole input
-    iterator ahead into memory, which a large corpus cannot afford.
+    Results come back in input order whatever `workers` is, so the output is identical;
+    a bounded window of batches is in flight (`ordered_map`), never the whole input.
+    `on_start` is called once the worker processes exist (with workers > 1 only).
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
@@ -216,20 +238,16 @@ def encode_batches(
             yield (tag, *encoder(texts))
         return
 
-    import multiprocessing
+    from data_pipelines.workers import ordered_map
 
     # The parent may have used the Rust thread pool (training); forked children must not.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
-            pending: deque[AsyncResult] = deque()
-            for batch in batches:
-                pending.append(pool.apply_async(_encode_batch, (batch,)))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+        tasks = ((None, batch, sum(map(len, batch[1]))) for batch in batches)
+        for _, result in ordered_map(_encode_batch, tasks, workers, initializer=_init_worker, initargs=(encoder,),
+                                     on_start=on_start):
+            yield result
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
