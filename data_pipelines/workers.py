@@ -3,10 +3,12 @@
 Both prepare commands send tasks (a batch of texts, a chunk of images) to a process pool and
 consume the results in input order, so their output is the same for any worker count.
 `Pool.imap` would read the whole input ahead into memory; this keeps a window in flight
-instead, large enough that the workers never wait on the parent for long: at least a few
-tasks per worker, and more while their input is small. The parent does stall now and then
-(the first shard write imports webdataset, and with it torch: about a second), and a window
-of a few small tasks would leave the workers idle for most of it.
+instead: at least a few tasks per worker, and more while their input is small, meant to
+keep the workers busy while the parent stalls (the first shard write imports webdataset, and
+with it torch: about a second). On the 2-core VM this, with the import moved onto a thread
+(`BackgroundImports`), did not change the 2-worker / 1-worker ratio of either prepare command
+beyond noise (benchmarks/README.md): there the parent's import competes with the workers for
+the same two cores.
 """
 
 from __future__ import annotations
@@ -58,20 +60,28 @@ def import_shard_writer() -> None:
     del webdataset  # imported for its side effect: loaded for the first write
 
 
-def in_background(*steps: Callable[[], Any]) -> threading.Thread:
-    """Run `steps` (imports, typically) in order on a started daemon thread, for a parent whose
-    workers are already forked: the work then overlaps theirs instead of delaying the parent's
-    next use of it. Never before a fork: a child forked while another thread holds an import
-    lock can deadlock on its first import. A step that fails is left for the parent's own use
-    of it to report."""
+class BackgroundImports:
+    """`steps` (imports, typically) run in order on a daemon thread from `start`, which a parent
+    calls once its workers are forked, so that the work overlaps theirs instead of delaying the
+    parent's next use of it. Never before a fork: a child forked while another thread holds an
+    import lock can deadlock on its first import. A step that fails is left for the parent's
+    own use of it to report. `join` leaves no thread behind (a no-op if never started)."""
 
-    def run() -> None:
-        for step in steps:
+    def __init__(self, *steps: Callable[[], Any]) -> None:
+        self.steps = list(steps)
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        for step in self.steps:
             try:
                 step()
             except Exception:  # noqa: BLE001 - see the docstring
                 pass
 
-    thread = threading.Thread(target=run, name="background-imports", daemon=True)
-    thread.start()
-    return thread
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="background-imports", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()

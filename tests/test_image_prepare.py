@@ -240,15 +240,15 @@ def test_workers_train_the_same_caption_tokenizer_with_its_imports_overlapped(tm
     manifest are the ones --workers 1 makes."""
     import threading
 
-    from data_pipelines.image import prepare
-
     src = tmp_path / "src"
     src.mkdir()
     for i in range(40):
         noise(40, 40, 300 + i).save(src / f"{i:03d}.jpg")
         (src / f"{i:03d}.txt").write_text(f"a caption about picture {i} of many")
+    from data_pipelines.workers import BackgroundImports
+
     started = []
-    original = prepare._BackgroundImports.start
+    original = BackgroundImports.start
 
     def spy(self):
         started.append([step.__name__ for step in self.steps])
@@ -258,7 +258,7 @@ def test_workers_train_the_same_caption_tokenizer_with_its_imports_overlapped(tm
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(prepare._BackgroundImports, "start", spy)
+            mp.setattr(BackgroundImports, "start", spy)
             args = [str(src), "--output", str(out), "--workers", str(workers), "--vocab-size", "300", *FAST]
             assert main(args) == 0
         outputs.append(out)

@@ -30,7 +30,6 @@ import os
 import sys
 import tarfile
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
@@ -56,7 +55,7 @@ from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
 from data_pipelines.text.tokenizer import TokenizerError, train_bpe_tokenizer
-from data_pipelines.workers import import_shard_writer, in_background, ordered_map
+from data_pipelines.workers import BackgroundImports, import_shard_writer, ordered_map
 
 PROG = "prepare-image-text"
 KIND = "image-text"
@@ -378,24 +377,15 @@ def _import_tokenizer_class() -> None:
     transformers.PreTrainedTokenizerFast  # a lazy attribute: touching it imports  # noqa: B018
 
 
-class _BackgroundImports:
-    """With workers the parent mostly waits for them: once they are forked (`start`), a thread
-    imports what the parent needs later, instead of serially when it first needs it: the shard
-    writer's webdataset and torch (~1 s, first shard write) and, when a caption tokenizer is
-    trained, its transformers classes (after the last image)."""
-
-    def __init__(self, config: PrepareImageConfig) -> None:
-        self.steps: list[Callable[[], None]] = [import_shard_writer]
-        if config.vocab_size is not None and config.tokenizer is None:  # an external one is loaded up front
-            self.steps.append(_import_tokenizer_class)
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = in_background(*self.steps)
-
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()  # imports are thread-safe anyway; this just leaves no thread behind
+def _background_imports(config: PrepareImageConfig) -> BackgroundImports:
+    """With workers the parent mostly waits for them: once they are forked, a thread imports what
+    the parent needs later, instead of serially when it first needs it: the shard writer's
+    webdataset and torch (~1 s, first shard write) and, when a caption tokenizer is trained, its
+    transformers classes (after the last image)."""
+    steps: list[Callable[[], None]] = [import_shard_writer]
+    if config.vocab_size is not None and config.tokenizer is None:  # an external one is loaded up front
+        steps.append(_import_tokenizer_class)
+    return BackgroundImports(*steps)
 
 
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
@@ -406,7 +396,7 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
     entries = _entries(specs, config)
-    imports = _BackgroundImports(config)
+    imports = _background_imports(config)
     with console.bar(unit="img", desc="images") as bar:
         try:
             for entry, result in _processed(entries, config.image_options, config.workers,

@@ -17,7 +17,6 @@ import itertools
 import sys
 import tarfile
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, TextIO
@@ -36,7 +35,7 @@ from data_pipelines.text.packed import ConversationPacker, window_sample
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
 from data_pipelines.text.tokenizer import TokenizerError, encode_batches, token_dtype, train_bpe_tokenizer
-from data_pipelines.workers import import_shard_writer, in_background
+from data_pipelines.workers import BackgroundImports, import_shard_writer
 
 PROG = "prepare-text"
 FORMATS = ("auto", "text", "chat")
@@ -420,12 +419,12 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
     current = None
     # With workers, the first shard write's import of webdataset (and torch, ~1 s) runs on a
     # thread once they are forked, overlapping their work.
-    imports: list[threading.Thread] = []
+    imports = BackgroundImports(import_shard_writer)
     with console.bar(unit="doc", desc="tokenizing") as bar:
         try:
             batches = _block_batches(config, specs, blocks, report, warn)
             encoded = encode_batches(batches, tokenizer, config.workers,
-                                     on_start=lambda: imports.append(in_background(import_shard_writer)))
+                                     on_start=imports.start)
             for (block, splits), ids, lengths in encoded:
                 if block != current:
                     if current is not None:
@@ -446,8 +445,7 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
         finally:
             for out in outputs:
                 out.writer.close()
-            for thread in imports:
-                thread.join()
+            imports.join()
     for out in outputs:
         out.finish_block()
     return dict(zip(SPLITS, outputs))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
+from data_pipelines.image.transforms import normalize_batch
 from pretrain.config import ModelConfig, Recipe, VisionConfig
 from pretrain.flops import clip_forward_flops, total_flops_from_samples
 from pretrain.models.gpt import round_up
@@ -129,8 +130,6 @@ class ContrastiveCLIP(torch.nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dtype == torch.uint8:  # the training stream's pixels, normalised here on the device
-            from data_pipelines.image.transforms import normalize_batch
-
             pixel_values = normalize_batch(pixel_values)
         # The engine does not cast inputs: match the tower's dtype (bf16 under bf16 training).
         dtype = self.clip.visual_projection.weight.dtype
