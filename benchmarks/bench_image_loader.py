@@ -172,7 +172,8 @@ def prepare_stages(src: Path, count: int) -> dict[str, float]:
     """CPU ms per image of process_image's stages, the same calls in the same order."""
     import hashlib
 
-    from data_pipelines.image.prepare import ImageOptions, _rgb, center_crop, process_image
+    from data_pipelines.image.geometry import center_crop
+    from data_pipelines.image.process import ImageOptions, _rgb, process_image
 
     paths = sorted(src.glob("*.jpg"))[:count]
     opts = ImageOptions(image_size=256)

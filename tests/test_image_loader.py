@@ -299,7 +299,7 @@ def test_train_stream_takes_the_crops_the_pillow_transform_takes(tmp_path: Path,
     import random
 
     from data_pipelines.image.transforms import decode_rgb, train_transform
-    from data_pipelines.loader import _seed
+    from data_pipelines.loader import stable_seed as _seed
 
     data, raw = make_gradient_dataset(tmp_path, 10, png={3}, truncated={6}, size=(200, 160))
     ds = ImageTextTrainStream(data, "train", 3, tokenizer, CTX, 24, seed=5, shuffle_buffer=0, trace=True)

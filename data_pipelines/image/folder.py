@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from data_pipelines.image.transforms import TrainView, normalize_batch
-from data_pipelines.loader import SkipLog, _seed
+from data_pipelines.loader import SkipLog, stable_seed
 from data_pipelines.splits import split_hash
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ class ImageFolder:
         self.val_fraction, self.seed = val_fraction, seed
         split_dirs = [d for d in SPLIT_DIRS if (self.root / d).is_dir()]
         # ROOT/train/<class>/... is the split layout unless "train" is itself a class of images
-        self.split_layout = bool(split_dirs) and not any(_is_image(p) for d in split_dirs for p in (self.root / d).iterdir())
+        self.split_layout = bool(split_dirs) and not any(_is_image(p) for d in split_dirs
+                                                         for p in (self.root / d).iterdir())
         tops = [self.root / d for d in split_dirs] if self.split_layout else [self.root]
         self.folders = sorted({d.name for top in tops for d in _class_dirs(top)})
         if not self.folders:
@@ -173,7 +174,8 @@ class ImageFolder:
     def _scan(self, split: str) -> list[tuple[str, int]]:
         label = {f: i for i, f in enumerate(self.folders)}
         if self.split_layout:
-            tops = [self.root / d for d in SPLIT_DIRS if (self.root / d).is_dir()] if split == "all" else [self.root / split]
+            tops = ([self.root / d for d in SPLIT_DIRS if (self.root / d).is_dir()] if split == "all"
+                    else [self.root / split])
         else:
             tops = [self.root]
         out = []
@@ -205,7 +207,8 @@ class _Images(torch.utils.data.Dataset):
         path, label = self.files[index]
         try:
             with open(path, "rb") as f:
-                pixels = self.view(self.view.decode(f.read()), random.Random(_seed(self.seed, "augment", position)))
+                pixels = self.view(self.view.decode(f.read()),
+                                   random.Random(stable_seed(self.seed, "augment", position)))
         except Exception as exc:  # noqa: BLE001 - a bad file is bad data, never a reason to stop
             self.skips.add("undecodable", f"{path}: {type(exc).__name__}: {exc}")
             return None, label, position
@@ -241,7 +244,7 @@ class _Order:
         epoch = position // self.n
         if epoch != self._epoch:
             self._perm = list(range(self.n))
-            random.Random(_seed(self.seed, "epoch", epoch)).shuffle(self._perm)
+            random.Random(stable_seed(self.seed, "epoch", epoch)).shuffle(self._perm)
             self._epoch = epoch
         return self._perm[position % self.n]
 
@@ -257,7 +260,7 @@ class ClassCaptions:
     def __call__(self, labels: Sequence[int], positions: Sequence[int]) -> dict[str, torch.Tensor]:
         from data_pipelines.image.loader import tokenize_captions
 
-        texts = [self.templates[random.Random(_seed(self.seed, "caption", p)).randrange(len(self.templates))]
+        texts = [self.templates[random.Random(stable_seed(self.seed, "caption", p)).randrange(len(self.templates))]
                  .format(self.names[y]) for y, p in zip(labels, positions)]
         return tokenize_captions(self.tokenizer, texts, self.context_length)
 
@@ -326,8 +329,9 @@ class FolderTrainStream:
     def _start(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return (_collate([self.images[i] for i in positions], self.images) for positions in self._batches())
-        return iter(torch.utils.data.DataLoader(self.images, batch_sampler=self._batches(), num_workers=self.num_workers,
-                                                prefetch_factor=4, collate_fn=partial(_collate, images=self.images)))
+        return iter(torch.utils.data.DataLoader(self.images, batch_sampler=self._batches(),
+                                                num_workers=self.num_workers, prefetch_factor=4,
+                                                collate_fn=partial(_collate, images=self.images)))
 
     def __iter__(self) -> "FolderTrainStream":
         return self

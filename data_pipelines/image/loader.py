@@ -1,13 +1,13 @@
 """Streaming loaders over prepared image-text shards: the counterpart of `data_pipelines.loader`.
 
-Training streams are `EpochStream`s like the text stream (the same division among ranks and
-workers, reshuffling, resume and re-division after a change of world size); they shuffle the raw
-samples (compressed JPEG bytes are cheap to hold in the buffer), then decode, augment and tokenize. Augmentation draws from a
-generator seeded by (seed, slot, batch), so a stream is reproducible. A training image is decoded at the
-smallest DCT scale its crops allow (simplejpeg, Pillow without it; see `TrainView`), cropped and
-resized as uint8, and each batch becomes one float tensor in a single normalisation (written
-straight into shared memory inside DataLoader workers, so it is not copied there again on its way
-to the main process).
+Training streams are `EpochStream`s like the text stream (the same division among ranks and workers,
+reshuffling, resume and re-division after a change of world size); they shuffle the raw samples
+(compressed JPEG bytes are cheap to hold in the buffer), then decode, augment and tokenize.
+Augmentation draws from a generator seeded by (seed, slot, batch), so a stream is reproducible. A
+training image is decoded at the smallest DCT scale its crops allow (simplejpeg, Pillow without it;
+see `TrainView`), cropped and resized as uint8, and each batch becomes one float tensor in a single
+normalisation (written straight into shared memory inside DataLoader workers, so it is not copied
+there again on its way to the main process).
 
 A sample that fails to decode is logged (naming its shard and key), counted by reason in a
 `SkipLog` and skipped; nothing sleeps (webdataset's `warn_and_continue` sleeps 0.5 s per error).
@@ -32,7 +32,7 @@ import torch
 
 from data_pipelines.eval_split import EvalShare
 from data_pipelines.image.transforms import Decoded, TrainView, decode_rgb, eval_transform, normalize_batch
-from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, _seed, read_checked
+from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, read_checked, stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class ImageTextTrainStream(EpochStream):
 
     def slot_state(self, slot: Slot, batch: int) -> random.Random:
         # One generator per (slot, batch): a resumed stream draws the same crops without replaying.
-        return random.Random(_seed(self.seed, "augment", slot.index, batch))
+        return random.Random(stable_seed(self.seed, "augment", slot.index, batch))
 
     def collate(self, items: list[tuple[Decoded, str]], augment_rng: random.Random) -> dict[str, torch.Tensor]:
         size = self.image_size

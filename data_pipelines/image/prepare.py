@@ -22,21 +22,17 @@ them, so the merged dataset holds exactly the samples of a single-machine run.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import heapq
-import io
 import json
 import os
 import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
 
-from PIL import Image, ImageOps
-
-from data_pipelines import cli, nodes
+from data_pipelines import cli, node_parts
+from data_pipelines.image.node_duplicates import cross_node_duplicates, kept_path, without_duplicates
+from data_pipelines.image.process import ImageOptions, Processed, process_chunk, process_image
 from data_pipelines.image.sources import (
     DEFAULT_CAPTION_FIELDS,
     DEFAULT_IMAGE_FIELDS,
@@ -48,9 +44,8 @@ from data_pipelines.image.sources import (
     iter_items,
     resolve_image_inputs,
 )
-from data_pipelines.image.geometry import center_crop
 from data_pipelines.manifest import write_sizes
-from data_pipelines.nodes import node_shard_pattern, node_tag
+from data_pipelines.node_parts import node_shard_pattern, node_tag
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text.sources import InputError, InputStats, ScanReport
@@ -67,16 +62,6 @@ RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "no")
 CHUNK_ITEMS = 16
 
 __all__ = ["PrepareImageConfig", "ImageOptions", "process_image", "run", "main", "build_parser"]
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """What every worker needs to turn source bytes into an output JPEG."""
-
-    image_size: int = 256
-    resize_mode: str = "center_crop"
-    jpeg_quality: int = 90
-    min_image_size: int = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,92 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# One image: bytes in, checked and re-encoded JPEG out. Runs in worker processes.
-
-
-class Processed(NamedTuple):
-    reason: str | None  # None: accepted
-    detail: str = ""
-    jpeg: bytes = b""
-    sha256: bytes = b""  # of the source bytes: the split key and the first duplicate check
-    pixels: bytes = b""  # digest of the decoded pixels: the second duplicate check
-    width: int = 0
-    height: int = 0
-    resized_width: int = 0
-    resized_height: int = 0
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (a plain convert would turn it black)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    """Fit inside size x size keeping the aspect ratio, centred on a black square."""
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
-    return canvas
-
-
-def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> Processed:
-    """Read (if given a path), decode, check, resize and re-encode one image."""
-    if data is None:
-        assert path is not None
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            return Processed("missing_image", f"no such file: {path}")
-        except OSError as exc:
-            return Processed("missing_image", f"cannot read {path}: {exc}")
-    sha = hashlib.sha256(data).digest()
-    try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if min(width, height) < opts.min_image_size:
-            return Processed("too_small", f"{width}x{height} < {opts.min_image_size} px on the shorter side",
-                             sha256=sha, width=width, height=height)
-        if opts.resize_mode != "no":
-            # JPEG only (a no-op for other formats): let libjpeg decode at 1/2, 1/4 or 1/8 scale,
-            # never below the target size. A 4000 px photo then costs a fraction of a full decode.
-            img.draft("RGB", (opts.image_size, opts.image_size))
-        img.load()
-        orientation = img.getexif().get(0x0112, 1)
-        if orientation != 1:  # EXIF orientation: store the picture upright, as viewers show it
-            img = ImageOps.exif_transpose(img)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-        img = _rgb(img)
-    except Exception as exc:  # noqa: BLE001 - any failure inside a decoder means corrupt data
-        return Processed("undecodable", f"{type(exc).__name__}: {exc}", sha256=sha)
-    pixels = hashlib.blake2b(img.tobytes(), digest_size=16, person=b"pixels").digest()
-    if opts.resize_mode == "center_crop":
-        out = center_crop(img, opts.image_size)
-    elif opts.resize_mode == "keep_ratio":
-        out = _fit(img, opts.image_size)
-    else:
-        out = img
-    buffer = io.BytesIO()
-    out.save(buffer, format="JPEG", quality=opts.jpeg_quality)
-    return Processed(None, "", buffer.getvalue(), sha, pixels, width, height, out.size[0], out.size[1])
-
-
-def _process_chunk(task: tuple[ImageOptions, list[tuple[bytes | None, str | None]]]) -> list[Processed]:
-    opts, images = task
-    return [process_image(data, path, opts) for data, path in images]
-
-
-# ---------------------------------------------------------------------------------------------
 # Streaming candidates through workers, in input order
 
 
@@ -295,7 +194,8 @@ def _task(chunk: list[_Entry], opts: ImageOptions) -> tuple[ImageOptions, list[t
 def _chunk_bytes(chunk: list[_Entry]) -> int:
     """The image bytes a chunk carries to its worker (files read there count as nothing: what
     waits in memory for them is their small result)."""
-    return sum(len(e.record.data) for e in chunk if e.reason is None and e.record.data is not None)  # type: ignore[union-attr]
+    return sum(len(e.record.data) for e in chunk  # type: ignore[union-attr]
+               if e.reason is None and e.record.data is not None)  # type: ignore[union-attr]
 
 
 def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
@@ -316,10 +216,10 @@ def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
     chunks = _chunks(entries, CHUNK_ITEMS)
     if workers <= 1:
         for chunk in chunks:
-            yield from pair(chunk, _process_chunk(_task(chunk, opts)))
+            yield from pair(chunk, process_chunk(_task(chunk, opts)))
         return
     tasks = ((chunk, _task(chunk, opts), _chunk_bytes(chunk)) for chunk in chunks)
-    for chunk, results in ordered_map(_process_chunk, tasks, workers, on_start=on_pool):
+    for chunk, results in ordered_map(process_chunk, tasks, workers, on_start=on_pool):
         yield from pair(chunk, results)
 
 
@@ -391,7 +291,7 @@ def _background_imports(config: PrepareImageConfig) -> BackgroundImports:
 def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
                   console: cli.Console, kept: TextIO | None = None) -> SplitWriters:
     """Every (this node's) sample into the split shards; with `kept`, a line per sample written
-    (see KEPT_COLUMNS) for prepare-merge's duplicate check across nodes."""
+    (see node_duplicates.KEPT_COLUMNS) for prepare-merge's duplicate check across nodes."""
     writers = SplitWriters(config.output, config.samples_per_shard, config.node_rank if config.num_nodes > 1 else None)
     seen_bytes: set[bytes] = set()
     seen_pixels: set[bytes] = set()
@@ -493,7 +393,7 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
 
 def clear_output(output: Path, overwrite: bool) -> None:
     """The output directory's rules; an image-text dataset owns its tokenizer, class list and node parts."""
-    cli.prepare_output_dir(output, overwrite, owned=[cli.TOKENIZER_SUBDIR, CLASSES_NAME, nodes.PARTS_DIR])
+    cli.prepare_output_dir(output, overwrite, owned=[cli.TOKENIZER_SUBDIR, CLASSES_NAME, node_parts.PARTS_DIR])
 
 
 def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
@@ -523,21 +423,14 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# One node of several, and the merge
-
-# A node's DIR/parts/node-IIIII.kept.tsv: a line per sample it wrote, in input order.
-KEPT_COLUMNS = ("ordinal", "input_index", "sha256", "pixels", "split", "key")
-
-
-def kept_path(output: Path, rank: int) -> Path:
-    return nodes.part_path(output, rank).with_suffix(".kept.tsv")
+# One node of several, and the merge (duplicates across nodes: data_pipelines.image.node_duplicates)
 
 
 def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external: Any,
               console: cli.Console) -> dict[str, Any]:
     """Every N-th candidate sample -> this node's shards, DIR/parts/node-RANK.kept.tsv and, last,
     DIR/parts/node-RANK.json (no manifest.json: `prepare-merge DIR` writes it once every node is done)."""
-    nodes.prepare_node_output(config.output, config.node_rank, config.overwrite)
+    node_parts.prepare_node_output(config.output, config.node_rank, config.overwrite)
     tokenizer = None
     if external is not None and config.node_rank == 0:
         tokenizer = cli.save_tokenizer_copy(external, config.output)
@@ -552,7 +445,7 @@ def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external:
         writers = _write_shards(config, specs, report, console, file)
     os.replace(scratch_kept, kept)
     part = {
-        "kind": PART_KIND, "version": nodes.PART_VERSION, "created_by": PROG,
+        "kind": PART_KIND, "version": node_parts.PART_VERSION, "created_by": PROG,
         "num_nodes": config.num_nodes, "node_rank": config.node_rank,
         "settings": {
             "image_size": config.image_size, "resize_mode": config.resize_mode,
@@ -560,7 +453,7 @@ def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external:
             "max_caption_chars": config.max_caption_chars, **config.split_manifest(),
             "image_field": config.image_field, "caption_field": config.caption_field,
             "tokenizer": None if tokenizer is None else cli.tokenizer_manifest(tokenizer, config.tokenizer),
-            "tokenizer_sha256": None if tokenizer is None else nodes.tokenizer_fingerprint(tokenizer),
+            "tokenizer_sha256": None if tokenizer is None else node_parts.tokenizer_fingerprint(tokenizer),
             "input_paths": [str(s.path) for s in specs], "input_formats": [s.format for s in specs],
         },
         "inputs": [{"samples": stats.documents, "rejected": stats.skipped} for stats in report.inputs],
@@ -568,85 +461,11 @@ def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external:
         "skipped": report.to_manifest(),
         "kept": kept.name,
     }
-    path = nodes.write_part(config.output, part)
+    path = node_parts.write_part(config.output, part)
     print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {writers.total():,} samples kept, "
           f"{report.skipped_total:,} rejected -> {path}; when every node is done: prepare-merge {config.output}",
           file=console.out)
     return part
-
-
-def _kept_rows(directory: Path, part: dict[str, Any]) -> Iterator[tuple[int, int, list[str]]]:
-    path = directory / nodes.PARTS_DIR / part["kept"]
-    try:
-        file = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise cli.UsageError(f"cannot read {path} of node {part['node_rank']}: {exc}") from None
-    with file:
-        for line in file:
-            row = line.rstrip("\n").split("\t")
-            if len(row) != len(KEPT_COLUMNS):
-                raise cli.UsageError(f"{path}: not a line of {', '.join(KEPT_COLUMNS)}: {line[:200]!r}")
-            yield int(row[0]), part["node_rank"], row
-
-
-def cross_node_duplicates(directory: Path, parts: list[dict[str, Any]]) -> list[tuple[int, list[str]]]:
-    """(node rank, kept row) of every sample a node kept that repeats the bytes or pixels of one
-    kept earlier in global input order (by another node: a node drops its own duplicates).
-
-    This is the single-machine rule: equal bytes decode to equal pixels, so a sample is a
-    duplicate exactly when its pixels equal those of the first such sample, which one of the
-    nodes kept. The sets hold two digests per kept sample, as on one machine."""
-    seen_bytes: set[str] = set()
-    seen_pixels: set[str] = set()
-    found = []
-    for _, rank, row in heapq.merge(*(_kept_rows(directory, part) for part in parts)):
-        sha, pixels = row[2], row[3]
-        if sha in seen_bytes or pixels in seen_pixels:
-            found.append((rank, row))
-        else:
-            seen_bytes.add(sha)
-            seen_pixels.add(pixels)
-    return found
-
-
-def _drop_samples(shard: Path, keys: set[str]) -> None:
-    """Rewrite a tar without the members of `keys` (atomically; a no-op on one already rewritten)."""
-    with tempfile.NamedTemporaryFile(dir=shard.parent, prefix=f".{shard.name}.", delete=False) as scratch:
-        pass
-    try:
-        with tarfile.open(shard) as source, tarfile.open(scratch.name, "w") as target:
-            for member in source:
-                if member.name.split(".", 1)[0] not in keys:
-                    target.addfile(member, source.extractfile(member) if member.isfile() else None)
-        os.replace(scratch.name, shard)
-    finally:
-        Path(scratch.name).unlink(missing_ok=True)
-
-
-def _without_duplicates(directory: Path, parts: list[dict[str, Any]],
-                        duplicates: list[tuple[int, list[str]]]) -> list[dict[str, Any]]:
-    """Copies of the parts with the duplicates taken out of their shards (rewritten on disk; a
-    shard left empty is deleted and unlisted) and their counts."""
-    parts = json.loads(json.dumps(parts))
-    per_node = parts[0]["settings"]["samples_per_shard"]
-    by_shard: dict[tuple[int, str, int], set[str]] = {}
-    for rank, row in duplicates:
-        split, key = row[4], row[5]
-        by_shard.setdefault((rank, split, int(key.rsplit("-", 1)[1]) // per_node), set()).add(key)
-    for (rank, split, index), keys in sorted(by_shard.items()):
-        info = parts[rank]["splits"][split]
-        shard = directory / info["shards"][index]
-        info["shard_samples"][index] -= len(keys)
-        info["samples"] -= len(keys)
-        if info["shard_samples"][index] == 0:
-            shard.unlink(missing_ok=True)
-        elif shard.is_file():
-            _drop_samples(shard, keys)
-    for part in parts:
-        for info in part["splits"].values():
-            pairs = [(s, n) for s, n in zip(info["shards"], info["shard_samples"]) if n > 0]
-            info["shards"], info["shard_samples"] = [s for s, _ in pairs], [n for _, n in pairs]
-    return parts
 
 
 def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -654,7 +473,7 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
     the samples that repeat one of another node are dropped from the shards first."""
     settings = parts[0]["settings"]
     duplicates = cross_node_duplicates(directory, parts)
-    kept = _without_duplicates(directory, parts, duplicates)
+    kept = without_duplicates(directory, parts, duplicates)
     paths = settings["input_paths"]
     inputs = [{"path": path, "format": fmt, "samples": 0, "rejected": 0}
               for path, fmt in zip(paths, settings["input_formats"])]
@@ -665,7 +484,7 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
         for total, stats in zip(inputs, part["inputs"]):
             total["samples"] += stats["samples"]
             total["rejected"] += stats["rejected"]
-    rejected = nodes.merge_skipped(parts)
+    rejected = node_parts.merge_skipped(parts)
     for rank, row in duplicates:
         inputs[int(row[1])]["samples"] -= 1
         inputs[int(row[1])]["rejected"] += 1
@@ -684,7 +503,7 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
                                     "max_caption_chars", "seed", "val_fraction", "test_fraction",
                                     "samples_per_shard")},
         "inputs": inputs,
-        "splits": nodes.merge_splits(directory, kept),
+        "splits": node_parts.merge_splits(directory, kept),
         "rejected": rejected,
         "tokenizer": settings["tokenizer"],
         "num_nodes": len(parts),

@@ -12,22 +12,19 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import io
 import itertools
 import sys
-import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
-from data_pipelines import cli
-from data_pipelines import nodes
+from data_pipelines import cli, node_parts
 from data_pipelines.manifest import write_sizes
-from data_pipelines.nodes import node_shard_pattern, node_tag
-from data_pipelines.shards import SHARD_PATTERN, RecordingShardWriter
+from data_pipelines.node_parts import node_shard_pattern, node_tag
+from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, assign_split
 from data_pipelines.text import chat
 from data_pipelines.text.packed import FORMAT as CHAT_FORMAT
@@ -35,9 +32,11 @@ from data_pipelines.text.packed import ConversationPacker, window_sample
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
 from data_pipelines.text.tokenizer import TokenizerError, encode_batches, token_dtype, train_bpe_tokenizer
+from data_pipelines.text.window_shards import WindowShardWriter, _MemberLayout  # noqa: F401 - tests patch it here
 from data_pipelines.workers import BackgroundImports, import_shard_writer
 
 PROG = "prepare-text"
+PART_KIND = "text-part"
 FORMATS = ("auto", "text", "chat")
 MANIFEST_VERSION = 1
 # Batches sent to tokenizer workers: big enough to amortise inter-process pickling and the
@@ -173,162 +172,6 @@ def _train_tokenizer(config: PrepareConfig, specs: list[InputSpec], console: cli
 
 def _skip_summary(report: ScanReport) -> str:
     return f" (skipped records: {cli.reason_counts(report.by_reason)})" if report.by_reason else ""
-
-
-class WindowShardWriter:
-    """The shards of one split: the bytes RecordingShardWriter(directory, samples_per_shard)
-    writes for the samples {"__key__": f"{split}-{n:010d}", "tokens.npy": window}, n = 0, 1, ...,
-    and the same `shards`, `shard_samples` and `samples` for the manifest, at a few µs per window
-    instead of ~30 µs of webdataset + tarfile work per sample (which was the main serial cost
-    of the parent process with --workers N).
-
-    Every window has one shape and dtype, so every tar member has one size and one header but
-    for its name and checksum. The header and the .npy preamble are not written by hand: on the
-    first windows the writer has RecordingShardWriter write two samples into a scratch folder,
-    takes the header and preamble from those bytes, and checks that it reproduces them (the tar
-    end included). Should it not (another webdataset or tarfile), it hands every sample to a
-    RecordingShardWriter instead: slower, never different.
-    """
-
-    def __init__(self, directory: Path, split: str, samples_per_shard: int, key_prefix: str | None = None,
-                 pattern: str = SHARD_PATTERN) -> None:
-        if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.directory = directory
-        self.split = split
-        # Keys are f"{key_prefix}-{n:010d}"; files `pattern` % n (one node's of several: their own names).
-        self.key_prefix = split if key_prefix is None else key_prefix
-        self.pattern = pattern
-        self.samples_per_shard = samples_per_shard
-        self.shards: list[Path] = []
-        self.shard_samples: list[int] = []
-        self.samples = 0
-        self._file: BinaryIO | None = None
-        self._offset = 0  # bytes in the current shard
-        self._layout: _MemberLayout | None = None
-        self._fallback: RecordingShardWriter | None = None
-
-    def _key(self, index: int) -> str:
-        return f"{self.key_prefix}-{index:010d}"
-
-    def write(self, windows: np.ndarray) -> None:
-        """Append windows, the rows of a 2-D array, as the next samples."""
-        if not len(windows):
-            return
-        if self._layout is None and self._fallback is None:
-            self._layout = _MemberLayout.matching_reference(self.key_prefix, windows[0])
-            if self._layout is None:
-                self._fallback = RecordingShardWriter(self.directory, self.samples_per_shard, self.pattern)
-        if self._fallback is not None:
-            for window in windows:
-                self._fallback.write({"__key__": self._key(self._fallback.samples), "tokens.npy": window})
-            self.samples = self._fallback.samples
-            return
-        assert self._layout is not None
-        windows = np.ascontiguousarray(windows, dtype=self._layout.dtype)
-        if windows.shape[1:] != self._layout.shape:
-            raise ValueError(f"window shape {windows.shape[1:]} differs from {self._layout.shape}")
-        done = 0
-        while done < len(windows):
-            if self._file is None or self.shard_samples[-1] >= self.samples_per_shard:
-                self._next_shard()
-            assert self._file is not None
-            take = min(len(windows) - done, self.samples_per_shard - self.shard_samples[-1])
-            data = self._layout.members(self.key_prefix, self.samples, windows[done : done + take])
-            self._file.write(data)
-            self._offset += len(data)
-            self.shard_samples[-1] += take
-            self.samples += take
-            done += take
-
-    def _next_shard(self) -> None:
-        self._close_shard()
-        if not self.shards:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        path = Path(str(self.directory / self.pattern) % len(self.shards))
-        self._file = open(path, "wb")
-        self._offset = 0
-        self.shards.append(path)
-        self.shard_samples.append(0)
-
-    def _close_shard(self) -> None:
-        if self._file is not None:
-            self._file.write(_tar_end(self._offset))
-            self._file.close()
-            self._file = None
-
-    def close(self) -> None:
-        if self._fallback is not None:
-            self._fallback.close()
-            self.shards, self.shard_samples = list(self._fallback.shards), list(self._fallback.shard_samples)
-        self._close_shard()
-
-
-def _tar_end(offset: int) -> bytes:
-    """What tarfile writes on close after `offset` bytes: two zero blocks, then zeros up to a
-    whole record."""
-    end = offset + 2 * tarfile.BLOCKSIZE
-    return bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
-
-
-@dataclass(frozen=True)
-class _MemberLayout:
-    """One tar member per window: a 512-byte header, the .npy preamble, the window's bytes,
-    zeros up to a whole block."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    header: bytes  # of the sample with key index 0
-    name_len: int
-    preamble: bytes
-    checksum_base: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        # tarfile's checksum is the sum of the header's bytes with its own field read as spaces;
-        # the names differ only in their digits, so it is this base plus the bytes of the name.
-        checksum = int(self.header[148:154], 8)
-        object.__setattr__(self, "checksum_base", checksum - sum(self.header[: self.name_len]))
-
-    @classmethod
-    def matching_reference(cls, split: str, window: np.ndarray) -> _MemberLayout | None:
-        """The layout read off RecordingShardWriter's bytes for two samples, if it reproduces them."""
-        window = np.ascontiguousarray(window)
-        stream = io.BytesIO()
-        np.lib.format.write_array(stream, window)  # what webdataset encodes a ".npy" value with
-        npy = stream.getvalue()
-        name_len = len(f"{split}-{0:010d}.tokens.npy".encode())
-        with tempfile.TemporaryDirectory(prefix="prepare-text-shard-") as scratch:
-            reference = RecordingShardWriter(Path(scratch), 2)
-            windows = np.stack([window, window[::-1]])
-            for index, sample in enumerate(windows):
-                reference.write({"__key__": f"{split}-{index:010d}", "tokens.npy": sample})
-            reference.close()
-            expected = reference.shards[0].read_bytes()
-        layout = cls(tuple(window.shape), window.dtype, expected[: tarfile.BLOCKSIZE], name_len,
-                     npy[: len(npy) - window.nbytes])
-        if expected[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + len(npy)] != npy:
-            return None
-        ours = layout.members(split, 0, windows)
-        return layout if ours + _tar_end(len(ours)) == expected else None
-
-    def _header(self, name: bytes) -> bytes:
-        if len(name) != self.name_len:  # 10**10 samples and up: no template for that name length
-            raise ValueError(f"sample name {name!r} is longer than the template's")
-        checksum = self.checksum_base + sum(name)
-        return name + self.header[self.name_len : 148] + b"%06o\0" % checksum + self.header[155:]
-
-    def members(self, split: str, first: int, windows: np.ndarray) -> bytes:
-        """The tar members of `windows`, the samples numbered from `first`."""
-        count = len(windows)
-        data_len = len(self.preamble) + windows[0].nbytes
-        member = tarfile.BLOCKSIZE + -(-data_len // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        out = np.zeros((count, member), dtype=np.uint8)
-        headers = b"".join(self._header(f"{split}-{n:010d}.tokens.npy".encode()) for n in range(first, first + count))
-        out[:, : tarfile.BLOCKSIZE] = np.frombuffer(headers, dtype=np.uint8).reshape(count, tarfile.BLOCKSIZE)
-        body = tarfile.BLOCKSIZE + len(self.preamble)
-        out[:, tarfile.BLOCKSIZE : body] = np.frombuffer(self.preamble, dtype=np.uint8)
-        out[:, body : tarfile.BLOCKSIZE + data_len] = windows.reshape(count, -1).view(np.uint8)
-        return out.tobytes()
 
 
 @dataclass
@@ -496,7 +339,7 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
         return _run_chat(config, specs, external, console)
     if config.num_nodes > 1:
         return _run_node(config, specs, external, console)
-    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, nodes.PARTS_DIR])
+    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, node_parts.PARTS_DIR])
 
     trained = external is None
     # From here on only the saved copy is used, as the trainer will.
@@ -522,7 +365,7 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
 def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, console: cli.Console) -> dict[str, Any]:
     """This node's packing blocks -> its own shards and DIR/parts/node-RANK.json (no manifest.json:
     `prepare-merge DIR` writes it once every node is done)."""
-    nodes.prepare_node_output(config.output, config.node_rank, config.overwrite)
+    node_parts.prepare_node_output(config.output, config.node_rank, config.overwrite)
     if config.node_rank == 0:
         tokenizer = cli.save_tokenizer_copy(external, config.output)
     else:
@@ -535,12 +378,12 @@ def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
     mine = [i for b, members in enumerate(packing_blocks(specs)) if b % config.num_nodes == config.node_rank
             for i in members]
     part = {
-        "kind": "text-part", "version": nodes.PART_VERSION, "created_by": PROG,
+        "kind": PART_KIND, "version": node_parts.PART_VERSION, "created_by": PROG,
         "num_nodes": config.num_nodes, "node_rank": config.node_rank,
         "settings": {
             "seq_len": config.seq_len, "token_dtype": str(dtype),
             "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
-            "tokenizer_sha256": nodes.tokenizer_fingerprint(tokenizer),
+            "tokenizer_sha256": node_parts.tokenizer_fingerprint(tokenizer),
             **config.split_manifest(), "text_field": config.text_field, "min_chars": config.min_chars,
             "format": config.format, "pack_block_bytes": BLOCK_BYTES,
             "input_paths": [str(s.path) for s in specs],
@@ -549,7 +392,7 @@ def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
         "splits": {split: outputs[split].to_manifest(config.output) for split in SPLITS},
         "skipped": report.to_manifest(),
     }
-    path = nodes.write_part(config.output, part)
+    path = node_parts.write_part(config.output, part)
     samples = sum(s["samples"] for s in part["splits"].values())
     print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {len(mine)} of {len(specs)} inputs, "
           f"{report.documents:,} documents, {samples:,} samples -> {path}; when every node is done: "
@@ -569,9 +412,9 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
         "tokenizer": settings["tokenizer"],
         **{k: settings[k] for k in ("seed", "val_fraction", "test_fraction", "samples_per_shard")},
         "text_field": settings["text_field"],
-        "inputs": nodes.merge_inputs(parts),
-        "splits": nodes.merge_splits(directory, parts),
-        "skipped": nodes.merge_skipped(parts),
+        "inputs": node_parts.merge_inputs(parts),
+        "splits": node_parts.merge_splits(directory, parts),
+        "skipped": node_parts.merge_skipped(parts),
         "num_nodes": len(parts),
     }
     if not (directory / settings["tokenizer"]["path"]).is_dir():
@@ -598,7 +441,7 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
             raise chat.ChatError("a tokenizer trained with --vocab-size has no chat template; pass --chat-template")
         template = chat.load_template(config.chat_template, None, "")
         tokenizer = None
-    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, nodes.PARTS_DIR])
+    cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, node_parts.PARTS_DIR])
     if tokenizer is None:
         report = ScanReport.for_inputs(specs)
         train = (m for m, _ in chat.iter_conversations(specs, report, config.limit_documents)

@@ -1,0 +1,107 @@
+"""One node's share of a dataset prepared on several machines: the files it owns in the shared
+output directory, its partial manifest, and the pieces that every kind's merge of the parts shares
+(`prepare-merge`, in data_pipelines.nodes, joins them).
+
+Node I writes DIR/{train,val,test}/shard-rIIIII-NNNNNN.tar (sample keys `<split>-rIIIII-<n>`) and,
+last, DIR/parts/node-IIIII.json; it never touches another node's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from data_pipelines import cli
+from data_pipelines.manifest import MANIFEST_NAME, SIZES_NAME, write_json_atomic
+from data_pipelines.shards import SHARD_PATTERN
+from data_pipelines.splits import SPLITS
+
+PARTS_DIR = "parts"
+PART_VERSION = 1
+
+
+def node_tag(rank: int) -> str:
+    return f"r{rank:05d}"
+
+
+def node_shard_pattern(rank: int) -> str:
+    return f"shard-{node_tag(rank)}-%06d.tar"
+
+
+def part_path(output: Path, rank: int) -> Path:
+    return output / PARTS_DIR / f"node-{rank:05d}.json"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of the vocabulary and special tokens: equal on every node or the merge refuses."""
+    text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token, len(tokenizer)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prepare_node_output(output: Path, rank: int, overwrite: bool) -> None:
+    """Make `output` ready for node `rank`: other nodes may be writing there at the same time, so
+    only this node's shards and part are ever removed (with --overwrite), and what a finished or
+    single-machine dataset left behind (manifest.json, sizes.json, un-ranked shards) goes too."""
+    output.mkdir(parents=True, exist_ok=True)
+    own = [part_path(output, rank)]
+    for split in SPLITS:
+        own += sorted((output / split).glob(node_shard_pattern(rank).replace("%06d", "*")))
+    stale = [output / MANIFEST_NAME]
+    for split in SPLITS:
+        numbered = SHARD_PATTERN.replace("%06d", "[0-9]" * 6)
+        stale += [output / split / SIZES_NAME, *sorted((output / split).glob(numbered))]
+    found = [p for p in own + stale if p.exists()]
+    if found and not overwrite:
+        raise cli.UsageError(f"output directory {output} already holds {found[0].relative_to(output)}"
+                             f"{f' and {len(found) - 1} more' if len(found) > 1 else ''} of node {rank} or of a "
+                             f"finished dataset; pass --overwrite to replace them")
+    for path in found:
+        path.unlink(missing_ok=True)  # another node may have removed a shared stale file first
+    (output / PARTS_DIR).mkdir(exist_ok=True)
+
+
+def write_part(output: Path, part: dict[str, Any]) -> Path:
+    return write_json_atomic(part_path(output, part["node_rank"]), part)
+
+
+def merge_splits(directory: Path, parts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each split's shards in rank order, every count summed; refuses a listed shard that is gone."""
+    merged: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        total: dict[str, Any] = {"shards": [], "shard_samples": []}
+        for part in parts:
+            info = part["splits"][split]
+            for shard in info["shards"]:
+                if not (directory / shard).is_file():
+                    raise cli.UsageError(f"shard {directory / shard} of node {part['node_rank']} is missing")
+            for key, value in info.items():
+                if isinstance(value, list):
+                    total[key] = total.get(key, []) + value
+                else:
+                    total[key] = total.get(key, 0) + value
+        merged[split] = total
+    return merged
+
+
+def merge_skipped(parts: list[dict[str, Any]], max_examples: int = 20) -> dict[str, Any]:
+    by_reason: dict[str, int] = {}
+    examples: list[dict[str, str]] = []
+    for part in parts:
+        for reason, count in part["skipped"]["by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+        examples += part["skipped"]["examples"]
+    return {"total": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items())),
+            "examples": examples[:max_examples]}
+
+
+def merge_inputs(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-input stats in the input order every node resolved."""
+    paths = parts[0]["settings"]["input_paths"]
+    stats: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        stats.update({int(i): s for i, s in part["inputs"].items()})
+    if sorted(stats) != list(range(len(paths))):
+        raise cli.UsageError(f"the node parts cover {len(stats)} of the {len(paths)} inputs")
+    return [stats[i] for i in range(len(paths))]
