@@ -41,16 +41,16 @@ def one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pretrain.config import parse_recipe
+    from pretrain.run.config import parse_recipe
     from pretrain.models import get_family
-    from pretrain.parallelize import parallelize
+    from pretrain.parallel.activation_checkpointing import checkpoint_blocks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=4096, n_positions=args.seq_len, n_embd=256, n_layer=4, n_head=4, use_cache=False)
     model = GPT2LMHeadModel(config).to(device).train()
     family = get_family("gpt")
-    parallelize(model, family, parse_recipe({"training": {"activation_checkpointing": args.checkpointing}}))
+    checkpoint_blocks(model, family, parse_recipe({"training": {"activation_checkpointing": args.checkpointing}}))
     ids = torch.randint(0, 4096, (args.micro, args.seq_len + 1), device=device)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     if device == "cuda":

@@ -141,10 +141,10 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from pretrain.ds_config import for_deepspeed
+    from pretrain.run.ds_config import for_deepspeed
     from pretrain.models import get_family
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
 
     size = SIZES[args.size]
     work = Path(args.work)

@@ -9,7 +9,7 @@
   4. benchmarks/bench_step.py on the GPU (the toolkit's step against a bare DeepSpeed loop);
 
 then prints one table: tokens/s, samples/s, achieved TFLOP/s per GPU, MFU (against the card's
-dense bf16 peak, pretrain/flops.py), peak memory, and the time each step waited for the loader,
+dense bf16 peak, pretrain/runtime/flops.py), peak memory, and the time each step waited for the loader,
 all medians over the logged steps after --warmup. The runs' metrics.jsonl are the source: the
 same numbers every run logs. Results also go to OUT/results.json.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: import the repo, not pretrain/ siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pretrain.config import RecipeError, load_json, load_recipe  # noqa: E402
+from pretrain.run.config import RecipeError, load_json, load_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,19 +80,17 @@ def _resolve_path(p: str) -> Path:
 
 def prepare(args: argparse.Namespace):
     """Validate everything and return what the trainer needs; raises RecipeError listing all problems."""
-    import torch
     from transformers import AutoTokenizer
 
-    from pretrain import adapters
-    from pretrain.checkpoint import CheckpointError, resume_target
-    from pretrain.data import open_data
-    from pretrain import sequence_parallel, tensor_parallel
-    from pretrain.parallelize import deepspeed_section_notes, deepspeed_section_problems
-    from pretrain.ds_config import precision, resolve_ds_config, zero_stage
-    from pretrain.layout import ParallelLayout
-    from pretrain.models import RunData, family_name, freeze_by_pattern, get_family
-    from pretrain.resolved import ResolvedRun
-    from pretrain.schedules import effective_optimization
+    from pretrain.models import RunData, family_name, get_family
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.run import features
+    from pretrain.run.data import open_data
+    from pretrain.run.ds_config import resolve_ds_config
+    from pretrain.run.feature import RunContext
+    from pretrain.run.resolved import ResolvedRun
+    from pretrain.run.schedules import effective_optimization
+    from pretrain.runtime.checkpoint import CheckpointError, resume_target
 
     overrides = {
         "data.path": args.data, "data.sources": [] if args.data else None, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
@@ -119,9 +117,6 @@ def prepare(args: argparse.Namespace):
             resume_target(Path(args.resume), args.resume)
         except CheckpointError as e:
             problems.append(str(e))
-    if recipe.model.attn_implementation == "flash_attention_2" and not _has_flash_attention():
-        problems.append("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package, and "
-                        "this machine lacks one or both; use sdpa (the default: PyTorch's own fused attention) or eager")
     if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
         problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
         recipe.model.init_from = None
@@ -137,61 +132,29 @@ def prepare(args: argparse.Namespace):
     except (OSError, ValueError) as e:
         raise RecipeError(str(recipe_path), [f"tokenizer {tokenizer_dir}: cannot be loaded ({e})"]) from None
     model_config = family.model_config(recipe.model, tokenizer)
-    problems.extend(family.check(recipe, data, model_config, tokenizer))
-    if (recipe.model.freeze or recipe.model.lora) and not problems:
-        with torch.device("meta"):  # names only; nothing allocated
-            skeleton = family.model_from_config(model_config)
-        try:
-            if recipe.model.freeze:
-                freeze_by_pattern(family.hf_model(skeleton), recipe.model.freeze, family.freeze_aliases)
-        except ValueError as e:
-            problems.append(str(e))
-        problems.extend(adapters.check(recipe.model, family.hf_model(skeleton)))
-    if recipe.model.zero3_init is True and not family.zero_init:
-        problems.append(f"model.zero3_init: the {family.name} family cannot be built partitioned (deepspeed.zero.Init); "
-                        "leave it at auto")
+    model_problems = family.check(recipe, data, model_config, tokenizer)
+    problems.extend(model_problems)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    hidden = family.hidden_size(model_config)
     try:
         layout = ParallelLayout.from_deepspeed(ds_raw, world)
     except ValueError as e:
         problems.append(f"{ds_path}: {e}")
         layout = ParallelLayout(world)
     problems.extend(f"{ds_path}: {p}" for p in layout.problems())
-    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: the ranks on this machine
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    tp_note = [f"tensor_parallel.autotp_size {layout.tp} does not divide the {local} ranks per node, so TP groups "
-               "span machines and every layer's all-reduce crosses the network; keep TP inside a node, DP across"] \
-        if layout.tp_crosses_nodes(local) else []
+    ds_config, notes = None, []
     try:
         # every rank of a TP/SP group trains on the same micro-batch: the batch is micro x gas x DP
-        ds_config, notes = resolve_ds_config(ds_raw, recipe, layout.dp, hidden, str(ds_path))
-        problems.extend(tensor_parallel.check(recipe.model.arch, layout, zero_stage(ds_config),
-                                              getattr(model_config, "num_attention_heads", None),
-                                              getattr(model_config, "num_key_value_heads", None), str(ds_path)))
-        problems.extend(deepspeed_section_problems(ds_config, getattr(model_config, "model_type", recipe.model.arch),
-                                                   str(ds_path)))
-        notes.extend(deepspeed_section_notes(recipe, ds_config))
-        problems.extend(sequence_parallel.check(getattr(model_config, "model_type", recipe.model.arch), layout, zero_stage(ds_config),
-                                                getattr(model_config, "num_attention_heads", None),
-                                                getattr(model_config, "num_key_value_heads", None),
-                                                getattr(data, "seq_len", None), recipe.model.attn_implementation,
-                                                str(ds_path), packed=bool(getattr(data, "chat", False))))
-        if layout.sp > 1 and getattr(data, "chat", False):
-            # the SP loss cuts input_ids and labels only: packed conversations would share positions and attention
-            problems.append(f"{ds_path}: sequence_parallel_size: {layout.sp} with chat data ({data.root}) is not "
-                            "supported: packed conversations need their own position ids and attention mask")
-        try:
-            notes.extend(tensor_parallel.fill(ds_config, layout) + tp_note)
-        except ValueError as e:
-            problems.append(f"{ds_path}: {e}")
-        if precision(ds_config) == "fp16" and not torch.cuda.is_available():
-            problems.append(f"{ds_path}: fp16.enabled: fp16 training needs a GPU (DeepSpeed has no fp16 optimizer "
-                            "on a CPU); set training.precision to bf16 or fp32, or use a bf16/fp32 DeepSpeed config")
+        ds_config, notes = resolve_ds_config(ds_raw, recipe, layout.dp, family.hidden_size(model_config), str(ds_path))
     except RecipeError as e:
         problems.extend(e.problems)
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: the ranks on this machine
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    ctx = RunContext(recipe, family, model_config, data, layout, ds_config, str(ds_path), local,
+                     model_ok=not model_problems)
+    problems.extend(features.problems(ctx))
     if problems:
         raise RecipeError(str(recipe_path), problems)
+    notes.extend(features.configure(ds_config, ctx))
     resolved = ResolvedRun(recipe=recipe, deepspeed=ds_config,
                            optimization=effective_optimization(recipe.training, ds_config["train_batch_size"]),
                            world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
@@ -200,14 +163,6 @@ def prepare(args: argparse.Namespace):
                            data_sources=data.to_json() if hasattr(data, "sources") else None)
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir
-
-
-def _has_flash_attention() -> bool:
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def _remove_shm_buffers() -> None:
@@ -227,7 +182,7 @@ _STARTED_DISTRIBUTED = False
 
 
 def main(argv: list[str] | None = None, hooks=None) -> int:
-    """The command line. ``hooks`` (a `pretrain.hooks.TrainerHooks`) is for tests that watch or
+    """The command line. ``hooks`` (a `pretrain.runtime.hooks.TrainerHooks`) is for tests that watch or
     disturb a run from outside; the command line itself never builds one."""
     try:
         rc = _main(argv, hooks)
@@ -261,8 +216,8 @@ def _main(argv: list[str] | None = None, hooks=None) -> int:
 
     import torch.distributed as dist
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingStopped
+    from pretrain.runtime.checkpoint import CheckpointError
+    from pretrain.runtime.trainer import PREEMPTED_EXIT, Trainer, TrainingStopped
 
     global _STARTED_DISTRIBUTED
     deepspeed.init_distributed()

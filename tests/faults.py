@@ -18,7 +18,7 @@ import torch
 if __package__ in (None, ""):  # started as a script by a launcher
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pretrain.hooks import TrainerHooks  # noqa: E402
+from pretrain.runtime.hooks import TrainerHooks  # noqa: E402
 
 
 class NanGradient(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Run under 2 ranks (torchrun): a tiny GPT-2 or Llama with `pretrain.sequence_parallel` at SP=2
+"""Run under 2 ranks (torchrun): a tiny GPT-2 or Llama with `pretrain.parallel.sequence_parallel` at SP=2
 against the same model without SP on the same batch, no engine in between. Rank 0 prints one
 JSON line: both losses and the largest gradient difference relative to the largest gradient.
 
@@ -20,8 +20,8 @@ def main(arch: str) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    from pretrain.layout import ParallelLayout
-    from pretrain.sequence_parallel import SequenceParallel
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.parallel.sequence_parallel import SequenceParallel
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

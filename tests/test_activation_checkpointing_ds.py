@@ -1,13 +1,13 @@
-"""The DeepSpeed config's activation_checkpointing section (pretrain/parallelize.py): with
+"""The DeepSpeed config's activation_checkpointing section (pretrain/parallel/activation_checkpointing.py): with
 training.activation_checkpointing it swaps in DeepSpeed's checkpoint function, and the losses and
 gradients stay those of the model without checkpointing; options that fail are refused up front."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pretrain.config import parse_recipe
+from pretrain.run.config import parse_recipe
 from pretrain.models import get_family
-from pretrain.parallelize import deepspeed_section_notes, deepspeed_section_problems, parallelize
+from pretrain.parallel.activation_checkpointing import checkpoint_blocks, deepspeed_section_notes, deepspeed_section_problems
 from tests.launch import world_of_one as launch_world_of_one
 from tests.test_layout import _loss_and_grads, _same
 
@@ -32,7 +32,7 @@ def test_deepspeed_checkpoint_function_keeps_losses_and_gradients(world_of_one):
     recipe = parse_recipe({"model": {"arch": "llama"}, "training": {"activation_checkpointing": True}})
     section = {"activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True}}
     assert deepspeed_section_problems(section, "llama", "ds.json") == []
-    done = parallelize(checkpointed, get_family("gpt"), recipe, section)
+    done = checkpoint_blocks(checkpointed, get_family("gpt"), recipe, section)
     assert done == ["activation checkpointing (every transformer block) with DeepSpeed's checkpoint function "
                     "(cpu_checkpointing, partition_activations)"]
     blocks = [m for m in checkpointed.model.layers if getattr(m, "gradient_checkpointing", False)]

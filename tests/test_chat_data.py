@@ -276,7 +276,7 @@ def test_sft_trains_on_assistant_tokens_only_and_held_out_loss_falls(chat_data, 
     from pretrain.models import gpt
     from pretrain.models.packed_attention import causal_lm_inputs
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
 
     recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
     recipe["model"].update(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128)
@@ -342,4 +342,35 @@ def test_sequence_parallelism_with_chat_data_is_refused_before_any_rank_starts(c
     assert main(["--config", str(tmp_path / "recipe.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
                  "--data", str(chat_data), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "sequence_parallel_size: 2 with chat data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2"])
+def test_sequence_parallelism_with_chat_data_has_one_rule_for_each_attention_kernel(impl, chat_data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """The real entry point and the feature's own check give one answer: refused with sdpa (Ulysses drops
+    the block mask), allowed with flash-attention (which this CPU lacks, and says so: nothing else)."""
+    import os
+
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.parallel.sequence_parallel import check
+    from pretrain.train import main
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
+    recipe["model"] = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
+                       "max_position_embeddings": 128, "attn_implementation": impl}
+    recipe["training"]["micro_batch_size"] = 2
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    ds = {**json.loads((REPO / "ds_configs/zero3_fp32.json").read_text()), "sequence_parallel_size": 2}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    rc = main(["--config", str(tmp_path / "recipe.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
+               "--data", str(chat_data), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    rule = check("llama", ParallelLayout(world=2, sp=2), 3, 4, 4, 96, impl, "ds.json", packed=True)
+    assert bool(rule) == (impl == "sdpa")
+    assert ("sequence_parallel_size: 2 with chat data" in err) == bool(rule), err
+    if impl == "flash_attention_2" and not torch.cuda.is_available():
+        assert rc == 2 and "flash_attention_2 needs a CUDA GPU" in err and "1 problem(s)" in err, err
     assert not (tmp_path / "out").exists()

@@ -124,7 +124,7 @@ def pretrain_tiny_clip(out: Path, steps: int = 60, batch: int = 32) -> Path:
     from data_pipelines.image.synthetic import COLOURS, SHAPES, _backgrounds, render
     from data_pipelines.image.transforms import to_tensor_normalized
     from data_pipelines.text.tokenizer import train_bpe_tokenizer
-    from pretrain.config import load_recipe
+    from pretrain.run.config import load_recipe
     from pretrain.models import clip
 
     rng = random.Random(1)
@@ -175,7 +175,7 @@ def world_of_one():
 def _eval(*argv: str) -> dict:
     from contextlib import redirect_stdout
 
-    from pretrain.evaluate import main
+    from pretrain.cli.evaluate import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -184,10 +184,10 @@ def _eval(*argv: str) -> dict:
 
 
 def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_of_one, tmp_path):
-    from pretrain.export import export
+    from pretrain.cli.export import export
     from pretrain.models.clip_classify import ClassifierCLIP
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
 
     base = pretrain_tiny_clip(tmp_path / "base")
     root = make_folder(tmp_path / "folder", 40)
@@ -244,7 +244,7 @@ def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_
     assert exported["classifier"] == "head" and exported["top1"] == after["wise_ft"][1]["top1"]
     from transformers import CLIPModel
 
-    from pretrain.evaluate import load_model
+    from pretrain.run.build import load_model
 
     wise, zs = CLIPModel.from_pretrained(out), CLIPModel.from_pretrained(base)
     ft = load_model(str(run_dir)).model.clip
@@ -266,7 +266,7 @@ def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_
 
 
 def test_a_classify_recipe_without_init_from_or_with_a_bad_folder_is_refused_before_training(tmp_path):
-    from pretrain.config import RecipeError
+    from pretrain.run.config import RecipeError
     from pretrain.train import build_parser, prepare
 
     root = make_folder(tmp_path / "folder", 2)

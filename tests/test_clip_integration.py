@@ -64,7 +64,7 @@ def test_zero3_gives_the_losses_of_zero2(runs):
 
 
 def _eval_json(*args: str) -> dict:
-    p = run(module_cmd("pretrain.evaluate", [*args, "--json"]))
+    p = run(module_cmd("pretrain.cli.evaluate", [*args, "--json"]))
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -86,7 +86,7 @@ def test_export_loads_in_transformers_and_reproduces_zero_shot(runs, data, tmp_p
     from data_pipelines.image.loader import ImageTextShards, image_text_eval_batches, tokenize_captions
 
     out = tmp_path / "export"
-    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z2"), "--output", str(out)]))
+    run(module_cmd("pretrain.cli.export", ["--checkpoint", str(runs / "z2"), "--output", str(out)]))
     model = CLIPModel.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     shards = ImageTextShards(data)
@@ -120,7 +120,7 @@ def test_locked_image_tuning_from_an_exported_clip(runs, data, recipe, tmp_path)
     from safetensors.torch import load_file
 
     base = tmp_path / "base"
-    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z2"), "--output", str(base)]))
+    run(module_cmd("pretrain.cli.export", ["--checkpoint", str(runs / "z2"), "--output", str(base)]))
     r = json.loads(Path(recipe).read_text())
     r["model"]["freeze"] = ["vision"]
     lit = tmp_path / "lit.json"
@@ -130,7 +130,7 @@ def test_locked_image_tuning_from_an_exported_clip(runs, data, recipe, tmp_path)
                                           "--output-dir", str(out), "--max-steps", "4", "--eval-every", "0",
                                           "--no-progress"]))
     assert "froze" in p.stdout
-    run(module_cmd("pretrain.export", ["--checkpoint", str(out), "--output", str(tmp_path / "tuned")]))
+    run(module_cmd("pretrain.cli.export", ["--checkpoint", str(out), "--output", str(tmp_path / "tuned")]))
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
     vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
     text = [k for k in before if k.startswith(("text_model.", "text_projection."))]
@@ -176,7 +176,7 @@ def test_the_export_works_in_the_zero_shot_image_classification_pipeline(runs, d
     from data_pipelines.loader import read_samples
 
     out = tmp_path / "hf"
-    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z2"), "--output", str(out)]))
+    run(module_cmd("pretrain.cli.export", ["--checkpoint", str(runs / "z2"), "--output", str(out)]))
     assert (out / "preprocessor_config.json").is_file()
     shards = ImageTextShards(data)
     classes = shards.classes()

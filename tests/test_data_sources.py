@@ -264,7 +264,7 @@ def test_s3_source_through_fsspec_gives_the_batches_of_the_local_folder(raw, tok
 
 
 def test_recipe_sources_are_typed_and_misspellings_named():
-    from pretrain.config import RecipeError, parse_recipe
+    from pretrain.run.config import RecipeError, parse_recipe
 
     r = parse_recipe({"data": {"sources": [{"urls": "/d/{0..3}.tar", "name": "web", "weight": 0.8},
                                            {"urls": ["/c/a.tar"], "weight": 0.2, "samples": 10}],
@@ -326,7 +326,7 @@ def test_prepare_warns_about_an_empty_val_split(tmp_path, stdlib_files, capsys):
 
 
 def test_json_writers_never_write_a_bare_nan(tmp_path):
-    from pretrain.metrics import MetricsLogger, dumps, read_metrics
+    from pretrain.runtime.metrics import MetricsLogger, dumps, read_metrics
 
     assert dumps({"loss": float("nan"), "nested": {"gap": float("inf")}, "xs": [1.0, float("-inf")]}) == \
         '{"loss": null, "nested": {"gap": null}, "xs": [1.0, null]}'
@@ -340,12 +340,12 @@ def test_json_writers_never_write_a_bare_nan(tmp_path):
 def test_an_evaluation_that_finds_no_sample_says_why_instead_of_nan(raw, tokenizer, tmp_path):
     """Counts unknown at train start (no stats files) and a hold-out that catches no key: the eval
     reports 0 samples without failing, and the trainer's line carries loss null and the reason."""
-    from pretrain.config import ModelConfig, VisionConfig
-    from pretrain.data import empty_split_note
-    from pretrain.metrics import dumps
+    from pretrain.run.config import ModelConfig, VisionConfig
+    from pretrain.run.data import empty_split_note
+    from pretrain.runtime.metrics import dumps
     from pretrain.models import EvalRequest, RunData
     from pretrain.models import clip
-    from pretrain.trainer import describe_eval
+    from pretrain.runtime.trainer import describe_eval
 
     folder, _ = raw
     data = open_sources("image-text", [SourceSpec(str(folder))], holdout=1e-9)

@@ -72,9 +72,10 @@ def test_lora_under_zero3_trains_only_adapters_and_exports_adapter_and_merged(ze
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
-    from pretrain.evaluate import evaluate, main as eval_main
-    from pretrain.export import export
+    from pretrain.run.build import fp32_state_dict
+    from pretrain.runtime.checkpoint import resolve_checkpoint
+    from pretrain.cli.evaluate import evaluate, main as eval_main
+    from pretrain.cli.export import export
 
     run_dir = zero3_lora / "run"
     # r x (in + out) per adapted layer: c_attn 64->192, attn c_proj 64->64, mlp c_proj 256->64; 2 layers
@@ -130,7 +131,7 @@ def world_of_one():
 
 def _trainer(argv: list[str]):
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
 
     args = build_parser().parse_args([*argv, "--no-progress"])
     trainer = Trainer(*prepare(args), args.resume, progress=False)
@@ -143,7 +144,7 @@ def _adapters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_bad_lora_settings_are_refused_before_training(prepared_stdlib, tmp_path):
-    from pretrain.config import RecipeError
+    from pretrain.run.config import RecipeError
     from pretrain.train import build_parser, prepare
 
     recipe = _gpt_recipe(tmp_path, lora={"r": 4, "target_modules": ["c_atn", "attn"]})
@@ -185,8 +186,8 @@ def test_clip_lora_under_zero_trains_adapters_on_both_towers_and_merges(stage, w
     from transformers import AutoTokenizer, CLIPModel
 
     from data_pipelines.image.synthetic import main as synthetic
-    from pretrain.config import load_recipe
-    from pretrain.export import export
+    from pretrain.run.config import load_recipe
+    from pretrain.cli.export import export
     from pretrain.models.clip import hf_config
 
     data = tmp_path / "shapes"

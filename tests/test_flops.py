@@ -1,10 +1,10 @@
-"""Model FLOPs against hand counts, accelerator peaks, and MFU arithmetic (pretrain/flops.py)."""
+"""Model FLOPs against hand counts, accelerator peaks, and MFU arithmetic (pretrain/runtime/flops.py)."""
 from types import SimpleNamespace
 
 import pytest
 from transformers import CLIPConfig, GPT2Config
 
-from pretrain.flops import GPUS, gpu_key, peak_tflops, utilisation
+from pretrain.runtime.flops import GPUS, gpu_key, peak_tflops, utilisation
 from pretrain.models import get_family
 
 

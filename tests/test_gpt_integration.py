@@ -89,8 +89,8 @@ def test_export_from_zero3_loads_in_transformers_with_the_same_loss(runs, data, 
     from data_pipelines.loader import TextShards, eval_batches
 
     hf = tmp_path / "hf"
-    run(module_cmd("pretrain.export", ["--checkpoint", str(runs / "z3"), "--output", str(hf)]))
-    ours = json.loads(run(module_cmd("pretrain.evaluate", ["--checkpoint", str(runs / "z3"), "--data", str(data),
+    run(module_cmd("pretrain.cli.export", ["--checkpoint", str(runs / "z3"), "--output", str(hf)]))
+    ours = json.loads(run(module_cmd("pretrain.cli.evaluate", ["--checkpoint", str(runs / "z3"), "--data", str(data),
                                                             "--split", "val", "--json"])).stdout)
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
     tok = AutoTokenizer.from_pretrained(hf)
@@ -117,7 +117,7 @@ def test_export_from_zero3_loads_in_transformers_with_the_same_loss(runs, data, 
 def test_test_split_is_only_touched_by_pretrain_eval(runs, data):
     for name in ("z0", "z2", "z3"):
         assert all(e["split"] == "val" for e in metrics(runs / name)[1])
-    out = json.loads(run(module_cmd("pretrain.evaluate", ["--checkpoint", str(runs / "z2"), "--data", str(data),
+    out = json.loads(run(module_cmd("pretrain.cli.evaluate", ["--checkpoint", str(runs / "z2"), "--data", str(data),
                                                            "--split", "test", "--json"])).stdout)
     assert out["split"] == "test" and out["samples"] == json.loads((data / "manifest.json").read_text())["splits"]["test"]["samples"]
     assert math.isfinite(out["loss"]) and out["perplexity"] == pytest.approx(math.exp(out["loss"]))

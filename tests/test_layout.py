@@ -1,11 +1,11 @@
-"""pretrain/parallelize.py: activation checkpointing changes memory, not the math (GPT and both CLIP towers)."""
+"""pretrain/parallel/activation_checkpointing.py: activation checkpointing changes memory, not the math (GPT and both CLIP towers)."""
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pretrain.config import parse_recipe
+from pretrain.run.config import parse_recipe
 from pretrain.models import get_family
 from pretrain.models.clip import ContrastiveCLIP
-from pretrain.parallelize import parallelize
+from pretrain.parallel.activation_checkpointing import checkpoint_blocks
 from tests.test_clip_loss import batch, tiny_clip
 
 
@@ -33,7 +33,7 @@ def test_clip_with_checkpointed_towers_gives_the_same_loss_and_gradients():
     b = batch(6)
     plain = ContrastiveCLIP(tiny_clip(0))
     checkpointed = ContrastiveCLIP(tiny_clip(0))
-    assert parallelize(checkpointed, get_family("clip"), recipe) == ["activation checkpointing (every transformer block)"]
+    assert checkpoint_blocks(checkpointed, get_family("clip"), recipe) == ["activation checkpointing (every transformer block)"]
     assert checkpointed.clip.text_model.encoder.gradient_checkpointing
     assert checkpointed.clip.vision_model.encoder.gradient_checkpointing
     _same(_loss_and_grads(plain, lambda m: m(**b)), _loss_and_grads(checkpointed, lambda m: m(**b)))
@@ -47,8 +47,8 @@ def test_gpt_with_checkpointed_blocks_gives_the_same_loss_and_gradients():
     checkpointed = GPT2LMHeadModel(config)
     checkpointed.load_state_dict(plain.state_dict())
     recipe = parse_recipe({"training": {"activation_checkpointing": True}})
-    assert parallelize(checkpointed, get_family("gpt"), recipe) and _checkpointing(checkpointed)
-    assert parallelize(plain, get_family("gpt"), parse_recipe({})) == [] and not _checkpointing(plain)
+    assert checkpoint_blocks(checkpointed, get_family("gpt"), recipe) and _checkpointing(checkpointed)
+    assert checkpoint_blocks(plain, get_family("gpt"), parse_recipe({})) == [] and not _checkpointing(plain)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
     batch_ = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     loss = get_family("gpt").loss

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pretrain import plan as P
-from pretrain.plan import (activation_bytes, gpu_days, main, min_gpus, parse_count, total_flops,
+from pretrain.cli import plan as P
+from pretrain.cli.plan import (activation_bytes, gpu_days, main, min_gpus, parse_count, total_flops,
                            total_flops_from_samples, zero_model_states_bytes)
 
 
@@ -87,7 +87,7 @@ def test_recipe_params():
     assert abs(gpt2.params - 124e6) / 124e6 < 0.01
     assert (gpt2.seq_len, gpt2.hidden_size, gpt2.num_layers, gpt2.num_heads, gpt2.micro_batch) == (1024, 768, 12, 12, 16)
 
-    from pretrain.config import load_recipe
+    from pretrain.run.config import load_recipe
 
     recipe, _ = load_recipe("gpt2-124m", {"model.vocab_size": 50257})
     assert P.gpt_shape(recipe, 0).params == 124_439_808  # the published GPT-2 small count

@@ -5,7 +5,7 @@ import math
 import pytest
 from PIL import Image
 
-from pretrain.plot import main, smooth
+from pretrain.cli.plot import main, smooth
 
 
 def write_run(run_dir):

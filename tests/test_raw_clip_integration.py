@@ -40,7 +40,7 @@ def test_two_rank_clip_trains_on_raw_img2dataset_shards_with_no_prepare_step(tmp
     (src,) = data["sources"]
     assert (src["shards"], src["samples"], src["counted_from"]) == (4, info["samples"], "_stats.json")
     # pretrain-eval on the same source string scores the run's held-out keys: 2 ranks x 8 rows = batches of 16
-    p = run(module_cmd("pretrain.evaluate", ["--checkpoint", str(out), "--data", f"{raw}", "--batch-size", "16",
+    p = run(module_cmd("pretrain.cli.evaluate", ["--checkpoint", str(out), "--data", f"{raw}", "--batch-size", "16",
                                              "--max-samples", "64", "--json"]))
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["samples"] == last["samples"] and got["loss"] == pytest.approx(last["loss"], rel=1e-4)

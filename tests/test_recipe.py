@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import RECIPES_DIR, RecipeError, load_recipe, parse_recipe
-from pretrain.ds_config import resolve_ds_config, zero_stage
-from pretrain.schedules import effective_optimization
+from pretrain.run.config import RECIPES_DIR, RecipeError, load_recipe, parse_recipe
+from pretrain.run.ds_config import resolve_ds_config, zero_stage
+from pretrain.run.schedules import effective_optimization
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -109,7 +109,7 @@ def test_lr_scaling_rewrites_lr_and_warmup_and_says_so():
 
 
 def test_toolkit_scheduler_is_kept_in_the_config_but_not_given_to_deepspeed():
-    from pretrain.ds_config import for_deepspeed
+    from pretrain.run.ds_config import for_deepspeed
 
     recipe = parse_recipe({})
     ds, _ = resolve_ds_config({"scheduler": {"type": "CyclicLR", "params": {"base_lr": "auto", "max_lr": "auto"}}}, recipe, 1, 8)

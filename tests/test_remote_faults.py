@@ -237,7 +237,7 @@ def world_of_one():
 def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, tokenizer, server, tmp_path,
                                                                       world_of_one):
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer, TrainingStopped
+    from pretrain.runtime.trainer import Trainer, TrainingStopped
     from tests.launch import REPO
 
     root, requests = server
@@ -256,7 +256,7 @@ def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, to
                                       "--max-steps", "40", "--no-progress"])
     resolved, inputs, run_dir = prepare(args)
     assert resolved.recipe.data.fetch_retries == 0
-    if getattr(inputs.data, "fetch", None) is None:  # pretrain/data.py sets it from the recipe where wired
+    if getattr(inputs.data, "fetch", None) is None:  # pretrain/run/data.py sets it from the recipe where wired
         inputs.data.fetch = FetchPolicy.of(resolved.recipe.data)
     trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False)
     trainer.setup()
@@ -273,7 +273,7 @@ def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, to
 
 
 def test_fetch_keys_are_typed_in_the_recipe():
-    from pretrain.config import RecipeError, parse_recipe
+    from pretrain.run.config import RecipeError, parse_recipe
 
     d = parse_recipe({"data": {"fetch_retries": 5, "fetch_timeout": 2.5, "fetch_backoff": 0}}).data
     assert FetchPolicy.of(d) == FetchPolicy(5, 2.5, 0.0)

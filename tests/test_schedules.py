@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as tls
 
-from pretrain.schedules import (TOOLKIT_TYPES, check_params, lambda_scheduler, lr_function, scale_lr, scale_warmup,
+from pretrain.run.schedules import (TOOLKIT_TYPES, check_params, lambda_scheduler, lr_function, scale_lr, scale_warmup,
                                 warmup_cosine, warmup_stable_decay)
 
 LR = 0.5

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (pretrain/sequence_parallel.py): layouts that cannot run are refused
+"""Ulysses sequence parallelism (pretrain/parallel/sequence_parallel.py): layouts that cannot run are refused
 before any rank starts; SP=2 on two ranks gives the losses of the same run without SP, and its
 checkpoint resumes on one rank without SP and gives the trainer's val loss in pretrain-eval and export."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.layout import ParallelLayout
-from pretrain.sequence_parallel import check
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallel.sequence_parallel import check
 from pretrain.train import main
 from tests.launch import REPO, deepspeed_cmd, free_port, metrics, run, world_of_one
 
@@ -78,7 +78,7 @@ def test_bad_sp_layout_is_refused_before_any_rank_starts(case, model, ds, expect
 def _in_process(argv: list[str]) -> tuple[list[dict], list[dict]]:
     """A run without SP, in this process (a gloo world of one): the reference, or a resume."""
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
 
     with world_of_one():
         args = build_parser().parse_args(argv)
@@ -89,8 +89,8 @@ def _in_process(argv: list[str]) -> tuple[list[dict], list[dict]]:
 
 
 def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prepared_stdlib, tmp_path):
-    from pretrain.evaluate import evaluate
-    from pretrain.export import export
+    from pretrain.cli.evaluate import evaluate
+    from pretrain.cli.export import export
 
     (tmp_path / "recipe.json").write_text(json.dumps(_recipe(LLAMA)))
     common = ["--config", str(tmp_path / "recipe.json"), "--data", str(prepared_stdlib), "--no-progress"]
@@ -136,7 +136,8 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
 
 
 def test_the_planner_proposes_only_layouts_the_trainer_runs():
-    from pretrain import plan, tensor_parallel
+    from pretrain.cli import plan
+    from pretrain.parallel import tensor_parallel
 
     for tp in (1, 2):
         for sp in (1, 2):

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.evaluate import evaluate
-from pretrain.export import export
-from pretrain.layout import ParallelLayout, tensor_parallel_size
-from pretrain.tensor_parallel import merge_shards
+from pretrain.cli.evaluate import evaluate
+from pretrain.cli.export import export
+from pretrain.parallel.layout import ParallelLayout, tensor_parallel_size
+from pretrain.parallel.tensor_parallel import merge_shards
 from pretrain.train import main
 from tests.launch import FAULTS, REPO, TRAIN, env, free_port, kill_tree, metrics, with_key
 
@@ -73,7 +73,7 @@ def test_merge_shards_rebuilds_column_and_row_parallel_weights():
 def test_a_zero0_tp_checkpoint_resumes_only_on_its_own_layout(tmp_path):
     # ZeRO-1/2/3 go through DeepSpeed's universal checkpoint on another layout (collective, so not
     # here); ZeRO-0 has no universal form, and its per-TP-rank model files cannot be re-split.
-    from pretrain.checkpoint import CheckpointError, CheckpointManager, mark_complete
+    from pretrain.runtime.checkpoint import CheckpointError, CheckpointManager, mark_complete
 
     tag = tmp_path / "step_00000002"
     tag.mkdir()
@@ -230,9 +230,10 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
 def _resume_on_one_rank_without_tp(tag: Path, argv: list[str]) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
+    from pretrain.run.build import fp32_state_dict
+    from pretrain.runtime.checkpoint import resolve_checkpoint
     from pretrain.train import build_parser, prepare
-    from pretrain.trainer import Trainer
+    from pretrain.runtime.trainer import Trainer
     from tests.launch import world_of_one
 
     merged = fp32_state_dict(resolve_checkpoint(tag))  # the TP shards merged by pretrain-eval / export

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointManager, complete_tags, resumable
+from pretrain.runtime.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.models import get_family
-from pretrain.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
+from pretrain.runtime.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
 from tests.launch import REPO, metrics, prepare_small_corpus, world_of_one as launch_world_of_one
 
@@ -119,7 +119,7 @@ def test_checkpoint_manager_saves_seals_prunes_finds_and_loads(tmp_path):
 
 
 def test_resume_asks_for_a_complete_checkpoint(tmp_path):
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.runtime.checkpoint import CheckpointError
 
     (tmp_path / "step_00000005").mkdir()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import fp32_state_dict, resolve_checkpoint
+from pretrain.run.build import fp32_state_dict
+from pretrain.runtime.checkpoint import resolve_checkpoint
 from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, prepare_small_corpus, run
 
 pytestmark = pytest.mark.integration

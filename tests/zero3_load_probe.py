@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # started as a script by a launcher
 
 import torch  # noqa: E402
 
-import pretrain.trainer  # noqa: E402
+import pretrain.runtime.trainer  # noqa: E402
 
 
 def _report(model: torch.nn.Module, init_from: str, out: Path) -> None:
@@ -45,7 +45,7 @@ def _report(model: torch.nn.Module, init_from: str, out: Path) -> None:
          "world": dist.get_world_size()}))
 
 
-class ProbeTrainer(pretrain.trainer.Trainer):
+class ProbeTrainer(pretrain.runtime.trainer.Trainer):
     report_dir: Path
 
     def __init__(self, *args, **kwargs):
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--")
     # the deepspeed launcher puts --local_rank=N first; train.py reads LOCAL_RANK from the environment
     ProbeTrainer.report_dir = Path(next(a for a in argv[:split] if not a.startswith("--local")))
-    pretrain.trainer.Trainer = ProbeTrainer  # pretrain.train.main looks the class up when it runs
+    pretrain.runtime.trainer.Trainer = ProbeTrainer  # pretrain.train.main looks the class up when it runs
     from pretrain.train import main as train_main
 
     return train_main(argv[split + 1:])

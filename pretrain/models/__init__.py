@@ -4,15 +4,11 @@ pretrain-export never ask which family they hold.
 """
 from __future__ import annotations
 
-import re
-
-import torch
-
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
 FAMILIES = ("gpt", "clip")
 __all__ = ["FAMILIES", "EvalRequest", "ModelFamily", "RunData", "StreamRequest", "family_name", "family_of_hf_config",
-           "freeze_by_pattern", "get_family"]
+           "get_family"]
 
 
 def get_family(name: str) -> ModelFamily:
@@ -46,24 +42,3 @@ def family_of_hf_config(config) -> str:
     if getattr(config, "model_type", None) == "clip":
         return "clip-classify" if getattr(config, "classifier", None) else "clip"
     return "gpt"
-
-
-def freeze_by_pattern(model: torch.nn.Module, patterns: list[str], aliases: dict[str, str]) -> int:
-    """Turn off gradients of the parameters whose names match any pattern (an alias such as
-    "vision" or a regular expression searched in the name); returns how many tensors. A pattern
-    that matches nothing is an error: it is almost always a typo."""
-    regexes = [re.compile(aliases.get(p, p)) for p in patterns]
-    used = [0] * len(regexes)
-    frozen = 0
-    for name, p in model.named_parameters():
-        hit = [i for i, r in enumerate(regexes) if r.search(name)]
-        for i in hit:
-            used[i] += 1
-        if hit:
-            p.requires_grad_(False)
-            frozen += 1
-    unused = [patterns[i] for i, n in enumerate(used) if n == 0]
-    if unused:
-        example = next(iter(dict(model.named_parameters())), "?")
-        raise ValueError(f"model.freeze: {unused} match no parameter (names look like {example!r})")
-    return frozen

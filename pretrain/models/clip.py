@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 from data_pipelines.image.transforms import normalize_batch
-from pretrain.config import ModelConfig, Recipe, VisionConfig
-from pretrain.flops import clip_forward_flops, total_flops_from_samples
+from pretrain.run.config import ModelConfig, Recipe, VisionConfig
+from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
 from pretrain.models.gpt import round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
@@ -302,7 +302,7 @@ def tokens_per_sample(data, config: PretrainedConfig) -> int:
 
 
 def train_flops_per_sample(config: PretrainedConfig, data=None) -> float:
-    """Forward and backward FLOPs of one image-text pair: 3 x both towers' forward (`pretrain.flops`)."""
+    """Forward and backward FLOPs of one image-text pair: 3 x both towers' forward (`pretrain.runtime.flops`)."""
     return total_flops_from_samples(clip_forward_flops(config), 1)
 
 

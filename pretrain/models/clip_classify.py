@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, PretrainedConfig
 
-from pretrain.config import DataConfig, ModelConfig, Recipe
+from pretrain.run.config import DataConfig, ModelConfig, Recipe
 from pretrain.models import clip
 from pretrain.models.spec import EvalRequest, RunData, StreamRequest
 

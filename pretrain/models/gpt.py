@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from data_pipelines.text.packed import IGNORE_INDEX
-from pretrain.config import ModelConfig, Recipe
-from pretrain.flops import total_flops
+from pretrain.run.config import ModelConfig, Recipe
+from pretrain.runtime.flops import total_flops
 from pretrain.models.packed_attention import causal_lm_inputs
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
 
@@ -96,7 +96,7 @@ def save_hf_assets(model: torch.nn.Module, tokenizer, out) -> None:
 
 
 def train_flops_per_sample(config: PretrainedConfig, data) -> float:
-    """Forward and backward FLOPs of one sequence: 6·N·s + 12·L·s·h·s (`pretrain.flops`)."""
+    """Forward and backward FLOPs of one sequence: 6·N·s + 12·L·s·h·s (`pretrain.runtime.flops`)."""
     s = data.seq_len
     return total_flops(count_params(config), s, attention=True, num_layers=config.num_hidden_layers, seq_len=s,
                        hidden_size=hidden_size(config))

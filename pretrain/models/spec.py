@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the config and data modules import nothing from here; keep 
     from transformers import PretrainedConfig
 
     from data_pipelines.loader import PreparedShards, TrainStream
-    from pretrain.config import DataConfig, ModelConfig, Recipe
+    from pretrain.run.config import DataConfig, ModelConfig, Recipe
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RunData:
 @dataclass(frozen=True)
 class StreamRequest:
     """One rank's training stream: the recipe's data section, the batch size and who is reading.
-    ``rank``/``world`` are the data-parallel rank and size (`pretrain.layout.ParallelLayout`): the
+    ``rank``/``world`` are the data-parallel rank and size (`pretrain.parallel.layout.ParallelLayout`): the
     ranks of one tensor- or sequence-parallel group read the same stream."""
 
     data: "DataConfig"

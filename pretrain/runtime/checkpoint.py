@@ -1,5 +1,6 @@
-"""Checkpoints: reading their weights without a DeepSpeed engine (eval, export), and the
-`CheckpointManager` that a training run saves, seals, prunes, finds and loads them with.
+"""Checkpoints: where they are (a run, ``checkpoints/``, a tag, an export), and the
+`CheckpointManager` that a training run saves, seals, prunes, finds and loads them with. Their
+weights are read without an engine by `pretrain.run.build`, which rebuilds the model that wrote them.
 
 A run directory holds ``resolved-config.json``, ``model/config.json`` (the transformers
 config), ``tokenizer/`` and ``checkpoints/<tag>/``. A user can point at the run, at
@@ -86,63 +87,6 @@ def run_metadata(ref: CheckpointRef) -> dict:
     if ref.run_dir is None:
         raise CheckpointError(f"{ref.path}: no {RESOLVED} found above it; cannot tell which model it holds")
     return json.loads((ref.run_dir / RESOLVED).read_text())
-
-
-def _has_zero_partitions(tag_dir: Path) -> bool:
-    return any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
-
-
-def _full_shapes(ref: CheckpointRef) -> dict[str, torch.Size]:
-    """Parameter shapes of the whole model a run trains (built on the meta device: no memory)."""
-    from transformers import AutoConfig
-
-    from pretrain.config import Recipe
-    from pretrain.models import get_family
-
-    meta = run_metadata(ref)
-    config = AutoConfig.from_pretrained(ref.run_dir / "model")
-    with torch.device("meta"):
-        model = get_family(meta["recipe"]["family"]).model_from_config(config, Recipe.model_validate(meta["recipe"]).model)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, TP shards merged."""
-    from pretrain import tensor_parallel
-
-    if tensor_parallel.tp_degree(ref.path) > 1:
-        stage = json.loads((ref.path / COMPLETE).read_text()).get("zero_stage", 0) if is_complete(ref.path) else \
-            (1 if _has_zero_partitions(ref.path) else 0)
-        return tensor_parallel.merged_fp32_state_dict(ref.path, stage, _full_shapes(ref))
-    if _has_zero_partitions(ref.path):
-        # ZeRO 1-3 (and bf16): the fp32 master weights live in the per-rank optimizer partitions.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
-        return {k: v.float() for k, v in sd.items()}
-    files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"{ref.path}: no mp_rank_*_model_states.pt")
-    if len(files) > 1:
-        raise CheckpointError(f"{ref.path}: tensor-parallel checkpoints are not supported")
-    try:  # tensors, numbers, strings and dicts: nothing in it needs unpickling of arbitrary objects
-        state = torch.load(files[0], map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file, not a pickle trace
-        raise CheckpointError(f"{files[0]}: cannot be read safely (weights_only=True): {e}") from None
-    return {k: v.float() for k, v in state["module"].items()}
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load weights, accepting only the tied parameters (e.g. lm_head) as missing."""
-    result = model.load_state_dict(state, strict=False)
-    tied = {k for k in result.missing_keys if "lm_head" in k or "embed" in k}
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    if tied and not getattr(model.config, "tie_word_embeddings", False):
-        raise CheckpointError(f"weights missing for untied parameters {sorted(tied)[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pretrain.config import Recipe, RecipeError
-from pretrain.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params, effective_optimization
+from pretrain.run.config import Recipe, RecipeError
+from pretrain.run.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params, effective_optimization
 
 AUTO = "auto"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import DataConfig, Recipe, SourceConfig
+from pretrain.run.config import DataConfig, Recipe, SourceConfig
 
 KIND = {"gpt": "text", "clip": "image-text"}
 MAKER = {"gpt": "prepare-text", "clip": "prepare-image-text or make-synthetic-image-text"}
@@ -146,7 +146,7 @@ def open_eval_data(family, data_arg: str, checkpoint: str | None = None):
     import json
 
     from data_pipelines.sources import AUTO_HOLDOUT, SourceError, is_prepared, one_source_string, open_sources
-    from pretrain.checkpoint import RESOLVED, resolve_checkpoint
+    from pretrain.runtime.checkpoint import RESOLVED, resolve_checkpoint
 
     if is_prepared(data_arg) or not _looks_like_source(data_arg):
         return family.open_data(data_arg)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, resolve_checkpoint
+from pretrain.runtime.checkpoint import CheckpointError, resolve_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,8 +39,9 @@ def export(checkpoint: str, output: str, dtype: str = "fp32", merge: bool = Fals
            wise_ft_from: str | None = None) -> Path:
     import shlex
 
-    from pretrain import adapters, model_card
-    from pretrain.evaluate import load_model
+    from pretrain.finetune import adapters
+    from pretrain.models import model_card
+    from pretrain.run.build import load_model
     from pretrain.models import get_family
 
     out = Path(output)
@@ -51,7 +52,7 @@ def export(checkpoint: str, output: str, dtype: str = "fp32", merge: bool = Fals
         raise CheckpointError(f"{ref.path}: already a Hugging Face directory")
     loaded = load_model(checkpoint)
     if wise_ft is not None:
-        from pretrain.wise_ft import init_from_of, interpolated_models
+        from pretrain.finetune.wise_ft import init_from_of, interpolated_models
 
         original = wise_ft_from or init_from_of(loaded)
         _, loaded.model = next(interpolated_models(loaded, [wise_ft], original))

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from pretrain.evaluate import Loaded
+    from pretrain.run.build import Loaded
 
 
 def init_from_of(loaded: "Loaded") -> str:
     """The directory a run was fine-tuned from (its recipe's model.init_from)."""
-    from pretrain.checkpoint import CheckpointError, resolve_checkpoint, run_metadata
+    from pretrain.runtime.checkpoint import CheckpointError, resolve_checkpoint, run_metadata
 
     if loaded.info.get("format") != "deepspeed":
         raise ValueError(f"{loaded.info['checkpoint']}: not a run's checkpoint, so the original weights are unknown; "

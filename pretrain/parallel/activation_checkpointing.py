@@ -1,8 +1,5 @@
-"""Settings that change how a model is laid out in memory and across ranks, not its math, applied
-in one place and in a fixed order after the model is built (torchtitan's parallelize_fn): today
-activation checkpointing (tensor parallelism is DeepSpeed's AutoTP inside deepspeed.initialize,
-`pretrain.tensor_parallel`; sequence parallelism replaces the attention kernel,
-`pretrain.sequence_parallel`).
+"""Activation checkpointing, one of the run features (`pretrain.run.features`): every transformer
+block recomputed in the backward, for memory, without changing the math.
 
 DeepSpeed's ``activation_checkpointing`` section does not choose what is checkpointed; it
 configures DeepSpeed's own checkpoint function (``deepspeed.checkpointing``: ``cpu_checkpointing``
@@ -15,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import Recipe
 from pretrain.models import ModelFamily
+from pretrain.run.config import Recipe
+from pretrain.run.feature import Feature, RunContext
 
 
 SECTION = "activation_checkpointing"
@@ -75,7 +73,8 @@ def _deepspeed_checkpoint(section: dict):
     return deepspeed.checkpointing.non_reentrant_checkpoint, cfg
 
 
-def parallelize(model: torch.nn.Module, family: ModelFamily, recipe: Recipe, deepspeed: dict | None = None) -> list[str]:
+def checkpoint_blocks(model: torch.nn.Module, family: ModelFamily, recipe: Recipe,
+                      deepspeed: dict | None = None) -> list[str]:
     """Apply the recipe's layout (and the DeepSpeed config's activation_checkpointing section) to
     ``model`` in place; returns what was done, for the log."""
     done = []
@@ -99,3 +98,18 @@ def parallelize(model: torch.nn.Module, family: ModelFamily, recipe: Recipe, dee
         else:
             done.append("activation checkpointing (every transformer block)")
     return done
+
+
+class ActivationCheckpointing(Feature):
+    """The run feature: ``training.activation_checkpointing`` with DeepSpeed's section."""
+
+    name = "activation checkpointing"
+
+    def problems(self, ctx: RunContext) -> list[str]:
+        return [] if ctx.deepspeed is None else deepspeed_section_problems(ctx.deepspeed, ctx.arch, ctx.source)
+
+    def configure(self, ds: dict, ctx: RunContext) -> list[str]:
+        return deepspeed_section_notes(ctx.recipe, ds)
+
+    def parallelize(self, model: torch.nn.Module, ctx: RunContext) -> list[str]:
+        return checkpoint_blocks(model, ctx.family, ctx.recipe, ctx.deepspeed)

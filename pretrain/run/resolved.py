@@ -3,7 +3,7 @@
 The recipe stays as the user wrote it (plus command-line overrides); the DeepSpeed config has
 every "auto" filled; the values derived from the two (the LR scaled to the global batch, batch
 arithmetic, tokens per step) live here and nowhere else. ``resolved-config.json`` in the run
-directory (`pretrain.checkpoint.RESOLVED`) is this object, whole.
+directory (`pretrain.runtime.checkpoint.RESOLVED`) is this object, whole.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import Recipe
-from pretrain.ds_config import precision, zero_stage
-from pretrain.layout import ParallelLayout
-from pretrain.schedules import Optimization
+from pretrain.run.config import Recipe
+from pretrain.run.ds_config import precision, zero_stage
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.run.schedules import Optimization
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ResolvedRun:
     optimization: Optimization
     world_size: int
     tokens_per_sample: int
-    flops_per_sample: float  # model FLOPs of one training sample, forward and backward (pretrain.flops)
+    flops_per_sample: float  # model FLOPs of one training sample, forward and backward (pretrain.runtime.flops)
     data_path: Path
     data_kind: str
     notes: list[str] = field(default_factory=list)

@@ -37,7 +37,7 @@ def _zero_shot(loaded, model: torch.nn.Module, folder) -> torch.nn.Module:
 
 def _run_data_section(loaded) -> dict[str, Any]:
     """The data section of a classifier run's recipe ({} for anything else)."""
-    from pretrain.checkpoint import resolve_checkpoint, run_metadata
+    from pretrain.runtime.checkpoint import resolve_checkpoint, run_metadata
 
     if loaded.family not in ("clip-classify", "clip-captions") or loaded.info.get("format") != "deepspeed":
         return {}
@@ -59,8 +59,8 @@ def evaluate_folder(checkpoint: str, root: str, classnames: str | None = None, s
     ``classnames`` and ``val_fraction`` default to a classifier run's own (data.classnames,
     data.val_fraction), so its val split is the one it was evaluated on while training."""
     from data_pipelines.image.folder import ImageFolder
-    from pretrain.evaluate import load_model
-    from pretrain.wise_ft import interpolated_models
+    from pretrain.run.build import load_model
+    from pretrain.finetune.wise_ft import interpolated_models
 
     loaded = load_model(checkpoint)
     data = _run_data_section(loaded)

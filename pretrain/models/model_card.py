@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import COMPLETE, RESOLVED, CheckpointRef
+from pretrain.runtime.checkpoint import COMPLETE, RESOLVED, CheckpointRef
 
 
 def _read_json(path: Path) -> dict | None:

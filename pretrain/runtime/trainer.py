@@ -18,18 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.adapters import add_lora, describe_counts, parameter_counts
-from pretrain.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
-from pretrain.data import empty_split_note
-from pretrain.ds_config import for_deepspeed, toolkit_scheduler
-from pretrain.flops import peak_tflops, this_accelerator, utilisation
-from pretrain.hooks import TrainerHooks
-from pretrain.metrics import MetricsLogger, rewind
-from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, freeze_by_pattern, get_family
-from pretrain.parallelize import parallelize
-from pretrain.resolved import ResolvedRun
-from pretrain.schedules import lambda_scheduler, lr_function, warmup_cosine
-from pretrain import sequence_parallel, tensor_parallel
+from pretrain.finetune.adapters import describe_counts, parameter_counts
+from pretrain.runtime.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
+from pretrain.run.data import empty_split_note
+from pretrain.run.ds_config import for_deepspeed, toolkit_scheduler
+from pretrain.runtime.flops import peak_tflops, this_accelerator, utilisation
+from pretrain.runtime.hooks import TrainerHooks
+from pretrain.runtime.metrics import MetricsLogger, rewind
+from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, get_family
+from pretrain.run import features
+from pretrain.run.build import build_model
+from pretrain.run.feature import RunContext
+from pretrain.run.resolved import ResolvedRun
+from pretrain.run.schedules import lambda_scheduler, lr_function, warmup_cosine
 
 
 @dataclass
@@ -112,7 +113,6 @@ class Trainer:
         self._logged_skips: tuple[int, dict[str, int]] = (0, {})
         self._signal: int | None = None
         self._data_wait = 0.0  # seconds rank 0 waited for batches since the last train line
-        self.sp: sequence_parallel.SequenceParallel | None = None  # set with the engine when the layout has SP
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -127,11 +127,12 @@ class Trainer:
                                       zero_stage=self.run.zero_stage, seed=self.recipe.training.seed,
                                       resume=self.resume, keep_last=self.recipe.checkpoint.keep_last,
                                       in_save=self.hooks.in_save, tp=self.layout.tp)
+        self.ctx = RunContext(self.recipe, self.family, self.inputs.model_config, self.inputs.data, self.layout,
+                              self.run.deepspeed, is_main=self.is_main)
         self.engine = self._engine(self._model())
-        if self.layout.tp > 1:
-            held, sharded = tensor_parallel.sharded_parameters(self.engine.module)
-            print(f"layout: {self.layout.describe()}; rank {self.rank} (TP rank {self.layout.tp_rank}) holds {held} "
-                  f"parameter elements, {sharded} of them in TP-sharded layers", flush=True)
+        for line in features.started(self.engine, self.ctx):  # per rank: a TP rank says what it holds
+            if self.is_main or self.layout.tp > 1:
+                print(f"layout: {line}", flush=True)
         self.micro, self.gas = self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps()
         self.global_batch = self.micro * self.gas * self.layout.dp
         self.peak_tflops = self.recipe.training.peak_tflops or peak_tflops(*self._accelerator())
@@ -158,22 +159,19 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.run.deepspeed)
-        model = self.family.build_model(model_cfg, config)
-        if model_cfg.freeze:
-            frozen = freeze_by_pattern(self.family.hf_model(model), model_cfg.freeze, self.family.freeze_aliases)
+        built = build_model(self.family, model_cfg, config)
+        for done in built.done:
             if self.is_main:
-                print(f"froze {frozen} parameter tensors matching {model_cfg.freeze}", flush=True)
-        if model_cfg.lora is not None:
-            add_lora(model, self.family, model_cfg)
-        self.param_counts = parameter_counts(model)
+                print(f"model: {done}", flush=True)
+        self.param_counts = parameter_counts(built.model)
         if self.is_main:
             print(describe_counts(self.param_counts), flush=True)
         if zero3:
-            self.family.register_external_parameters(model)
-        for done in parallelize(model, self.family, self.recipe, self.run.deepspeed):
+            self.family.register_external_parameters(built.model)
+        for done in features.parallelize(built.model, self.ctx):
             if self.is_main:
                 print(f"layout: {done}", flush=True)
-        return model
+        return built.model
 
     def _engine(self, model: torch.nn.Module):
         """deepspeed.initialize with the recipe's AdamW and LR schedule unless the DeepSpeed config
@@ -195,15 +193,11 @@ class Trainer:
                 fn = lambda step: warmup_cosine(step, opt.lr, opt.min_lr, opt.warmup_steps, opt.max_steps)  # noqa: E731
             scheduler = lambda o: lambda_scheduler(o, fn)  # noqa: E731
         config = self.ckpt.deepspeed_config(for_deepspeed(ds))
-        # Ulysses replaces the model's attention kernel and makes its groups before the engine exists
-        self.sp = sequence_parallel.setup(model, self.layout, ds, getattr(self.inputs.data, "seq_len", None))
-        self.loss_fn = self.sp.loss if self.sp else self.family.loss
-        if self.sp and self.is_main:
-            print(f"layout: {self.layout.describe()}; Ulysses sequence parallelism: each rank holds "
-                  f"{self.sp.seq_len // self.sp.size} of the {self.sp.seq_len} tokens of every sequence", flush=True)
+        # the features' process groups, loss and kernels, made before the engine exists (collective)
+        self.parts = features.engine_parts(model, self.ctx)
+        self.loss_fn = self.parts.loss or self.family.loss
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=config,
-                                               mpu=self.sp.mpu if self.sp else tensor_parallel.deepspeed_mpu(self.layout))
+                                               lr_scheduler=scheduler, config=config, mpu=self.parts.mpu)
         self.device = engine.device
         return engine
 
@@ -468,15 +462,9 @@ class Trainer:
         return out
 
     def _dp_group(self):
-        """The process group over which model replicas sum their eval results (None: all ranks)."""
-        if self.sp is not None:  # DeepSpeed's data-parallel group under Ulysses holds the SP ranks too
-            return self.sp.dp_group
-        if self.layout.dp == self.world:
-            return None
-        from deepspeed.utils import groups
-
-        # the (data_parallel, tensor_parallel) mesh's DP group that tensor_parallel.deepspeed_mpu made
-        return groups.get_data_parallel_group()
+        """The process group over which model replicas meet (None: all ranks), from the feature
+        that made the groups."""
+        return self.parts.dp_group() if self.parts.dp_group else None
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.state.step, self.state.to_dict(), self.stream.state_dict())

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pretrain.run.feature import Built, Feature, RunContext
+
 if TYPE_CHECKING:
-    from pretrain.config import LoraConfig, ModelConfig
     from pretrain.models import ModelFamily
+    from pretrain.run.config import LoraConfig, ModelConfig
 
 # peft's defaults by model_type cover gpt2 and llama; CLIP is missing from its table.
 DEFAULT_TARGETS = {"clip": ["q_proj", "v_proj"]}
@@ -111,6 +113,34 @@ def add_lora(model: torch.nn.Module, family: "ModelFamily", model_cfg: "ModelCon
     if model_cfg.init_from:  # what the exported adapter names as its base (peft takes the model's own name)
         wrapper.peft_config["default"].base_model_name_or_path = str(Path(model_cfg.init_from).resolve())
     return wrapper
+
+
+class LoRA(Feature):
+    """The run feature: ``model.lora``'s adapters, checked on a skeleton and added wherever the
+    model is built (training, evaluation, export, the TP merge)."""
+
+    name = "LoRA"
+
+    def problems(self, ctx: RunContext) -> list[str]:
+        if ctx.recipe.model.lora is None:
+            return []
+        problems = []
+        skeleton = ctx.skeleton()
+        if skeleton is not None:
+            problems.extend(check(ctx.recipe.model, skeleton))
+        if ctx.layout.tp > 1:
+            # AutoTP would shard the adapted layers' base weights under peft's wrappers, and the
+            # merge of TP shards knows the model's own layers only: never trained, so refused
+            problems.append(f"model.lora together with {ctx.source}: tensor_parallel.autotp_size {ctx.layout.tp} is not "
+                            "supported (AutoTP does not shard peft's adapted layers); fine-tune with LoRA on data "
+                            "parallelism (ZeRO-3 splits a model too large for one GPU) or drop the tensor_parallel "
+                            "section")
+        return problems
+
+    def build(self, built: Built, family: "ModelFamily", model_cfg: "ModelConfig") -> None:
+        if model_cfg.lora is not None:
+            built.adapter = add_lora(built.model, family, model_cfg)
+            built.done.append(f"LoRA adapters (r {model_cfg.lora.r}, alpha {model_cfg.lora.alpha})")
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

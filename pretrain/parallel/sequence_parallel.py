@@ -9,10 +9,10 @@ per rank fall by N, for sequences that do not fit one rank.
 
 What the toolkit adds around DeepSpeed's pieces:
 
-- ``check``: the layouts that cannot run, refused before any rank starts (architecture, ZeRO
+- ``check`` (the feature `UlyssesSequenceParallel`'s rules): the layouts that cannot run, refused before any rank starts (architecture, ZeRO
   stage, TP together with SP, heads / KV heads / sequence length that N does not divide, eager attention);
 - ``SequenceParallel.shard`` instead of DeepSpeed's ``UlyssesSPDataLoaderAdapter``: the toolkit's
-  loader already splits the data by the data-parallel rank only (`pretrain.layout`), so every rank
+  loader already splits the data by the data-parallel rank only (`pretrain.parallel.layout`), so every rank
   of an SP group holds the same micro-batch and cuts its own chunk locally. The adapter would
   all-gather a different batch from each SP rank and hand them out one per step, which makes the
   stream's position depend on N; this keeps "one micro-batch per DP rank per micro-step" as in a
@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import copy
 import types
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.layout import ParallelLayout
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.run.feature import EngineParts, Feature, RunContext
 
 SUPPORTED_ARCHS = ("llama", "gpt2")
 
@@ -73,8 +73,9 @@ def check(arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int | N
     if packed and attn_implementation != "flash_attention_2":
         # Ulysses drops dense masks, so sdpa would let packed conversations attend to each other;
         # flash-attention finds them from the position_ids, which the chunks carry whole.
-        problems.append(f"{key}: {sp} with packed conversations (chat data) needs model.attn_implementation "
-                        f"flash_attention_2 (Ulysses drops the block-diagonal mask that {attn_implementation} needs)")
+        problems.append(f"{key}: {sp} with chat data is refused with {attn_implementation}: packed conversations "
+                        "(chat data) needs model.attn_implementation flash_attention_2 (Ulysses drops the "
+                        f"block-diagonal mask that {attn_implementation} needs)")
     return problems
 
 
@@ -184,9 +185,28 @@ class SequenceParallel:
         return _SumOverGroup.apply(total, self.group) / count.clamp(min=1)
 
 
-def setup(model: torch.nn.Module, layout: ParallelLayout, deepspeed_config: dict[str, Any],
-          seq_len: int) -> SequenceParallel | None:
-    """The rank's SequenceParallel when the layout asks for SP (collective), else None."""
-    if layout.sp == 1:
-        return None
-    return SequenceParallel(model, layout, deepspeed_config["train_micro_batch_size_per_gpu"], seq_len)
+class UlyssesSequenceParallel(Feature):
+    """The run feature: its rules before any rank starts, its groups and loss for the engine."""
+
+    name = "sequence parallelism"
+
+    def problems(self, ctx: RunContext) -> list[str]:
+        if ctx.deepspeed is None:
+            return []
+        return check(ctx.arch, ctx.layout, ctx.zero_stage, getattr(ctx.model_config, "num_attention_heads", None),
+                     getattr(ctx.model_config, "num_key_value_heads", None), ctx.seq_len,
+                     ctx.recipe.model.attn_implementation, ctx.source, packed=ctx.chat)
+
+    def engine(self, model: torch.nn.Module, ctx: RunContext) -> EngineParts | None:
+        if ctx.layout.sp == 1:
+            return None
+        # replaces the model's attention kernel and makes its groups before the engine exists
+        sp = SequenceParallel(model, ctx.layout, ctx.deepspeed["train_micro_batch_size_per_gpu"], ctx.seq_len)
+        # DeepSpeed's data-parallel group under Ulysses holds the SP ranks too: replicas meet in sp.dp_group
+        return EngineParts(mpu=sp.mpu, loss=sp.loss, dp_group=lambda: sp.dp_group, sequence_parallel=sp)
+
+    def started(self, engine, ctx: RunContext) -> list[str]:
+        if ctx.layout.sp == 1:
+            return []
+        return [f"{ctx.layout.describe()}; Ulysses sequence parallelism: each rank holds "
+                f"{ctx.seq_len // ctx.layout.sp} of the {ctx.seq_len} tokens of every sequence"]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class RecipeError(ValueError):
@@ -208,7 +208,7 @@ class TrainingConfig(_Section):
         "memory for about a third more compute; the losses are unchanged")
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
     peak_tflops: float | None = Field(None, gt=0, description="the accelerator's dense peak TFLOPS per GPU for the run's "
-                                      "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/flops.py by "
+                                      "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/runtime/flops.py by "
                                       "the CUDA device's name; none on a CPU, so mfu is null there)")
     on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it; with gradient accumulation under ZeRO-1/2/3 the whole optimizer step, checked once per step) or stop the run")
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches")

@@ -35,8 +35,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 # The FLOPs math and the accelerator table are shared with the trainer's MFU.
-from pretrain.flops import BYTES_PER_ELEMENT, DTYPES, GPUS, total_flops, total_flops_from_samples  # noqa: F401
-from pretrain.metrics import dumps  # JSON with null, never a bare NaN
+from pretrain.runtime.flops import BYTES_PER_ELEMENT, DTYPES, GPUS, total_flops, total_flops_from_samples  # noqa: F401
+from pretrain.runtime.metrics import dumps  # JSON with null, never a bare NaN
 
 PROG = "pretrain-plan"
 GB = 1e9
@@ -172,8 +172,8 @@ def layout_problems(num_gpus: int, tp: int, sp: int, num_heads: int | None, seq_
 
 
 def layout_runs(tp: int, sp: int, stage: int) -> bool:
-    """Whether the trainer runs this combination: the rules `pretrain.tensor_parallel.check` and
-    `pretrain.sequence_parallel.check` apply before any rank starts (AutoTP with any ZeRO stage,
+    """Whether the trainer runs this combination: the rules `pretrain.parallel.tensor_parallel.check` and
+    `pretrain.parallel.sequence_parallel.check` apply before any rank starts (AutoTP with any ZeRO stage,
     Ulysses with ZeRO-3, not both at once); tests/test_sequence_parallel.py keeps the two in step."""
     if tp > 1 and sp > 1:
         return False
@@ -240,11 +240,11 @@ def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
 
 
 def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
-    """A clip-family recipe: forward FLOPs per image-text pair from `pretrain.flops.clip_forward_flops`
+    """A clip-family recipe: forward FLOPs per image-text pair from `pretrain.runtime.flops.clip_forward_flops`
     (the function the trainer's MFU uses too)."""
     from transformers import AutoConfig
 
-    from pretrain.flops import clip_forward_flops
+    from pretrain.runtime.flops import clip_forward_flops
     from pretrain.models.clip import count_params, hf_config
 
     config = (AutoConfig.from_pretrained(recipe.model.init_from) if recipe.model.init_from
@@ -259,7 +259,7 @@ FAMILY_SHAPES: dict[str, Callable[[Any, int], ModelShape]] = {"gpt": gpt_shape, 
 
 
 def recipe_shape(name_or_path: str, vocab_size: int = 50304) -> ModelShape:
-    from pretrain.config import load_recipe
+    from pretrain.run.config import load_recipe
 
     recipe, path = load_recipe(name_or_path)
     shape_of = FAMILY_SHAPES.get(recipe.family)
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
-    from pretrain.config import RecipeError
+    from pretrain.run.config import RecipeError
 
     try:
         result = plan_from_args(args)

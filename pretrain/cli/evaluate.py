@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, fp32_state_dict, load_weights, resolve_checkpoint
-from pretrain.metrics import dumps
+from pretrain.run.build import Loaded, load_model
+from pretrain.runtime.checkpoint import CheckpointError
+from pretrain.runtime.metrics import dumps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,57 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Loaded:
-    model: torch.nn.Module  # in fp32 on the CPU, eval mode; for CLIP the ContrastiveCLIP wrapper
-    family: str
-    config: Any  # the transformers config
-    tokenizer_dir: Path | None
-    info: dict
-    adapter: Any = None  # peft's wrapper around the transformers model, for a LoRA run (pretrain.adapters)
-
-
-def load_model(checkpoint: str) -> Loaded:
-    """A run's checkpoint (any ZeRO stage) or an exported Hugging Face directory, of either family."""
-    from transformers import AutoConfig
-
-    from pretrain import adapters
-    from pretrain.checkpoint import run_metadata
-    from pretrain.config import Recipe
-    from pretrain.models import family_name, family_of_hf_config, get_family
-
-    if adapters.is_adapter_dir(checkpoint):
-        base = adapters.adapter_base(checkpoint)
-        config = AutoConfig.from_pretrained(base)
-        name = family_of_hf_config(config)
-        model = adapters.load_merged(get_family(name), checkpoint)
-        return Loaded(model.eval(), name, config, Path(checkpoint),
-                      {"checkpoint": str(checkpoint), "format": "peft-adapter", "family": name, "base": str(base)})
-    ref = resolve_checkpoint(checkpoint)
-    if ref.kind == "hf":
-        config = AutoConfig.from_pretrained(ref.path)
-        name = family_of_hf_config(config)
-        model = get_family(name).from_pretrained(ref.path)
-        return Loaded(model.eval(), name, config, ref.path, {"checkpoint": str(ref.path), "format": "hf", "family": name})
-    meta = run_metadata(ref)
-    name = family_name(Recipe.model_validate(meta["recipe"]))
-    family = get_family(name)
-    config = AutoConfig.from_pretrained(ref.run_dir / "model")
-    model_cfg = Recipe.model_validate(meta["recipe"]).model
-    model = family.model_from_config(config, model_cfg)
-    # a LoRA run's checkpoint names its weights as the adapted model does
-    adapter = adapters.add_lora(model, family, model_cfg) if model_cfg.lora else None
-    load_weights(model, fp32_state_dict(ref))
-    tok = ref.run_dir / "tokenizer"
-    return Loaded(model.eval(), name, config, tok if tok.is_dir() else None,
-                  {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name}, adapter)
-
-
 def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int = 16,
              max_samples: int | None = None) -> dict:
     """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
     top-1/top-5 and retrieval recall@1/5/10 for clip."""
-    from pretrain.data import open_eval_data
+    from pretrain.run.data import open_eval_data
     from pretrain.models import EvalRequest, RunData, get_family
 
     loaded = load_model(checkpoint)
@@ -125,7 +80,7 @@ def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
     refusing a model too small for it (too few embedding rows or positions)."""
     from transformers import AutoTokenizer
 
-    from pretrain.config import ModelConfig, Recipe
+    from pretrain.run.config import ModelConfig, Recipe
 
     model_dir = loaded.info["checkpoint"]
     recipe = Recipe(family=loaded.family, model=ModelConfig(arch="clip" if loaded.family == "clip" else "gpt2",
@@ -155,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
             if args.image_folder is not None:
-                from pretrain.classify import evaluate_folder
+                from pretrain.finetune.classify import evaluate_folder
 
                 result = evaluate_folder(args.checkpoint or args.model, args.image_folder, args.classnames, args.split,
                                          args.batch_size, args.max_samples, args.wise_ft, args.wise_ft_from,
@@ -169,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(dumps(result))  # null, never a bare NaN (an empty split)
     elif args.image_folder is not None:
-        from pretrain.classify import describe
+        from pretrain.finetune.classify import describe
 
         print(describe(result))
     else:
@@ -186,8 +141,8 @@ def _alphas(text: str) -> list[float]:
 
 
 def _is_model_dir(path: str) -> bool:
-    from pretrain.adapters import is_adapter_dir
-    from pretrain.checkpoint import _is_hf_dir
+    from pretrain.finetune.adapters import is_adapter_dir
+    from pretrain.runtime.checkpoint import _is_hf_dir
 
     return is_adapter_dir(path) or _is_hf_dir(Path(path))
 

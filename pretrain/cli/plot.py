@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.runtime.metrics import read_metrics  # noqa: E402
 
 
 def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
@@ -114,9 +114,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1) -> Path:
-    from pretrain.config import Recipe, load_json, load_recipe
-    from pretrain.ds_config import resolve_ds_config
-    from pretrain.schedules import effective_optimization, lrs_for_config
+    from pretrain.run.config import Recipe, load_json, load_recipe
+    from pretrain.run.ds_config import resolve_ds_config
+    from pretrain.run.schedules import effective_optimization, lrs_for_config
 
     recipe = load_recipe(recipe_name)[0] if recipe_name else Recipe()
     recipe.training.max_steps = steps
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pretrain.config import RecipeError
+    from pretrain.run.config import RecipeError
 
     try:
         if args.schedule:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.layout import ParallelLayout
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.run.feature import EngineParts, Feature, RunContext
 
 # AutoTP shards nn.Linear layers (by transformers' tp_plan, or by name). Llama's projections are
 # nn.Linear and shard. GPT-2's are transformers' Conv1D with a fused q/k/v: DeepSpeed 0.19.8's
@@ -68,9 +69,13 @@ def fill(ds: dict, layout: ParallelLayout) -> list[str]:
         section["vocab_parallel_lm_head"] = False
         return ["tensor_parallel.vocab_parallel_lm_head: set to false (the LM head gathers the whole logits, "
                 "which the toolkit's token losses need)"]
-    if section["vocab_parallel_lm_head"]:
-        raise ValueError("tensor_parallel.vocab_parallel_lm_head: true leaves each rank a slice of the logits, "
-                         "but the toolkit computes its losses from whole logits; remove it or set it to false")
+    return []
+
+
+def vocab_parallel_problems(ds: dict, layout: ParallelLayout, source: str) -> list[str]:
+    if layout.tp > 1 and (ds.get("tensor_parallel") or {}).get("vocab_parallel_lm_head"):
+        return [f"{source}: tensor_parallel.vocab_parallel_lm_head: true leaves each rank a slice of the logits, "
+                "but the toolkit computes its losses from whole logits; remove it or set it to false"]
     return []
 
 
@@ -103,7 +108,10 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], full_shapes: dict[str, t
     merged = {}
     for name, first in shards[0].items():
         full = full_shapes.get(name)
-        if full is None or tuple(first.shape) == tuple(full):
+        if full is None:  # keeping rank 0's copy would silently drop the other ranks' shards
+            raise ValueError(f"{name}: a tensor in the TP shards that the model has no parameter for, so it cannot "
+                             "be merged (was the checkpoint written by another model or with adapters?)")
+        if tuple(first.shape) == tuple(full):
             merged[name] = first
             continue
         dims = [d for d in range(first.dim()) if first.shape[d] != full[d]]
@@ -115,6 +123,41 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], full_shapes: dict[str, t
             raise ValueError(f"{name}: {len(shards)} TP shards give {tuple(merged[name].shape)}, the model has "
                              f"{tuple(full)}")
     return merged
+
+
+class TensorParallel(Feature):
+    """The run feature: AutoTP's rules, its DeepSpeed settings, and its groups for the engine."""
+
+    name = "tensor parallelism"
+
+    def problems(self, ctx: RunContext) -> list[str]:
+        if ctx.deepspeed is None:
+            return []
+        return check(ctx.arch, ctx.layout, ctx.zero_stage, getattr(ctx.model_config, "num_attention_heads", None),
+                     getattr(ctx.model_config, "num_key_value_heads", None), ctx.source) + \
+            vocab_parallel_problems(ctx.deepspeed, ctx.layout, ctx.source)
+
+    def configure(self, ds: dict, ctx: RunContext) -> list[str]:
+        notes = fill(ds, ctx.layout)
+        if ctx.layout.tp_crosses_nodes(ctx.local_world):
+            notes.append(f"tensor_parallel.autotp_size {ctx.layout.tp} does not divide the {ctx.local_world} ranks per "
+                         "node, so TP groups span machines and every layer's all-reduce crosses the network; keep TP "
+                         "inside a node, DP across")
+        return notes
+
+    def engine(self, model: torch.nn.Module, ctx: RunContext) -> EngineParts | None:
+        if ctx.layout.tp == 1:
+            return None
+        groups = deepspeed_mpu(ctx.layout)
+        # the (data_parallel, tensor_parallel) mesh's DP group: where model replicas meet
+        return EngineParts(mpu=groups, dp_group=groups.get_data_parallel_group)
+
+    def started(self, engine, ctx: RunContext) -> list[str]:
+        if ctx.layout.tp == 1:
+            return []
+        held, sharded = sharded_parameters(engine.module)
+        return [f"{ctx.layout.describe()}; rank {ctx.layout.rank} (TP rank {ctx.layout.tp_rank}) holds {held} "
+                f"parameter elements, {sharded} of them in TP-sharded layers"]
 
 
 def tp_degree(tag_dir: Path) -> int:
