@@ -160,7 +160,7 @@ def prepare(args: argparse.Namespace):
                            world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
                            flops_per_sample=family.train_flops_per_sample(model_config, data),
                            data_path=Path(data.root), data_kind=data.KIND, notes=[*data_notes, *notes],
-                           data_sources=data.to_json() if hasattr(data, "sources") else None)
+                           data_sources=data.to_json())
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir
 

@@ -63,7 +63,7 @@ def _batches(data, tokenizer, n: int) -> list[dict]:
 def _same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert [i.rsplit(":", 1)[1] for i in x["_ids"]] == [i.rsplit(":", 1)[1] for i in y["_ids"]]
+        assert [i.rsplit(":", 1)[1] for i in x.meta["ids"]] == [i.rsplit(":", 1)[1] for i in y.meta["ids"]]
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["input_ids"], y["input_ids"])
 
 
@@ -123,7 +123,7 @@ def test_raw_shards_decode_on_the_fly_skipping_and_counting_bad_images(raw, toke
     seen = set()
     for batch in itertools.islice(iter(stream), 7):  # 28 of the 28 decodable samples of epoch 0
         assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["input_ids"].shape == (4, CTX)
-        seen.update(i.split(":")[-1] for i in batch["_ids"])
+        seen.update(i.split(":")[-1] for i in batch.meta["ids"])
     assert len(seen) == 28 and seen < set(info["keys"])
     assert stream.skips.counts == {"undecodable": 4}
 
@@ -158,7 +158,7 @@ def test_held_out_keys_are_never_trained_on_and_are_exactly_the_val_split(raw, t
             stream = ImageTextTrainStream(data, "train", 2, tokenizer, CTX, SIZE, rank, world, seed=1,
                                           shuffle_buffer=4, augment=False, trace=True)
             for batch in itertools.islice(iter(stream), 3 * 28 // world // 2):
-                trained.update(i.split(":")[-1] for i in batch["_ids"])
+                trained.update(i.split(":")[-1] for i in batch.meta["ids"])
     assert trained == set(info["keys"]) - _corrupt_keys() - want_val  # all the rest, over a few epochs
     rows = []
     for rank in range(2):

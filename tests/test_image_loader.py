@@ -113,13 +113,13 @@ def test_train_batches_shapes_dtypes_and_determinism(tmp_path: Path, tokenizer) 
 
     a, b = run(0), run(0)
     batch = a[0]
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "_stats"}
-    assert {k: batch["_stats"][k] for k in ("slot", "read", "skipped", "batches")} == {
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"} and set(batch.meta) == {"stats"}
+    assert {k: batch.meta["stats"][k] for k in ("slot", "read", "skipped", "batches")} == {
         "slot": 0, "read": 4, "skipped": {}, "batches": 1}
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, CTX)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x if k != "_stats"), "same seed, same crops and order"
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x), "same seed, same crops and order"
     order = [i for x in a for i in ids_of(x["pixel_values"])]
     assert len(order) == 36 and set(order) == set(range(12)), "three epochs of 12 samples, no end"
     assert order[:12] != sorted(order[:12])
@@ -245,7 +245,7 @@ def test_a_world_size_change_re_divides_the_epoch_for_image_text_too(tmp_path: P
     n = 33 - 1
 
     def pull(loader, k):
-        return [i for b in itertools.islice(loader, k) for i in b["_ids"]]
+        return [i for b in itertools.islice(loader, k) for i in b.meta["ids"]]
 
     common = dict(seed=2, shuffle_buffer=4, trace=True)
     seen = []
@@ -308,7 +308,7 @@ def test_train_stream_takes_the_crops_the_pillow_transform_takes(tmp_path: Path,
     keys = []
     for n, batch in enumerate(batches):
         rng = random.Random(_seed(5, "augment", 0, n))  # a generator per (slot, batch)
-        for row, ident in enumerate(batch["_ids"]):
+        for row, ident in enumerate(batch.meta["ids"]):
             key = ident.rsplit(":", 1)[1]
             keys.append(key)
             expected = train_transform(decode_rgb(raw[key]), 24, rng)
@@ -332,7 +332,7 @@ def test_simplejpeg_and_pillow_decoders_give_the_same_stream(tmp_path: Path, tok
         assert a["pixel_values"].shape == b["pixel_values"].shape == (4, 3, 32, 32)
         assert torch.equal(a["input_ids"], b["input_ids"]), "same samples in the same order"
         assert torch.allclose(a["pixel_values"], b["pixel_values"], atol=0.05), "the same libjpeg output"
-        assert all(torch.equal(a[k], c[k]) for k in a if k != "_stats"), "deterministic from the seed"
+        assert all(torch.equal(a[k], c[k]) for k in a), "deterministic from the seed"
 
 
 def test_a_dataloader_worker_builds_the_same_batches_as_the_main_process(tmp_path: Path, tokenizer) -> None:
@@ -345,7 +345,7 @@ def test_a_dataloader_worker_builds_the_same_batches_as_the_main_process(tmp_pat
 
     for a, b in zip(run(0), run(1)):
         assert a["pixel_values"].dtype == b["pixel_values"].dtype == torch.float32
-        assert all(torch.equal(a[k], b[k]) for k in a if k != "_stats")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_uint8_stream_normalised_on_the_device_gives_the_same_pixels_and_clip_loss(tmp_path: Path, tokenizer) -> None:

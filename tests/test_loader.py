@@ -93,7 +93,7 @@ def test_eval_batches_are_equal_per_rank_and_cover_the_split_once(tmp_path, worl
 
 
 def _pull(loader, n):
-    return [i for b in itertools.islice(loader, n) for i in b["_ids"]]
+    return [i for b in itertools.islice(loader, n) for i in b.meta["ids"]]
 
 
 @pytest.mark.parametrize("shard_sizes", [[5, 7, 6, 4, 8, 3, 5, 2], [10, 13, 9]], ids=["shards>=slots", "shards<slots"])

@@ -121,7 +121,7 @@ def _stream(data, tokenizer, batch_size=1, buffer=64) -> ImageTextTrainStream:
 def _first_epoch(stream, n: int):
     """The ids of the first ``n`` samples (all of epoch 0), the skip counts and messages. With a shuffle
     buffer larger than an epoch, the whole epoch is read before its first batch is handed out."""
-    ids = [i for batch in itertools.islice(iter(stream), n) for i in batch["_ids"]]
+    ids = [i for batch in itertools.islice(iter(stream), n) for i in batch.meta["ids"]]
     assert len(ids) == n and all(i.startswith("0:") for i in ids), ids
     return ids, dict(stream.skips.counts), list(stream.skips.examples)
 
@@ -191,7 +191,7 @@ def test_a_pipe_command_exiting_non_zero_or_stalling_is_retried_then_counted(sha
 
 
 def _same(a: dict, b: dict) -> None:
-    assert a["_ids"] == b["_ids"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert a.meta["ids"] == b.meta["ids"] and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
 def test_a_resume_passes_over_the_same_unreachable_shards_without_fetching_or_counting_them_again(
@@ -219,7 +219,7 @@ def test_a_resume_passes_over_the_same_unreachable_shards_without_fetching_or_co
         _same(batch, ref[k])
         assert resumed.counts() == counts[k], f"resume at batch {k}: counted again"
         cursor = states[k]["slots"]["0"]["cursors"][0]
-        if "unreachable" in cursor and all(i.startswith(f"{cursor['epoch']}:") for i in batch["_ids"]):
+        if "unreachable" in cursor and all(i.startswith(f"{cursor['epoch']}:") for i in batch.meta["ids"]):
             fetched = Counter(requests) - before  # only the rebuilt block was read
             assert fetched["00001.tar"] == 0 and fetched["00002.tar"] <= 1, (k, cursor, fetched)
             checked += 1

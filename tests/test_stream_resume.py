@@ -24,7 +24,7 @@ def tokenizer():
 
 
 def _ids(stream, n):
-    return [i for b in itertools.islice(stream, n) for i in b["_ids"]]
+    return [i for b in itertools.islice(stream, n) for i in b.meta["ids"]]
 
 
 def _two_corpora(tmp_path, a=(20,) * 6, b=(15,) * 4):
@@ -182,7 +182,7 @@ def test_an_image_text_mixture_resumes_with_the_same_crops(tmp_path, tokenizer):
     resumed = stream()
     resumed.load_state_dict(state)
     for x, y in zip(expected, itertools.islice(resumed, 6)):
-        assert x["_ids"] == y["_ids"] and torch.equal(x["pixel_values"], y["pixel_values"])
+        assert x.meta["ids"] == y.meta["ids"] and torch.equal(x["pixel_values"], y["pixel_values"])
         assert torch.equal(x["input_ids"], y["input_ids"])
     assert resumed.samples_by_source() == original.samples_by_source()
     assert resumed.counts() == original.counts() and original.counts()[1] == {"undecodable": 1}

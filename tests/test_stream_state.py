@@ -13,7 +13,7 @@ COMMON = dict(seed=7, shuffle_buffer=4, trace=True)
 
 
 def _ids(stream, n):
-    return [i for b in itertools.islice(stream, n) for i in b["_ids"]]
+    return [i for b in itertools.islice(stream, n) for i in b.meta["ids"]]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from data_pipelines.batch import Batch
 from data_pipelines.image.transforms import TrainView, normalize_batch
 from data_pipelines.loader import SkipLog, stable_seed
 from data_pipelines.splits import split_hash
@@ -124,6 +125,10 @@ class ImageFolder:
     """
 
     KIND = KIND
+    chat = False
+    seq_len: int | None = None
+    fetch = None  # local files
+    sources = None
 
     def __init__(self, root: str | Path, classnames: str | Path | None = None, val_fraction: float = 0.1,
                  seed: int = 0):
@@ -170,6 +175,12 @@ class ImageFolder:
 
     def num_samples(self, split: str) -> int:
         return len(self.files(split))
+
+    def origin(self, split: str) -> str:
+        return f"the {split!r} images of {self.root}"
+
+    def to_json(self) -> None:
+        return None
 
     def _scan(self, split: str) -> list[tuple[str, int]]:
         label = {f: i for i, f in enumerate(self.folders)}
@@ -219,15 +230,15 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
 
-def _collate(items: list, images: _Images) -> dict:
+def _collate(items: list, images: _Images) -> Batch:
     good = [(p, y, pos) for p, y, pos in items if p is not None]
     pixels = torch.stack([p for p, _, _ in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     info = torch.utils.data.get_worker_info()
     # counters travel with the batch: DataLoader workers are other processes
-    return {"pixel_values": pixels, "labels": torch.tensor([y for _, y, _ in good], dtype=torch.long),
-            "_positions": [pos for _, _, pos in good],
-            "_stats": {"slot": info.id if info is not None else 0, "read": images.read,
-                       "skipped": dict(images.skips.counts)}}
+    return Batch({"pixel_values": pixels, "labels": torch.tensor([y for _, y, _ in good], dtype=torch.long)},
+                 {"positions": [pos for _, _, pos in good],
+                  "stats": {"slot": info.id if info is not None else 0, "read": images.read,
+                            "skipped": dict(images.skips.counts)}})
 
 
 @dataclass
@@ -340,7 +351,7 @@ class FolderTrainStream:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
-        positions = batch.pop("_positions")
+        positions = batch.meta["positions"]
         if self.captions is not None:
             n = len(positions)
             if n == 0:
@@ -353,7 +364,7 @@ class FolderTrainStream:
         batch["pixel_values"] = normalize_batch(batch["pixel_values"])
         self.micro_batches += 1
         self.handed_out += len(batch["labels"])
-        self._slots[batch["_stats"]["slot"]] = batch["_stats"]
+        self._slots[batch.meta["stats"]["slot"]] = batch.meta["stats"]
         return batch
 
 

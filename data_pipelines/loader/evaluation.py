@@ -26,7 +26,7 @@ def eval_batches(data: TextShards, split: str, batch_size: int, rank: int = 0, w
     """
     skips = SkipLog(f"eval {split}: ")
     samples = read_checked(data.shards(split), skips, data.shard_samples(split), data.keep(split),
-                           getattr(data, "fetch", None))
+                           data.fetch)
     windows = checked_windows(samples, skips, data.seq_len, data.vocab_size, data.chat)
     share: EvalShare[np.ndarray, np.ndarray] = EvalShare(data.num_samples(split), max_samples, rank, world_size,
                                                          batch_size)

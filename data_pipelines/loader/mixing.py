@@ -43,7 +43,7 @@ def stream_sources(data, split: str) -> list[StreamSource]:
     """What a split is read from: a data object with weighted ``sources`` (data.sources:
     `data_pipelines.sources.SourceData`) gives one stream source per train source; anything else
     (a prepared folder) is one source, the split's shards."""
-    many = getattr(data, "sources", None)
+    many = data.sources
     if split == "train" and many:
         return [StreamSource(s.name, tuple(s.shards), dict(s.shard_samples) or None, float(s.weight)) for s in many]
     return [StreamSource(Path(str(data.root)).name or split, tuple(data.shards(split)), data.shard_samples(split))]

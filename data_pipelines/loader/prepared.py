@@ -13,6 +13,10 @@ class PreparedShards:
     """A prepared dataset directory: its manifest (checked to be of ``KIND``) and shard paths per split."""
 
     KIND = ""
+    chat = False  # the text kind reads it from the manifest
+    seq_len: int | None = None
+    fetch = None  # a prepared folder is local: the default fetch policy
+    sources = None  # one folder: nothing to mix
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -40,4 +44,10 @@ class PreparedShards:
 
     def keep(self, split: str) -> Callable[[dict], bool] | None:
         """A filter of the split's samples (sources whose splits share shards have one); none here."""
+        return None
+
+    def origin(self, split: str) -> str:
+        return f"the {split!r} split of {self.root}"
+
+    def to_json(self) -> None:
         return None

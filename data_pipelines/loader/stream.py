@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from data_pipelines.batch import Batch
 from data_pipelines.loader.accounting import SkipLog, unreachable_count
 from data_pipelines.loader.mixing import SourceMix, StreamSource, stream_sources
 from data_pipelines.loader.prepared import PreparedShards
@@ -86,9 +87,9 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         self.set_history(history)
         self.trace = trace
         self.expected = data.shard_samples(split)
-        self.keep = data.keep(split) if hasattr(data, "keep") else None
+        self.keep = data.keep(split)
         # retries and timeout of shard fetches: the data object's (data.fetch_* of the recipe), else the defaults
-        self.fetch = getattr(data, "fetch", None) or FetchPolicy()
+        self.fetch = data.fetch or FetchPolicy()
         self.skips = SkipLog(f"rank {rank}: ")
         self.samples_read = 0
         self.io: Counter[str] = Counter()  # shards opened and raw samples read by this process (resume cost)
@@ -340,9 +341,8 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
     def __iter__(self) -> Iterator[dict]:
         slot = self._slot()
         for ids, items, batch in self._batches(slot):
-            out = self.collate(items, self.slot_state(slot, batch))
             # The slot's state and counters travel with the batch: DataLoader workers are other processes.
-            out["_stats"] = self.slot_stats
+            out = Batch(self.collate(items, self.slot_state(slot, batch)), {"stats": self.slot_stats})
             if self.trace:
-                out["_ids"] = [self._trace_id(i) for i in ids]
+                out.meta["ids"] = [self._trace_id(i) for i in ids]
             yield out

@@ -89,7 +89,7 @@ class TextTrainStream(EpochStream):
         self.seq_len, self.vocab_size = data.seq_len, data.vocab_size
 
     def decode(self, sample: dict) -> np.ndarray | None:
-        return checked_window(sample, self.skips, self.seq_len, self.vocab_size, getattr(self.data, "chat", False))
+        return checked_window(sample, self.skips, self.seq_len, self.vocab_size, self.data.chat)
 
     def collate(self, items: list, state) -> dict:
         return collate_windows(items)

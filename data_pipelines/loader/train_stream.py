@@ -99,7 +99,7 @@ class TrainStream:
             self._it = self._start()
         batch = self.dataset.finish(next(self._it))
         self.micro_batches += 1
-        self.slot_stats[batch["_stats"]["slot"]] = batch["_stats"]
+        self.slot_stats[batch.meta["stats"]["slot"]] = batch.meta["stats"]
         return batch
 
     def _start(self) -> Iterator[dict]:

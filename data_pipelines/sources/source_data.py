@@ -25,6 +25,9 @@ class SourceData:
     """
 
     KIND = ""
+    chat = False  # text sources read it from their manifests
+    seq_len: int | None = None
+    fetch = None  # pretrain.run.data sets the recipe's FetchPolicy
     caption_key = "txt"  # image-text: the member holding a raw sample's caption (data.caption_key)
 
     def __init__(self, sources: Sequence[Source], eval_sources: Sequence[Source] = (), holdout: float = 0.0,

@@ -17,7 +17,8 @@ import torch
 if TYPE_CHECKING:  # the config and data modules import nothing from here; keep it that way at run time too
     from transformers import PretrainedConfig
 
-    from data_pipelines.loader import PreparedShards, TrainStream
+    from data_pipelines.dataset import DataSet
+    from data_pipelines.loader import TrainStream
     from pretrain.run.config import DataConfig, ModelConfig, Recipe
 
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # the config and data modules import nothing from here; keep 
 class RunData:
     """The prepared data a run reads, and what it is read with."""
 
-    data: "PreparedShards"
+    data: "DataSet"
     tokenizer_dir: Path | None
     model_config: "PretrainedConfig"
 
@@ -41,7 +42,7 @@ class StreamRequest:
     seed: int
     rank: int = 0
     world: int = 1
-    sample_ids: bool = False  # batches carry "_ids" ("epoch:shard:key" per sample), for traces
+    sample_ids: bool = False  # batches carry meta["ids"] ("epoch:shard:key" per sample), for traces
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,14 @@ class ModelFamily:
     freeze_aliases: Mapping[str, str]  # model.freeze shorthands ("vision") -> regular expressions
 
     # data and configuration, before any rank starts
-    open_data: Callable[[str | Path], "PreparedShards"]
-    tokenizer_dir: Callable[["Recipe", "PreparedShards"], Path | None]
+    open_data: Callable[[str | Path], "DataSet"]
+    tokenizer_dir: Callable[["Recipe", "DataSet"], Path | None]
     model_config: Callable[["ModelConfig", Any], "PretrainedConfig"]  # (model section, tokenizer)
-    check: Callable[["Recipe", "PreparedShards", "PretrainedConfig", Any], list[str]]  # problems, each naming its key
+    check: Callable[["Recipe", "DataSet", "PretrainedConfig", Any], list[str]]  # problems, each naming its key
     count_params: Callable[["PretrainedConfig"], int]
     hidden_size: Callable[["PretrainedConfig"], int]  # sizes DeepSpeed's "auto" buckets
-    tokens_per_sample: Callable[["PreparedShards", "PretrainedConfig"], int]
-    train_flops_per_sample: Callable[["PretrainedConfig", "PreparedShards"], float]  # model FLOPs, forward + backward
+    tokens_per_sample: Callable[["DataSet", "PretrainedConfig"], int]
+    train_flops_per_sample: Callable[["PretrainedConfig", "DataSet"], float]  # model FLOPs, forward + backward
 
     # the model
     build_model: Callable[["ModelConfig", "PretrainedConfig"], torch.nn.Module]  # for training (init_from honoured)

@@ -134,7 +134,7 @@ def _check_eval_split(data, d: DataConfig, notes: list[str], max_samples: int | 
 
 def empty_split_note(data, split: str) -> str:
     """Why an evaluation found no samples, in words, for the eval line that reports it."""
-    origin = data.origin(split) if hasattr(data, "origin") else f"the {split!r} split of {data.root}"
+    origin = data.origin(split)
     return (f"the {split} split gave no samples to evaluate ({origin}); loss is null, not a number; hold out more "
             "(data.holdout_fraction) or name data.eval_sources")
 

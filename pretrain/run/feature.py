@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:
+    from data_pipelines.dataset import DataSet
     from pretrain.models.spec import ModelFamily
     from pretrain.parallel.layout import ParallelLayout
     from pretrain.run.config import ModelConfig, Recipe
@@ -39,7 +40,7 @@ class RunContext:
     recipe: "Recipe"
     family: "ModelFamily"
     model_config: Any  # the transformers config
-    data: Any  # the data object the family reads (prepared shards, sources, an image folder)
+    data: "DataSet"  # what the family reads (a prepared folder, sources, an image folder)
     layout: "ParallelLayout"
     deepspeed: dict | None  # resolved ("auto" filled); None when it could not be resolved
     source: str = "deepspeed config"  # the DeepSpeed JSON's path, for messages
@@ -61,11 +62,11 @@ class RunContext:
     @property
     def chat(self) -> bool:
         """Whether the data packs conversations (their own positions and a block-diagonal mask)."""
-        return bool(getattr(self.data, "chat", False))
+        return bool(self.data.chat)
 
     @property
     def seq_len(self) -> int | None:
-        return getattr(self.data, "seq_len", None)
+        return self.data.seq_len
 
     def skeleton(self) -> torch.nn.Module | None:
         """The family's bare transformers model on the meta device (names and shapes, no memory),

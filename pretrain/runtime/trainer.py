@@ -260,9 +260,8 @@ class Trainer:
         waited = time.perf_counter()
         raw = next(self.stream)
         self._data_wait += time.perf_counter() - waited
-        self.hooks.on_batch(step, self.rank, raw.get("_ids"))
-        # "_stats" and "_ids" are the stream's bookkeeping, not model inputs
-        batch = {k: v.to(self.device) for k, v in raw.items() if not k.startswith("_")}
+        self.hooks.on_batch(step, self.rank, raw.meta.get("ids"))
+        batch = {k: v.to(self.device) for k, v in raw.items()}  # raw.meta, the stream's bookkeeping, stays here
         return self.hooks.on_loss(step, micro, self.rank, self.loss_fn(self.engine, batch))
 
     def _read_sums(self, device_values: list[torch.Tensor]) -> list[float]:
