@@ -72,7 +72,9 @@ def test_hf_docs_style_config_is_filled_like_the_hf_integration():
     assert out["zero_optimization"]["reduce_bucket_size"] == 10000
     assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 1000
     assert ds["train_batch_size"] == "auto", "the user's dict is not modified"
-    assert notes == []
+    # filled silently but for what changes the training: bf16 accumulation in fp32, DeepSpeed's warmup
+    assert out["data_types"]["grad_accum_dtype"] == "fp32"
+    assert [n.split(":")[0] for n in notes] == ["scheduler", "data_types.grad_accum_dtype"], notes
 
 
 def test_concrete_batch_values_win_with_a_note_and_bad_arithmetic_is_refused():

@@ -88,6 +88,7 @@ def _in_process(argv: list[str]) -> tuple[list[dict], list[dict]]:
     return metrics(Path(args.output_dir))
 
 
+@pytest.mark.slow
 def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prepared_stdlib, tmp_path):
     from pretrain.cli.evaluate import evaluate
     from pretrain.cli.export import export
@@ -110,7 +111,9 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
     for a, b in zip(sp_train, ref_train, strict=True):
         assert a["step"] == b["step"] and a["samples"] == b["samples"] == 2 * a["step"]
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * b["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+        # 1e-4 as for the loss: since step 1 trains (lr / warmup, not 0), Adam's first update, about lr x sign(g),
+        # turns float-rounding differences in near-zero gradients into weight differences of lr
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
     # evaluation runs whole sequences on every SP rank and sums over model replicas only
     assert sp_eval[-1]["samples"] == ref_eval[-1]["samples"] == 8
     assert abs(sp_eval[-1]["loss"] - ref_eval[-1]["loss"]) <= 1e-4 * ref_eval[-1]["loss"]
@@ -148,6 +151,7 @@ def test_the_planner_proposes_only_layouts_the_trainer_runs():
                 assert plan.layout_runs(tp, sp, stage) == (not refused), (tp, sp, stage, refused)
 
 
+@pytest.mark.slow
 def test_gpt2_attention_goes_through_ulysses_with_the_loss_and_gradients_of_no_sp():
     """GPT-2 merges the attention heads itself, unlike Llama: SP=2 on 2 ranks (torchrun, no engine)
     gives the loss and the gradients of the whole sequences (tests/sp_equivalence.py)."""

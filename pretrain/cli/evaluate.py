@@ -22,6 +22,8 @@ from pretrain.run.build import Loaded, load_model
 from pretrain.runtime.checkpoint import CheckpointError
 from pretrain.runtime.metrics import dumps
 
+DEFAULT_BATCH = 16
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain-eval", description=__doc__)
@@ -50,16 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--wise-ft: the original weights (default: the run's model.init_from)")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
                    help="split to evaluate (default val; all: every image of an --image-folder)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences (or image-text pairs) per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences (or image-text pairs) per forward pass, and the batch a CLIP's contrastive "
+                        f"loss is over (default {DEFAULT_BATCH}; a run's CLIP checkpoint: the loss is over the run's "
+                        "own eval batch, eval.batch_size or the micro-batch, times its data-parallel size)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
-def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int = 16,
+def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int | None = None,
              max_samples: int | None = None) -> dict:
     """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
-    top-1/top-5 and retrieval recall@1/5/10 for clip."""
+    top-1/top-5 and retrieval recall@1/5/10 for clip.
+
+    A contrastive loss depends on how many pairs are scored together: without ``batch_size`` a
+    run's CLIP checkpoint is scored over the run's own eval batch (`run_eval_batch`), so the value
+    is the one its training logged; ``loss_batch_size`` in the result says which batch it was."""
     from pretrain.run.data import open_eval_data
     from pretrain.models import EvalRequest, RunData, get_family
 
@@ -70,8 +79,37 @@ def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int
     if loaded.info["format"] != "deepspeed":
         tokenizer_dir = _outside_tokenizer(family, loaded, data)
     run = RunData(data, tokenizer_dir, loaded.config)
-    result = family.evaluate(loaded.model, run, EvalRequest(split, batch_size, max_samples))
-    return {"split": split, **result, **loaded.info}
+    if loaded.family != "clip":  # a mean over tokens or samples: the batch changes nothing but memory
+        result = family.evaluate(loaded.model, run, EvalRequest(split, batch_size or DEFAULT_BATCH, max_samples))
+        return {"split": split, **result, **loaded.info}
+    run_batch = run_eval_batch(checkpoint) if loaded.info["format"] == "deepspeed" else None
+    loss_batch = batch_size or run_batch or DEFAULT_BATCH
+    # the forward batch only bounds memory (a run's eval batch is summed over all its ranks)
+    request = EvalRequest(split, batch_size or min(DEFAULT_BATCH, loss_batch), max_samples)
+    result = family.evaluate(loaded.model, run, request, loss_batch_size=loss_batch)
+    return {"split": split, **result, "loss_batch_size": loss_batch, **loaded.info}
+
+
+def run_eval_batch(checkpoint: str) -> int | None:
+    """The batch a run's in-training evaluation computed its loss over, from its resolved-config.json:
+    eval.batch_size, else the micro-batch it trained with (as `Trainer.evaluate` picks it), on each
+    data-parallel rank, times the data-parallel size (the ranks gather their rows into one batch).
+    None when the checkpoint has no run directory."""
+    import json
+
+    from pretrain.runtime.checkpoint import RESOLVED, resolve_checkpoint
+
+    ref = resolve_checkpoint(checkpoint)
+    if ref.run_dir is None or not (ref.run_dir / RESOLVED).is_file():
+        return None
+    resolved = json.loads((ref.run_dir / RESOLVED).read_text())
+    per_rank = (resolved.get("recipe", {}).get("eval", {}).get("batch_size")
+                or resolved.get("batch", {}).get("micro_batch_size")
+                or resolved.get("deepspeed", {}).get("train_micro_batch_size_per_gpu"))
+    if not isinstance(per_rank, int):
+        return None
+    dp = resolved.get("parallel", {}).get("dp") or resolved.get("world_size") or 1
+    return per_rank * int(dp)
 
 
 def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
@@ -113,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 from pretrain.finetune.classify import evaluate_folder
 
                 result = evaluate_folder(args.checkpoint or args.model, args.image_folder, args.classnames, args.split,
-                                         args.batch_size, args.max_samples, args.wise_ft, args.wise_ft_from,
-                                         args.val_fraction)
+                                         args.batch_size or DEFAULT_BATCH, args.max_samples, args.wise_ft,
+                                         args.wise_ft_from, args.val_fraction)
             else:
                 result = evaluate(args.checkpoint or args.model, args.data, args.split, args.batch_size,
                                   args.max_samples)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIP
 from data_pipelines.image.transforms import normalize_batch
 from pretrain.run.config import ModelConfig, Recipe, VisionConfig
 from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
-from pretrain.models.gpt import round_up
+from pretrain.models.gpt import no_decay, round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
 if TYPE_CHECKING:
@@ -292,11 +292,6 @@ def hidden_size(config: PretrainedConfig) -> int:
     return max(config.text_config.hidden_size, config.vision_config.hidden_size)
 
 
-def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Gains, biases, the temperature and the class/position embeddings are not decayed (OpenCLIP)."""
-    return param.ndim < 2 or "logit_scale" in name or "embedding" in name and "patch_embedding" not in name
-
-
 def tokens_per_sample(data, config: PretrainedConfig) -> int:
     return config.text_config.max_position_embeddings
 
@@ -340,13 +335,26 @@ def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
+def loss_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Image-text pairs: each micro-batch's contrastive loss is a mean over its pairs."""
+    return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loss(model, batch) * batch["input_ids"].shape[0]
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 
 
 def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[int, int]:
-    """For each k, how many rows have their target among the k highest logits (ties count as hits)."""
+    """For each k, how many rows have their target among the k highest logits.
+
+    The target ranks below every other column that scores as high as it does: a tie is a miss, so
+    a collapsed tower (every logit of a row equal) scores nothing rather than everything. A NaN
+    target logit ranks last; a NaN elsewhere ranks above the target."""
     target_logit = logits.gather(1, targets[:, None])
-    rank = (logits > target_logit).sum(dim=1)
+    rank = (~(logits < target_logit)).sum(dim=1) - 1  # the other columns at or above the target
     return {k: int((rank < k).sum()) for k in ks}
 
 
@@ -366,13 +374,19 @@ def class_embeddings(model, tokenizer, classes: dict[str, Any], context: int, de
 
 
 @torch.no_grad()
-def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
+def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None = None) -> dict[str, Any]:
     """Contrastive loss (over batches of batch_size x world, padding masked), zero-shot top-1/5
     with prompt ensembling (when the data has classes.json), and retrieval recall@1/5/10 in both
-    directions. Collective: every rank calls it and gets the same result."""
+    directions. Collective: every rank calls it and gets the same result.
+
+    ``loss_batch_size`` (one process only): the loss over consecutive groups of that many samples
+    of the split instead, the sets a run's ranks gather when their eval batches add up to it,
+    whatever batch the forward passes take (so a large run's loss needs no large forward)."""
     from data_pipelines.image.loader import image_text_eval_batches
 
     data, config, device, world = run.data, run.model_config or model.config, req.device, req.world
+    if loss_batch_size is not None and world > 1:
+        raise ValueError("loss_batch_size is for one process; across ranks the loss is over batch_size x world")
     tokenizer = _tokenizer(run.tokenizer_dir)
     context, size = context_length(config), image_size(config)
     classes = data.classes()
@@ -382,13 +396,14 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     zs = torch.zeros(5, dtype=torch.float64)  # labelled, top1, top5, held-out labelled, held-out top1
     held_out = torch.tensor(sorted(classes.get("held_out", [])) if classes else [], dtype=torch.long)
     feats_i, feats_t, index = [], [], []
+    scale = None
     for batch in image_text_eval_batches(data, req.split, req.batch_size, tokenizer, context, size, req.rank, world,
                                          req.max_samples, stats):
         weight, label = batch.pop("weight"), batch.pop("label")
         out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), weight=weight.to(device))
         loss_sum += torch.tensor([float(out["loss_sum"]), float(out["count"])], dtype=torch.float64)
-        image, text = out["image"].cpu(), out["text"].cpu()
+        image, text, scale = out["image"].cpu(), out["text"].cpu(), out["scale"].cpu()
         valid = batch["index"] >= 0
         feats_i.append(image[valid]), feats_t.append(text[valid]), index.append(batch["index"][valid])
         if classifier is not None:
@@ -403,6 +418,8 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
                 if unseen.any():
                     zs[3] += int(unseen.sum())
                     zs[4] += _topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
+    if loss_batch_size is not None and feats_i:
+        loss_sum = _grouped_loss(torch.cat(feats_i), torch.cat(feats_t), torch.cat(index), scale, loss_batch_size)
     if world > 1:
         loss_sum, zs = _all_reduce(loss_sum, device), _all_reduce(zs, device)
     result: dict[str, Any] = {"loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
@@ -418,6 +435,21 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     if stats:
         result["skipped"] = stats
     return result
+
+
+def _grouped_loss(image: torch.Tensor, text: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """[loss sum, rows] of the contrastive loss over the samples whose split positions fall in
+    each block of ``size``: a run with eval batch B on W ranks gathers exactly samples
+    [kWB, (k+1)WB) in its k-th batch (sample i on rank i % W). Rows not decoded are absent here
+    and masked there, so the sums agree."""
+    total = torch.zeros(2, dtype=torch.float64)
+    block = index // size
+    for b in torch.unique(block):
+        rows = block == b
+        losses = contrastive_row_losses(image[rows], text[rows], scale)
+        total += torch.tensor([float(losses.sum()), int(rows.sum())], dtype=torch.float64)
+    return total
 
 
 def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
@@ -450,7 +482,8 @@ def _gather_rows(feats_i: list, feats_t: list, index: list, world: int, device="
 
 def retrieval(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k of image->text and text->image retrieval among the given pairs (row i of each
-    is a pair). Identical captions tie, and a tie counts as found."""
+    is a pair). A tie counts as missed (`_topk_hits`), so identical captions in the split cost
+    recall: a pair is found only when its own caption scores strictly above the others."""
     if image.shape[0] == 0:
         return {}
     sims = image @ text.T
@@ -471,7 +504,7 @@ FAMILY = ModelFamily(
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
     hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
     register_external_parameters=register_external_parameters,
-    train_stream=train_stream, loss=loss, evaluate=evaluate,
+    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
     # CLIPModel's temperature is a 0-dim parameter, which zero.Init cannot broadcast (DeepSpeed 0.19
     # views every new parameter as bytes: "self.dim() cannot be 0 to view Float as Byte")
     zero_init=False,

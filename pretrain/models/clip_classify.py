@@ -233,6 +233,14 @@ def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(pixel_values=batch["pixel_values"], labels=batch["labels"])
 
 
+def loss_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(batch["labels"].shape[0], device=batch["labels"].device)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loss(model, batch) * batch["labels"].shape[0]
+
+
 @torch.no_grad()
 def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     """Cross-entropy, top-1 and top-5 accuracy on a split of the folder. Collective: every rank
@@ -323,7 +331,7 @@ FAMILY = dataclasses.replace(
     clip.FAMILY, name="clip-classify", open_data=open_data, tokenizer_dir=tokenizer_dir, check=check,
     tokens_per_sample=tokens_per_sample, train_flops_per_sample=train_flops_per_sample, build_model=build_model,
     model_from_config=model_from_config, from_pretrained=from_pretrained, to_hf=to_hf, save_hf_assets=save_hf_assets,
-    train_stream=train_stream, loss=loss, evaluate=evaluate,
+    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
 )
 
 # A plain CLIP trained contrastively against class-name captions: clip's model, loss and export,

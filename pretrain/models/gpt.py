@@ -141,9 +141,19 @@ def count_params(config: PretrainedConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# Embedding tables by the name transformers gives them: GPT-2, Llama, CLIP's towers.
+EMBEDDING_TABLES = frozenset({"wte", "wpe", "embed_tokens", "token_embedding", "position_embedding", "class_embedding"})
+
+
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases, norm gains and other vectors are not decayed (GPT-2 / nanoGPT practice)."""
-    return param.ndim < 2
+    """The weight-decay rule of every family: no decay for biases and norm gains (every parameter of
+    fewer than 2 dimensions), token and position embedding tables, and CLIP's logit scale (GPT-2 /
+    OpenCLIP practice); every other matrix is decayed (attention and MLP weights, an untied LM head,
+    a ViT's patch projection, a classifier head). GPT-2's LM head is tied to ``wte`` and follows it.
+    A ZeRO-3 parameter built partitioned is judged by its full shape, not its empty local one."""
+    shape = getattr(param, "ds_shape", param.shape)
+    parts = name.split(".")
+    return len(shape) < 2 or "logit_scale" in parts or any(part in EMBEDDING_TABLES for part in parts)
 
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,6 +162,16 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     (`segment_ids`) attend within their own conversation only."""
     logits = model(**causal_lm_inputs(model, batch)).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none").view_as(batch["labels"])
+
+
+def loss_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens a batch trains: every label, or the assistant tokens of chat data."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed token losses (the trainer divides by the optimizer step's ``loss_items``)."""
+    return token_losses(model, batch).sum()
 
 
 def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -214,5 +234,5 @@ FAMILY = ModelFamily(
     build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
     hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
     register_external_parameters=no_external_parameters,
-    train_stream=train_stream, loss=loss, evaluate=evaluate,
+    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
 )

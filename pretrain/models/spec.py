@@ -93,7 +93,10 @@ class ModelFamily:
 
     # training and evaluation
     train_stream: Callable[[RunData, StreamRequest], "TrainStream"]
-    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # the batch's mean item loss
+    # what the trainer optimises: a step's summed item losses over its items (tokens trained, pairs)
+    loss_items: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    loss_sum: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     evaluate: Callable[[torch.nn.Module, RunData, EvalRequest], dict[str, Any]]  # collective over ranks
 
     # ZeRO-3: whether build_model works inside deepspeed.zero.Init (partitioned from the start)

@@ -171,18 +171,19 @@ class SequenceParallel:
             positions = torch.arange(self.seq_len, device=ids.device).expand(ids.shape[0], -1)
         return {"input_ids": ids[:, part], "labels": labels[:, part], "position_ids": positions[:, part]}
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean token cross-entropy of the whole sequences (ignore index -100), identical on every
-        rank of the group and differentiable through every chunk."""
-        import torch.distributed as dist
-
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token cross-entropy of the whole sequences (ignore index -100), identical on every
+        rank of the group and differentiable through every chunk: the trainer divides it by the
+        step's trained tokens, which it counts from the whole sequences' labels."""
         part = self.shard(batch)
         logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"]).logits
         labels = part["labels"]
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
-        count = (labels != -100).sum().to(total.dtype)
-        dist.all_reduce(count, group=self.group)  # counts carry no gradient
-        return _SumOverGroup.apply(total, self.group) / count.clamp(min=1)
+        return _SumOverGroup.apply(total, self.group)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean token cross-entropy of the whole sequences: ``loss_sum`` over the trained tokens."""
+        return self.loss_sum(model, batch) / (batch["labels"] != -100).sum().clamp(min=1)
 
 
 class UlyssesSequenceParallel(Feature):
@@ -203,7 +204,7 @@ class UlyssesSequenceParallel(Feature):
         # replaces the model's attention kernel and makes its groups before the engine exists
         sp = SequenceParallel(model, ctx.layout, ctx.deepspeed["train_micro_batch_size_per_gpu"], ctx.seq_len)
         # DeepSpeed's data-parallel group under Ulysses holds the SP ranks too: replicas meet in sp.dp_group
-        return EngineParts(mpu=sp.mpu, loss=sp.loss, dp_group=lambda: sp.dp_group, sequence_parallel=sp)
+        return EngineParts(mpu=sp.mpu, loss_sum=sp.loss_sum, dp_group=lambda: sp.dp_group, sequence_parallel=sp)
 
     def started(self, engine, ctx: RunContext) -> list[str]:
         if ctx.layout.sp == 1:

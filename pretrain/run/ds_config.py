@@ -88,7 +88,7 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     ds[keys[0]], ds[keys[1]], ds[keys[2]] = micro, gas, expected
 
 
-def _fill_scheduler(sched: dict, tr: Optimization) -> list[str]:
+def _fill_scheduler(sched: dict, tr: Optimization, notes: list[str]) -> list[str]:
     kind = sched.get("type")
     params = sched.setdefault("params", {})
     if kind in TOOLKIT_TYPES:
@@ -107,7 +107,40 @@ def _fill_scheduler(sched: dict, tr: Optimization) -> list[str]:
     }
     for k, v in fills.items():
         _set_auto(params, k, v)
+    if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+        w = params.get("warmup_num_steps", 1000)
+        notes.append(f"scheduler: DeepSpeed's {kind} trains the first two optimizer steps at no more than its warmup "
+                     f"minimum (0 by default) and warms up over max(2, warmup_num_steps) = "
+                     f"{max(2, w) if isinstance(w, int) else w} steps "
+                     f"(training.warmup_steps is {tr.warmup_steps}); without a scheduler section the toolkit's "
+                     "warmup + cosine trains step 1 at lr/warmup_steps, or at lr with no warmup")
     return []
+
+
+def _grad_accum_dtype(ds: dict, notes: list[str]) -> None:
+    """Unset, DeepSpeed accumulates gradients in the model's dtype, and a bf16 sum (8 significant bits)
+    rounds away what each micro-batch adds below its last bit (benchmarks/bench_grad_accum.py measures
+    it). So bf16 configs under ZeRO-2/3 get fp32 accumulation; an explicit value is kept."""
+    if not (isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True):
+        return
+    data_types = ds.get("data_types")
+    if isinstance(data_types, dict) and data_types.get("grad_accum_dtype") not in (None, AUTO):
+        return
+    zero = ds.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage in (0, 1):
+        if isinstance(data_types, dict) and data_types.get("grad_accum_dtype") == AUTO:
+            data_types["grad_accum_dtype"] = "bf16"
+        why = ("DeepSpeed 0.19 refuses fp32 accumulation without ZeRO" if stage == 0 else
+               "with it DeepSpeed 0.19 switches ZeRO-1 to its BF16_Optimizer, whose checkpoints its zero_to_fp32 "
+               "(what pretrain-eval and pretrain-export read) refuses as 'not a zero checkpoint'")
+        if ds.get("gradient_accumulation_steps", 1) != 1:
+            notes.append(f"data_types.grad_accum_dtype: left bf16 under ZeRO-{stage}: gradients are accumulated "
+                         f"over micro-batches in bf16 ({why}); ZeRO-2 or 3 accumulates in fp32")
+        return
+    ds["data_types"] = {**(data_types if isinstance(data_types, dict) else {}), "grad_accum_dtype": "fp32"}
+    notes.append("data_types.grad_accum_dtype: fp32 (bf16 gradients are accumulated over micro-batches in fp32; "
+                 "set it to \"bf16\" in the DeepSpeed config to accumulate in bf16)")
 
 
 def toolkit_scheduler(ds: dict) -> dict | None:
@@ -151,7 +184,7 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
 
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
-        problems += _fill_scheduler(sched, opt_values)
+        problems += _fill_scheduler(sched, opt_values, notes)
 
     zero = ds.get("zero_optimization")
     if isinstance(zero, dict):
@@ -162,6 +195,8 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
             problems.append(f"zero_optimization.stage: must be 0, 1, 2 or 3 (got {stage!r})")
+
+    _grad_accum_dtype(ds, notes)
 
     for path in _find_autos(ds):
         problems.append(f"{path}: \"auto\" has no value to fill it from")

@@ -94,11 +94,11 @@ class EngineParts:
     """What features hand to ``deepspeed.initialize`` and the loop; each part from one feature."""
 
     mpu: Any = None  # DeepSpeed's process-group provider
-    loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None  # replaces the family's loss
+    loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None  # replaces the family's loss_sum
     dp_group: Callable[[], Any] | None = None  # where model replicas meet (None: every rank)
     sequence_parallel: Any = None  # the rank's Ulysses group, for the loop's eval and logging
 
-    PARTS = ("mpu", "loss", "dp_group", "sequence_parallel")
+    PARTS = ("mpu", "loss_sum", "dp_group", "sequence_parallel")
 
     def merge(self, other: "EngineParts", owner: str, owners: dict[str, str]) -> None:
         for name in self.PARTS:

@@ -33,9 +33,12 @@ COMMON = {"warmup_num_steps": 0}
 
 
 def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``.
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``.
 
     ``step`` is the number of optimizer steps already taken; the value is the LR of the next one.
+    With warmup W, optimizer step s (1-based) trains at ``lr * s / W`` up to step W, so the first
+    step already learns (at lr/W) and step W is at the peak; W = 0 is no warmup (step 1 at ``lr``).
+    DeepSpeed's WarmupLR/WarmupCosineLR differ: steps 1 and 2 at their minimum, and at least 2.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
@@ -159,13 +162,25 @@ def lambda_scheduler(optimizer, fn: Callable[[int], float]):
 
     LambdaLR multiplies a base LR by the lambda's value, so the base is pinned to 1.0.
     Its state (last_epoch) is saved in DeepSpeed checkpoints, so a resumed run continues exactly.
+    It also takes the state of DeepSpeed's own schedulers (``last_batch_iteration``, steps taken - 1):
+    the shipped configs named DeepSpeed's WarmupCosineLR before, and their runs must still resume.
     """
     import torch
+
+    class AbsoluteLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+        def load_state_dict(self, state_dict: dict) -> None:
+            if "last_epoch" in state_dict or "last_batch_iteration" not in state_dict:
+                return super().load_state_dict(state_dict)
+            taken = int(state_dict["last_batch_iteration"]) + 1
+            self.last_epoch, self._step_count = taken, taken + 1
+            self._last_lr = [fn(taken)] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["lr"] = fn(taken)
 
     for group in optimizer.param_groups:
         group["lr"] = 1.0
         group["initial_lr"] = 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return AbsoluteLambdaLR(optimizer, fn)
 
 
 def scale_lr(lr: float, batch: int, reference: int, rule: str) -> float:

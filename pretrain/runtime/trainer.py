@@ -41,7 +41,9 @@ class RunState:
     samples: int = 0
     tokens: int = 0
     nonfinite_skips: int = 0
-    train_losses: list[float] = field(default_factory=list)  # since the last eval, for the gap
+    train_losses: list[float] = field(default_factory=list)  # each step's loss since the last eval
+    train_loss_sum: float = 0.0  # item losses since the last eval, over ranks (TP/SP groups count theirs
+    train_items: float = 0.0  # once per rank, in both sums alike): the train loss of the gap
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,7 +197,7 @@ class Trainer:
         config = self.ckpt.deepspeed_config(for_deepspeed(ds))
         # the features' process groups, loss and kernels, made before the engine exists (collective)
         self.parts = features.engine_parts(model, self.ctx)
-        self.loss_fn = self.parts.loss or self.family.loss
+        self.loss_sum = self.parts.loss_sum or self.family.loss_sum
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=config, mpu=self.parts.mpu)
         self.device = engine.device
@@ -255,14 +257,38 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _next_loss(self, step: int, micro: int) -> torch.Tensor:
-        """The loss of the stream's next micro-batch (not yet read back to the host)."""
+    def _next_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The stream's next micro-batch on the device."""
         waited = time.perf_counter()
         raw = next(self.stream)
         self._data_wait += time.perf_counter() - waited
         self.hooks.on_batch(step, self.rank, raw.meta.get("ids"))
-        batch = {k: v.to(self.device) for k, v in raw.items()}  # raw.meta, the stream's bookkeeping, stays here
-        return self.hooks.on_loss(step, micro, self.rank, self.loss_fn(self.engine, batch))
+        return {k: v.to(self.device) for k, v in raw.items()}  # raw.meta, the stream's bookkeeping, stays here
+
+    def _step_items(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the step's loss items over every micro-batch and model replica, each micro-batch's own):
+        trained tokens for a language model, samples for CLIP. Stays on the device (an all-reduce
+        over the data-parallel group, no host read)."""
+        import torch.distributed as dist
+
+        mine = [self.family.loss_items(b).to(torch.float64) for b in batches]
+        total = torch.stack(mine).sum().reshape(1)
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=self._dp_group())
+        return total, mine
+
+    def _loss(self, step: int, micro: int, batch: dict[str, torch.Tensor],
+              items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what micro-batch ``micro`` back-propagates, its share of the step's loss sum, not yet
+        read back to the host). The step's objective is the sum of item losses over all its
+        micro-batches and replicas divided by the step's items, whatever the (micro, gas, world)
+        split; DeepSpeed divides by gas and averages over the replicas, so each micro-batch's sum is
+        scaled by gas x DP / items. A micro-batch without items (a chat window whose assistant turn
+        was cut) adds nothing and dilutes nothing."""
+        scale = (self.gas * self.layout.dp) / items.clamp(min=1)
+        summed = self.loss_sum(self.engine, batch)
+        loss = self.hooks.on_loss(step, micro, self.rank, summed * scale.to(summed.dtype).reshape(()))
+        return loss, loss.detach().double().reshape(1) / scale  # NaN injected by a hook stays NaN
 
     def _read_sums(self, device_values: list[torch.Tensor]) -> list[float]:
         """The step's one host read: the device values, then [stop requests, samples read, samples
@@ -275,18 +301,18 @@ class Trainer:
         dist.all_reduce(sums)
         return sums.tolist()
 
-    def _forward_finite(self, micro: int) -> tuple[torch.Tensor, list[float]]:
-        """The loss of the next micro-batch whose loss is finite on every rank (the others are
-        dropped by all ranks), and the sums over ranks of [loss, stop requests, samples read,
-        samples skipped]. One host read per micro-batch: the finiteness of the loss must be known
-        before its backward, so its flag travels with the loss value and the counters in one
-        all-reduce, and nothing else in the step waits for the device."""
-        step = self.state.step + 1
+    def _forward_finite(self, step: int, micro: int, batch: dict[str, torch.Tensor], items: torch.Tensor,
+                        mine: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """The loss of micro-batch ``micro``, or of the next one whose loss is finite on every rank
+        (the others are dropped by all ranks), and the sums over ranks of [loss sum, items, stop
+        requests, samples read, samples skipped]. One host read per micro-batch: the finiteness of
+        the loss must be known before its backward, so its flag travels with the loss value and the
+        counters in one all-reduce, and nothing else in the step waits for the device."""
         while True:
-            loss = self._next_loss(step, micro)
-            value = loss.detach().double().reshape(1)
-            finite = torch.isfinite(value)
-            bad_ranks, *totals = self._read_sums([(~finite).double(), torch.where(finite, value, torch.zeros_like(value))])
+            loss, share = self._loss(step, micro, batch, items)
+            finite = torch.isfinite(share)
+            bad_ranks, *totals = self._read_sums([(~finite).double(), torch.where(finite, share, torch.zeros_like(share)),
+                                                  mine.reshape(1)])
             if bad_ranks == 0:
                 return loss, totals
             where = (f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
@@ -300,20 +326,32 @@ class Trainer:
                                                     tr.max_nonfinite_skips, where)
             if self.is_main:
                 print(f"warning: {where}; skipped ({self.state.nonfinite_skips} so far)", flush=True)
+            batch = self._next_batch(step)
+            if self.gas == 1:  # the step is this one micro-batch: its items are the replacement's
+                items, (mine,) = self._step_items([batch])
+            else:
+                # earlier micro-batches are back-propagated already, divided by the items of the batches
+                # drawn for the step; the replacement keeps that divisor (ZeRO-0 with accumulation only)
+                mine = self.family.loss_items(batch).to(torch.float64)
 
-    def _accumulate_checked_each(self) -> tuple[float, list[float], int]:
+    def _accumulate_checked_each(self) -> tuple[float, float, list[float], int]:
         """``gas`` micro-batches, each checked before its backward (a non-finite one is replaced by
         the next): one host read per micro-batch. Used where nothing else would stop a non-finite
         gradient from being applied (ZeRO-0), and at gas 1, where it is the step's only read anyway."""
-        total = 0.0
+        step = self.state.step + 1
+        batches = [self._next_batch(step) for _ in range(self.gas)]
+        items, mine = self._step_items(batches)
+        total = count = 0.0
         for micro in range(self.gas):
-            loss, (loss_sum, *counters) = self._forward_finite(micro)
+            loss, (loss_sum, micro_items, *counters) = self._forward_finite(step, micro, batches[micro], items,
+                                                                            mine[micro])
             self.engine.backward(loss)
             self.engine.step()
             total += loss_sum
-        return total, counters, 0
+            count += micro_items
+        return total, count, counters, 0
 
-    def _accumulate_checked_once(self) -> tuple[float, list[float], int]:
+    def _accumulate_checked_once(self) -> tuple[float, float, list[float], int]:
         """``gas`` micro-batches with one host read per optimizer step (on a GPU a read per
         micro-batch would stall the host until the device drains, ``gas`` times a step). The losses'
         finiteness is summed on the device; before the last backward every rank learns, through a
@@ -321,19 +359,20 @@ class Trainer:
         so multiplies its last loss by NaN. Every rank's gradient is then non-finite, so the ZeRO
         optimizer (which checks the gradient norm) refuses the update on every rank, whatever its
         process groups: the step is skipped whole, weights, moments and LR schedule untouched.
-        Returns the loss sum over finite micro-batches and ranks, the counters, and how many
-        micro-batch losses were non-finite (summed over ranks)."""
+        Returns the loss sum over finite micro-batches and ranks, their items, the counters, and how
+        many micro-batch losses were non-finite (summed over ranks)."""
         import torch.distributed as dist
 
         step = self.state.step + 1
+        batches = [self._next_batch(step) for _ in range(self.gas)]
+        items, mine = self._step_items(batches)
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for micro in range(self.gas):
-            loss = self._next_loss(step, micro)
-            value = loss.detach().double().reshape(1)
-            finite = torch.isfinite(value)
+            loss, share = self._loss(step, micro, batches[micro], items)
+            finite = torch.isfinite(share)
             bad += (~finite).double()
-            loss_sum += torch.where(finite, value, torch.zeros_like(value))
+            loss_sum += torch.where(finite, share, torch.zeros_like(share))
             if micro == self.gas - 1:
                 anywhere = bad.clone()
                 dist.all_reduce(anywhere)  # stays on the device: nothing here waits for it
@@ -341,8 +380,8 @@ class Trainer:
                 loss = loss * poison.to(loss.dtype).reshape(())
             self.engine.backward(loss)
             self.engine.step()
-        bad_total, total, *counters = self._read_sums([bad, loss_sum])
-        return total, counters, int(bad_total)
+        bad_total, total, count, *counters = self._read_sums([bad, loss_sum, torch.stack(mine).sum().reshape(1)])
+        return total, count, counters, int(bad_total)
 
     def train_step(self, log: bool = True) -> dict[str, Any]:
         """One optimizer step: ``gas`` micro-batches through the engine. The gradient norm is read
@@ -351,9 +390,9 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         refused_before = getattr(self.engine, "skipped_steps", 0)
         if self.gas > 1 and self.run.zero_stage >= 1:
-            total, (stop, read, bad), nonfinite = self._accumulate_checked_once()
+            total, count, (stop, read, bad), nonfinite = self._accumulate_checked_once()
         else:
-            total, (stop, read, bad), nonfinite = self._accumulate_checked_each()
+            total, count, (stop, read, bad), nonfinite = self._accumulate_checked_each()
         refused = getattr(self.engine, "skipped_steps", 0) > refused_before
         if nonfinite:  # raises, or counts the skipped step
             self._nonfinite_gradient(refused, f"non-finite loss at step {self.state.step + 1} in {nonfinite} "
@@ -363,9 +402,15 @@ class Trainer:
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.run.tokens_per_sample
-        mean_loss = total / self.gas / self.world if not nonfinite else float("nan")
-        if not nonfinite:
+        # the step's loss over its items, the estimator of the val loss (ranks of one TP or SP group
+        # count the same sum and items, so the ratio holds): the gap compares like with like
+        mean_loss = total / count if count else 0.0
+        if nonfinite:
+            mean_loss = float("nan")
+        else:
             self.state.train_losses.append(mean_loss)
+            self.state.train_loss_sum += total
+            self.state.train_items += count
         norm = None
         if (log or refused) and not nonfinite:
             norm = self.engine.get_global_grad_norm()
@@ -450,9 +495,9 @@ class Trainer:
                               max_samples=ev.max_samples, rank=self.layout.dp_rank, world=self.layout.dp,
                               device=self.device, group=self._dp_group())
         result = self.family.evaluate(self.engine, self.inputs, request)
-        window = self.state.train_losses
-        train_loss = sum(window) / len(window) if window else float("nan")
-        self.state.train_losses = []
+        sums = (self.state.train_loss_sum, self.state.train_items)
+        train_loss = sums[0] / sums[1] if sums[1] else float("nan")  # over the items since the last eval
+        self.state.train_losses, self.state.train_loss_sum, self.state.train_items = [], 0.0, 0.0
         self.engine.train()
         out = {"step": self.state.step, "split": self.recipe.data.eval_split, **result,
                "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
