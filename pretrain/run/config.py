@@ -193,7 +193,8 @@ class TrainingConfig(_Section):
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the decay")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps from 0 to lr")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases, norms and embeddings' positions)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; never applied to biases, norm gains, token and "
+                                "position embeddings or CLIP's logit scale (one rule for every family)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
