@@ -192,7 +192,8 @@ class TrainingConfig(_Section):
     max_steps: int = Field(1000, gt=0, description="optimizer steps in the run; --max-steps overrides")
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the decay")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps from 0 to lr")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup: optimizer step s of the first W trains at lr x s / W "
+                              "(step 1 already learns); 0 means no warmup")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; never applied to biases, norm gains, token and "
                                 "position embeddings or CLIP's logit scale (one rule for every family)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
