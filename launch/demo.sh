@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The walking skeleton end to end on a CPU: install, turn the Python standard library's sources
+# The walking skeleton end to end on a CPU: install the runtime dependencies (launch/setup.sh; the test
+# extras are .ci/run's), turn the Python standard library's sources
 # into token shards, pretrain gpt-tiny on 2 ranks with ZeRO-2, evaluate, export, and sample.
 # A few minutes on 2 cores. Env: NUM_GPUS (ranks, default 2), DS_CONFIG, STEPS, OUT (default runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== 0/5 install the runtime dependencies (launch/setup.sh)"
 bash launch/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 NUM_GPUS=${NUM_GPUS:-2}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CLIP end to end on a CPU: install, make a synthetic image-caption set (shapes x colours, some
+# CLIP end to end on a CPU: install the runtime dependencies, make a synthetic image-caption set (shapes x colours, some
 # classes held out of train), pretrain clip-tiny on 2 ranks with ZeRO-2 (contrastive loss over the
 # all-gathered global batch), evaluate zero-shot and retrieval on val, export for CLIPModel.
 # About a minute of training on 2 cores. Env: NUM_GPUS (ranks, default 2), DS_CONFIG, STEPS, OUT.

@@ -34,3 +34,15 @@ def prepared_stdlib(tmp_path_factory: pytest.TempPathFactory, stdlib_files: list
     assert main(argv) == 0
     return out
 
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process, as tests/launch.py gives every launched rank (OMP_NUM_THREADS=1).
+    Torch's default (one thread per core) spins against the other pytest-xdist workers and the launched ranks on
+    2 cores: the in-process trainer tests took 50-260 s each that way instead of a few seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import torch
 
 from tests.launch import REPO, deepspeed_cmd, metrics, module_cmd, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 STEPS = 80
 
 

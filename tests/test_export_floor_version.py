@@ -21,7 +21,7 @@ import torch
 
 from tests.launch import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 OLD_SIDE = r"""
 import json, sys
@@ -63,11 +63,24 @@ def _floor_version() -> str:
 
 @pytest.fixture(scope="module")
 def old_python(tmp_path_factory) -> tuple[Path, str]:
-    """A venv over this environment with the floor release of transformers (a few seconds of pip)."""
+    """A venv over this environment with the floor release of transformers (a few seconds of pip).
+
+    `--system-site-packages` sees the base interpreter's packages only; when the tests run inside a venv
+    (the README's quickstart) torch and the rest live in that venv's site-packages, so a .pth file in the
+    new venv adds this interpreter's site-packages too, after the new venv's own (whose older transformers,
+    tokenizers and huggingface_hub win) and before the base interpreter's."""
+    import sysconfig
+
     floor = _floor_version()
     venv = tmp_path_factory.mktemp("venv") / f"transformers-{floor}"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:  # running in a venv: its site-packages are not the system's
+        inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+        (Path(inner) / "_outer_environment.pth").write_text(
+            "".join(f"import site; site.addsitedir({d!r})\n" for d in outer))
     pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                           f"transformers=={floor}"], capture_output=True, text=True)
     assert pip.returncode == 0, f"pip could not install transformers=={floor}:\n{pip.stdout}\n{pip.stderr}"

@@ -8,7 +8,7 @@ import pytest
 from data_pipelines.loader import Slot, TextShards, epoch_shards
 from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

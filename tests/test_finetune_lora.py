@@ -53,7 +53,7 @@ def zero3_lora(prepared_stdlib, base_gpt, tmp_path_factory) -> Path:
     return tmp
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_zero3_init_from_loads_partitioned_and_equal_to_the_checkpoint(zero3_lora):
     """Each rank held half the elements as soon as the model was built (zero.Init; transformers
     reads the file on rank 0 only), before any adapter or deepspeed.initialize; gathered, every
@@ -66,7 +66,7 @@ def test_zero3_init_from_loads_partitioned_and_equal_to_the_checkpoint(zero3_lor
         assert rep["differ"] == [] and rep["missing"] == [], rep
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_lora_under_zero3_trains_only_adapters_and_exports_adapter_and_merged(zero3_lora, base_gpt, prepared_stdlib,
                                                                              capsys):
     from peft import PeftModel

@@ -9,7 +9,7 @@ import torch
 
 from tests.launch import REPO, deepspeed_cmd, metrics, module_cmd, run, stdlib_files, torchrun_cmd
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 REFERENCE = Path(__file__).parent / "assets" / "reference_losses_gpt_tiny_zero0.json"
 
 

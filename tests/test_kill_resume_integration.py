@@ -9,7 +9,7 @@ import pytest
 
 from tests.launch import FAULTS, REPO, deepspeed_cmd, env, kill_tree, metrics, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 STEPS = 16
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.launch import REPO, deepspeed_cmd, env, metrics, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_run_resumes(prepared_stdlib, tmp_path):

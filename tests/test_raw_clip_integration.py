@@ -10,7 +10,7 @@ from data_pipelines.text.tokenizer import train_bpe_tokenizer
 from tests.img2dataset_layout import COLOURS, write_img2dataset
 from tests.launch import REPO, deepspeed_cmd, metrics, module_cmd, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 STEPS = 6
 
 

@@ -8,7 +8,7 @@ from torch.optim import lr_scheduler as tls
 
 from tests.launch import REPO, deepspeed_cmd, metrics, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def test_cyclic_lr_matches_pytorch_and_a_resumed_run_repeats_the_uninterrupted_one(prepared_stdlib, tmp_path):

@@ -152,7 +152,7 @@ def _losses(out: Path, discarded: bool = False) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines if "loss" in m and "split" not in m}
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(prepared_stdlib, tmp_path):
     (tmp_path / "llama.json").write_text(json.dumps(LLAMA))
     common = ["--config", str(tmp_path / "llama.json"), "--data", str(prepared_stdlib), "--no-progress"]

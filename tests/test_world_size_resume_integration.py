@@ -10,7 +10,7 @@ from pretrain.run.build import fp32_state_dict
 from pretrain.runtime.checkpoint import resolve_checkpoint
 from tests.launch import FAULTS, REPO, deepspeed_cmd, metrics, module_cmd, prepare_small_corpus, run
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pretrain.run.config import ModelConfig, Recipe, VisionConfig
 from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
 from pretrain.models.gpt import no_decay, round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
+from pretrain.run.feature import Feature, RunContext
 
 if TYPE_CHECKING:
     from data_pipelines.loader import TrainStream
@@ -141,8 +142,27 @@ class ContrastiveCLIP(torch.nn.Module):
         return F.normalize(self.clip.text_projection(pooled).float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The inverse temperature, clamped at max_logit_scale (CLIP's 100) as OpenCLIP does."""
-        return self.clip.logit_scale.float().clamp(max=self.max_log_scale).exp().reshape(())
+        """The inverse temperature. Training keeps its log at or below ln(max_logit_scale) (CLIP's
+        100) by clamping the parameter after each optimizer step, as OpenCLIP does (`LogitScaleClamp`):
+        a clamp here would zero the gradient above the bound, and a parameter that crossed it could
+        never come back."""
+        return self.clip.logit_scale.float().exp().reshape(())
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """ln(max_logit_scale) as the temperature's upper bound, on this rank's copy and on the
+        optimizer's fp32 master copy (a ZeRO-3 partition included). Collective under ZeRO 1-3;
+        nothing is read back to the host."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        param = self.clip.logit_scale
+        if not param.requires_grad:
+            return
+        local = param.ds_tensor if hasattr(param, "ds_tensor") else param
+        local.data.clamp_(max=self.max_log_scale)
+        master = safe_get_full_fp32_param(param)  # None where the parameter is its own master (ZeRO-0)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(max=self.max_log_scale))
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
@@ -259,7 +279,8 @@ def hf_model(model: ContrastiveCLIP) -> CLIPModel:
 def to_hf(model: ContrastiveCLIP) -> CLIPModel:
     """The transformers model, its temperature a scalar again, ready for save_pretrained."""
     clip = model.clip
-    clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(()))
+    # CLIPModel does not clamp: export the bound training kept, never a scale above it
+    clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().clamp(max=model.max_log_scale).reshape(()))
     return clip
 
 
@@ -509,3 +530,14 @@ FAMILY = ModelFamily(
     # views every new parameter as bytes: "self.dim() cannot be 0 to view Float as Byte")
     zero_init=False,
 )
+
+
+class LogitScaleClamp(Feature):
+    """The run feature that keeps CLIP's learnable temperature at or below its bound after every
+    optimizer step (OpenCLIP's clamp), where the contrastive models train it."""
+
+    name = "CLIP temperature bound"
+
+    def after_step(self, engine, ctx: RunContext) -> None:
+        if isinstance(engine.module, ContrastiveCLIP):
+            engine.module.clamp_logit_scale()

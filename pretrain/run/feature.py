@@ -13,7 +13,8 @@ A feature answers, each at its moment:
 - ``parallelize(model, ctx)``: training-only changes to how the model runs (memory, kernels);
 - ``engine(model, ctx)``: what ``deepspeed.initialize`` and the loop need from the feature (its
   process groups as ``mpu``, a loss, the group over which replicas meet); collective;
-- ``started(engine, ctx)``: lines for the log once the engine exists.
+- ``started(engine, ctx)``: lines for the log once the engine exists;
+- ``after_step(engine, ctx)``: after every optimizer step, on every rank (a bound on a parameter).
 
 Every hook defaults to doing nothing, so a feature writes only the moments it acts at.
 torchtitan's model converters and ``parallelize_fn`` are the model (a list applied in one call,
@@ -133,3 +134,7 @@ class Feature:
 
     def started(self, engine: Any, ctx: RunContext) -> list[str]:
         return []
+
+    def after_step(self, engine: Any, ctx: RunContext) -> None:
+        """After every optimizer step (applied or refused), on every rank; must not read the host."""
+        return None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pretrain.finetune.adapters import LoRA
+from pretrain.models.clip import LogitScaleClamp
 from pretrain.finetune.freeze import Freeze
 from pretrain.parallel.activation_checkpointing import ActivationCheckpointing
 from pretrain.parallel.sequence_parallel import UlyssesSequenceParallel
@@ -67,7 +68,7 @@ class PartitionedInit(Feature):
 
 FEATURES: tuple[Feature, ...] = (
     AttentionKernel(), Precision(), PartitionedInit(), Freeze(), LoRA(), ActivationCheckpointing(), TensorParallel(),
-    UlyssesSequenceParallel(),
+    UlyssesSequenceParallel(), LogitScaleClamp(),
 )
 
 
@@ -101,3 +102,8 @@ def engine_parts(model: torch.nn.Module, ctx: RunContext) -> EngineParts:
 
 def started(engine: Any, ctx: RunContext) -> list[str]:
     return [line for f in FEATURES for line in f.started(engine, ctx)]
+
+
+def after_step(engine: Any, ctx: RunContext) -> None:
+    for f in FEATURES:
+        f.after_step(engine, ctx)
