@@ -86,10 +86,9 @@ def prepare(args: argparse.Namespace):
     from pretrain.parallel.layout import ParallelLayout
     from pretrain.run import features
     from pretrain.run.data import open_data
-    from pretrain.run.ds_config import resolve_ds_config
+    from pretrain.run.ds_config import resolve_ds_config, run_optimization, settled_recipe
     from pretrain.run.feature import RunContext
     from pretrain.run.resolved import ResolvedRun
-    from pretrain.run.schedules import effective_optimization
     from pretrain.runtime.checkpoint import CheckpointError, resume_target
 
     overrides = {
@@ -155,8 +154,10 @@ def prepare(args: argparse.Namespace):
     if problems:
         raise RecipeError(str(recipe_path), problems)
     notes.extend(features.configure(ds_config, ctx))
+    # where a DeepSpeed value won over a recipe default, the run (and resolved-config.json) uses it
+    recipe = settled_recipe(recipe, ds_config)
     resolved = ResolvedRun(recipe=recipe, deepspeed=ds_config,
-                           optimization=effective_optimization(recipe.training, ds_config["train_batch_size"]),
+                           optimization=run_optimization(recipe.training, ds_config),
                            world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
                            flops_per_sample=family.train_flops_per_sample(model_config, data),
                            data_path=Path(data.root), data_kind=data.KIND, notes=[*data_notes, *notes],

@@ -58,7 +58,7 @@ def test_schedule_plots_for_toolkit_and_deepspeed_types(tmp_path):
                                                                             "step_size_up": 20, "mode": "triangular2"}}}))
     assert main(["--schedule", str(cfg), "--steps", "200", "--output", str(tmp_path / "c.png")]) == 0
     assert_png(tmp_path / "c.png")
-    assert main(["--schedule", "ds_configs/zero2_bf16.json", "--steps", "100", "--recipe", "gpt-tiny",
+    assert main(["--schedule", "ds_configs/zero2_bf16.json", "--steps", "100", "--recipe", "gpt2-350m",
                  "--output", str(tmp_path / "d.png")]) == 0
     assert_png(tmp_path / "d.png")
 

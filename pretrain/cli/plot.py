@@ -115,13 +115,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1) -> Path:
     from pretrain.run.config import Recipe, load_json, load_recipe
-    from pretrain.run.ds_config import resolve_ds_config
-    from pretrain.run.schedules import effective_optimization, lrs_for_config
+    from pretrain.run.ds_config import resolve_ds_config, run_optimization
+    from pretrain.run.schedules import lrs_for_config
 
     recipe = load_recipe(recipe_name)[0] if recipe_name else Recipe()
     recipe.training.max_steps = steps
     ds, _ = resolve_ds_config(load_json(ds_path, "DeepSpeed config"), recipe, world_size, recipe.model.hidden_size, ds_path)
-    tr = effective_optimization(recipe.training, ds["train_batch_size"])
+    tr = run_optimization(recipe.training, ds)  # a concrete optimizer lr that won is the peak
     lrs = lrs_for_config(ds, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps, steps)
     kind = (ds.get("scheduler") or {}).get("type", "warmup + cosine (no scheduler section)")
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -2,16 +2,26 @@
 
 Configs from DeepSpeedExamples or the Hugging Face docs use "auto" for batch sizes, the
 optimizer and scheduler hyper-parameters, precision and bucket sizes; we fill those the way
-the Hugging Face integration does, so such a file works unchanged. Concrete values are kept
-as written (the DeepSpeed config wins over the recipe) and a note says so.
+the Hugging Face integration does, so such a file works unchanged.
+
+A setting both files hold (lr, weight_decay, betas, eps, gradient clipping, precision) is then
+compared, as the Hugging Face integration does: a concrete DeepSpeed value that differs from a
+value the recipe (or the command line) wrote is refused, every such pair listed together; one
+that differs from a recipe default the user never wrote wins, with a note, and `settled_recipe`
+and `run_optimization` carry it into what the trainer uses. A setting the DeepSpeed config lacks
+takes the recipe's value (gradient_clipping, and precision where no section is enabled). Batch
+sizes: a concrete DeepSpeed value wins over the recipe's with a note (`_batch_sizes`).
 """
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import replace
 from typing import Any
 
 from pretrain.run.config import Recipe, RecipeError
-from pretrain.run.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params, effective_optimization
+from pretrain.run.schedules import (DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params,
+                                    effective_optimization)
 
 AUTO = "auto"
 
@@ -27,6 +37,128 @@ def _find_autos(node: Any, path: str = "") -> list[str]:
     if isinstance(node, list):
         return [p for i, v in enumerate(node) for p in _find_autos(v, f"{path}[{i}]")]
     return [path] if node == AUTO else []
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return _number(a) and _number(b) and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def _agree(ds_key: str, ds_value: Any, field: str, value: Any, written: set[str], problems: list[str],
+           notes: list[str], scaled: str = "") -> None:
+    """One setting held by both files: a value the user wrote must agree; a recipe default gives way."""
+    if _same(ds_value, value):
+        return
+    if field in written:
+        problems.append(f"{ds_key} {_show(ds_value)} in the DeepSpeed config != training.{field} "
+                        f"{_show(value)}{scaled} in the recipe: write \"auto\" for {ds_key} in the DeepSpeed "
+                        f"config to use the recipe's value, or make the two agree")
+    else:
+        notes.append(f"{ds_key}={_show(ds_value)} from the DeepSpeed config is used; the recipe does not set "
+                     f"training.{field} (its default is {_show(value)}{scaled})")
+
+
+def _show(v: Any) -> str:
+    return str(list(v) if isinstance(v, tuple) else v).replace("True", "true").replace("False", "false")
+
+
+def _shared_settings(ds: dict, tr, opt_values: Optimization, problems: list[str], notes: list[str]) -> None:
+    """Compare the concrete values both files hold (before "auto" is filled, so only what the user wrote
+    in the DeepSpeed config counts); fill gradient_clipping when the DeepSpeed config lacks it."""
+    written = tr.model_fields_set
+    opt = ds.get("optimizer")
+    params = opt.get("params") if isinstance(opt, dict) else None
+    if isinstance(params, dict):
+        scaled = " (scaled to the global batch)" if opt_values.lr != tr.lr else ""
+        pairs = (("lr", "lr", opt_values.lr), ("weight_decay", "weight_decay", tr.weight_decay),
+                 ("betas", "betas", list(tr.betas)), ("eps", "eps", tr.eps))
+        for key, field, value in pairs:
+            given = params.get(key, AUTO)
+            if given == AUTO or not (_number(given) or isinstance(given, list)):
+                continue  # DeepSpeed's own check reports a value of the wrong type
+            _agree(f"optimizer.params.{key}", given, field, value, written, problems, notes,
+                   scaled if key == "lr" else "")
+    if "gradient_clipping" not in ds:
+        ds["gradient_clipping"] = tr.grad_clip  # else DeepSpeed's own default (1.0) replaces the recipe's
+    elif _number(ds["gradient_clipping"]):
+        _agree("gradient_clipping", ds["gradient_clipping"], "grad_clip", tr.grad_clip, written, problems, notes)
+    _precision(ds, tr, written, problems, notes)
+
+
+def _precision(ds: dict, tr, written: set[str], problems: list[str], notes: list[str]) -> None:
+    """bf16/fp16 sections: "auto" or no enabled section means the recipe's precision; an enabled
+    section (or the recipe's own section switched off: fp32) is the DeepSpeed config's own value."""
+    sections = {n: ds[n] for n in ("bf16", "fp16") if isinstance(ds.get(n), dict)}
+    on = [n for n, s in sections.items() if s.get("enabled") is True]
+    autos = [n for n, s in sections.items() if s.get("enabled") == AUTO]
+    if len(on) > 1:
+        return  # reported as "both true"
+    # the recipe's own section switched off says fp32; another section switched off says nothing
+    off = tr.precision != "fp32" and sections.get(tr.precision, {}).get("enabled") is False
+    if on or off:
+        given = on[0] if on else "fp32"
+        for n in autos:
+            sections[n]["enabled"] = False
+        key = f"{given}.enabled true" if on else f"{tr.precision}.enabled false"
+        if given == tr.precision:
+            return
+        if "precision" in written:
+            problems.append(f"{key} in the DeepSpeed config trains in {given} != training.precision "
+                            f"\"{tr.precision}\" in the recipe: write \"enabled\": \"auto\" in the DeepSpeed "
+                            "config to use the recipe's value, or make the two agree")
+        else:
+            notes.append(f"{key} in the DeepSpeed config: the run trains in {given}; the recipe does not set "
+                         f"training.precision (its default is \"{tr.precision}\")")
+        return
+    for n in autos:
+        sections[n]["enabled"] = tr.precision == n
+    if tr.precision != "fp32":
+        ds[tr.precision] = {**sections.get(tr.precision, {}), "enabled": True}
+
+
+def run_optimization(training, ds: dict) -> Optimization:
+    """The schedule's numbers the run uses: the recipe's (scaled to the global batch), with the peak LR
+    the resolved DeepSpeed config's optimizer holds (the recipe's, or a concrete value that won)."""
+    values = effective_optimization(training, ds.get("train_batch_size"))
+    opt = ds.get("optimizer")
+    lr = opt.get("params", {}).get("lr") if isinstance(opt, dict) else None
+    if _number(lr) and lr != values.lr:
+        return replace(values, lr=float(lr))
+    return values
+
+
+def settled_recipe(recipe: Recipe, ds: dict) -> Recipe:
+    """The recipe with the values the run trains with where the resolved DeepSpeed config's won over a
+    recipe default (weight decay, betas, eps, clipping, precision, batch sizes, an unscaled lr), so
+    the parameter groups, the log and resolved-config.json hold what is used. The input is not changed."""
+    tr = recipe.training
+    update: dict[str, Any] = {}
+    opt = ds.get("optimizer")
+    params = opt.get("params", {}) if isinstance(opt, dict) else {}
+    for key in ("weight_decay", "eps"):
+        if _number(params.get(key)) and not _same(params[key], getattr(tr, key)):
+            update[key] = float(params[key])
+    betas = params.get("betas")
+    if isinstance(betas, list) and len(betas) == 2 and all(map(_number, betas)) and not _same(betas, tr.betas):
+        update["betas"] = (float(betas[0]), float(betas[1]))
+    if _number(params.get("lr")) and tr.lr_scaling == "none" and not _same(params["lr"], tr.lr):
+        update["lr"] = float(params["lr"])
+    if _number(ds.get("gradient_clipping")) and not _same(ds["gradient_clipping"], tr.grad_clip):
+        update["grad_clip"] = float(ds["gradient_clipping"])
+    if precision(ds) != tr.precision:
+        update["precision"] = precision(ds)
+    for key, field in (("train_micro_batch_size_per_gpu", "micro_batch_size"),
+                       ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+        if isinstance(ds.get(key), int) and ds[key] != getattr(tr, field):
+            update[field] = ds[key]
+    if not update:
+        return recipe
+    return recipe.model_copy(update={"training": tr.model_copy(update=update)})
 
 
 def _legacy_forms(ds: dict, problems: list[str], notes: list[str]) -> None:
@@ -160,7 +292,8 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem.
 
     The recipe is not modified: values derived from it (an LR scaled to the global batch) go
-    into the DeepSpeed config's "auto" fields and `effective_optimization`, never back into it."""
+    into the DeepSpeed config's "auto" fields and `effective_optimization`, never back into it;
+    `settled_recipe` and `run_optimization` give what the run uses where a DeepSpeed value won."""
     ds = copy.deepcopy(raw)
     tr = recipe.training
     problems: list[str] = []
@@ -170,11 +303,8 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     opt_values = effective_optimization(tr, ds.get("train_batch_size"))
     if opt_values.note:
         notes.append(opt_values.note)
+    _shared_settings(ds, tr, opt_values, problems, notes)
     _set_auto(ds, "gradient_clipping", tr.grad_clip)
-
-    for name, wanted in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
-        if isinstance(ds.get(name), dict):
-            _set_auto(ds[name], "enabled", wanted)
 
     opt = ds.get("optimizer")
     if isinstance(opt, dict):

@@ -1,7 +1,8 @@
 """One object for everything a run is configured with, settled before any rank starts.
 
-The recipe stays as the user wrote it (plus command-line overrides); the DeepSpeed config has
-every "auto" filled; the values derived from the two (the LR scaled to the global batch, batch
+The recipe is the user's (plus command-line overrides; a default that a concrete DeepSpeed value
+overrode holds that value: `ds_config.settled_recipe`); the DeepSpeed config has every "auto"
+filled; the values derived from the two (the LR scaled to the global batch, batch
 arithmetic, tokens per step) live here and nowhere else. ``resolved-config.json`` in the run
 directory (`pretrain.runtime.checkpoint.RESOLVED`) is this object, whole.
 """

@@ -244,10 +244,28 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the parameter counts are known only once the model (and any adapters) exist
-        (self.run_dir / RESOLVED).write_text(json.dumps({**self.run.to_json(), "parameters": self.param_counts}, indent=2))
+        (self.run_dir / RESOLVED).write_text(json.dumps({**self.run.to_json(), "parameters": self.param_counts,
+                                                         "engine": self._engine_settings()}, indent=2))
         self.inputs.model_config.save_pretrained(self.run_dir / "model")
         if not (self.run_dir / "tokenizer").exists():
             shutil.copytree(self.inputs.tokenizer_dir, self.run_dir / "tokenizer")
+
+    def _engine_settings(self) -> dict[str, Any]:
+        """What the engine trains with, read back from it (not from the configs that asked for it), so
+        resolved-config.json shows the values in use. Group lr is the first step's (the schedule's start)."""
+        e = self.engine
+        groups = getattr(e.optimizer, "param_groups", None) or []
+        return {
+            "optimizer": type(getattr(e, "basic_optimizer", None) or e.optimizer).__name__,
+            "param_groups": [{"lr": g.get("lr"), "weight_decay": g.get("weight_decay"), "betas": g.get("betas"),
+                              "eps": g.get("eps"), "params": len(g.get("params", []))} for g in groups],
+            "gradient_clipping": e.gradient_clipping(),
+            "precision": "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
+            "micro_batch_size": e.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": e.gradient_accumulation_steps(),
+            "global_batch": e.train_batch_size(),
+            "zero_stage": e.zero_optimization_stage(),
+        }
 
     # ------------------------------------------------------------------ steps
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -393,6 +411,7 @@ class Trainer:
             total, count, (stop, read, bad), nonfinite = self._accumulate_checked_once()
         else:
             total, count, (stop, read, bad), nonfinite = self._accumulate_checked_each()
+        features.after_step(self.engine, self.ctx)
         refused = getattr(self.engine, "skipped_steps", 0) > refused_before
         if nonfinite:  # raises, or counts the skipped step
             self._nonfinite_gradient(refused, f"non-finite loss at step {self.state.step + 1} in {nonfinite} "
