@@ -129,3 +129,26 @@ def test_models_and_run_assembly_never_import_the_loop_or_the_commands():
             bad = sorted(d for d in deps if d.startswith(("pretrain.runtime.trainer", "pretrain.cli", "pretrain.train")))
             assert not bad, f"{name} imports {bad}"
 
+
+
+def test_every_third_party_package_imported_is_declared():
+    """A package the toolkit imports but pyproject.toml does not name works only where something else
+    happened to install it."""
+    import re
+    import sys
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].lower().replace("-", "_")
+                for d in [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]}
+    distribution = {"PIL": "pillow", "yaml": "pyyaml"}  # import names that are not their distribution's name
+    imported = set()
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in PACKAGES}
+    missing = sorted(m for m in third_party if distribution.get(m, m).lower() not in declared)
+    assert missing == [], f"imported but not declared in pyproject.toml: {missing}"
