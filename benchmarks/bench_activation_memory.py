@@ -12,6 +12,7 @@ seconds of the forward + backward (the recomputation costs about one more forwar
 
     python benchmarks/bench_activation_memory.py --json ac.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,9 @@ def one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pretrain.run.config import parse_recipe
     from pretrain.models import get_family
     from pretrain.parallel.activation_checkpointing import checkpoint_blocks
+    from pretrain.run.config import parse_recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -70,8 +71,9 @@ def one(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_activation_memory.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench_activation_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--micro", type=int, default=8, help="sequences in the batch (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per variant (default 3)")
@@ -86,10 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     for _ in range(args.repeats):
         for variant in runs:  # alternate, so slow drifts of the machine hit both
-            out = subprocess.run([sys.executable, __file__, "--one", variant, "--seq-len", str(args.seq_len),
-                                  "--micro", str(args.micro)], capture_output=True, text=True, env=env, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    variant,
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--micro",
+                    str(args.micro),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "step_memory_bytes")} for v, rs in runs.items()}
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "step_memory_bytes")} for v, rs in runs.items()
+    }
     mem_ratio = med["checkpointed"]["step_memory_bytes"] / med["plain"]["step_memory_bytes"]
     time_ratio = med["checkpointed"]["step_s"] / med["plain"]["step_s"]
     kind = "peak RSS growth" if runs["plain"][0]["device"] == "cpu" else "peak allocated"
@@ -99,9 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{v:<13} {m['step_memory_bytes'] / 1e6:>20.0f} {m['step_s']:>10.3f}")
     print(f"checkpointed / plain: memory {mem_ratio:.2f}x, time {time_ratio:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "runs": runs, "medians": med,
-                                               "memory_ratio": mem_ratio, "time_ratio": time_ratio,
-                                               "memory_measure": kind}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": vars(args),
+                    "runs": runs,
+                    "medians": med,
+                    "memory_ratio": mem_ratio,
+                    "time_ratio": time_ratio,
+                    "memory_measure": kind,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ process: a reduction across ranks adds nothing here, but a cast to the communica
 
     python benchmarks/bench_grad_accum.py --json grad_accum.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,19 @@ def build(args, dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.width, n_layer=args.layers,
-                        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.seq_len,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).to(dtype)
 
 
@@ -86,10 +97,16 @@ def engine_grads(args, data, stage: int, accum_dtype: str, comm: str | None = No
     from pretrain.models.gpt import loss
 
     model = build(args, torch.float32)
-    config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.accum,
-              "train_batch_size": args.micro_batch * args.accum, "gradient_clipping": 0.0,
-              "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-              "data_types": {"grad_accum_dtype": accum_dtype}}
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.accum,
+        "train_batch_size": args.micro_batch * args.accum,
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "data_types": {"grad_accum_dtype": accum_dtype},
+    }
     if comm:
         config["communication_data_type"] = comm
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -120,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write every figure and the settings here")
     args = p.parse_args(argv)
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -134,9 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def row(source: str, stage, accum: str, g: dict | None, note: str = "", comm: str = "bf16") -> None:
-        rows.append({"source": source, "zero_stage": stage, "accumulation": accum, "communication": comm, "note": note,
-                     "vs_fp32_model": None if g is None else rel_error(g, fp32_ref),
-                     "vs_exact_sum": None if g is None else rel_error(g, exact)})
+        rows.append(
+            {
+                "source": source,
+                "zero_stage": stage,
+                "accumulation": accum,
+                "communication": comm,
+                "note": note,
+                "vs_fp32_model": None if g is None else rel_error(g, fp32_ref),
+                "vs_exact_sum": None if g is None else rel_error(g, exact),
+            }
+        )
 
     row("torch emulation", "-", "bf16", summed(bf16_micro, torch.bfloat16), comm="-")
     row("torch emulation", "-", "fp32", summed(bf16_micro, torch.float32), comm="-")
@@ -151,21 +182,34 @@ def main(argv: list[str] | None = None) -> int:
                 if comm is None:
                     break
 
-    print(f"GPT-2 width {args.width}, {args.layers} layers, {args.accum} micro-batches of {args.micro_batch} x "
-          f"{args.seq_len} tokens; relative gradient error ||g - g_ref|| / ||g_ref||")
+    print(
+        f"GPT-2 width {args.width}, {args.layers} layers, {args.accum} micro-batches of {args.micro_batch} x "
+        f"{args.seq_len} tokens; relative gradient error ||g - g_ref|| / ||g_ref||"
+    )
     print(f"{'source':<16} {'ZeRO':>4} {'accum':>5} {'comm':>5} {'vs fp32 model':>14} {'vs exact sum':>13}  optimizer")
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2e}"  # noqa: E731
-        print(f"{r['source']:<16} {r['zero_stage']!s:>4} {r['accumulation']:>5} {r['communication']:>5} "
-              f"{fmt(r['vs_fp32_model']):>14} {fmt(r['vs_exact_sum']):>13}  {r['note'][:60]}")
+        print(
+            f"{r['source']:<16} {r['zero_stage']!s:>4} {r['accumulation']:>5} {r['communication']:>5} "
+            f"{fmt(r['vs_fp32_model']):>14} {fmt(r['vs_exact_sum']):>13}  {r['note'][:60]}"
+        )
     if args.json:
         import deepspeed as ds
         import transformers
 
-        record = {"settings": vars(args), "rows": rows, "seconds": time.perf_counter() - start,
-                  "versions": {"torch": torch.__version__, "deepspeed": ds.__version__,
-                               "transformers": transformers.__version__, "python": platform.python_version()},
-                  "machine": platform.machine(), "cpus": os.cpu_count()}
+        record = {
+            "settings": vars(args),
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": ds.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        }
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 

@@ -30,6 +30,7 @@ and imports; training, saving and reloading the caption tokenizer) from a fresh 
 
     python benchmarks/bench_image_loader.py --json image.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,22 @@ def make_sources(folder: Path, count: int, size: tuple[int, int], seed: int = 0)
 
 
 def run_prepare(src: Path, out: Path, workers: int) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "data_pipelines.image.prepare", str(src), "--output", str(out), "--image-size", "256",
-           "--vocab-size", "300", "--workers", str(workers), "--no-progress", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.image.prepare",
+        str(src),
+        "--output",
+        str(out),
+        "--image-size",
+        "256",
+        "--vocab-size",
+        "300",
+        "--workers",
+        str(workers),
+        "--no-progress",
+        "--overwrite",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -116,10 +131,12 @@ def view_decode(data: ImageTextShards, size: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def loader(data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int,
-           normalize: bool = False) -> tuple[float, int]:
-    it = image_text_train_loader(data, "train", batch, tokenizer, 32, size, seed=0, shuffle_buffer=256,
-                                 num_workers=workers, normalize=normalize)
+def loader(
+    data: ImageTextShards, tokenizer, size: int, workers: int, batch: int, images: int, normalize: bool = False
+) -> tuple[float, int]:
+    it = image_text_train_loader(
+        data, "train", batch, tokenizer, 32, size, seed=0, shuffle_buffer=256, num_workers=workers, normalize=normalize
+    )
     next(it)  # worker start-up and buffer fill are not throughput
     start = time.perf_counter()
     n = 0
@@ -221,8 +238,13 @@ print(start, time.process_time() - start)
 def prepare_fixed(src: Path, out: Path) -> dict[str, float]:
     """CPU seconds per prepare run that do not depend on the images: interpreter start plus
     imports, and the caption tokenizer (its transformers imports, training, save and reload)."""
-    proc = subprocess.run([sys.executable, "-c", FIXED.format(repo=str(REPO), src=str(src), out=str(out))],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", FIXED.format(repo=str(REPO), src=str(src), out=str(out))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     imports, tokenizer = map(float, proc.stdout.split()[-2:])
     return {"start + imports": imports, "caption tokenizer": tokenizer}
 
@@ -230,15 +252,25 @@ def prepare_fixed(src: Path, out: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=800, help="source images to make (default 800)")
-    p.add_argument("--source-size", type=int, nargs=2, default=(1024, 768), metavar=("W", "H"),
-                   help="source JPEG size (default 1024 768, so draft-mode decoding matters)")
+    p.add_argument(
+        "--source-size",
+        type=int,
+        nargs=2,
+        default=(1024, 768),
+        metavar=("W", "H"),
+        help="source JPEG size (default 1024 768, so draft-mode decoding matters)",
+    )
     p.add_argument("--train-size", type=int, default=224, help="model input side (default 224)")
     p.add_argument("--batch", type=int, default=32, help="loader batch size (default 32)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader num_workers rows (default 0 1 2)")
     p.add_argument("--repeats", type=int, default=3, help="round-robin repeats (default 3)")
     p.add_argument("--no-prepare", action="store_true", help="skip the prepare-image-text rows")
-    p.add_argument("--stage-images", type=int, default=200,
-                   help="source images timed per prepare stage (default 200; 0 skips every stage table)")
+    p.add_argument(
+        "--stage-images",
+        type=int,
+        default=200,
+        help="source images timed per prepare stage (default 200; 0 skips every stage table)",
+    )
     p.add_argument("--work-dir", type=Path, help="keep sources and shards here (reused); default a temp dir")
     p.add_argument("--json", type=Path, help="write every measurement here")
     args = p.parse_args(argv)
@@ -269,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         base = n / wall
         rows.setdefault("bare decode+resize", []).append(base)
         ratios.setdefault("bare decode+resize", []).append(1.0)
-        for name, fn in (("bare decode (Pillow, no resize)", bare_decode),
-                         (f"loader's decode ({'simplejpeg' if simplejpeg else 'Pillow'})",
-                          lambda d: view_decode(d, args.train_size))):
+        for name, fn in (
+            ("bare decode (Pillow, no resize)", bare_decode),
+            (
+                f"loader's decode ({'simplejpeg' if simplejpeg else 'Pillow'})",
+                lambda d: view_decode(d, args.train_size),
+            ),
+        ):
             wall, n = fn(data)
             rows.setdefault(name, []).append(n / wall)
             ratios.setdefault(name, []).append(n / wall / base)
@@ -305,11 +341,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in values.items():
                 print(f"  {name:<40}{value:>8.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "ratios": ratios, "stages": stages, "python": platform.python_version(),
-                                         "torch": torch.__version__,
-                                         "simplejpeg": getattr(simplejpeg, "__version__", None),
-                                         "cpus": torch.get_num_threads(), "cpu_count": os.cpu_count()}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                    "ratios": ratios,
+                    "stages": stages,
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "simplejpeg": getattr(simplejpeg, "__version__", None),
+                    "cpus": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -17,6 +17,7 @@ resume do not depend on the position; this is the part that did.
 
     python benchmarks/bench_resume.py --json resume.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,22 @@ def write_shards(root: Path, shards: int, per_shard: int, seq_len: int) -> TextS
         name = f"train/shard-{s:06d}.tar"
         with wds.TarWriter(str(root / name)) as w:
             for i in range(per_shard):
-                w.write({"__key__": f"{s:06d}-{i:06d}",
-                         "tokens.npy": rng.integers(0, 4096, seq_len + 1, dtype=np.uint16)})
+                w.write(
+                    {"__key__": f"{s:06d}-{i:06d}", "tokens.npy": rng.integers(0, 4096, seq_len + 1, dtype=np.uint16)}
+                )
         names.append(name)
-    write_manifest(root, {"kind": "text", "version": 1, "seq_len": seq_len, "tokenizer": {"vocab_size": 4096},
-                          "splits": {"train": {"shards": names, "shard_samples": [per_shard] * shards,
-                                               "samples": shards * per_shard}}})
+    write_manifest(
+        root,
+        {
+            "kind": "text",
+            "version": 1,
+            "seq_len": seq_len,
+            "tokenizer": {"vocab_size": 4096},
+            "splits": {
+                "train": {"shards": names, "shard_samples": [per_shard] * shards, "samples": shards * per_shard}
+            },
+        },
+    )
     return TextShards(root)
 
 
@@ -91,14 +102,24 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - t0)
                     assert torch.equal(got, want), f"{way} at step {step}: not the uninterrupted stream's batch"
                     io = dict(resumed.dataset.io)
-                rows.append({"step": step, "epoch": epoch, "way": way, "seconds": statistics.median(times),
-                             "times": times, "shards_opened": io.get("shards_opened", 0),
-                             "samples_read": io.get("raw_samples", 0)})
+                rows.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "way": way,
+                        "seconds": statistics.median(times),
+                        "times": times,
+                        "shards_opened": io.get("shards_opened", 0),
+                        "samples_read": io.get("raw_samples", 0),
+                    }
+                )
     by = {(r["step"], r["way"]): r for r in rows}
     print(f"{'step':>6} {'epoch':>5} {'way':>7} {'seconds':>9} {'shards':>7} {'samples':>8}")
     for r in rows:
-        print(f"{r['step']:>6} {r['epoch']:>5} {r['way']:>7} {r['seconds']:>9.4f} {r['shards_opened']:>7} "
-              f"{r['samples_read']:>8}")
+        print(
+            f"{r['step']:>6} {r['epoch']:>5} {r['way']:>7} {r['seconds']:>9.4f} {r['shards_opened']:>7} "
+            f"{r['samples_read']:>8}"
+        )
     first, last = args.steps[0], args.steps[-1]
     ratios = {way: by[(last, way)]["seconds"] / by[(first, way)]["seconds"] for way in ("cursor", "replay")}
     for way, ratio in ratios.items():

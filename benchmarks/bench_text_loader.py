@@ -36,8 +36,8 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 # Runnable as a plain script from anywhere: the repository root goes on sys.path.
 REPO = Path(__file__).resolve().parents[1]
@@ -69,12 +69,27 @@ def ensure_data(directory: Path, workers: int) -> tuple[TextShards, float | None
         manifest = read_manifest(directory)
         if manifest.get("kind") == "text" and manifest.get("seq_len") == SEQ_LEN:
             return TextShards(directory), None
-        raise SystemExit(f"{directory} holds a dataset with seq_len {manifest.get('seq_len')} "
-                         f"(kind {manifest.get('kind')!r}); expected text with seq_len {SEQ_LEN}. "
-                         "Pass another --data directory.")
-    cmd = [sys.executable, "-m", "data_pipelines.text.prepare", *map(str, stdlib_files()),
-           "--output", str(directory), "--vocab-size", str(VOCAB_SIZE), "--seq-len", str(SEQ_LEN),
-           "--workers", str(workers), "--no-progress", "--overwrite"]
+        raise SystemExit(
+            f"{directory} holds a dataset with seq_len {manifest.get('seq_len')} "
+            f"(kind {manifest.get('kind')!r}); expected text with seq_len {SEQ_LEN}. "
+            "Pass another --data directory."
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.text.prepare",
+        *map(str, stdlib_files()),
+        "--output",
+        str(directory),
+        "--vocab-size",
+        str(VOCAB_SIZE),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--workers",
+        str(workers),
+        "--no-progress",
+        "--overwrite",
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -102,10 +117,19 @@ def bare_stream(urls: list[str], batch_size: int) -> Iterator[int]:
                 n = 0
 
 
-def loader_stream(data: TextShards, batch_size: int, rank: int, world_size: int,
-                  num_workers: int, shuffle_buffer: int) -> Iterator[int]:
-    it = train_loader(data, SPLIT, batch_size, rank=rank, world_size=world_size, seed=0,
-                      shuffle_buffer=shuffle_buffer, num_workers=num_workers)
+def loader_stream(
+    data: TextShards, batch_size: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int
+) -> Iterator[int]:
+    it = train_loader(
+        data,
+        SPLIT,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+        shuffle_buffer=shuffle_buffer,
+        num_workers=num_workers,
+    )
     try:
         for batch in it:
             ids = batch["input_ids"]
@@ -133,8 +157,13 @@ def measure(make: Callable[[], Iterator[int]], warmup_batches: int, batches: int
         samples += next(stream)
     seconds = time.perf_counter() - t0
     stream.close()
-    return {"samples": samples, "tokens": samples * SEQ_LEN, "seconds": seconds,
-            "tokens_per_s": samples * SEQ_LEN / seconds, "first_batch_s": first}
+    return {
+        "samples": samples,
+        "tokens": samples * SEQ_LEN,
+        "seconds": seconds,
+        "tokens_per_s": samples * SEQ_LEN / seconds,
+        "first_batch_s": first,
+    }
 
 
 def profile(name: str, make: Callable[[], Iterator[int]], warmup_batches: int, batches: int, top: int) -> None:
@@ -158,27 +187,62 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter,
-                                     epilog="More in benchmarks/README.md.")
-    parser.add_argument("--data", type=Path, metavar="DIR",
-                        help="dataset directory: reused if it already holds a prepared seq_len-128 text dataset, "
-                        "else prepared into (and kept). Default: a temporary directory, deleted at the end")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N",
-                        help="batch size of the loaders; the bare loop counts samples in groups of N too")
-    parser.add_argument("--epochs", type=float, default=2.0, metavar="E",
-                        help="samples timed per measurement, in passes over the whole train split "
-                        "(rounded up to whole batches); the same for every row")
-    parser.add_argument("--warmup-samples", type=int, default=2048, metavar="N",
-                        help="samples read (rounded up to whole batches) before the clock starts; should exceed "
-                        "--shuffle-buffer so the buffer is full")
-    parser.add_argument("--repeats", type=int, default=5, metavar="R",
-                        help="measurements per row (each on a fresh stream); the median is reported")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=_HelpFormatter, epilog="More in benchmarks/README.md."
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="dataset directory: reused if it already holds a prepared seq_len-128 text dataset, "
+        "else prepared into (and kept). Default: a temporary directory, deleted at the end",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="batch size of the loaders; the bare loop counts samples in groups of N too",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=2.0,
+        metavar="E",
+        help="samples timed per measurement, in passes over the whole train split "
+        "(rounded up to whole batches); the same for every row",
+    )
+    parser.add_argument(
+        "--warmup-samples",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="samples read (rounded up to whole batches) before the clock starts; should exceed "
+        "--shuffle-buffer so the buffer is full",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        metavar="R",
+        help="measurements per row (each on a fresh stream); the median is reported",
+    )
     parser.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N", help="train_loader shuffle_buffer")
-    parser.add_argument("--workers", type=int, default=2, metavar="W",
-                        help="num_workers of the DataLoader row, and --workers of prepare-text")
-    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
-                        help="after the timings, cProfile one measurement of the bare loop and of the "
-                        "num_workers=0 loader and print the TOP functions by own time (0: off)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="W",
+        help="num_workers of the DataLoader row, and --workers of prepare-text",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="after the timings, cProfile one measurement of the bare loop and of the "
+        "num_workers=0 loader and print the TOP functions by own time (0: off)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, every repeat and the medians here")
     return parser
 
@@ -199,25 +263,41 @@ def main(argv: list[str] | None = None) -> int:
 
         rows: list[tuple[str, str, Callable[[], Iterator[int]]]] = [
             ("bare", "webdataset read_samples + np.load (baseline)", lambda: bare_stream(urls, bs)),
-            ("loader_w0", "train_loader, world 1, num_workers=0",
-             lambda: loader_stream(data, bs, 0, 1, 0, args.shuffle_buffer)),
-            (f"loader_w{args.workers}", f"train_loader, world 1, num_workers={args.workers}",
-             lambda: loader_stream(data, bs, 0, 1, args.workers, args.shuffle_buffer)),
-            ("rank0_of_2", "train_loader, rank 0 of world 2, num_workers=0 (per rank)",
-             lambda: loader_stream(data, bs, 0, 2, 0, args.shuffle_buffer)),
+            (
+                "loader_w0",
+                "train_loader, world 1, num_workers=0",
+                lambda: loader_stream(data, bs, 0, 1, 0, args.shuffle_buffer),
+            ),
+            (
+                f"loader_w{args.workers}",
+                f"train_loader, world 1, num_workers={args.workers}",
+                lambda: loader_stream(data, bs, 0, 1, args.workers, args.shuffle_buffer),
+            ),
+            (
+                "rank0_of_2",
+                "train_loader, rank 0 of world 2, num_workers=0 (per rank)",
+                lambda: loader_stream(data, bs, 0, 2, 0, args.shuffle_buffer),
+            ),
         ]
-        print(f"data: {directory} ({len(urls)} train shards, {split_samples:,} samples of {SEQ_LEN}+1 tokens"
-              + (f", prepared in {prep_seconds:.1f}s" if prep_seconds is not None else ", reused") + ")")
-        print(f"per measurement: {batches} batches x {bs} = {batches * bs:,} samples = {batches * bs * SEQ_LEN:,} "
-              f"tokens after {warmup_batches} warm-up batches; {args.repeats} repeats, median")
+        print(
+            f"data: {directory} ({len(urls)} train shards, {split_samples:,} samples of {SEQ_LEN}+1 tokens"
+            + (f", prepared in {prep_seconds:.1f}s" if prep_seconds is not None else ", reused")
+            + ")"
+        )
+        print(
+            f"per measurement: {batches} batches x {bs} = {batches * bs:,} samples = {batches * bs * SEQ_LEN:,} "
+            f"tokens after {warmup_batches} warm-up batches; {args.repeats} repeats, median"
+        )
 
         runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in rows}
         # Round-robin over the rows, so slow drift of the machine hits all of them alike.
         for rep in range(args.repeats):
             for name, _, make in rows:
                 runs[name].append(measure(make, warmup_batches, batches))
-                print(f"  repeat {rep + 1}/{args.repeats} {name:<12} {runs[name][-1]['tokens_per_s']:>12,.0f} tokens/s",
-                      flush=True)
+                print(
+                    f"  repeat {rep + 1}/{args.repeats} {name:<12} {runs[name][-1]['tokens_per_s']:>12,.0f} tokens/s",
+                    flush=True,
+                )
 
         # The ratio is the median of per-repeat ratios: a row and the bare loop of the same
         # repeat run seconds apart, so bursts of machine noise cancel better than in a ratio
@@ -228,33 +308,64 @@ def main(argv: list[str] | None = None) -> int:
             values = [r["tokens_per_s"] for r in runs[name]]
             tps = statistics.median(values)
             ratio = statistics.median(v / b for v, b in zip(values, bare))
-            results.append({"name": name, "what": what, "tokens_per_s": tps, "ratio_vs_bare": ratio,
-                            "min_tokens_per_s": min(values), "max_tokens_per_s": max(values),
-                            "first_batch_s": statistics.median(r["first_batch_s"] for r in runs[name]),
-                            "repeats": runs[name]})
+            results.append(
+                {
+                    "name": name,
+                    "what": what,
+                    "tokens_per_s": tps,
+                    "ratio_vs_bare": ratio,
+                    "min_tokens_per_s": min(values),
+                    "max_tokens_per_s": max(values),
+                    "first_batch_s": statistics.median(r["first_batch_s"] for r in runs[name]),
+                    "repeats": runs[name],
+                }
+            )
 
         print()
         print(f"{'row':<12} {'tokens/s':>12} {'vs bare':>8} {'min..max tokens/s':>23} {'1st batch':>10}  what")
         for r in results:
             spread = f"{r['min_tokens_per_s']:,.0f}..{r['max_tokens_per_s']:,.0f}"
-            print(f"{r['name']:<12} {r['tokens_per_s']:>12,.0f} {r['ratio_vs_bare']:>7.2f}x {spread:>23} "
-                  f"{r['first_batch_s']:>9.3f}s  {r['what']}")
+            print(
+                f"{r['name']:<12} {r['tokens_per_s']:>12,.0f} {r['ratio_vs_bare']:>7.2f}x {spread:>23} "
+                f"{r['first_batch_s']:>9.3f}s  {r['what']}"
+            )
 
         if args.json is not None:
             report = {
                 "benchmark": "text_loader",
-                "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                            "cpu_count": __import__("os").cpu_count(), "cuda": torch.cuda.is_available()},
-                "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                             "webdataset": webdataset.__version__, "numpy": np.__version__},
-                "settings": {"corpus": "stdlib top-level *.py", "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN,
-                             "batch_size": bs, "epochs": args.epochs, "warmup_batches": warmup_batches,
-                             "batches": batches, "samples_per_measurement": batches * bs,
-                             "tokens_per_measurement": batches * bs * SEQ_LEN, "repeats": args.repeats,
-                             "shuffle_buffer": args.shuffle_buffer, "workers": args.workers,
-                             "token_unit": "samples x seq_len"},
-                "data": {"dir": str(directory), "train_shards": len(urls), "train_samples": split_samples,
-                         "prepare_seconds": prep_seconds},
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpu_count": __import__("os").cpu_count(),
+                    "cuda": torch.cuda.is_available(),
+                },
+                "versions": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "webdataset": webdataset.__version__,
+                    "numpy": np.__version__,
+                },
+                "settings": {
+                    "corpus": "stdlib top-level *.py",
+                    "vocab_size": VOCAB_SIZE,
+                    "seq_len": SEQ_LEN,
+                    "batch_size": bs,
+                    "epochs": args.epochs,
+                    "warmup_batches": warmup_batches,
+                    "batches": batches,
+                    "samples_per_measurement": batches * bs,
+                    "tokens_per_measurement": batches * bs * SEQ_LEN,
+                    "repeats": args.repeats,
+                    "shuffle_buffer": args.shuffle_buffer,
+                    "workers": args.workers,
+                    "token_unit": "samples x seq_len",
+                },
+                "data": {
+                    "dir": str(directory),
+                    "train_shards": len(urls),
+                    "train_samples": split_samples,
+                    "prepare_seconds": prep_seconds,
+                },
                 "results": results,
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)

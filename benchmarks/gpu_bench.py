@@ -19,6 +19,7 @@ DeepSpeed config), so nothing needs the CUDA compiler that DeepSpeed's FusedAdam
     bash benchmarks/gpu.sh                      # the GPU benchmark
     bash benchmarks/gpu.sh --smoke              # the same pipeline with tiny models on a CPU (plumbing check)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ def sh(cmd: list[str], log: Path) -> None:
     """Run one step of the benchmark; its output goes to a log file, its failure stops the benchmark."""
     shown = " ".join(cmd)
     print(f"$ {shown if len(shown) < 400 else shown[:200] + ' ... ' + shown[-150:]}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -93,10 +99,16 @@ def summary(run_dir: Path, warmup: int) -> dict:
         return statistics.median(values) if values else None
 
     mem = [m["peak_memory_gb"] for m in train if m.get("peak_memory_gb") is not None]
-    return {"tokens_per_s": med("tokens_per_s"), "samples_per_s": med("samples_per_s"),
-            "tflops_per_gpu": med("tflops_per_gpu"), "mfu": med("mfu"), "peak_memory_gb": max(mem) if mem else None,
-            "data_wait_ms_per_step": 1000 * med("data_wait_s"), "steps_measured": len(train),
-            "model_flops_per_step": train[-1]["model_flops_per_step"]}
+    return {
+        "tokens_per_s": med("tokens_per_s"),
+        "samples_per_s": med("samples_per_s"),
+        "tflops_per_gpu": med("tflops_per_gpu"),
+        "mfu": med("mfu"),
+        "peak_memory_gb": max(mem) if mem else None,
+        "data_wait_ms_per_step": 1000 * med("data_wait_s"),
+        "steps_measured": len(train),
+        "model_flops_per_step": train[-1]["model_flops_per_step"],
+    }
 
 
 def fmt(v, spec: str) -> str:
@@ -104,9 +116,17 @@ def fmt(v, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/gpu.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny models and data on whatever device there is (a CPU): checks the plumbing")
-    p.add_argument("--out", default="runs/gpu-bench", help="folder for data, runs, logs and results.json (default runs/gpu-bench)")
+    p = argparse.ArgumentParser(
+        prog="benchmarks/gpu.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models and data on whatever device there is (a CPU): checks the plumbing",
+    )
+    p.add_argument(
+        "--out", default="runs/gpu-bench", help="folder for data, runs, logs and results.json (default runs/gpu-bench)"
+    )
     p.add_argument("--steps", type=int, help="optimizer steps per training run (default 120; smoke 12)")
     p.add_argument("--warmup", type=int, help="logged steps left out of the medians (default 20; smoke 4)")
     p.add_argument("--gpt-micro", type=int, default=16, help="GPT-350M micro-batch at seq 1024 (default 16)")
@@ -131,33 +151,108 @@ def main(argv: list[str] | None = None) -> int:
     # 1. data
     text, images = out / "text", out / "images"
     if not (text / "manifest.json").is_file():
-        sh([py, "-m", "data_pipelines.text.prepare", *corpus(2_000_000 if args.smoke else 40_000_000), "--output", str(text),
-            "--vocab-size", "1024" if args.smoke else "50257", "--seq-len", "64" if args.smoke else "1024",
-            "--val-fraction", "0.01", "--test-fraction", "0", "--workers", str(max(1, min(8, os.cpu_count() or 1))),
-            "--no-progress"], out / "logs" / "prepare-text.log")
+        sh(
+            [
+                py,
+                "-m",
+                "data_pipelines.text.prepare",
+                *corpus(2_000_000 if args.smoke else 40_000_000),
+                "--output",
+                str(text),
+                "--vocab-size",
+                "1024" if args.smoke else "50257",
+                "--seq-len",
+                "64" if args.smoke else "1024",
+                "--val-fraction",
+                "0.01",
+                "--test-fraction",
+                "0",
+                "--workers",
+                str(max(1, min(8, os.cpu_count() or 1))),
+                "--no-progress",
+            ],
+            out / "logs" / "prepare-text.log",
+        )
     if not (images / "manifest.json").is_file():
-        sh([py, "-m", "data_pipelines.image.synthetic", "--output", str(images), "--count", "600" if args.smoke else "12000",
-            "--image-size", "64" if args.smoke else "256", "--no-progress"], out / "logs" / "synthetic.log")
+        sh(
+            [
+                py,
+                "-m",
+                "data_pipelines.image.synthetic",
+                "--output",
+                str(images),
+                "--count",
+                "600" if args.smoke else "12000",
+                "--image-size",
+                "64" if args.smoke else "256",
+                "--no-progress",
+            ],
+            out / "logs" / "synthetic.log",
+        )
 
     # 2-3. training runs
     ds = ds_config(out)
-    runs = {"gpt": ("gpt-tiny" if args.smoke else "gpt2-350m", text, args.gpt_micro if not args.smoke else 8),
-            "clip": ("clip-tiny" if args.smoke else "clip-vit-b32", images, args.clip_micro if not args.smoke else 16)}
+    runs = {
+        "gpt": ("gpt-tiny" if args.smoke else "gpt2-350m", text, args.gpt_micro if not args.smoke else 8),
+        "clip": ("clip-tiny" if args.smoke else "clip-vit-b32", images, args.clip_micro if not args.smoke else 16),
+    }
     results: dict[str, dict] = {}
     for key, (name, data, micro) in runs.items():
-        r = recipe(name, out, micro, workers, steps, log_every=1 if args.smoke else 10,
-                   shuffle_buffer=256 if args.smoke else 2000)
+        r = recipe(
+            name,
+            out,
+            micro,
+            workers,
+            steps,
+            log_every=1 if args.smoke else 10,
+            shuffle_buffer=256 if args.smoke else 2000,
+        )
         run_dir = out / f"run-{key}"
-        sh([py, "-m", "pretrain.train", "--config", str(r), "--deepspeed_config", str(ds), "--data", str(data),
-            "--output-dir", str(run_dir), "--resume", "none", "--no-progress"], out / "logs" / f"train-{key}.log")
+        sh(
+            [
+                py,
+                "-m",
+                "pretrain.train",
+                "--config",
+                str(r),
+                "--deepspeed_config",
+                str(ds),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(run_dir),
+                "--resume",
+                "none",
+                "--no-progress",
+            ],
+            out / "logs" / f"train-{key}.log",
+        )
         results[name] = {**summary(run_dir, warmup), "micro_batch": micro}
 
     # 4. the step against a bare loop
     if not args.skip_step_bench:
         step_json = out / "bench-step.json"
-        sh([py, "benchmarks/bench_step.py", "--ranks", "1", "--sizes", "tiny" if args.smoke else "tiny,compute",
-            "--deepspeed-config", str(ds), "--steps", "2" if args.smoke else "10", "--repeats", "3",
-            "--data", str(out / "bench-step-data"), "--json", str(step_json)], out / "logs" / "bench-step.log")
+        sh(
+            [
+                py,
+                "benchmarks/bench_step.py",
+                "--ranks",
+                "1",
+                "--sizes",
+                "tiny" if args.smoke else "tiny,compute",
+                "--deepspeed-config",
+                str(ds),
+                "--steps",
+                "2" if args.smoke else "10",
+                "--repeats",
+                "3",
+                "--data",
+                str(out / "bench-step-data"),
+                "--json",
+                str(step_json),
+            ],
+            out / "logs" / "bench-step.log",
+        )
         step = json.loads(step_json.read_text())["results"]
     else:
         step = {}
@@ -166,18 +261,34 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | micro | tokens/s | samples/s | TFLOP/s/GPU | MFU | peak mem GB | loader wait ms/step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['micro_batch']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['samples_per_s'], ',.1f')} | "
-              f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_memory_gb'], '.1f')} | "
-              f"{fmt(r['data_wait_ms_per_step'], '.1f')} |")
+        print(
+            f"| {name} | {r['micro_batch']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['samples_per_s'], ',.1f')} | "
+            f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_memory_gb'], '.1f')} | "
+            f"{fmt(r['data_wait_ms_per_step'], '.1f')} |"
+        )
     if step:
         print("\n| bench_step.py size | toolkit ms/step | bare DeepSpeed ms/step | toolkit / bare |")
         print("|---|---:|---:|---:|")
     for size, r in step.items():
-        print(f"| {size} | {r['toolkit_median_s'] * 1000:.1f} | {r['bare_median_s'] * 1000:.1f} | {r['ratio_median']:.3f} |")
-    (out / "results.json").write_text(json.dumps({"device": device, "steps": steps, "warmup": warmup,
-                                                  "workers": workers, "runs": results, "bench_step": step,
-                                                  "seconds": time.time() - started,
-                                                  "date": time.strftime("%Y-%m-%d")}, indent=2))
+        print(
+            f"| {size} | {r['toolkit_median_s'] * 1000:.1f} | {r['bare_median_s'] * 1000:.1f} "
+            f"| {r['ratio_median']:.3f} |"
+        )
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "device": device,
+                "steps": steps,
+                "warmup": warmup,
+                "workers": workers,
+                "runs": results,
+                "bench_step": step,
+                "seconds": time.time() - started,
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """The micro-batch a training stream hands out."""
+
 from __future__ import annotations
 
 from typing import Any

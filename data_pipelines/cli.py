@@ -6,6 +6,7 @@ with the data and its manifest entry, how a run reports (warnings, progress bars
 after the manifest) and main()'s error handling (exit 2 with one line, no traceback). A command
 keeps only what is its own: its inputs, its samples and its manifest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -50,12 +52,19 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_output_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
-                        help="output directory (must be empty or new unless --overwrite)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output directory (must be empty or new unless --overwrite)",
+    )
 
 
-def add_corpus_flags(parser: argparse.ArgumentParser, inputs_help: str, *, tokenizer_required: bool,
-                     tokenizer_help: str, vocab_help: str) -> None:
+def add_corpus_flags(
+    parser: argparse.ArgumentParser, inputs_help: str, *, tokenizer_required: bool, tokenizer_help: str, vocab_help: str
+) -> None:
     """The head of a command that reads inputs: the inputs, --output, and the caption or text
     tokenizer, either copied (--tokenizer) or trained on the train split (--vocab-size)."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
@@ -68,8 +77,9 @@ def add_corpus_flags(parser: argparse.ArgumentParser, inputs_help: str, *, token
 def add_fraction_flags(parser: argparse.ArgumentParser, default: float, help_template: str) -> None:
     """--val-fraction and --test-fraction; `help_template` names the split as {split}."""
     for split in ("val", "test"):
-        parser.add_argument(f"--{split}-fraction", type=float, metavar="F", default=default,
-                            help=help_template.format(split=split))
+        parser.add_argument(
+            f"--{split}-fraction", type=float, metavar="F", default=default, help=help_template.format(split=split)
+        )
 
 
 def add_shard_flag(parser: argparse.ArgumentParser, default: int) -> None:
@@ -80,8 +90,9 @@ def add_sharding_flags(parser: argparse.ArgumentParser, samples_per_shard: int, 
     """--samples-per-shard, --workers (`worker` names what a worker process does) and the seed of
     the split hash, as a command that reads inputs has them."""
     add_shard_flag(parser, samples_per_shard)
-    parser.add_argument("--workers", type=int, metavar="N", default=1,
-                        help=f"{worker} processes; the output is identical for any value")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", default=1, help=f"{worker} processes; the output is identical for any value"
+    )
     parser.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the split hash")
 
 
@@ -112,13 +123,23 @@ def node_defaults() -> tuple[int, int]:
 def add_node_flags(parser: argparse.ArgumentParser, unit: str) -> None:
     """--num-nodes and --node-rank: prepare one share of the inputs on each of several machines."""
     num_nodes, node_rank = node_defaults()
-    parser.add_argument("--num-nodes", type=int, metavar="N", default=num_nodes,
-                        help=f"split the inputs ({unit}) across N machines sharing --output: each writes its own "
-                             "shards and DIR/parts/node-RANK.json, then `prepare-merge DIR` writes manifest.json; "
-                             "in a SLURM array job the default is $SLURM_ARRAY_TASK_COUNT")
-    parser.add_argument("--node-rank", type=int, metavar="I", default=node_rank,
-                        help="this machine's index, 0 to N-1 (default: $SLURM_ARRAY_TASK_ID - "
-                             "$SLURM_ARRAY_TASK_MIN in a SLURM array job, else 0)")
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        metavar="N",
+        default=num_nodes,
+        help=f"split the inputs ({unit}) across N machines sharing --output: each writes its own "
+        "shards and DIR/parts/node-RANK.json, then `prepare-merge DIR` writes manifest.json; "
+        "in a SLURM array job the default is $SLURM_ARRAY_TASK_COUNT",
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        metavar="I",
+        default=node_rank,
+        help="this machine's index, 0 to N-1 (default: $SLURM_ARRAY_TASK_ID - "
+        "$SLURM_ARRAY_TASK_MIN in a SLURM array job, else 0)",
+    )
 
 
 def node_problems(num_nodes: int, node_rank: int) -> list[str]:
@@ -166,8 +187,12 @@ class CommandConfig:
 
     def split_manifest(self) -> dict[str, Any]:
         """The settings that decide which split a sample lands in and how it is sharded."""
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-                "samples_per_shard": self.samples_per_shard}
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "samples_per_shard": self.samples_per_shard,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,8 +267,11 @@ def prepare_output_dir(output: Path, overwrite: bool, owned: Iterable[str] = ())
 
 def shards_manifest(writer: RecordingShardWriter, output: Path) -> dict[str, Any]:
     """A split's shards as the manifest lists them: relative to the dataset, so it can move."""
-    return {"shards": [p.relative_to(output).as_posix() for p in writer.shards],
-            "shard_samples": list(writer.shard_samples), "samples": writer.samples}
+    return {
+        "shards": [p.relative_to(output).as_posix() for p in writer.shards],
+        "shard_samples": list(writer.shard_samples),
+        "samples": writer.samples,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +329,9 @@ class Console:
     def bar(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
         return tqdm(iterable, disable=not self.bars, file=self.err, **kwargs)
 
-    def finish(self, output: Path, manifest: dict[str, Any],
-               summary: Callable[[dict[str, Any], Path, float], str]) -> dict[str, Any]:
+    def finish(
+        self, output: Path, manifest: dict[str, Any], summary: Callable[[dict[str, Any], Path, float], str]
+    ) -> dict[str, Any]:
         """Write the manifest, last, as its presence means "complete"; then print the summary."""
         write_manifest(output, manifest)
         print(summary(manifest, output, time.perf_counter() - self.started), file=self.out)
@@ -320,9 +349,11 @@ def empty_splits(manifest: Mapping[str, Any]) -> list[str]:
         info = manifest.get("splits", {}).get(split, {})
         if fraction > 0 and not info.get("samples"):
             total = sum(s.get("samples", 0) for s in manifest.get("splits", {}).values())
-            found.append(f"the {split} split is empty: --{split}-fraction {fraction} of {total:,} samples gave none "
-                         f"(hashing assigns whole documents or samples); use a larger --{split}-fraction or more data"
-                         + (", or training will refuse this data without data.eval_sources" if split == "val" else ""))
+            found.append(
+                f"the {split} split is empty: --{split}-fraction {fraction} of {total:,} samples gave none "
+                f"(hashing assigns whole documents or samples); use a larger --{split}-fraction or more data"
+                + (", or training will refuse this data without data.eval_sources" if split == "val" else "")
+            )
     return found
 
 
@@ -334,8 +365,9 @@ def start_run(prog: str, config: CommandConfig, out: TextIO | None, err: TextIO 
     problems = config.problems()
     if problems:
         raise UsageError("; ".join(problems))
-    return Console(prog, sys.stdout if out is None else out, sys.stderr if err is None else err, config.progress,
-                   started)
+    return Console(
+        prog, sys.stdout if out is None else out, sys.stderr if err is None else err, config.progress, started
+    )
 
 
 def reason_counts(counts: Mapping[str, int], number_format: str = "") -> str:
@@ -343,8 +375,14 @@ def reason_counts(counts: Mapping[str, int], number_format: str = "") -> str:
     return ", ".join(f"{reason}={count:{number_format}}" for reason, count in sorted(counts.items()))
 
 
-def run_main(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None, config: type[Config],
-             run: Callable[[Config], Any], errors: tuple[type[BaseException], ...]) -> int:
+def run_main(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    config: type[Config],
+    run: Callable[[Config], Any],
+    errors: tuple[type[BaseException], ...],
+) -> int:
     """Parse, run, and turn the command's own errors into one line on stderr and exit 2."""
     try:
         args = parser.parse_args(argv)

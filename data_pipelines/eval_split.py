@@ -7,10 +7,12 @@ padding row, like a sample that could not be used, carries weight 0; it is fille
 template, the first usable sample of the split on any rank, so that it is an ordinary input
 (a blank one could give NaN, and NaN x 0 is still NaN).
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 Sample = TypeVar("Sample")
 Row = TypeVar("Row")
@@ -33,8 +35,9 @@ class EvalShare(Generic[Sample, Row]):
         self._rows: list[Row | None] = []
         self._yielded = 0
 
-    def read(self, samples: Iterable[Sample],
-             row: Callable[[int, Sample, bool], Row | None]) -> Iterator[tuple[list[Row | None], Row]]:
+    def read(
+        self, samples: Iterable[Sample], row: Callable[[int, Sample, bool], Row | None]
+    ) -> Iterator[tuple[list[Row | None], Row]]:
         """``row(i, sample, mine)`` turns sample i into a row, or None when it cannot be used;
         another rank's samples are only turned into rows until there is a template."""
         for i, sample in enumerate(itertools.islice(samples, self.n)):

@@ -5,13 +5,16 @@ and know nothing of this list, so the merge depends on them and never the other 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from data_pipelines.image import merge as image_merge
 from data_pipelines.image import prepare as image_prepare
+from data_pipelines.text import merge as text_merge
 from data_pipelines.text import prepare as text_prepare
 
 # part kind -> (merged manifest from the directory and its parts, summary of a manifest written)
 PART_KINDS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., str]]] = {
-    text_prepare.PART_KIND: (text_prepare.merged_manifest, text_prepare.format_summary),
-    image_prepare.PART_KIND: (image_prepare.merged_manifest, image_prepare.format_summary),
+    text_prepare.PART_KIND: (text_merge.merged_manifest, text_prepare.format_summary),
+    image_prepare.PART_KIND: (image_merge.merged_manifest, image_prepare.format_summary),
 }

@@ -1,4 +1,5 @@
 """Decoding one member of a WebDataset sample, shared by the token loader and the chat (packed) loader."""
+
 from __future__ import annotations
 
 import io

@@ -54,9 +54,11 @@ def prepare_node_output(output: Path, rank: int, overwrite: bool) -> None:
         stale += [output / split / SIZES_NAME, *sorted((output / split).glob(numbered))]
     found = [p for p in own + stale if p.exists()]
     if found and not overwrite:
-        raise cli.UsageError(f"output directory {output} already holds {found[0].relative_to(output)}"
-                             f"{f' and {len(found) - 1} more' if len(found) > 1 else ''} of node {rank} or of a "
-                             f"finished dataset; pass --overwrite to replace them")
+        raise cli.UsageError(
+            f"output directory {output} already holds {found[0].relative_to(output)}"
+            f"{f' and {len(found) - 1} more' if len(found) > 1 else ''} of node {rank} or of a "
+            f"finished dataset; pass --overwrite to replace them"
+        )
     for path in found:
         path.unlink(missing_ok=True)  # another node may have removed a shared stale file first
     (output / PARTS_DIR).mkdir(exist_ok=True)
@@ -92,8 +94,11 @@ def merge_skipped(parts: list[dict[str, Any]], max_examples: int = 20) -> dict[s
         for reason, count in part["skipped"]["by_reason"].items():
             by_reason[reason] = by_reason.get(reason, 0) + count
         examples += part["skipped"]["examples"]
-    return {"total": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items())),
-            "examples": examples[:max_examples]}
+    return {
+        "total": sum(by_reason.values()),
+        "by_reason": dict(sorted(by_reason.items())),
+        "examples": examples[:max_examples],
+    }
 
 
 def merge_inputs(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:

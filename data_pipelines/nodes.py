@@ -39,9 +39,22 @@ from data_pipelines.node_parts import (
 )
 
 __all__ = [
-    "PARTS_DIR", "PART_VERSION", "PROG", "build_parser", "main", "merge", "merge_inputs", "merge_skipped",
-    "merge_splits", "node_shard_pattern", "node_tag", "part_path", "prepare_node_output", "read_parts",
-    "tokenizer_fingerprint", "write_part",
+    "PARTS_DIR",
+    "PART_VERSION",
+    "PROG",
+    "build_parser",
+    "main",
+    "merge",
+    "merge_inputs",
+    "merge_skipped",
+    "merge_splits",
+    "node_shard_pattern",
+    "node_tag",
+    "part_path",
+    "prepare_node_output",
+    "read_parts",
+    "tokenizer_fingerprint",
+    "write_part",
 ]
 
 PROG = "prepare-merge"
@@ -51,8 +64,10 @@ def read_parts(directory: Path) -> list[dict[str, Any]]:
     """Every node's part, in rank order; refuses a missing node, naming it, or parts that disagree."""
     files = sorted((directory / PARTS_DIR).glob("node-*.json"))
     if not files:
-        raise cli.UsageError(f"no node parts in {directory / PARTS_DIR}: run the prepare command with "
-                             f"--num-nodes N --node-rank I on every node first")
+        raise cli.UsageError(
+            f"no node parts in {directory / PARTS_DIR}: run the prepare command with "
+            f"--num-nodes N --node-rank I on every node first"
+        )
     parts = [read_manifest(f) for f in files]
     first = parts[0]
     num_nodes = first.get("num_nodes")
@@ -60,35 +75,43 @@ def read_parts(directory: Path) -> list[dict[str, Any]]:
         if part.get("version") != PART_VERSION or not isinstance(part.get("num_nodes"), int):
             raise cli.UsageError(f"{path} is not a node part this version of {PROG} reads")
         if part["num_nodes"] != num_nodes:
-            raise cli.UsageError(f"{path} is from a run with --num-nodes {part['num_nodes']}, "
-                                 f"{files[0]} from one with --num-nodes {num_nodes}")
+            raise cli.UsageError(
+                f"{path} is from a run with --num-nodes {part['num_nodes']}, "
+                f"{files[0]} from one with --num-nodes {num_nodes}"
+            )
     by_rank = {part["node_rank"]: part for part in parts}
     missing = [rank for rank in range(num_nodes) if rank not in by_rank]
     if missing:
         names = ", ".join(str(part_path(directory, r)) for r in missing[:5])
-        raise cli.UsageError(f"missing the part of node{'s' if len(missing) > 1 else ''} "
-                             f"{', '.join(map(str, missing))} of {num_nodes} ({names}): run --node-rank "
-                             f"{missing[0]} to the end, then merge again")
+        raise cli.UsageError(
+            f"missing the part of node{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} of {num_nodes} ({names}): run --node-rank "
+            f"{missing[0]} to the end, then merge again"
+        )
     extra = sorted(set(by_rank) - set(range(num_nodes)))
     if extra:
         raise cli.UsageError(f"parts of nodes {extra} do not belong to a run with --num-nodes {num_nodes}")
     parts = [by_rank[r] for r in range(num_nodes)]
     for part in parts[1:]:
         if part.get("kind") != first.get("kind"):
-            raise cli.UsageError(f"node {part['node_rank']} prepared {part.get('kind')!r} data, node 0 "
-                                 f"{first.get('kind')!r}")
+            raise cli.UsageError(
+                f"node {part['node_rank']} prepared {part.get('kind')!r} data, node 0 {first.get('kind')!r}"
+            )
         for key in sorted(set(first["settings"]) | set(part["settings"])):
             if first["settings"].get(key) != part["settings"].get(key):
-                raise cli.UsageError(f"node {part['node_rank']} ran with a different {key} than node 0 "
-                                     f"({part['settings'].get(key)!r} vs {first['settings'].get(key)!r}); "
-                                     f"every node needs the same inputs and flags")
+                raise cli.UsageError(
+                    f"node {part['node_rank']} ran with a different {key} than node 0 "
+                    f"({part['settings'].get(key)!r} vs {first['settings'].get(key)!r}); "
+                    f"every node needs the same inputs and flags"
+                )
     return parts
 
 
 def merge(directory: Path, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:
     """Join the node parts in `directory` into its manifest.json (and sizes.json); return it."""
-    console = cli.Console(PROG, sys.stdout if out is None else out, sys.stderr if err is None else err, False,
-                          time.perf_counter())
+    console = cli.Console(
+        PROG, sys.stdout if out is None else out, sys.stderr if err is None else err, False, time.perf_counter()
+    )
     if not directory.is_dir():
         raise cli.UsageError(f"{directory} is not a directory")
     parts = read_parts(directory)
@@ -102,8 +125,11 @@ def merge(directory: Path, out: TextIO | None = None, err: TextIO | None = None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.command_parser(PROG, "Join the node parts of a dataset prepared with --num-nodes N into its "
-                                      "manifest.json, once every node has finished.")
+    parser = cli.command_parser(
+        PROG,
+        "Join the node parts of a dataset prepared with --num-nodes N into its "
+        "manifest.json, once every node has finished.",
+    )
     parser.add_argument("directory", type=Path, metavar="DIR", help="the --output every node wrote to")
     return parser
 

@@ -25,8 +25,7 @@ class RecordingShardWriter:
     without it (`prepare-text --help`: 1.3 s -> 0.2 s).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], samples_per_shard: int,
-                 pattern: str = SHARD_PATTERN) -> None:
+    def __init__(self, directory: str | os.PathLike[str], samples_per_shard: int, pattern: str = SHARD_PATTERN) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.directory = Path(directory)

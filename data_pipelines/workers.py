@@ -16,7 +16,8 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 K = TypeVar("K")
 
@@ -26,11 +27,18 @@ MAX_TASKS_PER_WORKER = 64  # results wait in the window too: it must not grow wi
 WINDOW_BYTES_PER_WORKER = 64 << 20
 
 
-def ordered_map(fn: Callable[[Any], Any], tasks: Iterable[tuple[K, Any, int]], workers: int, *,
-                initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                on_start: Callable[[], Any] | None = None,
-                min_tasks: int = MIN_TASKS_PER_WORKER, max_tasks: int = MAX_TASKS_PER_WORKER,
-                window_bytes: int = WINDOW_BYTES_PER_WORKER) -> Iterator[tuple[K, Any]]:
+def ordered_map(
+    fn: Callable[[Any], Any],
+    tasks: Iterable[tuple[K, Any, int]],
+    workers: int,
+    *,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+    on_start: Callable[[], Any] | None = None,
+    min_tasks: int = MIN_TASKS_PER_WORKER,
+    max_tasks: int = MAX_TASKS_PER_WORKER,
+    window_bytes: int = WINDOW_BYTES_PER_WORKER,
+) -> Iterator[tuple[K, Any]]:
     """(key, fn(arg)) for every (key, arg, nbytes) of `tasks`, computed in `workers` processes
     and yielded in input order. In flight: `min_tasks` to `max_tasks` per worker, as many as
     keep their `nbytes` under `window_bytes` per worker. `on_start` is called once the
@@ -44,7 +52,8 @@ def ordered_map(fn: Callable[[Any], Any], tasks: Iterable[tuple[K, Any, int]], w
             pending.append((key, nbytes, pool.apply_async(fn, (arg,))))
             in_flight += nbytes
             while len(pending) >= min_tasks * workers and (
-                    in_flight >= window_bytes * workers or len(pending) >= max_tasks * workers):
+                in_flight >= window_bytes * workers or len(pending) >= max_tasks * workers
+            ):
                 done, size, result = pending.popleft()
                 in_flight -= size
                 yield done, result.get()

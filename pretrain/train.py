@@ -7,6 +7,7 @@
 Everything that can be checked is checked before the process group starts, and no file is
 written until the whole configuration is known to be valid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,29 +26,58 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pretrain-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="recipe JSON path, or a shipped recipe name (gpt-tiny, gpt2-124m, ...)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   help="DeepSpeed JSON (default: the recipe's deepspeed_config); \"auto\" values are filled from the recipe")
-    p.add_argument("--data", help="the data: a directory written by prepare-text / prepare-image-text, or one source "
-                   "string: a folder of raw (img2dataset) shards, a glob, a brace pattern /d/{00000..00099}.tar, "
-                   "a 'pipe:' command, an http(s):// pattern or an s3:// / gs:// URL (overrides data.path and "
-                   "data.sources)")
+        prog="pretrain-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", required=True, help="recipe JSON path, or a shipped recipe name (gpt-tiny, gpt2-124m, ...)"
+    )
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        help='DeepSpeed JSON (default: the recipe\'s deepspeed_config); "auto" values are filled from the recipe',
+    )
+    p.add_argument(
+        "--data",
+        help="the data: a directory written by prepare-text / prepare-image-text, or one source "
+        "string: a folder of raw (img2dataset) shards, a glob, a brace pattern /d/{00000..00099}.tar, "
+        "a 'pipe:' command, an http(s):// pattern or an s3:// / gs:// URL (overrides data.path and "
+        "data.sources)",
+    )
     p.add_argument("--output-dir", help="run directory (overrides output_dir; default runs/<name>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
-    p.add_argument("--eval-every", type=int, help="evaluate on val every N steps, 0 = only at the end (overrides eval.every)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps, 0 = only at the end (overrides checkpoint.every)")
+    p.add_argument(
+        "--eval-every", type=int, help="evaluate on val every N steps, 0 = only at the end (overrides eval.every)"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="checkpoint every N steps, 0 = only at the end (overrides checkpoint.every)",
+    )
     p.add_argument("--init-from", help="local Hugging Face model directory to fine-tune (overrides model.init_from)")
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from OUTPUT/checkpoints/latest if present; none: start fresh; or a checkpoint path")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run Python code shipped inside the init_from model or tokenizer directory "
-                        "(sets model.trust_remote_code; off by default: such code runs with your permissions)")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: continue from OUTPUT/checkpoints/latest if present; none: start fresh; or a checkpoint path",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run Python code shipped inside the init_from model or tokenizer directory "
+        "(sets model.trust_remote_code; off by default: such code runs with your permissions)",
+    )
     p.add_argument("--seed", type=int, help="seed for init, data order and dropout (overrides training.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                   help="set by the deepspeed launcher; do not pass by hand")
-    p.add_argument("--deepspeed", action="store_true", help="accepted for compatibility with DeepSpeed scripts; ignored")
+    p.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=int(os.environ.get("LOCAL_RANK", 0)),
+        help="set by the deepspeed launcher; do not pass by hand",
+    )
+    p.add_argument(
+        "--deepspeed", action="store_true", help="accepted for compatibility with DeepSpeed scripts; ignored"
+    )
     return p
 
 
@@ -62,13 +92,20 @@ def single_process_env() -> str | None:
     asked for several processes but started this one alone (accelerate on a CPU does)."""
     if "RANK" in os.environ:
         return None
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+    )
     if any(k.startswith("ACCELERATE_") for k in os.environ):
-        return ("accelerate started this process alone (it set no RANK or WORLD_SIZE), so this is a world of one: "
-                "`accelerate launch --cpu --num_processes N` runs one process on a CPU. For N processes use "
-                "`deepspeed --num_gpus N` or `torchrun --nproc_per_node N`, or `accelerate launch --multi_gpu "
-                "--num_processes N` on GPUs")
+        return (
+            "accelerate started this process alone (it set no RANK or WORLD_SIZE), so this is a world of one: "
+            "`accelerate launch --cpu --num_processes N` runs one process on a CPU. For N processes use "
+            "`deepspeed --num_gpus N` or `torchrun --nproc_per_node N`, or `accelerate launch --multi_gpu "
+            "--num_processes N` on GPUs"
+        )
     return None
 
 
@@ -92,9 +129,14 @@ def prepare(args: argparse.Namespace):
     from pretrain.runtime.checkpoint import CheckpointError, resume_target
 
     overrides = {
-        "data.path": args.data, "data.sources": [] if args.data else None, "output_dir": args.output_dir, "training.max_steps": args.max_steps,
-        "eval.every": args.eval_every, "checkpoint.every": args.checkpoint_every,
-        "model.init_from": args.init_from, "training.seed": args.seed,
+        "data.path": args.data,
+        "data.sources": [] if args.data else None,
+        "output_dir": args.output_dir,
+        "training.max_steps": args.max_steps,
+        "eval.every": args.eval_every,
+        "checkpoint.every": args.checkpoint_every,
+        "model.init_from": args.init_from,
+        "training.seed": args.seed,
         "model.trust_remote_code": True if args.trust_remote_code else None,
     }
     recipe, recipe_path = load_recipe(args.config, overrides)
@@ -117,15 +159,22 @@ def prepare(args: argparse.Namespace):
         except CheckpointError as e:
             problems.append(str(e))
     if recipe.model.init_from and not Path(recipe.model.init_from, "config.json").is_file():
-        problems.append(f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)")
+        problems.append(
+            f"model.init_from: {recipe.model.init_from}/config.json not found (a local Hugging Face model directory)"
+        )
         recipe.model.init_from = None
     if problems or data is None:
         raise RecipeError(str(recipe_path), problems)
 
     tokenizer_dir = family.tokenizer_dir(recipe, data)
     if tokenizer_dir is None:
-        raise RecipeError(str(recipe_path), [f"data.tokenizer: not set, and {data.root} has no tokenizer of its own; "
-                                             "name a local Hugging Face tokenizer directory"])
+        raise RecipeError(
+            str(recipe_path),
+            [
+                f"data.tokenizer: not set, and {data.root} has no tokenizer of its own; "
+                "name a local Hugging Face tokenizer directory"
+            ],
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -148,20 +197,27 @@ def prepare(args: argparse.Namespace):
         problems.extend(e.problems)
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: the ranks on this machine
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    ctx = RunContext(recipe, family, model_config, data, layout, ds_config, str(ds_path), local,
-                     model_ok=not model_problems)
+    ctx = RunContext(
+        recipe, family, model_config, data, layout, ds_config, str(ds_path), local, model_ok=not model_problems
+    )
     problems.extend(features.problems(ctx))
     if problems:
         raise RecipeError(str(recipe_path), problems)
     notes.extend(features.configure(ds_config, ctx))
     # where a DeepSpeed value won over a recipe default, the run (and resolved-config.json) uses it
     recipe = settled_recipe(recipe, ds_config)
-    resolved = ResolvedRun(recipe=recipe, deepspeed=ds_config,
-                           optimization=run_optimization(recipe.training, ds_config),
-                           world_size=world, tokens_per_sample=family.tokens_per_sample(data, model_config),
-                           flops_per_sample=family.train_flops_per_sample(model_config, data),
-                           data_path=Path(data.root), data_kind=data.KIND, notes=[*data_notes, *notes],
-                           data_sources=data.to_json())
+    resolved = ResolvedRun(
+        recipe=recipe,
+        deepspeed=ds_config,
+        optimization=run_optimization(recipe.training, ds_config),
+        world_size=world,
+        tokens_per_sample=family.tokens_per_sample(data, model_config),
+        flops_per_sample=family.train_flops_per_sample(model_config, data),
+        data_path=Path(data.root),
+        data_kind=data.KIND,
+        notes=[*data_notes, *notes],
+        data_sources=data.to_json(),
+    )
     run_dir = Path(recipe.output_dir or f"runs/{recipe.name}")
     return resolved, RunData(data, tokenizer_dir, model_config), run_dir
 
@@ -214,7 +270,6 @@ def _main(argv: list[str] | None = None, hooks=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     import deepspeed
-
     import torch.distributed as dist
 
     from pretrain.runtime.checkpoint import CheckpointError
@@ -238,8 +293,11 @@ def _main(argv: list[str] | None = None, hooks=None) -> int:
         return 1
     if trainer.preempted:
         if rank == 0:
-            print(f"preempted at step {trainer.state.step}: checkpoint saved; rerun the same command to continue "
-                  f"(exit {PREEMPTED_EXIT})", flush=True)
+            print(
+                f"preempted at step {trainer.state.step}: checkpoint saved; rerun the same command to continue "
+                f"(exit {PREEMPTED_EXIT})",
+                flush=True,
+            )
         dist.destroy_process_group()
         return PREEMPTED_EXIT
     if rank == 0:

@@ -29,8 +29,22 @@ def prepared_stdlib(tmp_path_factory: pytest.TempPathFactory, stdlib_files: list
     from data_pipelines.text.prepare import main
 
     out = tmp_path_factory.mktemp("prepared") / "stdlib"
-    argv = [*map(str, stdlib_files), "--output", str(out), "--vocab-size", "1000", "--seq-len", "64",
-            "--val-fraction", "0.15", "--test-fraction", "0.15", "--samples-per-shard", "40", "--no-progress"]
+    argv = [
+        *map(str, stdlib_files),
+        "--output",
+        str(out),
+        "--vocab-size",
+        "1000",
+        "--seq-len",
+        "64",
+        "--val-fraction",
+        "0.15",
+        "--test-fraction",
+        "0.15",
+        "--samples-per-shard",
+        "40",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out
 

@@ -6,6 +6,7 @@
 runs `pretrain.train.main` with a `FaultPlan`; the deepspeed launcher and torchrun start it like
 `pretrain/train.py`. Steps are 1-based optimizer steps; faults hit rank 0, once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ class NanGradient(torch.autograd.Function):
 
 
 class FaultPlan(TrainerHooks):
-    def __init__(self, nan_loss_at=(), nan_grad_at=(), stall_in_save: int | None = None,
-                 trace_dir: str | Path | None = None):
+    def __init__(
+        self, nan_loss_at=(), nan_grad_at=(), stall_in_save: int | None = None, trace_dir: str | Path | None = None
+    ):
         self.nan_loss_at, self.nan_grad_at = set(nan_loss_at), set(nan_grad_at)
         self.stall_in_save = stall_in_save
         self.trace_dir = Path(trace_dir) if trace_dir else None
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = FaultPlan(args.nan_loss_at, args.nan_grad_at, args.stall_in_save, args.trace_samples)
     from pretrain.train import main as train_main
 
-    return train_main(argv[split + 1:], hooks=plan)
+    return train_main(argv[split + 1 :], hooks=plan)
 
 
 if __name__ == "__main__":

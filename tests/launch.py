@@ -1,4 +1,5 @@
 """Helpers for tests that run the real command lines (deepspeed launcher, torchrun, console scripts)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,16 +38,29 @@ def world_of_one():
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false")
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        TOKENIZERS_PARALLELISM="false",
+    )
     deepspeed.init_distributed(dist_backend="gloo")
     try:
         yield
     finally:
         _remove_shm_buffers()
         dist.destroy_process_group()
-        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                     "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu"):
+        for name in (
+            "_WORLD_GROUP",
+            "_DATA_PARALLEL_GROUP",
+            "_MODEL_PARALLEL_GROUP",
+            "_TENSOR_MODEL_PARALLEL_GROUP",
+            "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+            "mpu",
+        ):
             if hasattr(groups, name):
                 setattr(groups, name, None)
         os.environ.clear()
@@ -84,29 +98,56 @@ def kill_tree(proc: subprocess.Popen, port: str) -> None:
 
 def _env() -> dict[str, str]:
     e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-             OMP_NUM_THREADS="1")
+    e.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True, cwd: Path | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
-                       cwd=cwd or REPO)
+def run(
+    cmd: list[str], timeout: int = 600, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})}, cwd=cwd or REPO
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+        )
     return p
 
 
 def deepspeed_cmd(nproc: int, args: list[str], script: str = TRAIN) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), TRAIN, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        *args,
+    ]
 
 
 def module_cmd(module: str, args: list[str]) -> list[str]:
@@ -124,16 +165,44 @@ def stdlib_files(max_bytes: int) -> list[str]:
     return files
 
 
-def prepare_small_corpus(out: Path, files: int, min_bytes: int, max_bytes: int, vocab_size: int, samples_per_shard: int,
-                         test_fraction: float = 0.0, val_fraction: float = 0.1) -> Path:
+def prepare_small_corpus(
+    out: Path,
+    files: int,
+    min_bytes: int,
+    max_bytes: int,
+    vocab_size: int,
+    samples_per_shard: int,
+    test_fraction: float = 0.0,
+    val_fraction: float = 0.1,
+) -> Path:
     """A small prepared text corpus (seq_len 32) from ``files`` stdlib sources of min..max bytes,
     so that a test can train through whole epochs."""
-    chosen = [str(p) for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-              if min_bytes < p.stat().st_size < max_bytes][:files]
-    run(module_cmd("data_pipelines.text.prepare", [*chosen, "--output", str(out), "--vocab-size", str(vocab_size),
-                                                    "--seq-len", "32", "--val-fraction", str(val_fraction), "--test-fraction",
-                                                    str(test_fraction), "--samples-per-shard", str(samples_per_shard),
-                                                    "--no-progress"]))
+    chosen = [
+        str(p)
+        for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        if min_bytes < p.stat().st_size < max_bytes
+    ][:files]
+    run(
+        module_cmd(
+            "data_pipelines.text.prepare",
+            [
+                *chosen,
+                "--output",
+                str(out),
+                "--vocab-size",
+                str(vocab_size),
+                "--seq-len",
+                "32",
+                "--val-fraction",
+                str(val_fraction),
+                "--test-fraction",
+                str(test_fraction),
+                "--samples-per-shard",
+                str(samples_per_shard),
+                "--no-progress",
+            ],
+        )
+    )
     return out
 
 

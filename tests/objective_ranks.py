@@ -6,6 +6,7 @@ Each rank trains on its own window of the two (rank r on window r); rank 0 write
 optimizer applied (averaged over the ranks) and the train line to OUT.pt. tests/test_objective.py
 also uses the helpers in one process.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,9 +32,9 @@ def windows(seq_len: int, trained: list[int] | None) -> dict[str, torch.Tensor]:
         return {"input_ids": ids[:, :-1].clone(), "labels": ids[:, 1:].clone()}
     mask = torch.zeros_like(ids)
     segments = torch.zeros_like(ids)
-    segments[:, seq_len // 2:] = 1
+    segments[:, seq_len // 2 :] = 1
     for row, n in enumerate(trained):
-        mask[row, seq_len + 1 - n:] = 1  # the end of the second conversation is the assistant's
+        mask[row, seq_len + 1 - n :] = 1  # the end of the second conversation is the assistant's
     return packed_batch(torch.stack([ids, mask, segments], dim=1))
 
 
@@ -58,7 +59,7 @@ def one_step(trainer, rows: dict[str, torch.Tensor]):
 
     micro, engine, grads = trainer.micro, trainer.engine, {}
     count = next(iter(rows.values())).shape[0]
-    trainer.stream = Fixed([Batch({k: v[i:i + micro] for k, v in rows.items()}) for i in range(0, count, micro)])
+    trainer.stream = Fixed([Batch({k: v[i : i + micro] for k, v in rows.items()}) for i in range(0, count, micro)])
     step = engine.step
 
     def capture():  # the accumulated (and, over ranks, averaged) gradient, just before the update
@@ -77,7 +78,7 @@ def main() -> int:
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
     out_path, kind = args[0], args[1]
-    argv = args[args.index("--") + 1:]
+    argv = args[args.index("--") + 1 :]
     from pretrain.runtime.trainer import Trainer
     from pretrain.train import build_parser, prepare
 
@@ -88,7 +89,7 @@ def main() -> int:
     trainer.setup()
     rank = dist.get_rank()
     rows = windows(inputs.data.seq_len, CHAT_TRAINED if kind == "chat" else None)
-    out, grads, _ = one_step(trainer, {k: v[rank:rank + 1] for k, v in rows.items()})
+    out, grads, _ = one_step(trainer, {k: v[rank : rank + 1] for k, v in rows.items()})
     if rank == 0:
         torch.save({"out": out, "grads": grads}, out_path)
     dist.barrier()

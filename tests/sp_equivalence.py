@@ -6,6 +6,7 @@ The full gradient is the sum over the SP ranks of their gradients divided by the
 rank back-propagates the same total loss, whose all-gather hands every rank its chunk's share
 once per rank (DeepSpeed's ZeRO-3 averaging over all ranks undoes exactly that factor).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,11 +28,28 @@ def main(arch: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+        config = GPT2Config(
+            vocab_size=96,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+        )
     else:
-        config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+        config = LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            use_cache=False,
+        )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     reference = copy.deepcopy(model)
     tokens = torch.randint(0, 96, (2, 33))
@@ -46,13 +64,23 @@ def main(arch: str) -> None:
 
     # SP's kernel replaced sdpa for this process; in eval mode it hands over to the original
     reference.eval()
-    ref_loss = torch.nn.functional.cross_entropy(reference(**{"input_ids": batch["input_ids"]}).logits.flatten(0, 1),
-                                                 batch["labels"].flatten())
+    ref_loss = torch.nn.functional.cross_entropy(
+        reference(**{"input_ids": batch["input_ids"]}).logits.flatten(0, 1), batch["labels"].flatten()
+    )
     ref_loss.backward()
     ref_grads = torch.cat([p.grad.flatten() for p in reference.parameters()])
     if rank == 0:
-        print(json.dumps({"arch": arch, "loss": loss.item(), "reference": ref_loss.item(),
-                          "grad_diff": ((grads - ref_grads).abs().max() / ref_grads.abs().max()).item()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "arch": arch,
+                    "loss": loss.item(),
+                    "reference": ref_loss.item(),
+                    "grad_diff": ((grads - ref_grads).abs().max() / ref_grads.abs().max()).item(),
+                }
+            ),
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

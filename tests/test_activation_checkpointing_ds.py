@@ -1,13 +1,18 @@
 """The DeepSpeed config's activation_checkpointing section (pretrain/parallel/activation_checkpointing.py): with
 training.activation_checkpointing it swaps in DeepSpeed's checkpoint function, and the losses and
 gradients stay those of the model without checkpointing; options that fail are refused up front."""
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pretrain.run.config import parse_recipe
 from pretrain.models import get_family
-from pretrain.parallel.activation_checkpointing import checkpoint_blocks, deepspeed_section_notes, deepspeed_section_problems
+from pretrain.parallel.activation_checkpointing import (
+    checkpoint_blocks,
+    deepspeed_section_notes,
+    deepspeed_section_problems,
+)
+from pretrain.run.config import parse_recipe
 from tests.launch import world_of_one as launch_world_of_one
 from tests.test_layout import _loss_and_grads, _same
 
@@ -23,8 +28,16 @@ def test_deepspeed_checkpoint_function_keeps_losses_and_gradients(world_of_one):
     recomputation replays the same masks, so losses and gradients are those without checkpointing."""
     import deepspeed
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=16, attention_dropout=0.1, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        attention_dropout=0.1,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     plain = LlamaForCausalLM(config)
     checkpointed = LlamaForCausalLM(config)
@@ -33,11 +46,14 @@ def test_deepspeed_checkpoint_function_keeps_losses_and_gradients(world_of_one):
     section = {"activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True}}
     assert deepspeed_section_problems(section, "llama", "ds.json") == []
     done = checkpoint_blocks(checkpointed, get_family("gpt"), recipe, section)
-    assert done == ["activation checkpointing (every transformer block) with DeepSpeed's checkpoint function "
-                    "(cpu_checkpointing, partition_activations)"]
+    assert done == [
+        "activation checkpointing (every transformer block) with DeepSpeed's checkpoint function "
+        "(cpu_checkpointing, partition_activations)"
+    ]
     blocks = [m for m in checkpointed.model.layers if getattr(m, "gradient_checkpointing", False)]
-    assert len(blocks) == 2 and all(m._gradient_checkpointing_func is deepspeed.checkpointing.non_reentrant_checkpoint
-                                    for m in blocks)
+    assert len(blocks) == 2 and all(
+        m._gradient_checkpointing_func is deepspeed.checkpointing.non_reentrant_checkpoint for m in blocks
+    )
     ids = torch.randint(0, 64, (3, 16))
 
     def run(m):
@@ -52,10 +68,12 @@ def test_section_is_checked_before_ranks_and_noted_when_it_would_do_nothing():
 
     assert "must be an object" in problems(True)
     assert "contiguous_memory_optimization needs partition_activations: true" in problems(
-        {"contiguous_memory_optimization": True})
+        {"contiguous_memory_optimization": True}
+    )
     for arch in ("gpt2", "clip"):
         assert f"runs the llama architecture's blocks only (it passes {arch}'s" in problems(
-            {"partition_activations": True}, arch)
+            {"partition_activations": True}, arch
+        )
     assert problems({"partition_activations": True, "synchronize_checkpoint_boundary": True}) == ""
     assert problems({"profile": True}, "gpt2") == ""
     if not torch.cuda.is_available():

@@ -1,4 +1,5 @@
 """Bad shards and samples are skipped with a warning that names them, and counted by reason."""
+
 import itertools
 import tarfile
 
@@ -26,7 +27,9 @@ def test_truncated_and_non_tar_shards_and_bad_samples_are_skipped_and_counted(tm
     ds = TextTrainStream(data, "train", 1, shuffle_buffer=0)
     got = [int(b["input_ids"][0, 0]) for b in itertools.islice(iter(ds), 8)]
     assert not {1, 2} & set(got), "the bad samples never come out"
-    assert {0, 3, 4, 5} <= set(got) and set(got) <= {0, 3, 4, 5} | set(range(6, 12)), "members before the truncation survive"
+    assert {0, 3, 4, 5} <= set(got) and set(got) <= {0, 3, 4, 5} | set(range(6, 12)), (
+        "members before the truncation survive"
+    )
     assert ds.skips.counts["wrong_dtype"] >= 1 and ds.skips.counts["wrong_length"] >= 1
     assert ds.skips.counts["bad_shard"] >= 1 and any("shard-000002" in e for e in ds.skips.examples)
     assert any("k1" in e for e in ds.skips.examples), "the warning names the sample"

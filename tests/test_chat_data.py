@@ -1,6 +1,7 @@
 """Chat / instruction data: prepare-text renders conversations with a chat template and stores
 assistant-only loss masks; packed conversations neither see each other nor share positions; a
 real training run computes its loss on the assistant's tokens only."""
+
 from __future__ import annotations
 
 import io
@@ -16,10 +17,13 @@ import torch
 
 from data_pipelines.text.packed import IGNORE_INDEX, ConversationPacker, packed_batch, positions_in_segments
 from data_pipelines.text.prepare import main as prepare_main
-from tests.launch import REPO, metrics, world_of_one as launch_world_of_one
+from tests.launch import REPO, metrics
+from tests.launch import world_of_one as launch_world_of_one
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>\n)", re.S)
 
 
@@ -27,12 +31,16 @@ def _conversation(r: random.Random, i: int) -> dict:
     a, b = r.randint(0, 60), r.randint(0, 60)
     if i % 3 == 0:
         return {"prompt": f"Add {a} and {b}.", "response": f"The sum is {a + b}."}
-    messages = [{"role": "system", "content": "You add numbers."},
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    messages = [
+        {"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+    ]
     if i % 3 == 2:
-        messages += [{"role": "user", "content": f"And {b} plus {b}?"},
-                     {"role": "assistant", "content": f"{b} plus {b} is {2 * b}."}]
+        messages += [
+            {"role": "user", "content": f"And {b} plus {b}?"},
+            {"role": "assistant", "content": f"{b} plus {b} is {2 * b}."},
+        ]
     return {"messages": messages}
 
 
@@ -61,9 +69,22 @@ def chat_tokenizer(tmp_path_factory) -> Path:
 def chat_data(tmp_path_factory, chat_tokenizer) -> Path:
     root = tmp_path_factory.mktemp("chat")
     out = root / "data"
-    argv = [str(_write_chat(root / "chat.jsonl", 600)), "--output", str(out), "--tokenizer", str(chat_tokenizer),
-            "--seq-len", "96", "--val-fraction", "0.1", "--test-fraction", "0.0", "--samples-per-shard", "64",
-            "--no-progress"]
+    argv = [
+        str(_write_chat(root / "chat.jsonl", 600)),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(chat_tokenizer),
+        "--seq-len",
+        "96",
+        "--val-fraction",
+        "0.1",
+        "--test-fraction",
+        "0.0",
+        "--samples-per-shard",
+        "64",
+        "--no-progress",
+    ]
     assert prepare_main(argv) == 0
     return out
 
@@ -104,9 +125,24 @@ def test_prepare_detects_chat_renders_with_the_template_and_masks_assistant_toke
 
 def test_rendering_in_worker_processes_writes_the_same_shards(chat_data, chat_tokenizer, tmp_path):
     out = tmp_path / "w2"
-    argv = [str(chat_data.parent / "chat.jsonl"), "--output", str(out), "--tokenizer", str(chat_tokenizer),
-            "--seq-len", "96", "--val-fraction", "0.1", "--test-fraction", "0.0", "--samples-per-shard", "64",
-            "--workers", "2", "--no-progress"]
+    argv = [
+        str(chat_data.parent / "chat.jsonl"),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(chat_tokenizer),
+        "--seq-len",
+        "96",
+        "--val-fraction",
+        "0.1",
+        "--test-fraction",
+        "0.0",
+        "--samples-per-shard",
+        "64",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     assert prepare_main(argv) == 0
     shards = sorted(p.relative_to(chat_data) for p in chat_data.glob("*/shard-*.tar"))
     assert shards and shards == sorted(p.relative_to(out) for p in out.glob("*/shard-*.tar"))
@@ -118,15 +154,41 @@ def test_prompt_response_records_and_a_template_given_on_the_command_line(tmp_pa
     from transformers import AutoTokenizer
 
     src = tmp_path / "pr.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}.", "system": "Be brief."}) + "\n"
-                           for i in range(20)) + "not json\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    src.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {i}.", "response": f"{i}.", "system": "Be brief."}) + "\n" for i in range(20)
+        )
+        + "not json\n"
+        + json.dumps({"messages": [{"role": "user"}]})
+        + "\n"
+    )
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template.write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     out = tmp_path / "out"
-    assert prepare_main([str(src), "--output", str(out), "--tokenizer", str(chat_tokenizer), "--chat-template",
-                         str(template), "--seq-len", "64", "--val-fraction", "0", "--test-fraction", "0",
-                         "--no-progress"]) == 0
+    assert (
+        prepare_main(
+            [
+                str(src),
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(chat_tokenizer),
+                "--chat-template",
+                str(template),
+                "--seq-len",
+                "64",
+                "--val-fraction",
+                "0",
+                "--test-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["chat"]["template"] == "--chat-template" and manifest["splits"]["train"]["documents"] == 20
     assert manifest["skipped"]["by_reason"] == {"bad_messages": 1, "invalid_json": 1}
@@ -152,8 +214,9 @@ def test_a_tokenizer_trained_on_chat_data_takes_the_template_given_inline(tmp_pa
     assert AutoTokenizer.from_pretrained(out / "tokenizer").chat_template == CHATML
 
 
-def test_no_chat_template_is_refused_naming_the_tokenizer_and_mixed_inputs_are_refused(tmp_path, chat_tokenizer,
-                                                                                     capsys):
+def test_no_chat_template_is_refused_naming_the_tokenizer_and_mixed_inputs_are_refused(
+    tmp_path, chat_tokenizer, capsys
+):
     from transformers import AutoTokenizer
 
     bare = tmp_path / "bare-tokenizer"
@@ -169,12 +232,18 @@ def test_no_chat_template_is_refused_naming_the_tokenizer_and_mixed_inputs_are_r
     assert not out.exists(), "refused before the output directory is made"
     plain = tmp_path / "plain.txt"
     plain.write_text("just some text\n")
-    assert prepare_main([str(src), str(plain), "--output", str(out), "--tokenizer", str(chat_tokenizer),
-                         "--no-progress"]) == 2
+    assert (
+        prepare_main([str(src), str(plain), "--output", str(out), "--tokenizer", str(chat_tokenizer), "--no-progress"])
+        == 2
+    )
     assert "mix chat records" in capsys.readouterr().err
     # --format text reads the same records as plain documents (their "text" field)
-    assert prepare_main([str(src), "--output", str(out), "--tokenizer", str(chat_tokenizer), "--format", "text",
-                         "--no-progress"]) == 2
+    assert (
+        prepare_main(
+            [str(src), "--output", str(out), "--tokenizer", str(chat_tokenizer), "--format", "text", "--no-progress"]
+        )
+        == 2
+    )
     assert "text field 'text' is missing" in capsys.readouterr().err
 
 
@@ -183,12 +252,12 @@ def test_packer_keeps_conversations_whole_pads_and_counts_truncation():
     ones = lambda n: np.ones(n, dtype=np.uint8)  # noqa: E731
     assert p.add(np.arange(1, 5), ones(4)) == []
     assert p.add(np.arange(5, 10), ones(5)) == []
-    (tokens, mask, segments), = p.add(np.arange(10, 13), ones(3))  # does not fit: the window closes
+    ((tokens, mask, segments),) = p.add(np.arange(10, 13), ones(3))  # does not fit: the window closes
     assert tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0] and mask.tolist() == [1] * 9 + [0]
     assert segments.tolist() == [0] * 4 + [1] * 5 + [2], "padding is a segment of its own"
-    (tokens, _, _), = p.add(np.arange(100, 115), ones(15))  # closes [10, 11, 12]; itself cut to 10
+    ((tokens, _, _),) = p.add(np.arange(100, 115), ones(15))  # closes [10, 11, 12]; itself cut to 10
     assert tokens.tolist() == [10, 11, 12] + [0] * 7
-    (tokens, _, segments), = p.finish()
+    ((tokens, _, segments),) = p.finish()
     assert tokens.tolist() == list(range(100, 110)) and segments.tolist() == [0] * 10
     assert (p.documents, p.windows, p.truncated, p.truncated_tokens, p.padding_tokens) == (4, 3, 1, 5, 8)
 
@@ -212,8 +281,15 @@ def _tiny_model(arch: str, impl: str):
     if arch == "gpt2":
         config = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4)
     else:
-        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     return AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
 
 
@@ -242,8 +318,9 @@ def test_a_token_sees_only_its_own_conversation_in_a_pack(arch, impl):
         # conversations from the restarting position_ids alone, with the same result (without a KV
         # cache only, as in training: build_model sets use_cache False).
         with torch.no_grad():
-            by_positions = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 use_cache=False).logits
+            by_positions = model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            ).logits
         torch.testing.assert_close(by_positions, logits, rtol=0, atol=1e-5)
 
 
@@ -275,17 +352,29 @@ def test_sft_trains_on_assistant_tokens_only_and_held_out_loss_falls(chat_data, 
 
     from pretrain.models import gpt
     from pretrain.models.packed_attention import causal_lm_inputs
-    from pretrain.train import build_parser, prepare
     from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
 
     recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
     recipe["model"].update(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128)
     recipe["training"].update(micro_batch_size=8, warmup_steps=5, lr=3e-3)
     recipe["eval"] = {"every": 0, "max_samples": 64}
     (tmp_path / "sft.json").write_text(json.dumps(recipe))
-    args = build_parser().parse_args(["--config", str(tmp_path / "sft.json"), "--data", str(chat_data),
-                                      "--output-dir", str(tmp_path / "run"), "--max-steps", "40",
-                                      "--checkpoint-every", "0", "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(tmp_path / "sft.json"),
+            "--data",
+            str(chat_data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "40",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+        ]
+    )
     resolved, inputs, run_dir = prepare(args)
     trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False)
     trainer.setup()
@@ -324,8 +413,9 @@ def test_sft_trains_on_assistant_tokens_only_and_held_out_loss_falls(chat_data, 
         assert float(gpt.loss(trainer.engine, batch)) == pytest.approx(float(expected_loss), rel=1e-6)
 
 
-def test_sequence_parallelism_with_chat_data_is_refused_before_any_rank_starts(chat_data, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_sequence_parallelism_with_chat_data_is_refused_before_any_rank_starts(
+    chat_data, tmp_path, capsys, monkeypatch
+):
     import os
 
     from pretrain.train import main
@@ -333,21 +423,42 @@ def test_sequence_parallelism_with_chat_data_is_refused_before_any_rank_starts(c
     monkeypatch.setattr(os, "environ", dict(os.environ))
     os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
-    recipe["model"] = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
-                       "max_position_embeddings": 128}
+    recipe["model"] = {
+        "arch": "llama",
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+    }
     recipe["training"]["micro_batch_size"] = 2
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     ds = {**json.loads((REPO / "ds_configs/zero3_fp32.json").read_text()), "sequence_parallel_size": 2}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    assert main(["--config", str(tmp_path / "recipe.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
-                 "--data", str(chat_data), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "recipe.json"),
+                "--deepspeed_config",
+                str(tmp_path / "ds.json"),
+                "--data",
+                str(chat_data),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "sequence_parallel_size: 2 with chat data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2"])
-def test_sequence_parallelism_with_chat_data_has_one_rule_for_each_attention_kernel(impl, chat_data, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_sequence_parallelism_with_chat_data_has_one_rule_for_each_attention_kernel(
+    impl, chat_data, tmp_path, capsys, monkeypatch
+):
     """The real entry point and the feature's own check give one answer: refused with sdpa (Ulysses drops
     the block mask), allowed with flash-attention (which this CPU lacks, and says so: nothing else)."""
     import os
@@ -359,14 +470,32 @@ def test_sequence_parallelism_with_chat_data_has_one_rule_for_each_attention_ker
     monkeypatch.setattr(os, "environ", dict(os.environ))
     os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
-    recipe["model"] = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
-                       "max_position_embeddings": 128, "attn_implementation": impl}
+    recipe["model"] = {
+        "arch": "llama",
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "attn_implementation": impl,
+    }
     recipe["training"]["micro_batch_size"] = 2
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     ds = {**json.loads((REPO / "ds_configs/zero3_fp32.json").read_text()), "sequence_parallel_size": 2}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    rc = main(["--config", str(tmp_path / "recipe.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
-               "--data", str(chat_data), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "--config",
+            str(tmp_path / "recipe.json"),
+            "--deepspeed_config",
+            str(tmp_path / "ds.json"),
+            "--data",
+            str(chat_data),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     rule = check("llama", ParallelLayout(world=2, sp=2), 3, 4, 4, 96, impl, "ds.json", packed=True)
     assert bool(rule) == (impl == "sdpa")

@@ -1,6 +1,7 @@
 """CLIP on a labelled image folder: the folder source, zero-shot evaluation, fine-tuning with the
 zero-shot-initialised head (task classify) and WiSE-FT, in one process (a gloo world of one with a
 real DeepSpeed engine; the tiny CLIP it starts from is pretrained here for a few seconds)."""
+
 from __future__ import annotations
 
 import io
@@ -11,12 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.image.folder import FolderError, FolderTrainStream, ImageFolder, folder_eval_batches, read_classnames
-from tests.launch import REPO, world_of_one as launch_world_of_one
+from data_pipelines.image.folder import (
+    FolderError,
+    FolderTrainStream,
+    ImageFolder,
+    folder_eval_batches,
+    read_classnames,
+)
+from tests.launch import REPO
+from tests.launch import world_of_one as launch_world_of_one
 
 # Four classes told apart by colour and shape; folder names are ids, as ImageNet's synsets are.
-CLASSES = {"n001": ("red", "circle"), "n002": ("blue", "square"), "n003": ("green", "triangle"),
-           "n004": ("yellow", "star")}
+CLASSES = {
+    "n001": ("red", "circle"),
+    "n002": ("blue", "square"),
+    "n003": ("green", "triangle"),
+    "n004": ("yellow", "star"),
+}
 SIZE = 32
 
 
@@ -24,8 +36,16 @@ def _draw(colour: str, shape: str, rng: random.Random) -> bytes:
     from data_pipelines.image.synthetic import _backgrounds, render
 
     textures = _backgrounds(SIZE, 0)
-    img = render(SIZE, colour, shape, rng.choice(["small", "large"]), rng.choice(["left", "right", "center"]),
-                 "plain", rng, textures)
+    img = render(
+        SIZE,
+        colour,
+        shape,
+        rng.choice(["small", "large"]),
+        rng.choice(["left", "right", "center"]),
+        "plain",
+        rng,
+        textures,
+    )
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
@@ -48,8 +68,12 @@ def make_folder(root: Path, per_class: int, seed: int = 0, split_dirs: bool = Fa
 def test_folder_classes_splits_and_classname_files(tmp_path):
     root = make_folder(tmp_path / "flat", 12)
     folder = ImageFolder(root, val_fraction=0.25)
-    assert folder.folders == sorted(CLASSES) and folder.classnames == ["red circle", "blue square", "green triangle",
-                                                                          "yellow star"]
+    assert folder.folders == sorted(CLASSES) and folder.classnames == [
+        "red circle",
+        "blue square",
+        "green triangle",
+        "yellow star",
+    ]
     train, val, everything = folder.files("train"), folder.files("val"), folder.files("all")
     assert len(everything) == 48 and not {p for p, _ in train} & {p for p, _ in val} and len(train) + len(val) == 48
     assert 4 <= len(val) <= 20, "about a quarter held out by the hash"
@@ -124,26 +148,26 @@ def pretrain_tiny_clip(out: Path, steps: int = 60, batch: int = 32) -> Path:
     from data_pipelines.image.synthetic import COLOURS, SHAPES, _backgrounds, render
     from data_pipelines.image.transforms import to_tensor_normalized
     from data_pipelines.text.tokenizer import train_bpe_tokenizer
-    from pretrain.run.config import load_recipe
     from pretrain.models import clip
+    from pretrain.run.config import load_recipe
 
     rng = random.Random(1)
     textures = _backgrounds(SIZE, 1)
     pairs = []
     for _ in range(384):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        img = render(SIZE, colour, shape, "large", "center",
-                     "plain", rng, textures)
+        img = render(SIZE, colour, shape, "large", "center", "plain", rng, textures)
         pairs.append((to_tensor_normalized(img), f"a {colour} {shape}"))
     tokenizer = train_bpe_tokenizer([c for _, c in pairs] * 4, 300)
     recipe, _ = load_recipe("clip-tiny")
-    config = clip.hf_config(recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                            tokenizer.bos_token_id)
+    config = clip.hf_config(
+        recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
+    )
     torch.manual_seed(0)
     model = clip.build_model(recipe.model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     context = clip.context_length(config)
-    for step in range(steps):
+    for _ in range(steps):
         chosen = rng.sample(pairs, batch)
         enc = tokenize_captions(tokenizer, [c for _, c in chosen], context)
         loss = model(pixel_values=torch.stack([p for p, _ in chosen]), **enc)
@@ -187,8 +211,8 @@ def _eval(*argv: str) -> dict:
 def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_of_one, tmp_path):
     from pretrain.cli.export import export
     from pretrain.models.clip_classify import ClassifierCLIP
-    from pretrain.train import build_parser, prepare
     from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
 
     base = pretrain_tiny_clip(tmp_path / "base")
     root = make_folder(tmp_path / "folder", 40)
@@ -208,15 +232,28 @@ def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_
     (tmp_path / "r3.json").write_text(json.dumps(recipe))
 
     def make_trainer(name: str, *more: str, config: str = "r.json") -> Trainer:
-        args = build_parser().parse_args(["--config", str(tmp_path / config), "--data", str(root), "--init-from",
-                                          str(base), "--output-dir", str(tmp_path / name), "--no-progress", *more])
+        args = build_parser().parse_args(
+            [
+                "--config",
+                str(tmp_path / config),
+                "--data",
+                str(root),
+                "--init-from",
+                str(base),
+                "--output-dir",
+                str(tmp_path / name),
+                "--no-progress",
+                *more,
+            ]
+        )
         t = Trainer(*prepare(args), "auto", progress=False)
         t.setup()
         return t
 
     # under ZeRO-3 too the head starts as the zero-shot classifier, and trains
-    zero3 = make_trainer("zero3", "--deepspeed_config", str(REPO / "ds_configs/zero3_fp32.json"), "--max-steps", "4",
-                         config="r3.json")
+    zero3 = make_trainer(
+        "zero3", "--deepspeed_config", str(REPO / "ds_configs/zero3_fp32.json"), "--max-steps", "4", config="r3.json"
+    )
     start = zero3.evaluate()
     assert start["top1"] == before["top1"] and start["loss"] == pytest.approx(before["loss"], rel=1e-4)
     assert zero3.fit()["loss"] < start["loss"] - 0.01
@@ -234,7 +271,9 @@ def test_zero_shot_then_fine_tuned_head_beats_it_and_wise_ft_interpolates(world_
     # after, and WiSE-FT in one command: alpha 0 is the zero-shot classifier, alpha 1 the fine-tuned one
     after = _eval("--checkpoint", str(run_dir), "--image-folder", str(root), "--wise-ft", "0,0.5,1")
     assert after["classifier"] == "head" and after["top1"] == final["top1"]
-    assert after["before"]["top1"] == before["top1"] and after["before"]["loss"] == pytest.approx(before["loss"], rel=1e-4)
+    assert after["before"]["top1"] == before["top1"] and after["before"]["loss"] == pytest.approx(
+        before["loss"], rel=1e-4
+    )
     assert after["after"]["top1"] == after["top1"]
     assert [r["alpha"] for r in after["wise_ft"]] == [0.0, 0.5, 1.0]
 
@@ -276,11 +315,26 @@ def test_a_classify_recipe_without_init_from_or_with_a_bad_folder_is_refused_bef
     recipe["data"]["classnames"] = str(tmp_path / "three.txt")
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     with pytest.raises(RecipeError) as e:
-        prepare(build_parser().parse_args(["--config", str(tmp_path / "r.json"), "--data", str(root),
-                                           "--output-dir", str(tmp_path / "run")]))
+        prepare(
+            build_parser().parse_args(
+                ["--config", str(tmp_path / "r.json"), "--data", str(root), "--output-dir", str(tmp_path / "run")]
+            )
+        )
     text = str(e.value)
     assert "model.init_from: task classify fine-tunes a pretrained CLIP" in text
     assert "three.txt: 3 names for 4 class folders" in text and not (tmp_path / "run").exists()
     with pytest.raises(RecipeError, match="image folder .*nowhere: not a directory"):
-        prepare(build_parser().parse_args(["--config", "clip-tiny-classify", "--data", str(tmp_path / "nowhere"),
-                                           "--init-from", str(tmp_path), "--output-dir", str(tmp_path / "run")]))
+        prepare(
+            build_parser().parse_args(
+                [
+                    "--config",
+                    "clip-tiny-classify",
+                    "--data",
+                    str(tmp_path / "nowhere"),
+                    "--init-from",
+                    str(tmp_path),
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                ]
+            )
+        )

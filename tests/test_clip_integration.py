@@ -1,5 +1,6 @@
 """Synthetic image-text shards -> clip-tiny on 2 CPU ranks (real deepspeed launcher) -> pretrain-eval
 -> pretrain-export -> CLIPModel.from_pretrained reproduces the zero-shot accuracy."""
+
 import json
 from pathlib import Path
 
@@ -15,8 +16,12 @@ STEPS = 80
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes"
-    run(module_cmd("data_pipelines.image.synthetic", ["--output", str(out), "--count", "3000", "--image-size", "48",
-                                                      "--no-progress"]))
+    run(
+        module_cmd(
+            "data_pipelines.image.synthetic",
+            ["--output", str(out), "--count", "3000", "--image-size", "48", "--no-progress"],
+        )
+    )
     return out
 
 
@@ -34,8 +39,22 @@ def runs(data, recipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     common = ["--config", recipe, "--data", str(data), "--no-progress"]
     run(deepspeed_cmd(2, [*common, "--output-dir", str(root / "z2"), "--max-steps", str(STEPS), "--eval-every", "40"]))
-    run(deepspeed_cmd(2, [*common, "--deepspeed_config", "ds_configs/zero3_fp32.json", "--output-dir", str(root / "z3"),
-                          "--max-steps", "8", "--eval-every", "0"]))
+    run(
+        deepspeed_cmd(
+            2,
+            [
+                *common,
+                "--deepspeed_config",
+                "ds_configs/zero3_fp32.json",
+                "--output-dir",
+                str(root / "z3"),
+                "--max-steps",
+                "8",
+                "--eval-every",
+                "0",
+            ],
+        )
+    )
     return root
 
 
@@ -71,8 +90,18 @@ def _eval_json(*args: str) -> dict:
 def test_pretrain_eval_reproduces_the_in_training_eval(runs, data):
     last = metrics(runs / "z2")[1][-1]
     # 2 ranks x 32 rows in training = one process with batches of 64: the same sets of negatives.
-    got = _eval_json("--checkpoint", str(runs / "z2"), "--data", str(data), "--split", "val", "--batch-size", "64",
-                     "--max-samples", "512")
+    got = _eval_json(
+        "--checkpoint",
+        str(runs / "z2"),
+        "--data",
+        str(data),
+        "--split",
+        "val",
+        "--batch-size",
+        "64",
+        "--max-samples",
+        "512",
+    )
     assert got["zero_shot_top1"] == last["zero_shot_top1"] and got["num_classes"] == 48
     assert got["loss"] == pytest.approx(last["loss"], rel=1e-4)
     assert got["image_to_text_R@5"] == pytest.approx(last["image_to_text_R@5"])
@@ -126,9 +155,26 @@ def test_locked_image_tuning_from_an_exported_clip(runs, data, recipe, tmp_path)
     lit = tmp_path / "lit.json"
     lit.write_text(json.dumps(r))
     out = tmp_path / "run"
-    p = run(module_cmd("pretrain.train", ["--config", str(lit), "--data", str(data), "--init-from", str(base),
-                                          "--output-dir", str(out), "--max-steps", "4", "--eval-every", "0",
-                                          "--no-progress"]))
+    p = run(
+        module_cmd(
+            "pretrain.train",
+            [
+                "--config",
+                str(lit),
+                "--data",
+                str(data),
+                "--init-from",
+                str(base),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "4",
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+        )
+    )
     assert "froze" in p.stdout
     run(module_cmd("pretrain.cli.export", ["--checkpoint", str(out), "--output", str(tmp_path / "tuned")]))
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
@@ -143,8 +189,13 @@ def test_a_freeze_pattern_that_matches_nothing_is_refused_before_training(data, 
     r["model"]["freeze"] = ["vison_model"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(r))
-    p = run(module_cmd("pretrain.train", ["--config", str(bad), "--data", str(data), "--output-dir",
-                                          str(tmp_path / "out"), "--no-progress"]), check=False)
+    p = run(
+        module_cmd(
+            "pretrain.train",
+            ["--config", str(bad), "--data", str(data), "--output-dir", str(tmp_path / "out"), "--no-progress"],
+        ),
+        check=False,
+    )
     assert p.returncode == 2 and "vison_model" in p.stderr and "match no parameter" in p.stderr
     assert not (tmp_path / "out").exists()
 
@@ -155,8 +206,24 @@ def test_a_two_rank_clip_run_resumes_on_one_rank(runs, data, recipe, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs / "z2", run_dir)
-    p = run(module_cmd("pretrain.train", ["--config", recipe, "--data", str(data), "--output-dir", str(run_dir),
-                                          "--max-steps", str(STEPS + 4), "--eval-every", "0", "--no-progress"]))
+    p = run(
+        module_cmd(
+            "pretrain.train",
+            [
+                "--config",
+                recipe,
+                "--data",
+                str(data),
+                "--output-dir",
+                str(run_dir),
+                "--max-steps",
+                str(STEPS + 4),
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+        )
+    )
     assert "(2 -> 1 ranks)" in p.stdout
     train, evals = metrics(run_dir)
     assert [m["step"] for m in train] == list(range(1, STEPS + 5))

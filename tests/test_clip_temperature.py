@@ -1,6 +1,7 @@
 """CLIP's learnable temperature is bounded after each optimizer step (OpenCLIP's clamp), not inside the
 forward, where the clamp zeroed the gradient above the bound so a parameter that crossed it never came
 back; exports carry the bounded value (issue 22 item 5). Real DeepSpeed engines in one process."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import REPO, world_of_one as launch_world_of_one
+from tests.launch import REPO
+from tests.launch import world_of_one as launch_world_of_one
 
 BOUND = math.log(100.0)
 
@@ -39,10 +41,23 @@ def _trainer(tmp_path: Path, data: Path, ds: str):
     recipe["model"]["zero3_init"] = False
     recipe["training"].update(micro_batch_size=8, warmup_steps=0)
     (tmp_path / f"{ds}.json").write_text(json.dumps(recipe))
-    args = build_parser().parse_args(["--config", str(tmp_path / f"{ds}.json"), "--deepspeed_config",
-                                      str(REPO / f"ds_configs/{ds}.json"), "--data", str(data), "--output-dir",
-                                      str(tmp_path / ds), "--eval-every", "0", "--checkpoint-every", "0",
-                                      "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(tmp_path / f"{ds}.json"),
+            "--deepspeed_config",
+            str(REPO / f"ds_configs/{ds}.json"),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(tmp_path / ds),
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+        ]
+    )
     trainer = Trainer(*prepare(args), "none", progress=False)
     trainer.setup()
     return trainer
@@ -64,20 +79,37 @@ def test_the_temperature_is_bounded_after_each_step_on_the_weights_and_the_maste
 
 
 def test_the_temperature_gets_a_gradient_at_its_bound_and_exports_bounded(tmp_path):
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig, CLIPModel
 
     from pretrain.models.clip import ContrastiveCLIP, to_hf
-    from transformers import CLIPModel
 
-    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                     "num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 8},
-                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
-                        projection_dim=16, logit_scale_init_value=5.0)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 8,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+        logit_scale_init_value=5.0,
+    )
     model = ContrastiveCLIP(CLIPModel(config))
     g = torch.Generator().manual_seed(0)
-    loss = model(pixel_values=torch.randn(4, 3, 16, 16, generator=g), input_ids=torch.randint(0, 64, (4, 8), generator=g),
-                 attention_mask=torch.ones(4, 8, dtype=torch.long))
+    loss = model(
+        pixel_values=torch.randn(4, 3, 16, 16, generator=g),
+        input_ids=torch.randint(0, 64, (4, 8), generator=g),
+        attention_mask=torch.ones(4, 8, dtype=torch.long),
+    )
     loss.backward()
     assert float(model.clip.logit_scale.grad.abs().sum()) > 0, "above the bound the temperature still learns"
     model.clamp_logit_scale()

@@ -2,6 +2,7 @@
 globs, brace patterns, pipe: commands, http:// from a real server on loopback and s3:// from a real
 S3-compatible server (moto_server) on loopback; sample counts from the files beside the shards;
 held-out keys never trained on; empty evaluation splits refused with the reason; no bare NaN in JSON."""
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,9 @@ def raw(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _stream(data, tokenizer, split="train", **kw) -> ImageTextTrainStream:
-    return ImageTextTrainStream(data, split, 4, tokenizer, CTX, SIZE, seed=5, shuffle_buffer=8, augment=False,
-                                trace=True, **kw)
+    return ImageTextTrainStream(
+        data, split, 4, tokenizer, CTX, SIZE, seed=5, shuffle_buffer=8, augment=False, trace=True, **kw
+    )
 
 
 def _batches(data, tokenizer, n: int) -> list[dict]:
@@ -75,7 +77,11 @@ def test_folder_glob_brace_and_pipe_name_the_same_shards_and_counts(raw):
     by_folder = resolve_source(SourceSpec(str(folder)))
     assert by_folder.samples == info["samples"] == 4 * 8 and by_folder.counted_from == "_stats.json"
     assert by_folder.name == "laion" and len(by_folder.shards) == 4
-    for urls in (f"{folder}/*.tar", f"{folder}/{{00000..00003}}.tar", [f"{folder}/00000.tar", f"{folder}/0000[1-3].tar"]):
+    for urls in (
+        f"{folder}/*.tar",
+        f"{folder}/{{00000..00003}}.tar",
+        [f"{folder}/00000.tar", f"{folder}/0000[1-3].tar"],
+    ):
         src = resolve_source(SourceSpec(urls))
         assert src.shards == by_folder.shards and src.samples == 32
     piped = resolve_source(SourceSpec(f"pipe:cat {folder}/{{00000..00003}}.tar"))
@@ -104,8 +110,12 @@ def test_counts_from_parquet_sizes_json_or_the_samples_key_and_a_clear_error_wit
 
 def test_bad_source_strings_name_the_key_and_the_path(raw, tmp_path):
     folder, _ = raw
-    cases = {str(tmp_path / "missing"): "does not exist", f"{folder}/*.zip": "matches no file",
-             str(tmp_path): "no manifest.json", "https://example.org/*.tar": "cannot be listed"}
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        f"{folder}/*.zip": "matches no file",
+        str(tmp_path): "no manifest.json",
+        "https://example.org/*.tar": "cannot be listed",
+    }
     for urls, message in cases.items():
         with pytest.raises(SourceError, match=message) as e:
             expand_urls(urls, "data.sources[3].urls")
@@ -155,8 +165,9 @@ def test_held_out_keys_are_never_trained_on_and_are_exactly_the_val_split(raw, t
     trained = set()
     for world in (1, 2):  # every rank of two layouts, three epochs each
         for rank in range(world):
-            stream = ImageTextTrainStream(data, "train", 2, tokenizer, CTX, SIZE, rank, world, seed=1,
-                                          shuffle_buffer=4, augment=False, trace=True)
+            stream = ImageTextTrainStream(
+                data, "train", 2, tokenizer, CTX, SIZE, rank, world, seed=1, shuffle_buffer=4, augment=False, trace=True
+            )
             for batch in itertools.islice(iter(stream), 3 * 28 // world // 2):
                 trained.update(i.split(":")[-1] for i in batch.meta["ids"])
     assert trained == set(info["keys"]) - _corrupt_keys() - want_val  # all the rest, over a few epochs
@@ -213,11 +224,18 @@ def s3(raw, tmp_path_factory):
     boto3 = pytest.importorskip("boto3")
     port = _free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -266,15 +284,27 @@ def test_s3_source_through_fsspec_gives_the_batches_of_the_local_folder(raw, tok
 def test_recipe_sources_are_typed_and_misspellings_named():
     from pretrain.run.config import RecipeError, parse_recipe
 
-    r = parse_recipe({"data": {"sources": [{"urls": "/d/{0..3}.tar", "name": "web", "weight": 0.8},
-                                           {"urls": ["/c/a.tar"], "weight": 0.2, "samples": 10}],
-                               "holdout_fraction": 0.05, "caption_key": "caption"}})
+    r = parse_recipe(
+        {
+            "data": {
+                "sources": [
+                    {"urls": "/d/{0..3}.tar", "name": "web", "weight": 0.8},
+                    {"urls": ["/c/a.tar"], "weight": 0.2, "samples": 10},
+                ],
+                "holdout_fraction": 0.05,
+                "caption_key": "caption",
+            }
+        }
+    )
     assert [s.weight for s in r.data.sources] == [0.8, 0.2] and r.data.sources[1].samples == 10
     with pytest.raises(RecipeError) as e:
         parse_recipe({"data": {"path": "/x", "sources": [{"url": "/d", "weight": -1}], "holdout_fraction": 1.5}})
     text = str(e.value)
-    for needle in ("data.sources.0.url: unknown key (did you mean 'urls'?)", "data.sources.0.weight",
-                   "data.holdout_fraction"):
+    for needle in (
+        "data.sources.0.url: unknown key (did you mean 'urls'?)",
+        "data.sources.0.weight",
+        "data.holdout_fraction",
+    ):
         assert needle in text, text
 
 
@@ -293,8 +323,9 @@ def isolated_env(monkeypatch):
         os.environ.pop(k, None)
 
 
-def test_empty_val_split_is_refused_at_train_start_with_the_reason(raw, tmp_path, capsys, prepared_stdlib,
-                                                                   isolated_env):
+def test_empty_val_split_is_refused_at_train_start_with_the_reason(
+    raw, tmp_path, capsys, prepared_stdlib, isolated_env
+):
     folder, _ = raw
     rc, err = _train(["--config", "clip-tiny", "--data", str(folder), "--output-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "data.holdout_fraction: 0.01 of the raw sources' 32 samples is 0.32 samples" in err, err
@@ -305,12 +336,15 @@ def test_empty_val_split_is_refused_at_train_start_with_the_reason(raw, tmp_path
     (empty / "manifest.json").write_text(json.dumps(manifest))
     rc, err = _train(["--config", "gpt-tiny", "--data", str(empty), "--output-dir", str(tmp_path / "g")], capsys)
     assert rc == 2 and "'val' split is empty (prepared with --val-fraction 0.15" in err, err
-    rc, err = _train(["--config", "clip-tiny", "--data", "pipe:cat /nonexistent/{0..3}.tar", "--output-dir",
-                      str(tmp_path / "p")], capsys)
+    rc, err = _train(
+        ["--config", "clip-tiny", "--data", "pipe:cat /nonexistent/{0..3}.tar", "--output-dir", str(tmp_path / "p")],
+        capsys,
+    )
     # a pipe: string is a source (no "manifest.json not found"); what is missing is the caption tokenizer
     assert rc == 2 and "manifest.json" not in err and "data.tokenizer: not set" in err, err
-    rc, err = _train(["--config", "clip-tiny", "--data", "/nonexistent/{0..3}.tar", "--output-dir",
-                      str(tmp_path / "m")], capsys)
+    rc, err = _train(
+        ["--config", "clip-tiny", "--data", "/nonexistent/{0..3}.tar", "--output-dir", str(tmp_path / "m")], capsys
+    )
     assert rc == 2 and "data.path: /nonexistent/0.tar does not exist" in err, err
     assert not any((tmp_path / d).exists() for d in "grpm")
 
@@ -318,8 +352,20 @@ def test_empty_val_split_is_refused_at_train_start_with_the_reason(raw, tmp_path
 def test_prepare_warns_about_an_empty_val_split(tmp_path, stdlib_files, capsys):
     from data_pipelines.text.prepare import main
 
-    argv = [str(stdlib_files[0]), "--output", str(tmp_path / "one"), "--vocab-size", "300", "--seq-len", "32",
-            "--val-fraction", "0.01", "--test-fraction", "0", "--no-progress"]
+    argv = [
+        str(stdlib_files[0]),
+        "--output",
+        str(tmp_path / "one"),
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--val-fraction",
+        "0.01",
+        "--test-fraction",
+        "0",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "warning: the val split is empty: --val-fraction 0.01 of" in err, err
@@ -328,8 +374,10 @@ def test_prepare_warns_about_an_empty_val_split(tmp_path, stdlib_files, capsys):
 def test_json_writers_never_write_a_bare_nan(tmp_path):
     from pretrain.runtime.metrics import MetricsLogger, dumps, read_metrics
 
-    assert dumps({"loss": float("nan"), "nested": {"gap": float("inf")}, "xs": [1.0, float("-inf")]}) == \
-        '{"loss": null, "nested": {"gap": null}, "xs": [1.0, null]}'
+    assert (
+        dumps({"loss": float("nan"), "nested": {"gap": float("inf")}, "xs": [1.0, float("-inf")]})
+        == '{"loss": null, "nested": {"gap": null}, "xs": [1.0, null]}'
+    )
     log = MetricsLogger(tmp_path, tensorboard=False)
     log.log({"step": 1, "split": "val", "loss": float("nan"), "skipped": {"x": float("nan")}})
     log.close()
@@ -340,20 +388,25 @@ def test_json_writers_never_write_a_bare_nan(tmp_path):
 def test_an_evaluation_that_finds_no_sample_says_why_instead_of_nan(raw, tokenizer, tmp_path):
     """Counts unknown at train start (no stats files) and a hold-out that catches no key: the eval
     reports 0 samples without failing, and the trainer's line carries loss null and the reason."""
+    from pretrain.models import EvalRequest, RunData, clip
     from pretrain.run.config import ModelConfig, VisionConfig
     from pretrain.run.data import empty_split_note
     from pretrain.runtime.metrics import dumps
-    from pretrain.models import EvalRequest, RunData
-    from pretrain.models import clip
     from pretrain.runtime.trainer import describe_eval
 
     folder, _ = raw
     data = open_sources("image-text", [SourceSpec(str(folder))], holdout=1e-9)
     tok = tmp_path / "tok"
     tokenizer.save_pretrained(str(tok))
-    cfg = ModelConfig(arch="clip", hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=CTX,
-                      projection_dim=16, vision=VisionConfig(image_size=SIZE, patch_size=8, hidden_size=32,
-                                                             num_layers=1, num_heads=2))
+    cfg = ModelConfig(
+        arch="clip",
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=CTX,
+        projection_dim=16,
+        vision=VisionConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_layers=1, num_heads=2),
+    )
     config = clip.hf_config(cfg, len(tokenizer), tokenizer.eos_token_id)
     model = clip.model_from_config(config).eval()
     result = clip.evaluate(model, RunData(data, tok, config), EvalRequest("val", 4))

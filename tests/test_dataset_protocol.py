@@ -1,4 +1,5 @@
 """The one interface of the data objects a run reads (data_pipelines/dataset.py)."""
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """pretrain-eval scores a run's CLIP checkpoint over the run's own eval batch (a contrastive loss depends on
 how many pairs meet), and says which batch its loss is over."""
+
 import json
 
 import pytest
@@ -12,9 +13,16 @@ def _fake_run(root, eval_batch, micro, dp):
     (root / "checkpoints" / "step_00000001").mkdir(parents=True)
     (root / "checkpoints" / "latest").write_text("step_00000001")
     (root / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (root / "resolved-config.json").write_text(json.dumps({
-        "recipe": {"eval": {"batch_size": eval_batch}}, "world_size": dp, "parallel": {"tp": 1, "sp": 1, "dp": dp},
-        "batch": {"micro_batch_size": micro, "gradient_accumulation_steps": 1, "global_batch": micro * dp}}))
+    (root / "resolved-config.json").write_text(
+        json.dumps(
+            {
+                "recipe": {"eval": {"batch_size": eval_batch}},
+                "world_size": dp,
+                "parallel": {"tp": 1, "sp": 1, "dp": dp},
+                "batch": {"micro_batch_size": micro, "gradient_accumulation_steps": 1, "global_batch": micro * dp},
+            }
+        )
+    )
     return str(root)
 
 
@@ -32,16 +40,34 @@ def clip_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("clip")
     data = root / "shapes"
-    run(module_cmd("data_pipelines.image.synthetic", ["--output", str(data), "--count", "400", "--image-size", "32",
-                                                      "--val-fraction", "0.15", "--no-progress"]))
+    run(
+        module_cmd(
+            "data_pipelines.image.synthetic",
+            ["--output", str(data), "--count", "400", "--image-size", "32", "--val-fraction", "0.15", "--no-progress"],
+        )
+    )
     recipe = json.loads((REPO / "pretrain/recipes/clip-tiny.json").read_text())
     recipe["training"]["log_every"] = 1
     (root / "clip.json").write_text(json.dumps(recipe))
     out = root / "run"
     with world_of_one():
-        args = build_parser().parse_args(["--config", str(root / "clip.json"), "--data", str(data), "--output-dir",
-                                          str(out), "--max-steps", "2", "--eval-every", "2", "--checkpoint-every", "2",
-                                          "--no-progress"])
+        args = build_parser().parse_args(
+            [
+                "--config",
+                str(root / "clip.json"),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--no-progress",
+            ]
+        )
         trainer = Trainer(*prepare(args), args.resume, progress=False)
         trainer.setup()
         trainer.fit()

@@ -1,5 +1,6 @@
 """Ranking for retrieval recall and zero-shot top-k: a tie with a wrong item is a miss, so a collapsed tower
 reads chance or worse, never perfect."""
+
 import torch
 
 from pretrain.models.clip import _topk_hits, retrieval

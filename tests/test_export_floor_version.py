@@ -7,16 +7,17 @@ site-packages (torch, tokenizers' wheel and the rest come from here; pip pulls w
 release pins). The old release must load tokenizer, model and CLIP processor, and compute the
 same logits as the new one.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from tests.launch import REPO
@@ -76,13 +77,21 @@ def old_python(tmp_path_factory) -> tuple[Path, str]:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
     if sys.prefix != sys.base_prefix:  # running in a venv: its site-packages are not the system's
-        inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        inner = subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
         (Path(inner) / "_outer_environment.pth").write_text(
-            "".join(f"import site; site.addsitedir({d!r})\n" for d in outer))
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          f"transformers=={floor}"], capture_output=True, text=True)
+            "".join(f"import site; site.addsitedir({d!r})\n" for d in outer)
+        )
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"transformers=={floor}"],
+        capture_output=True,
+        text=True,
+    )
     assert pip.returncode == 0, f"pip could not install transformers=={floor}:\n{pip.stdout}\n{pip.stderr}"
     return py, floor
 
@@ -107,12 +116,27 @@ def exports(tmp_path_factory):
     gpt_family.save_hf_assets(gpt, train_bpe_tokenizer(texts, 512), gpt_dir)
 
     clip_dir = root / "clip"
-    clip = CLIPModel(CLIPConfig(
-        text_config={"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)).eval()
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": 512,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 16,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            projection_dim=16,
+        )
+    ).eval()
     clip.save_pretrained(clip_dir, safe_serialization=True)
     clip_family.save_hf_assets(clip, train_bpe_tokenizer(texts, 512), clip_dir)
     return gpt_dir, clip_dir
@@ -124,11 +148,15 @@ def test_exports_load_and_agree_with_the_oldest_allowed_transformers(old_python,
 
     py, floor = old_python
     gpt_dir, clip_dir = exports
-    proc = subprocess.run([str(py), "-c", OLD_SIDE, str(gpt_dir), str(clip_dir)], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [str(py), "-c", OLD_SIDE, str(gpt_dir), str(clip_dir)],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"transformers {floor} failed on the exports:\n{proc.stderr[-4000:]}"
-    old = json.loads(lines[0][len("RESULT "):])
+    old = json.loads(lines[0][len("RESULT ") :])
     from packaging.version import Version
 
     assert Version(old["version"]) == Version(floor)
@@ -145,8 +173,12 @@ def test_exports_load_and_agree_with_the_oldest_allowed_transformers(old_python,
 
     processor = AutoProcessor.from_pretrained(clip_dir)
     clip = CLIPModel.from_pretrained(clip_dir).eval()
-    batch = processor(text=["a red square", "a blue circle"], images=[Image.new("RGB", (40, 30), (200, 20, 20))],
-                      return_tensors="pt", padding=True)
+    batch = processor(
+        text=["a red square", "a blue circle"],
+        images=[Image.new("RGB", (40, 30), (200, 20, 20))],
+        return_tensors="pt",
+        padding=True,
+    )
     assert old["clip_ids"] == batch["input_ids"].tolist()
     eos = processor.tokenizer.eos_token_id
     assert all(eos in row for row in old["clip_ids"]), "captions end with eos, where CLIP pools"

@@ -1,5 +1,6 @@
 """A real training process meets corrupt shards mid-epoch and a NaN loss: skipped, counted by
 reason in metrics.jsonl, named in the log; above data.max_bad_fraction the run stops."""
+
 import json
 import shutil
 
@@ -35,9 +36,27 @@ def _recipe(tmp_path, max_bad_fraction):
 def test_bad_shards_and_a_nan_loss_are_skipped_and_counted(dirty, tmp_path):
     data, truncated, garbage = dirty
     out = tmp_path / "run"
-    p = run(module_cmd("tests.faults", ["--nan-loss-at", "3", "--", "--config", _recipe(tmp_path, 0.5), "--data",
-                                        str(data), "--output-dir", str(out), "--max-steps", "24", "--eval-every", "0",
-                                        "--no-progress"]))
+    p = run(
+        module_cmd(
+            "tests.faults",
+            [
+                "--nan-loss-at",
+                "3",
+                "--",
+                "--config",
+                _recipe(tmp_path, 0.5),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "24",
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+        )
+    )
     log = p.stdout + p.stderr
     assert "non-finite loss at step 3" in log
     assert garbage.split("/")[-1] in log and truncated.split("/")[-1] in log, "warnings name the shards"
@@ -55,19 +74,55 @@ def test_bad_shards_and_a_nan_loss_are_skipped_and_counted(dirty, tmp_path):
 def test_too_much_bad_data_stops_the_run_with_the_reason(dirty, tmp_path):
     data, _, _ = dirty
     out = tmp_path / "run"
-    p = run(module_cmd("pretrain.train", ["--config", _recipe(tmp_path, 0.001), "--data", str(data), "--output-dir",
-                                          str(out), "--max-steps", "24", "--eval-every", "0", "--no-progress"]),
-            check=False)
+    p = run(
+        module_cmd(
+            "pretrain.train",
+            [
+                "--config",
+                _recipe(tmp_path, 0.001),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "24",
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+        ),
+        check=False,
+    )
     assert p.returncode == 1
     assert "data.max_bad_fraction=0.001" in p.stderr and "bad_shard" in p.stderr
     assert not (out / "checkpoints" / "latest").exists(), "no checkpoint of a run trained on garbage"
 
 
 def _nan_grad_run(data, out, ds_config):
-    return run(module_cmd("tests.faults", ["--nan-grad-at", "3", "--", "--config", "gpt-tiny", "--data", str(data),
-                                           "--output-dir", str(out), "--deepspeed_config", ds_config, "--max-steps", "6",
-                                           "--eval-every", "0", "--no-progress"]),
-               check=False)
+    return run(
+        module_cmd(
+            "tests.faults",
+            [
+                "--nan-grad-at",
+                "3",
+                "--",
+                "--config",
+                "gpt-tiny",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--deepspeed_config",
+                ds_config,
+                "--max-steps",
+                "6",
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+        ),
+        check=False,
+    )
 
 
 def test_nan_gradients_and_a_nan_loss_under_accumulation_are_refused_on_every_rank(prepared_stdlib, tmp_path):
@@ -80,9 +135,30 @@ def test_nan_gradients_and_a_nan_loss_under_accumulation_are_refused_on_every_ra
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(r))
     out = tmp_path / "run"
-    p = run(deepspeed_cmd(2, ["--nan-grad-at", "3", "--nan-loss-at", "5", "--", "--config", str(recipe), "--data",
-                              str(prepared_stdlib), "--output-dir", str(out), "--max-steps", "7", "--eval-every", "0",
-                              "--no-progress"], script=FAULTS))
+    p = run(
+        deepspeed_cmd(
+            2,
+            [
+                "--nan-grad-at",
+                "3",
+                "--nan-loss-at",
+                "5",
+                "--",
+                "--config",
+                str(recipe),
+                "--data",
+                str(prepared_stdlib),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "7",
+                "--eval-every",
+                "0",
+                "--no-progress",
+            ],
+            script=FAULTS,
+        )
+    )
     assert "non-finite gradient norm at step 3" in p.stdout and "the optimizer skipped the step" in p.stdout
     assert "non-finite loss at step 5 in 1 micro-batch(es) of 2 x 2 rank(s)" in p.stdout
     train, evals = metrics(out)

@@ -1,5 +1,6 @@
 """Run features as objects (pretrain/run/feature.py, pretrain/run/features.py): one list, one rule each,
 and one model build for training and for loading a checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from pretrain.run.config import parse_recipe
 from pretrain.run.feature import EngineParts, Feature, RunContext
 from pretrain.runtime.checkpoint import CheckpointRef
 
-LLAMA = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
-         "max_position_embeddings": 64, "vocab_size": 96}
+LLAMA = {
+    "arch": "llama",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "vocab_size": 96,
+}
 
 
 class _Tokenizer:
@@ -33,8 +41,9 @@ def _context(model: dict, layout: ParallelLayout, ds: dict | None = None, chat: 
     family = get_family("gpt")
     config = family.model_config(recipe.model, _Tokenizer())
     data = types.SimpleNamespace(chat=chat, seq_len=64)
-    return RunContext(recipe, family, config, data, layout, ds if ds is not None else {"zero_optimization": {}},
-                      "ds.json")
+    return RunContext(
+        recipe, family, config, data, layout, ds if ds is not None else {"zero_optimization": {}}, "ds.json"
+    )
 
 
 def test_every_feature_is_listed_once_in_a_fixed_order_and_implements_the_interface():
@@ -84,7 +93,8 @@ def test_a_checkpoint_is_rebuilt_with_its_adapters_by_the_build_that_trained_it(
     shapes = full_shapes(CheckpointRef("deepspeed", run / "checkpoints" / "step_00000001", run, "step_00000001"))
     assert any("lora_A" in k for k in shapes) and any("base_layer" in k for k in shapes), sorted(shapes)[:8]
     trained = build_model(get_family("gpt"), recipe.model, GPT2Config.from_pretrained(base))
-    assert {k: tuple(v.shape) for k, v in trained.model.state_dict().items()} == \
-        {k: tuple(v) for k, v in shapes.items()}
+    assert {k: tuple(v.shape) for k, v in trained.model.state_dict().items()} == {
+        k: tuple(v) for k, v in shapes.items()
+    }
     assert trained.adapter is not None and any("froze" in d for d in trained.done)
     assert not [n for n, p in trained.model.named_parameters() if p.requires_grad and "lora_" not in n]

@@ -4,6 +4,7 @@ partitioned under ZeRO-3, exports of adapters and merged models, and pretrain-ev
 One real 2-rank `deepspeed` run (ZeRO-3, LoRA, --init-from a saved model) carries the multi-rank
 claims; the rest runs in this process (a gloo world of one, real DeepSpeed engines).
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import REPO, deepspeed_cmd, run, world_of_one as launch_world_of_one
+from tests.launch import REPO, deepspeed_cmd, run
+from tests.launch import world_of_one as launch_world_of_one
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj"]}
 
@@ -35,8 +37,9 @@ def base_gpt(prepared_stdlib, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("base") / "gpt"
-    config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=64, n_layer=2, n_head=4, use_cache=False,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=1024, n_positions=64, n_embd=64, n_layer=2, n_head=4, use_cache=False, bos_token_id=0, eos_token_id=0
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     shutil.copytree(prepared_stdlib / "tokenizer", out, dirs_exist_ok=True)
     return out
@@ -46,8 +49,19 @@ def base_gpt(prepared_stdlib, tmp_path_factory) -> Path:
 def zero3_lora(prepared_stdlib, base_gpt, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-3, LoRA on --init-from; the probe reports how each rank loaded the model."""
     tmp = tmp_path_factory.mktemp("z3lora")
-    args = ["--config", _gpt_recipe(tmp), "--data", str(prepared_stdlib), "--init-from", str(base_gpt),
-            "--deepspeed_config", "ds_configs/zero3_fp32.json", "--output-dir", str(tmp / "run"), "--no-progress"]
+    args = [
+        "--config",
+        _gpt_recipe(tmp),
+        "--data",
+        str(prepared_stdlib),
+        "--init-from",
+        str(base_gpt),
+        "--deepspeed_config",
+        "ds_configs/zero3_fp32.json",
+        "--output-dir",
+        str(tmp / "run"),
+        "--no-progress",
+    ]
     p = run(deepspeed_cmd(2, [str(tmp / "probe"), "--", *args], script=str(REPO / "tests" / "zero3_load_probe.py")))
     assert "parameters: 5,632 trainable of 175,360" in p.stdout
     return tmp
@@ -67,20 +81,24 @@ def test_zero3_init_from_loads_partitioned_and_equal_to_the_checkpoint(zero3_lor
 
 
 @pytest.mark.slow
-def test_lora_under_zero3_trains_only_adapters_and_exports_adapter_and_merged(zero3_lora, base_gpt, prepared_stdlib,
-                                                                             capsys):
+def test_lora_under_zero3_trains_only_adapters_and_exports_adapter_and_merged(
+    zero3_lora, base_gpt, prepared_stdlib, capsys
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from pretrain.cli.evaluate import evaluate
+    from pretrain.cli.evaluate import main as eval_main
+    from pretrain.cli.export import export
     from pretrain.run.build import fp32_state_dict
     from pretrain.runtime.checkpoint import resolve_checkpoint
-    from pretrain.cli.evaluate import evaluate, main as eval_main
-    from pretrain.cli.export import export
 
     run_dir = zero3_lora / "run"
     # r x (in + out) per adapted layer: c_attn 64->192, attn c_proj 64->64, mlp c_proj 256->64; 2 layers
     assert json.loads((run_dir / "resolved-config.json").read_text())["parameters"] == {
-        "trainable": 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64)), "total": 175_360}
+        "trainable": 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64)),
+        "total": 175_360,
+    }
 
     # the checkpoint holds the frozen base bit-identical and the adapters trained
     base = load_file(base_gpt / "model.safetensors")
@@ -100,7 +118,9 @@ def test_lora_under_zero3_trains_only_adapters_and_exports_adapter_and_merged(ze
 
     x = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_gpt), str(adapter))(input_ids=x).logits
+        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_gpt), str(adapter))(
+            input_ids=x
+        ).logits
         merged_logits = AutoModelForCausalLM.from_pretrained(merged)(input_ids=x).logits
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
 
@@ -130,8 +150,8 @@ def world_of_one():
 
 
 def _trainer(argv: list[str]):
-    from pretrain.train import build_parser, prepare
     from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
 
     args = build_parser().parse_args([*argv, "--no-progress"])
     trainer = Trainer(*prepare(args), args.resume, progress=False)
@@ -149,8 +169,11 @@ def test_bad_lora_settings_are_refused_before_training(prepared_stdlib, tmp_path
 
     recipe = _gpt_recipe(tmp_path, lora={"r": 4, "target_modules": ["c_atn", "attn"]})
     with pytest.raises(RecipeError) as e:
-        prepare(build_parser().parse_args(["--config", recipe, "--data", str(prepared_stdlib),
-                                           "--output-dir", str(tmp_path / "out")]))
+        prepare(
+            build_parser().parse_args(
+                ["--config", recipe, "--data", str(prepared_stdlib), "--output-dir", str(tmp_path / "out")]
+            )
+        )
     text = str(e.value)
     assert "model.lora: needs model.init_from" in text
     assert "['c_atn'] match no layer" in text
@@ -160,8 +183,16 @@ def test_bad_lora_settings_are_refused_before_training(prepared_stdlib, tmp_path
 
 def test_lora_checkpoint_resumes_with_its_adapters(world_of_one, prepared_stdlib, base_gpt, tmp_path):
     recipe = _gpt_recipe(tmp_path)
-    argv = ["--config", recipe, "--data", str(prepared_stdlib), "--init-from", str(base_gpt),
-            "--output-dir", str(tmp_path / "run")]
+    argv = [
+        "--config",
+        recipe,
+        "--data",
+        str(prepared_stdlib),
+        "--init-from",
+        str(base_gpt),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     first = _trainer([*argv, "--max-steps", "2"])
     assert first.run.zero_stage == 2
     first.fit()
@@ -186,9 +217,9 @@ def test_clip_lora_under_zero_trains_adapters_on_both_towers_and_merges(stage, w
     from transformers import AutoTokenizer, CLIPModel
 
     from data_pipelines.image.synthetic import main as synthetic
-    from pretrain.run.config import load_recipe
     from pretrain.cli.export import export
     from pretrain.models.clip import hf_config
+    from pretrain.run.config import load_recipe
 
     data = tmp_path / "shapes"
     assert synthetic(["--output", str(data), "--count", "160", "--image-size", "32", "--no-progress"]) == 0
@@ -196,26 +227,46 @@ def test_clip_lora_under_zero_trains_adapters_on_both_towers_and_merges(stage, w
     recipe, _ = load_recipe("clip-tiny")
     torch.manual_seed(0)
     base = tmp_path / "base"
-    CLIPModel(hf_config(recipe.model, len(tok), tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)).save_pretrained(base)
+    CLIPModel(hf_config(recipe.model, len(tok), tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)).save_pretrained(
+        base
+    )
     r = json.loads((REPO / "pretrain/recipes/clip-tiny.json").read_text())
     r["model"]["lora"] = {"r": 4, "alpha": 8}  # default targets for CLIP: q_proj, v_proj of both towers
     r["training"].update(micro_batch_size=16, lr=1e-2, warmup_steps=0, log_every=1)
     r["eval"].update(every=0, max_samples=32)
     (tmp_path / "clip.json").write_text(json.dumps(r))
 
-    trainer = _trainer(["--config", str(tmp_path / "clip.json"), "--data", str(data), "--init-from", str(base),
-                        "--output-dir", str(tmp_path / "run"), "--max-steps", "3",  # the LR is 0 at step 1
-                        "--deepspeed_config", f"ds_configs/zero{stage}_fp32.json"])
+    trainer = _trainer(
+        [
+            "--config",
+            str(tmp_path / "clip.json"),
+            "--data",
+            str(data),
+            "--init-from",
+            str(base),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "3",  # the LR is 0 at step 1
+            "--deepspeed_config",
+            f"ds_configs/zero{stage}_fp32.json",
+        ]
+    )
     assert trainer.run.zero_stage == stage
     trained = {k for k, p in trainer.engine.module.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in k for k in trained)
-    assert any(k.startswith("clip.vision_model.") for k in trained) and any(k.startswith("clip.text_model.") for k in trained)
+    assert any(k.startswith("clip.vision_model.") for k in trained) and any(
+        k.startswith("clip.text_model.") for k in trained
+    )
     trainer.fit()
     saved = load_file(base / "model.safetensors")
     params = list(trainer.engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
-        frozen = {k.removeprefix("clip.").replace(".base_layer", ""): p.detach().clone()
-                  for k, p in params if ".lora_" not in k}
+        frozen = {
+            k.removeprefix("clip.").replace(".base_layer", ""): p.detach().clone()
+            for k, p in params
+            if ".lora_" not in k
+        }
     assert frozen.keys() == saved.keys()
     assert all(torch.equal(frozen[k].reshape(saved[k].shape), saved[k]) for k in saved), "the base is bit-identical"
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"

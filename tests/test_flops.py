@@ -1,11 +1,12 @@
 """Model FLOPs against hand counts, accelerator peaks, and MFU arithmetic (pretrain/runtime/flops.py)."""
+
 from types import SimpleNamespace
 
 import pytest
 from transformers import CLIPConfig, GPT2Config
 
-from pretrain.runtime.flops import GPUS, gpu_key, peak_tflops, utilisation
 from pretrain.models import get_family
+from pretrain.runtime.flops import GPUS, gpu_key, peak_tflops, utilisation
 
 
 def test_gpt2_small_flops_per_sequence_by_hand():
@@ -31,11 +32,21 @@ def test_clip_vit_b32_flops_per_pair_by_hand():
     assert get_family("clip").train_flops_per_sample(CLIPConfig(), None) == pytest.approx(3 * forward, rel=1e-12)
 
 
-@pytest.mark.parametrize("name,key", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
-                                      ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100-80g"),
-                                      ("NVIDIA A100-SXM4-40GB", "a100"), ("Tesla V100-SXM2-32GB", "v100"),
-                                      ("AMD Instinct MI300X", "mi300x"), ("NVIDIA A10G", "a10g"),
-                                      ("Tesla T4", "t4"), ("NVIDIA GeForce RTX 4090", None)])
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80g"),
+        ("NVIDIA A100-SXM4-40GB", "a100"),
+        ("Tesla V100-SXM2-32GB", "v100"),
+        ("AMD Instinct MI300X", "mi300x"),
+        ("NVIDIA A10G", "a10g"),
+        ("Tesla T4", "t4"),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
 def test_device_names_map_to_the_peak_table(name, key):
     assert gpu_key(name) == key
 

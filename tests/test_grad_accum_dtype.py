@@ -1,6 +1,7 @@
 """bf16 runs accumulate gradients in fp32 by default: shipped in the bf16 configs, filled when a bf16 config leaves
 data_types.grad_accum_dtype unset, an explicit value kept. ZeRO-2/3 only: DeepSpeed 0.19 refuses it under ZeRO-0, and
 under ZeRO-1 it switches to BF16_Optimizer, whose checkpoints its zero_to_fp32 (eval, export) cannot read."""
+
 import json
 
 import pytest
@@ -32,21 +33,29 @@ def test_an_unset_grad_accum_dtype_is_filled_with_fp32_and_said(stage):
     ds, notes = _resolve(raw)
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and "data_types" not in raw
     assert any(n.startswith("data_types.grad_accum_dtype: fp32") for n in notes)
-    ds, _ = _resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
-                      "data_types": {"grad_accum_dtype": "auto"}})
+    ds, _ = _resolve(
+        {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, "data_types": {"grad_accum_dtype": "auto"}}
+    )
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
 def test_an_explicit_value_fp32_runs_zero0_zero1_and_other_precisions_are_left_alone():
-    ds, notes = _resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
-                          "data_types": {"grad_accum_dtype": "bf16"}})
+    ds, notes = _resolve(
+        {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}
+    )
     assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and not any("grad_accum" in n for n in notes)
     for stage in (0, 1):
-        ds, notes = _resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
-                              "gradient_accumulation_steps": 4})
+        ds, notes = _resolve(
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, "gradient_accumulation_steps": 4}
+        )
         assert "data_types" not in ds and any(f"left bf16 under ZeRO-{stage}" in n for n in notes)
-        ds, _ = _resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
-                          "data_types": {"grad_accum_dtype": "auto"}})
+        ds, _ = _resolve(
+            {
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": stage},
+                "data_types": {"grad_accum_dtype": "auto"},
+            }
+        )
         assert ds["data_types"] == {"grad_accum_dtype": "bf16"}
     fp32 = parse_recipe({"training": {"precision": "fp32"}})
     ds, notes = _resolve({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}, fp32)
@@ -58,11 +67,18 @@ def test_deepspeed_accepts_the_filled_configs_and_accumulates_in_fp32():
 
     with world_of_one():
         for stage in (0, 1, 2, 3):
-            ds, _ = _resolve({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage},
-                              "gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2})
+            ds, _ = _resolve(
+                {
+                    "bf16": {"enabled": "auto"},
+                    "zero_optimization": {"stage": stage},
+                    "gradient_accumulation_steps": 2,
+                    "train_micro_batch_size_per_gpu": 2,
+                }
+            )
             model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                              config={**ds, "steps_per_print": 10**9})
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=torch.optim.AdamW(model.parameters()), config={**ds, "steps_per_print": 10**9}
+            )
             assert engine.get_data_types() == (torch.bfloat16, torch.float32 if stage >= 2 else torch.bfloat16), stage
             for _ in range(2):
                 engine.backward(engine(torch.randn(2, 8, dtype=torch.bfloat16)).float().pow(2).mean())

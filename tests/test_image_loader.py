@@ -44,8 +44,9 @@ def solid_jpeg(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def make_dataset(root: Path, counts: dict[str, list[int]], bad: set[int] = frozenset(), label: bool = True,
-                 classes: bool = False) -> ImageTextShards:
+def make_dataset(
+    root: Path, counts: dict[str, list[int]], bad: set[int] = frozenset(), label: bool = True, classes: bool = False
+) -> ImageTextShards:
     splits, index = {}, 0
     for split, sizes in counts.items():
         (root / split).mkdir(parents=True)
@@ -55,8 +56,14 @@ def make_dataset(root: Path, counts: dict[str, list[int]], bad: set[int] = froze
             with wds.TarWriter(str(root / name)) as w:
                 for _ in range(n):
                     meta = {"key": str(index), "label": index % 5} if label else {"key": str(index)}
-                    w.write({"__key__": f"{split}-{index:010d}", "jpg": b"\xff\xd8broken" if index in bad else
-                             solid_jpeg(index), "txt": f"sample number {index}", "json": json.dumps(meta)})
+                    w.write(
+                        {
+                            "__key__": f"{split}-{index:010d}",
+                            "jpg": b"\xff\xd8broken" if index in bad else solid_jpeg(index),
+                            "txt": f"sample number {index}",
+                            "json": json.dumps(meta),
+                        }
+                    )
                     index += 1
             shards.append(name)
         splits[split] = {"shards": shards, "shard_samples": sizes, "samples": sum(sizes)}
@@ -92,8 +99,9 @@ def test_one_epoch_over_ranks_and_workers_covers_every_sample_once(tmp_path: Pat
     seen = Counter()
     for rank in range(2):
         for worker in range(2):
-            ds = ImageTextTrainStream(data, "train", 1, tokenizer, CTX, SIZE, rank, 2, seed=3, shuffle_buffer=0,
-                                      num_workers=2, augment=False)
+            ds = ImageTextTrainStream(
+                data, "train", 1, tokenizer, CTX, SIZE, rank, 2, seed=3, shuffle_buffer=0, num_workers=2, augment=False
+            )
             slot = Slot(rank, 2, worker, 2)
             ds._slot = lambda slot=slot: slot  # what get_worker_info() gives inside DataLoader worker `worker`
             urls, by_sample = epoch_shards(ds.shards, slot, 0, 3)
@@ -108,14 +116,21 @@ def test_train_batches_shapes_dtypes_and_determinism(tmp_path: Path, tokenizer) 
     data = make_dataset(tmp_path, {"train": [6, 6]})
 
     def run(seed: int) -> list[dict]:
-        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, SIZE, seed=seed,
-                                                             shuffle_buffer=8), 9))
+        return list(
+            itertools.islice(
+                image_text_train_loader(data, "train", 4, tokenizer, CTX, SIZE, seed=seed, shuffle_buffer=8), 9
+            )
+        )
 
     a, b = run(0), run(0)
     batch = a[0]
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask"} and set(batch.meta) == {"stats"}
     assert {k: batch.meta["stats"][k] for k in ("slot", "read", "skipped", "batches")} == {
-        "slot": 0, "read": 4, "skipped": {}, "batches": 1}
+        "slot": 0,
+        "read": 4,
+        "skipped": {},
+        "batches": 1,
+    }
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, CTX)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
@@ -135,8 +150,20 @@ def test_dataloader_workers_read_disjoint_shards_deterministically(tmp_path: Pat
     data = make_dataset(tmp_path, {"train": [4, 4, 4, 4]})
 
     def run() -> list[int]:
-        loader = image_text_train_loader(data, "train", 2, tokenizer, CTX, SIZE, rank=1, world_size=2, seed=0,
-                                         shuffle_buffer=0, num_workers=2, augment=False)
+        loader = image_text_train_loader(
+            data,
+            "train",
+            2,
+            tokenizer,
+            CTX,
+            SIZE,
+            rank=1,
+            world_size=2,
+            seed=0,
+            shuffle_buffer=0,
+            num_workers=2,
+            augment=False,
+        )
         return [i for b in itertools.islice(loader, 4) for i in ids_of(b["pixel_values"])]
 
     first = run()
@@ -172,8 +199,9 @@ def test_labels_absent_are_minus_one(tmp_path: Path, tokenizer) -> None:
     assert batch["label"].tolist() == [-1, -1, -1] and batch["weight"].tolist() == [1.0, 1.0, 1.0]
 
 
-def test_bad_samples_are_skipped_counted_and_named_without_sleeping(tmp_path: Path, tokenizer, caplog,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_samples_are_skipped_counted_and_named_without_sleeping(
+    tmp_path: Path, tokenizer, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = make_dataset(tmp_path, {"train": [5, 5], "val": [5]}, bad={2, 10})
 
     def no_sleep(seconds: float) -> None:
@@ -228,8 +256,9 @@ def test_tokenizer_that_adds_eos_itself_is_called_plainly() -> None:
     from tokenizers.processors import TemplateProcessing
 
     tok = train_bpe_tokenizer([f"sample number {i}" for i in range(50)], 300)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="$A <|endoftext|>",
-                                                              special_tokens=[("<|endoftext|>", 0)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)]
+    )
     out = tokenize_captions(tok, ["sample number 7", "sample " * 40], 10)
     ids, mask = out["input_ids"], out["attention_mask"]
     n = int(mask[0].sum())
@@ -250,14 +279,16 @@ def test_a_world_size_change_re_divides_the_epoch_for_image_text_too(tmp_path: P
     common = dict(seed=2, shuffle_buffer=4, trace=True)
     seen = []
     for rank in range(2):
-        seen += pull(image_text_train_loader(data, "train", 3, tokenizer, CTX, SIZE, rank, 2, num_workers=2,
-                                             **common), 3)
+        seen += pull(
+            image_text_train_loader(data, "train", 3, tokenizer, CTX, SIZE, rank, 2, num_workers=2, **common), 3
+        )
     history = [{"world": 2, "workers": 2, "micro": 3, "micro_batches": 3}]
     seen += pull(image_text_train_loader(data, "train", 4, tokenizer, CTX, SIZE, 0, 1, history=history, **common), 5)
     history.append({"world": 1, "workers": 0, "micro": 4, "micro_batches": 5})
     for rank in range(3):
-        seen += pull(image_text_train_loader(data, "train", 2, tokenizer, CTX, SIZE, rank, 3, history=history,
-                                             **common), 14)
+        seen += pull(
+            image_text_train_loader(data, "train", 2, tokenizer, CTX, SIZE, rank, 3, history=history, **common), 14
+        )
     assert Counter(seen).most_common(1)[0][1] == 1, "no sample twice in one epoch"
     assert not any(s.endswith("train-0000000009") for s in seen), "the undecodable sample never comes out"
     for epoch in (0, 1):
@@ -273,8 +304,9 @@ def gradient(i: int, w: int = 80, h: int = 64) -> Image.Image:
     return Image.fromarray(arr.numpy(), "RGB")
 
 
-def make_gradient_dataset(root: Path, n: int, png: set[int], truncated: set[int],
-                          size: tuple[int, int] = (80, 64)) -> tuple[ImageTextShards, dict]:
+def make_gradient_dataset(
+    root: Path, n: int, png: set[int], truncated: set[int], size: tuple[int, int] = (80, 64)
+) -> tuple[ImageTextShards, dict]:
     """One shard of gradient images: JPEGs, PNGs at `png`, truncated JPEGs at `truncated`."""
     (root / "train").mkdir(parents=True)
     raw = {}
@@ -286,8 +318,16 @@ def make_gradient_dataset(root: Path, n: int, png: set[int], truncated: set[int]
             key = f"train-{i:010d}"
             raw[key] = data
             w.write({"__key__": key, "png" if i in png else "jpg": data, "txt": f"sample number {i}"})
-    write_manifest(root, {"kind": "image-text", "version": 1, "image_size": 80, "tokenizer": None, "splits": {
-        "train": {"shards": ["train/shard-000000.tar"], "shard_samples": [n], "samples": n}}})
+    write_manifest(
+        root,
+        {
+            "kind": "image-text",
+            "version": 1,
+            "image_size": 80,
+            "tokenizer": None,
+            "splits": {"train": {"shards": ["train/shard-000000.tar"], "shard_samples": [n], "samples": n}},
+        },
+    )
     return ImageTextShards(root), raw
 
 
@@ -324,8 +364,14 @@ def test_simplejpeg_and_pillow_decoders_give_the_same_stream(tmp_path: Path, tok
     data, _ = make_gradient_dataset(tmp_path, 8, png={2}, truncated=set())
 
     def run(decoder: str) -> list[dict]:
-        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=1,
-                                                             shuffle_buffer=4, decoder=decoder), 4))
+        return list(
+            itertools.islice(
+                image_text_train_loader(
+                    data, "train", 4, tokenizer, CTX, 32, seed=1, shuffle_buffer=4, decoder=decoder
+                ),
+                4,
+            )
+        )
 
     fast, slow, again = run("auto"), run("pillow"), run("auto")
     for a, b, c in zip(fast, slow, again):
@@ -340,8 +386,14 @@ def test_a_dataloader_worker_builds_the_same_batches_as_the_main_process(tmp_pat
     data, _ = make_gradient_dataset(tmp_path, 8, png=set(), truncated=set())
 
     def run(workers: int) -> list[dict]:
-        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=2,
-                                                             shuffle_buffer=4, num_workers=workers), 4))
+        return list(
+            itertools.islice(
+                image_text_train_loader(
+                    data, "train", 4, tokenizer, CTX, 32, seed=2, shuffle_buffer=4, num_workers=workers
+                ),
+                4,
+            )
+        )
 
     for a, b in zip(run(0), run(1)):
         assert a["pixel_values"].dtype == b["pixel_values"].dtype == torch.float32
@@ -360,9 +412,23 @@ def test_a_uint8_stream_normalised_on_the_device_gives_the_same_pixels_and_clip_
     data, _ = make_gradient_dataset(tmp_path, 8, png=set(), truncated=set())
 
     def run(workers: int, normalize: bool) -> list[dict]:
-        return list(itertools.islice(image_text_train_loader(data, "train", 4, tokenizer, CTX, 32, seed=3,
-                                                             shuffle_buffer=4, num_workers=workers,
-                                                             normalize=normalize), 3))
+        return list(
+            itertools.islice(
+                image_text_train_loader(
+                    data,
+                    "train",
+                    4,
+                    tokenizer,
+                    CTX,
+                    32,
+                    seed=3,
+                    shuffle_buffer=4,
+                    num_workers=workers,
+                    normalize=normalize,
+                ),
+                3,
+            )
+        )
 
     floats = run(0, True)
     for workers in (0, 1):
@@ -371,14 +437,30 @@ def test_a_uint8_stream_normalised_on_the_device_gives_the_same_pixels_and_clip_
             assert torch.equal(normalize_batch(b["pixel_values"]), a["pixel_values"])
             assert torch.equal(a["input_ids"], b["input_ids"])
     torch.manual_seed(0)
-    config = CLIPConfig(text_config={"vocab_size": tokenizer.vocab_size + 8, "hidden_size": 32, "intermediate_size": 64,
-                                     "num_hidden_layers": 1, "num_attention_heads": 2,
-                                     "max_position_embeddings": CTX},
-                        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                                       "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=16)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": tokenizer.vocab_size + 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": CTX,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
     model = ContrastiveCLIP(CLIPModel(config)).eval()
     uint8 = run(0, False)[0]
     with torch.no_grad():
-        losses = [model(pixel_values=b["pixel_values"], input_ids=b["input_ids"],
-                        attention_mask=b["attention_mask"]) for b in (floats[0], uint8)]
+        losses = [
+            model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            for b in (floats[0], uint8)
+        ]
     assert torch.equal(losses[0], losses[1])

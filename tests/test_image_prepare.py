@@ -60,32 +60,72 @@ def write_img2dataset(folder: Path) -> dict[str, str]:
             key = f"{i:09d}"
             caption = f"img2dataset photo {i}"
             if i == 3:  # failed download: never in the tar
-                rows.append({"url": f"http://x/{i}", "caption": caption, "key": key, "status": "failed_to_download",
-                             "error_message": "HTTP Error 404"})
+                rows.append(
+                    {
+                        "url": f"http://x/{i}",
+                        "caption": caption,
+                        "key": key,
+                        "status": "failed_to_download",
+                        "error_message": "HTTP Error 404",
+                    }
+                )
                 continue
-            rows.append({"url": f"http://x/{i}", "caption": caption, "key": key, "status": "success",
-                         "error_message": None})
+            rows.append(
+                {"url": f"http://x/{i}", "caption": caption, "key": key, "status": "success", "error_message": None}
+            )
             if i == 6:  # listed as a success, missing from the tar
                 continue
             data = CORRUPT_JPEG if i == 2 else jpeg(noise(8, 8, i) if i == 4 else noise(64, 48, i))
-            meta = {"url": f"http://x/{i}", "caption": caption, "key": key, "status": "success",
-                    "error_message": None, "width": 64, "height": 48, "original_width": 640,
-                    "original_height": 480, "exif": None, "sha256": None}
+            meta = {
+                "url": f"http://x/{i}",
+                "caption": caption,
+                "key": key,
+                "status": "success",
+                "error_message": None,
+                "width": 64,
+                "height": 48,
+                "original_width": 640,
+                "original_height": 480,
+                "exif": None,
+                "sha256": None,
+            }
             tar.write({"__key__": key, "jpg": data, "txt": caption, "json": meta})
             if i in (0, 1, 5):
                 kept[key] = caption
     pq.write_table(pa.Table.from_pylist(rows), folder / "00000.parquet")
-    (folder / "00000_stats.json").write_text(json.dumps(
-        {"count": 7, "successes": 6, "failed_to_download": 1, "failed_to_resize": 0,
-         "status_dict": {"success": 6, "HTTP Error 404": 1}}))
+    (folder / "00000_stats.json").write_text(
+        json.dumps(
+            {
+                "count": 7,
+                "successes": 6,
+                "failed_to_download": 1,
+                "failed_to_resize": 0,
+                "status_dict": {"success": 6, "HTTP Error 404": 1},
+            }
+        )
+    )
     with wds.TarWriter(str(folder / "00001.tar")) as tar:
         key = f"{10000:09d}"
-        tar.write({"__key__": key, "jpg": jpeg(noise(40, 40, 50)), "txt": "second shard photo",
-                   "json": {"key": key, "status": "success"}})
+        tar.write(
+            {
+                "__key__": key,
+                "jpg": jpeg(noise(40, 40, 50)),
+                "txt": "second shard photo",
+                "json": {"key": key, "status": "success"},
+            }
+        )
         kept[key] = "second shard photo"
-    (folder / "00001_stats.json").write_text(json.dumps(
-        {"count": 3, "successes": 1, "failed_to_download": 2, "failed_to_resize": 0,
-         "status_dict": {"success": 1, "timeout": 2}}))
+    (folder / "00001_stats.json").write_text(
+        json.dumps(
+            {
+                "count": 3,
+                "successes": 1,
+                "failed_to_download": 2,
+                "failed_to_resize": 0,
+                "status_dict": {"success": 1, "timeout": 2},
+            }
+        )
+    )
     return kept
 
 
@@ -103,7 +143,8 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> dict:
     noise(50, 40, 9).save(root / "table" / "imgs" / "quiet.jpg")
     (root / "table" / "pairs.csv").write_text(
         "filepath,text\nimgs/big.jpg,a very large photo\nimgs/absent.jpg,a photo that is not there\n"
-        "imgs/plain.jpg,a plain photo\nimgs/quiet.jpg,\n")
+        "imgs/plain.jpg,a plain photo\nimgs/quiet.jpg,\n"
+    )
     kept.update({"imgs/big.jpg": "a very large photo", "imgs/plain.jpg": "a plain photo"})
 
     # A TSV with the default column names and labels.
@@ -139,9 +180,13 @@ def test_rejections_are_counted_by_reason_with_named_examples(prepared: Path, ra
     rejected = read_manifest(prepared)["rejected"]
     assert rejected["by_reason"] == {
         "failed_download": 3,  # one from the parquet, two from the second shard's stats
-        "undecodable": 1, "too_small": 1,
+        "undecodable": 1,
+        "too_small": 1,
         "missing_image": 2,  # absent.jpg in the CSV; a parquet "success" the tar lacks
-        "empty_caption": 1, "caption_too_long": 1, "missing_caption": 1, "duplicate_image": 1,
+        "empty_caption": 1,
+        "caption_too_long": 1,
+        "missing_caption": 1,
+        "duplicate_image": 1,
     }
     assert rejected["total"] == 11
     by_reason = {}
@@ -151,8 +196,9 @@ def test_rejections_are_counted_by_reason_with_named_examples(prepared: Path, ra
     assert by_reason["too_small"][0]["detail"].startswith("8x8")
     assert by_reason["failed_download"][0]["source"].endswith("00000.parquet:000000003")
     assert "404" in by_reason["failed_download"][0]["detail"]
-    assert any(e["source"].endswith("pairs.csv:line 3") and "absent.jpg" in e["detail"]
-               for e in by_reason["missing_image"])
+    assert any(
+        e["source"].endswith("pairs.csv:line 3") and "absent.jpg" in e["detail"] for e in by_reason["missing_image"]
+    )
     assert by_reason["duplicate_image"][0]["source"].endswith("copy.jpg")
 
 
@@ -195,8 +241,12 @@ def test_duplicates_land_in_one_split_once(prepared: Path, raw: dict) -> None:
     import hashlib
 
     split = assign_split(hashlib.sha256(plain).digest(), 0.25, 0.25, 0)
-    where = [(s, json.loads(x["json"])["key"]) for s, items in read_all(prepared, manifest).items() for x in items
-             if x["txt"] in (b"a plain photo", b"the same image again")]
+    where = [
+        (s, json.loads(x["json"])["key"])
+        for s, items in read_all(prepared, manifest).items()
+        for x in items
+        if x["txt"] in (b"a plain photo", b"the same image again")
+    ]
     assert where == [(split, "imgs/plain.jpg")]
 
 
@@ -320,11 +370,23 @@ def test_parquet_table_with_explicit_fields_and_an_external_tokenizer(tmp_path: 
     (tmp_path / "data").mkdir()
     for i in range(3):
         noise(40, 40, i).save(tmp_path / "data" / f"{i}.jpg")
-    pq.write_table(pa.table({"img": [f"{i}.jpg" for i in range(3)], "alt": ["one", "two", "three"]}),
-                   tmp_path / "data" / "pairs.parquet")
+    pq.write_table(
+        pa.table({"img": [f"{i}.jpg" for i in range(3)], "alt": ["one", "two", "three"]}),
+        tmp_path / "data" / "pairs.parquet",
+    )
     out = tmp_path / "out"
-    argv = [str(tmp_path / "data" / "pairs.parquet"), "--output", str(out), "--image-field", "img",
-            "--caption-field", "alt", "--tokenizer", str(tok_dir), *FAST]
+    argv = [
+        str(tmp_path / "data" / "pairs.parquet"),
+        "--output",
+        str(out),
+        "--image-field",
+        "img",
+        "--caption-field",
+        "alt",
+        "--tokenizer",
+        str(tok_dir),
+        *FAST,
+    ]
     assert main(argv) == 0
     manifest = read_manifest(out)
     assert sum(s["samples"] for s in manifest["splits"].values()) == 3
@@ -332,8 +394,9 @@ def test_parquet_table_with_explicit_fields_and_an_external_tokenizer(tmp_path: 
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("case", ["missing_input", "bad_field", "not_empty", "both_tokenizers", "bad_quality",
-                                  "nothing_usable"])
+@pytest.mark.parametrize(
+    "case", ["missing_input", "bad_field", "not_empty", "both_tokenizers", "bad_quality", "nothing_usable"]
+)
 def test_user_errors_exit_2_without_traceback(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -354,9 +417,14 @@ def test_user_errors_exit_2_without_traceback(case: str, tmp_path: Path, capsys:
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("prepare-image-text: error:" in err or "usage:" in err)
-    expected = {"missing_input": "nope", "bad_field": "t.csv", "not_empty": "--overwrite",
-                "both_tokenizers": "not allowed with", "bad_quality": "--workers must be >= 1",
-                "nothing_usable": "too_small=1"}[case]
+    expected = {
+        "missing_input": "nope",
+        "bad_field": "t.csv",
+        "not_empty": "--overwrite",
+        "both_tokenizers": "not allowed with",
+        "bad_quality": "--workers must be >= 1",
+        "nothing_usable": "too_small=1",
+    }[case]
     assert expected in err
     if case == "bad_quality":
         assert "--jpeg-quality" in err, "every problem is reported at once"

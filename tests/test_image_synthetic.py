@@ -23,8 +23,24 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "shapes"
-    assert main(["--output", str(out), "--count", "600", "--image-size", str(SIZE), "--seed", "3",
-                 "--samples-per-shard", "100", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--output",
+                str(out),
+                "--count",
+                "600",
+                "--image-size",
+                str(SIZE),
+                "--seed",
+                "3",
+                "--samples-per-shard",
+                "100",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -33,15 +49,24 @@ def samples_of(root: Path) -> dict[str, list[dict]]:
     out = {}
     for split in SPLITS:
         shards = [str(root / s) for s in manifest["splits"][split]["shards"]]
-        out[split] = [{"img": np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")), "txt": s["txt"].decode(),
-                       "meta": json.loads(s["json"])} for s in wds.WebDataset(shards, shardshuffle=False)]
+        out[split] = [
+            {
+                "img": np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")),
+                "txt": s["txt"].decode(),
+                "meta": json.loads(s["json"]),
+            }
+            for s in wds.WebDataset(shards, shardshuffle=False)
+        ]
     return out
 
 
 def test_manifest_classes_and_tokenizer(shapes: Path) -> None:
     manifest = read_manifest(shapes)
     assert (manifest["kind"], manifest["created_by"], manifest["classes"]) == (
-        "image-text", "make-synthetic-image-text", "classes.json")
+        "image-text",
+        "make-synthetic-image-text",
+        "classes.json",
+    )
     assert manifest["image_size"] == SIZE and manifest["seed"] == 3
     assert sum(s["samples"] for s in manifest["splits"].values()) == 600
     assert all(n == 100 for s in manifest["splits"].values() for n in s["shard_samples"][:-1])
@@ -89,8 +114,13 @@ def test_captions_and_pixels_match_the_attributes(shapes: Path) -> None:
         assert close.sum() > 4, caption
         ys, xs = np.nonzero(close)
         cx, cy = xs.mean() / SIZE, ys.mean() / SIZE
-        expected = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
-                    "center": 0.4 < cx < 0.6 and 0.4 < cy < 0.6}[position]
+        expected = {
+            "left": cx < 0.4,
+            "right": cx > 0.6,
+            "top": cy < 0.4,
+            "bottom": cy > 0.6,
+            "center": 0.4 < cx < 0.6 and 0.4 < cy < 0.6,
+        }[position]
         assert expected, (caption, cx, cy)
         areas[size].append(close.sum())
         checked += 1
@@ -101,8 +131,24 @@ def test_captions_and_pixels_match_the_attributes(shapes: Path) -> None:
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
     def make(name: str, seed: int) -> dict[str, bytes]:
         out = tmp_path / name
-        assert main(["--output", str(out), "--count", "60", "--seed", str(seed), "--image-size", "32",
-                     "--vocab-size", "300", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "--output",
+                    str(out),
+                    "--count",
+                    "60",
+                    "--seed",
+                    str(seed),
+                    "--image-size",
+                    "32",
+                    "--vocab-size",
+                    "300",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/shard-*.tar"))}
 
     a, b, c = make("a", 0), make("b", 0), make("c", 1)

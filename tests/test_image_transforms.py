@@ -46,8 +46,11 @@ def test_to_tensor_normalized_values_and_layout() -> None:
     img = Image.new("RGB", (5, 3), (255, 0, 128))
     t = to_tensor_normalized(img)
     assert t.shape == (3, 3, 5) and t.dtype == torch.float32
-    expected = [(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0.0 - CLIP_MEAN[1]) / CLIP_STD[1],
-                (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2]]
+    expected = [
+        (1.0 - CLIP_MEAN[0]) / CLIP_STD[0],
+        (0.0 - CLIP_MEAN[1]) / CLIP_STD[1],
+        (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2],
+    ]
     assert torch.allclose(t[:, 1, 2], torch.tensor(expected), atol=1e-6)
     mean_img = Image.new("RGB", (4, 4), tuple(round(m * 255) for m in CLIP_MEAN))
     assert to_tensor_normalized(mean_img).abs().max() < 0.01

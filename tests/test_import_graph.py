@@ -1,5 +1,6 @@
 """The import graph of the toolkit's own modules: no cycles (imports inside functions count, since
 they only hide a cycle until the function runs) and one direction (data never imports training)."""
+
 from __future__ import annotations
 
 import ast
@@ -31,7 +32,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
                 # "from pkg import sub" imports the submodule when there is one, else a name of pkg
@@ -105,8 +106,9 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     assert _cycles({"a": {"b"}, "b": set()}) == []
     source = "def f():\n    from pretrain.runtime import trainer\n"
     (tmp_path / "m.py").write_text(source)
-    assert _imports("pretrain.x", tmp_path / "m.py", {"pretrain.runtime.trainer": Path(), "pretrain.x": Path()}) \
-        == {"pretrain.runtime.trainer"}
+    assert _imports("pretrain.x", tmp_path / "m.py", {"pretrain.runtime.trainer": Path(), "pretrain.x": Path()}) == {
+        "pretrain.runtime.trainer"
+    }
 
 
 def test_no_import_cycles_in_the_toolkit():
@@ -117,8 +119,11 @@ def test_no_import_cycles_in_the_toolkit():
 
 def test_data_pipelines_never_import_training_code():
     graph = _graph()
-    wrong = {name: sorted(d for d in deps if d.startswith("pretrain"))
-             for name, deps in graph.items() if name.startswith("data_pipelines")}
+    wrong = {
+        name: sorted(d for d in deps if d.startswith("pretrain"))
+        for name, deps in graph.items()
+        if name.startswith("data_pipelines")
+    }
     assert {k: v for k, v in wrong.items() if v} == {}
 
 
@@ -126,9 +131,10 @@ def test_models_and_run_assembly_never_import_the_loop_or_the_commands():
     graph = _graph()
     for name, deps in graph.items():
         if name.startswith(("pretrain.models", "pretrain.run", "pretrain.parallel", "pretrain.finetune")):
-            bad = sorted(d for d in deps if d.startswith(("pretrain.runtime.trainer", "pretrain.cli", "pretrain.train")))
+            bad = sorted(
+                d for d in deps if d.startswith(("pretrain.runtime.trainer", "pretrain.cli", "pretrain.train"))
+            )
             assert not bad, f"{name} imports {bad}"
-
 
 
 def test_every_third_party_package_imported_is_declared():
@@ -136,11 +142,14 @@ def test_every_third_party_package_imported_is_declared():
     happened to install it."""
     import re
     import sys
+
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].lower().replace("-", "_")
-                for d in [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]}
+    declared = {
+        re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].lower().replace("-", "_")
+        for d in [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]
+    }
     distribution = {"PIL": "pillow", "yaml": "pyyaml"}  # import names that are not their distribution's name
     imported = set()
     for path in _modules().values():
@@ -152,3 +161,9 @@ def test_every_third_party_package_imported_is_declared():
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in PACKAGES}
     missing = sorted(m for m in third_party if distribution.get(m, m).lower() not in declared)
     assert missing == [], f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_no_module_is_over_600_lines():
+    """A module past 600 lines holds more than one stage; split it by stage (issue 21)."""
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 600}
+    assert long == {}

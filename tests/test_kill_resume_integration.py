@@ -1,5 +1,6 @@
 """kill -9 of the whole deepspeed job, between checkpoints and in the middle of a save, then
 `--resume auto`: the losses step by step are those of a run that was never interrupted."""
+
 import json
 import subprocess
 import time
@@ -14,20 +15,37 @@ STEPS = 16
 
 
 def _args(data: Path, out: Path) -> list[str]:
-    return ["--config", "gpt-tiny", "--deepspeed_config", "ds_configs/zero2_fp32.json", "--data", str(data),
-            "--output-dir", str(out), "--max-steps", str(STEPS), "--checkpoint-every", "4", "--eval-every", "8",
-            "--no-progress"]
+    return [
+        "--config",
+        "gpt-tiny",
+        "--deepspeed_config",
+        "ds_configs/zero2_fp32.json",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(STEPS),
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "8",
+        "--no-progress",
+    ]
 
 
 def _kill_job_when(cmd: list[str], ready, extra_env: dict | None = None, timeout: float = 300) -> None:
     """Start the job, wait until ready() holds, then SIGKILL the launcher and every rank at once."""
     e = {**env(), **(extra_env or {})}
-    proc = subprocess.Popen(cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + timeout
     try:
         while not ready():
-            assert proc.poll() is None, f"job ended (exit {proc.returncode}) before the kill:\n{proc.stdout.read()[-3000:]}"
+            assert proc.poll() is None, (
+                f"job ended (exit {proc.returncode}) before the kill:\n{proc.stdout.read()[-3000:]}"
+            )
             assert time.time() < deadline, "timed out waiting for the kill point"
             time.sleep(0.2)
     finally:
@@ -46,7 +64,9 @@ def _latest(out: Path) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-def test_kill_9_between_checkpoints_and_during_a_save_then_resume_repeats_the_uninterrupted_run(prepared_stdlib, tmp_path):
+def test_kill_9_between_checkpoints_and_during_a_save_then_resume_repeats_the_uninterrupted_run(
+    prepared_stdlib, tmp_path
+):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     run(deepspeed_cmd(2, _args(prepared_stdlib, ref)))
 
@@ -56,8 +76,10 @@ def test_kill_9_between_checkpoints_and_during_a_save_then_resume_repeats_the_un
     assert first_latest in ("step_00000004", "step_00000008")
 
     # Kill 2: every rank inside the save of step 12 (files written, not sealed, latest not moved).
-    _kill_job_when(deepspeed_cmd(2, ["--stall-in-save", "12", "--", *_args(prepared_stdlib, out)], script=FAULTS),
-                   lambda: all((out / f"stalled-in-save-rank{r}").is_file() for r in range(2)))
+    _kill_job_when(
+        deepspeed_cmd(2, ["--stall-in-save", "12", "--", *_args(prepared_stdlib, out)], script=FAULTS),
+        lambda: all((out / f"stalled-in-save-rank{r}").is_file() for r in range(2)),
+    )
     assert _latest(out) == "step_00000008", "a half-written checkpoint is never named by latest"
     half = out / "checkpoints" / "step_00000012"
     assert half.is_dir() and not (half / "toolkit.json").exists()

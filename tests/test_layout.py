@@ -1,11 +1,13 @@
-"""pretrain/parallel/activation_checkpointing.py: activation checkpointing changes memory, not the math (GPT and both CLIP towers)."""
+"""pretrain/parallel/activation_checkpointing.py: activation checkpointing changes memory, not the math
+(GPT and both CLIP towers)."""
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pretrain.run.config import parse_recipe
 from pretrain.models import get_family
 from pretrain.models.clip import ContrastiveCLIP
 from pretrain.parallel.activation_checkpointing import checkpoint_blocks
+from pretrain.run.config import parse_recipe
 from tests.test_clip_loss import batch, tiny_clip
 
 
@@ -33,15 +35,26 @@ def test_clip_with_checkpointed_towers_gives_the_same_loss_and_gradients():
     b = batch(6)
     plain = ContrastiveCLIP(tiny_clip(0))
     checkpointed = ContrastiveCLIP(tiny_clip(0))
-    assert checkpoint_blocks(checkpointed, get_family("clip"), recipe) == ["activation checkpointing (every transformer block)"]
+    assert checkpoint_blocks(checkpointed, get_family("clip"), recipe) == [
+        "activation checkpointing (every transformer block)"
+    ]
     assert checkpointed.clip.text_model.encoder.gradient_checkpointing
     assert checkpointed.clip.vision_model.encoder.gradient_checkpointing
     _same(_loss_and_grads(plain, lambda m: m(**b)), _loss_and_grads(checkpointed, lambda m: m(**b)))
 
 
 def test_gpt_with_checkpointed_blocks_gives_the_same_loss_and_gradients():
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=3, n_head=2, resid_pdrop=0.1,
-                        embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     plain = GPT2LMHeadModel(config)
     checkpointed = GPT2LMHeadModel(config)

@@ -1,4 +1,5 @@
 """The streaming loader over real webdataset shards: rank/worker division, shuffling, eval padding."""
+
 import itertools
 from collections import Counter
 
@@ -23,13 +24,30 @@ def make_dataset(root, counts: dict[str, list[int]]):
             name = f"{split}/shard-{s:06d}.tar"
             with wds.TarWriter(str(root / name)) as w:
                 for _ in range(n):
-                    w.write({"__key__": f"{split}-{index:010d}", "tokens.npy": np.full(SEQ + 1, index, dtype=np.uint16)})
+                    w.write(
+                        {"__key__": f"{split}-{index:010d}", "tokens.npy": np.full(SEQ + 1, index, dtype=np.uint16)}
+                    )
                     index += 1
             shards.append(name)
-        splits[split] = {"shards": shards, "shard_samples": shard_sizes, "samples": sum(shard_sizes),
-                         "tokens": sum(shard_sizes) * SEQ, "documents": 0, "dropped_tokens": 0}
-    write_manifest(root, {"kind": "text", "version": 1, "seq_len": SEQ, "token_dtype": "uint16",
-                          "tokenizer": {"path": "tokenizer", "vocab_size": 65536}, "splits": splits})
+        splits[split] = {
+            "shards": shards,
+            "shard_samples": shard_sizes,
+            "samples": sum(shard_sizes),
+            "tokens": sum(shard_sizes) * SEQ,
+            "documents": 0,
+            "dropped_tokens": 0,
+        }
+    write_manifest(
+        root,
+        {
+            "kind": "text",
+            "version": 1,
+            "seq_len": SEQ,
+            "token_dtype": "uint16",
+            "tokenizer": {"path": "tokenizer", "vocab_size": 65536},
+            "splits": splits,
+        },
+    )
     return TextShards(root)
 
 
@@ -73,7 +91,9 @@ def test_train_stream_is_endless_shuffled_and_deterministic(tmp_path):
 
 def test_dataloader_workers_read_disjoint_shards_deterministically(tmp_path):
     data = make_dataset(tmp_path, {"train": [4, 4, 4, 4]})
-    run = lambda: ids_of(itertools.islice(train_loader(data, "train", 2, 1, 2, seed=0, shuffle_buffer=0, num_workers=2), 4))  # noqa: E731
+    run = lambda: ids_of(
+        itertools.islice(train_loader(data, "train", 2, 1, 2, seed=0, shuffle_buffer=0, num_workers=2), 4)
+    )  # noqa: E731
     first = run()
     assert first == run()
     assert len(set(first)) == 8, "rank 1's two workers read rank 1's two shards, 4 samples each"
@@ -120,5 +140,6 @@ def test_a_world_size_change_re_divides_the_epoch_without_losing_or_repeating_sa
 def test_resampled_streams_refuse_a_history(tmp_path):
     data = make_dataset(tmp_path, {"train": [4, 4]})
     with pytest.raises(ValueError, match="resampled"):
-        TextTrainStream(data, "train", 2, resampled=True, history=[{"world": 2, "workers": 0, "micro": 2,
-                                                                      "micro_batches": 1}])
+        TextTrainStream(
+            data, "train", 2, resampled=True, history=[{"world": 2, "workers": 0, "micro": 2, "micro_batches": 1}]
+        )

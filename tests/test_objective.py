@@ -2,6 +2,7 @@
 micro-batches (and replicas) over the step's trained tokens, for pretraining text and for chat data
 whose windows train very different numbers of tokens. In one process (a gloo world of one, real
 DeepSpeed engines), and across 2 ranks through the launcher (tests/objective_ranks.py)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from data_pipelines.text.packed import IGNORE_INDEX
-from tests.launch import REPO, deepspeed_cmd, run, world_of_one as launch_world_of_one
+from tests.launch import REPO, deepspeed_cmd, run
+from tests.launch import world_of_one as launch_world_of_one
 from tests.objective_ranks import CHAT_TRAINED, one_step, windows
 
 
@@ -26,8 +28,20 @@ def _argv(tmp_path: Path, data: Path, micro: int, gas: int, ds: str, name: str =
     recipe["training"].update(micro_batch_size=micro, gradient_accumulation_steps=gas, warmup_steps=0)
     path = tmp_path / f"recipe-{micro}x{gas}-{ds}{name}.json"
     path.write_text(json.dumps(recipe))
-    return ["--config", str(path), "--deepspeed_config", str(REPO / f"ds_configs/{ds}.json"), "--data", str(data),
-            "--output-dir", str(tmp_path / path.stem), "--eval-every", "0", "--checkpoint-every", "0"]
+    return [
+        "--config",
+        str(path),
+        "--deepspeed_config",
+        str(REPO / f"ds_configs/{ds}.json"),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / path.stem),
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
 
 
 def _trainer(tmp_path: Path, data: Path, micro: int, gas: int, ds: str):
@@ -84,10 +98,18 @@ def _same_step(a, b) -> None:
 def test_one_step_on_two_ranks_is_micro_2_on_one(prepared_stdlib, tmp_path, kind):
     """(micro 1, accumulation 1, 2 ranks) against (micro 2, accumulation 1, 1 rank), ZeRO-2."""
     seq_len = json.loads((prepared_stdlib / "manifest.json").read_text())["seq_len"]
-    out, grads, _ = one_step(_trainer(tmp_path, prepared_stdlib, 2, 1, "zero2_fp32"),
-                             windows(seq_len, CHAT_TRAINED if kind == "chat" else None))
+    out, grads, _ = one_step(
+        _trainer(tmp_path, prepared_stdlib, 2, 1, "zero2_fp32"),
+        windows(seq_len, CHAT_TRAINED if kind == "chat" else None),
+    )
     saved = tmp_path / "ranks.pt"
-    run(deepspeed_cmd(2, [saved.as_posix(), kind, "--", *_argv(tmp_path, prepared_stdlib, 1, 1, "zero2_fp32", "-2r")],
-                      script=str(REPO / "tests" / "objective_ranks.py")), timeout=300)
+    run(
+        deepspeed_cmd(
+            2,
+            [saved.as_posix(), kind, "--", *_argv(tmp_path, prepared_stdlib, 1, 1, "zero2_fp32", "-2r")],
+            script=str(REPO / "tests" / "objective_ranks.py"),
+        ),
+        timeout=300,
+    )
     ranks = torch.load(saved, weights_only=False)
     _same_step((out, grads), (ranks["out"], ranks["grads"]))

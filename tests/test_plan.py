@@ -1,4 +1,5 @@
 """pretrain-plan: the formulas at hand-computed points, recipe parameter counts, and the command line."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,16 @@ import json
 import pytest
 
 from pretrain.cli import plan as P
-from pretrain.cli.plan import (activation_bytes, gpu_days, main, min_gpus, parse_count, total_flops,
-                           total_flops_from_samples, zero_model_states_bytes)
+from pretrain.cli.plan import (
+    activation_bytes,
+    gpu_days,
+    main,
+    min_gpus,
+    parse_count,
+    total_flops,
+    total_flops_from_samples,
+    zero_model_states_bytes,
+)
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -15,11 +24,21 @@ def run_json(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("text, value", [
-    ("124e6", 124_000_000), ("1.3B", 1_300_000_000), ("350M", 350_000_000), ("7b", 7_000_000_000),
-    ("300B", 300_000_000_000), ("2.5T", 2_500_000_000_000), ("10k", 10_000), ("1_000", 1000), ("42", 42),
-    (" 6.7G ", 6_700_000_000),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("124e6", 124_000_000),
+        ("1.3B", 1_300_000_000),
+        ("350M", 350_000_000),
+        ("7b", 7_000_000_000),
+        ("300B", 300_000_000_000),
+        ("2.5T", 2_500_000_000_000),
+        ("10k", 10_000),
+        ("1_000", 1000),
+        ("42", 42),
+        (" 6.7G ", 6_700_000_000),
+    ],
+)
 def test_parse_count(text, value):
     assert parse_count(text) == value
 
@@ -73,10 +92,10 @@ def test_activation_formula_hand_point():
 
 def test_min_gpus_hand_computed():
     usable = 78e9  # a100-80g less the 2 GB reserve
-    assert min_gpus(7.5e9, 0, usable) is None          # 120 GB, sharding nothing
-    assert min_gpus(7.5e9, 1, usable) == 2             # 30 + 90/Nd <= 78  ->  Nd >= 1.875
-    assert min_gpus(7.5e9, 2, usable) == 2             # 15 + 105/Nd <= 78 ->  Nd >= 1.67
-    assert min_gpus(7.5e9, 3, usable) == 2             # 120/Nd <= 78      ->  Nd >= 1.54
+    assert min_gpus(7.5e9, 0, usable) is None  # 120 GB, sharding nothing
+    assert min_gpus(7.5e9, 1, usable) == 2  # 30 + 90/Nd <= 78  ->  Nd >= 1.875
+    assert min_gpus(7.5e9, 2, usable) == 2  # 15 + 105/Nd <= 78 ->  Nd >= 1.67
+    assert min_gpus(7.5e9, 3, usable) == 2  # 120/Nd <= 78      ->  Nd >= 1.54
     assert min_gpus(7.5e9, 3, usable, other_bytes=70e9) == 15  # 120/Nd <= 8 -> Nd >= 15
     assert min_gpus(7.5e9, 1, usable, other_bytes=50e9) is None  # 30 + 50 > 78 whatever Nd
     assert min_gpus(1e6, 0, usable) == 1
@@ -85,7 +104,13 @@ def test_min_gpus_hand_computed():
 def test_recipe_params():
     gpt2 = P.recipe_shape("gpt2-124m")  # vocab 50304 (GPT-2's 50257 padded to 64)
     assert abs(gpt2.params - 124e6) / 124e6 < 0.01
-    assert (gpt2.seq_len, gpt2.hidden_size, gpt2.num_layers, gpt2.num_heads, gpt2.micro_batch) == (1024, 768, 12, 12, 16)
+    assert (gpt2.seq_len, gpt2.hidden_size, gpt2.num_layers, gpt2.num_heads, gpt2.micro_batch) == (
+        1024,
+        768,
+        12,
+        12,
+        16,
+    )
 
     from pretrain.run.config import load_recipe
 
@@ -99,8 +124,22 @@ def test_recipe_params():
 
 def test_cli_json_recipe(capsys):
     r = run_json(capsys, "--recipe", "gpt2-124m", "--tokens", "10B", "--gpu", "a100", "--num-gpus", "8")
-    for key in ("params", "tokens", "total_flops", "gpu_days", "wall_days", "gpu_hours", "weights_gb", "zero",
-                "cheapest_stage", "gpu", "dtype", "peak_tflops", "mfu", "num_gpus"):
+    for key in (
+        "params",
+        "tokens",
+        "total_flops",
+        "gpu_days",
+        "wall_days",
+        "gpu_hours",
+        "weights_gb",
+        "zero",
+        "cheapest_stage",
+        "gpu",
+        "dtype",
+        "peak_tflops",
+        "mfu",
+        "num_gpus",
+    ):
         assert key in r
     assert r["tokens"] == 10**10 and r["dtype"] == "bf16" and r["peak_tflops"] == 312 and r["mfu"] == 0.4
     assert r["total_flops"] == pytest.approx(6 * r["params"] * 1e10)
@@ -113,9 +152,21 @@ def test_cli_json_recipe(capsys):
     assert z0["memory_gb_per_gpu"] == pytest.approx(z0["model_states_gb_per_gpu"] + z0["activations_gb_per_gpu"])
     assert r["cheapest_stage"] == 0 and z0["fits"] and z0["min_gpus"] == 1
 
-    ckpt = run_json(capsys, "--recipe", "gpt2-124m", "--tokens", "10B", "--gpu", "a100", "--num-gpus", "8",
-                    "--activation-checkpointing")["zero"]["zero0"]
-    assert ckpt["memory_gb_per_gpu"] == pytest.approx(z0["model_states_gb_per_gpu"] + z0["activations_checkpointed_gb_per_gpu"])
+    ckpt = run_json(
+        capsys,
+        "--recipe",
+        "gpt2-124m",
+        "--tokens",
+        "10B",
+        "--gpu",
+        "a100",
+        "--num-gpus",
+        "8",
+        "--activation-checkpointing",
+    )["zero"]["zero0"]
+    assert ckpt["memory_gb_per_gpu"] == pytest.approx(
+        z0["model_states_gb_per_gpu"] + z0["activations_checkpointed_gb_per_gpu"]
+    )
 
 
 def test_cli_cheapest_stage_moves_up_on_smaller_gpus(capsys):
@@ -123,7 +174,9 @@ def test_cli_cheapest_stage_moves_up_on_smaller_gpus(capsys):
     stages = {gpu: run_json(capsys, *base, "--gpu", gpu)["cheapest_stage"] for gpu in ("a100-80g", "v100", "t4")}
     # usable 78 GB: ZeRO-1 (31.4) fits; 30 GB: only ZeRO-2 (16.6); 14 GB: only ZeRO-3 (1.9).
     assert stages == {"a100-80g": 1, "v100": 2, "t4": 3}
-    assert run_json(capsys, "--params", "1T", "--tokens", "1B", "--gpu", "t4", "--dtype", "fp16")["cheapest_stage"] is None
+    assert (
+        run_json(capsys, "--params", "1T", "--tokens", "1B", "--gpu", "t4", "--dtype", "fp16")["cheapest_stage"] is None
+    )
 
 
 def test_cli_samples_seq_len_attention_and_flops_per_sample(capsys):
@@ -131,8 +184,22 @@ def test_cli_samples_seq_len_attention_and_flops_per_sample(capsys):
     assert r["tokens"] == 2048 * 10**6 and r["total_flops"] == pytest.approx(6e9 * 2.048e9)
     assert r["zero"]["zero0"]["activations_gb_per_gpu"] is None  # no sizes given: model states only
 
-    r = run_json(capsys, "--params", "1B", "--tokens", "1B", "--seq-len", "2048", "--hidden-size", "2048",
-                 "--num-layers", "16", "--num-heads", "16", "--attention-flops")
+    r = run_json(
+        capsys,
+        "--params",
+        "1B",
+        "--tokens",
+        "1B",
+        "--seq-len",
+        "2048",
+        "--hidden-size",
+        "2048",
+        "--num-layers",
+        "16",
+        "--num-heads",
+        "16",
+        "--attention-flops",
+    )
     assert r["total_flops"] == pytest.approx(6e18 + 12 * 16 * 2048 * 2048 * 1e9)
     assert r["zero"]["zero0"]["activations_gb_per_gpu"] > 0
 
@@ -142,7 +209,9 @@ def test_cli_samples_seq_len_attention_and_flops_per_sample(capsys):
 
 def test_family_plugs_in_its_own_flops_per_sample(capsys, monkeypatch):
     # A family (e.g. CLIP) that is not a token stream reports forward FLOPs per sample.
-    monkeypatch.setitem(P.FAMILY_SHAPES, "gpt", lambda recipe, vocab: P.ModelShape(params=1000, forward_flops_per_sample=7.0))
+    monkeypatch.setitem(
+        P.FAMILY_SHAPES, "gpt", lambda recipe, vocab: P.ModelShape(params=1000, forward_flops_per_sample=7.0)
+    )
     r = run_json(capsys, "--recipe", "gpt-tiny", "--samples", "100")
     assert r["params"] == 1000 and r["total_flops"] == 3 * 7.0 * 100
 
@@ -153,17 +222,20 @@ def test_cli_table(capsys):
     assert "ZeRO-0" in out and "ZeRO-3" in out and "GPU-days" in out and "cheapest stage" in out
 
 
-@pytest.mark.parametrize("argv", [
-    ["--params", "1B", "--tokens", "1B", "--gpu", "tpu-v5"],            # unknown GPU
-    ["--params", "1.3X", "--tokens", "1B"],                             # bad suffix
-    ["--tokens", "1B"],                                                 # no params
-    ["--params", "1B"],                                                 # no tokens
-    ["--params", "1B", "--samples", "1M"],                              # samples without seq-len
-    ["--params", "1B", "--tokens", "1B", "--gpu", "v100"],              # no bf16 on Volta
-    ["--params", "1B", "--tokens", "1B", "--mfu", "1.5"],
-    ["--recipe", "no-such-recipe", "--tokens", "1B"],
-    ["--params", "1B", "--recipe", "gpt-tiny", "--tokens", "1B"],        # both sources
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--params", "1B", "--tokens", "1B", "--gpu", "tpu-v5"],  # unknown GPU
+        ["--params", "1.3X", "--tokens", "1B"],  # bad suffix
+        ["--tokens", "1B"],  # no params
+        ["--params", "1B"],  # no tokens
+        ["--params", "1B", "--samples", "1M"],  # samples without seq-len
+        ["--params", "1B", "--tokens", "1B", "--gpu", "v100"],  # no bf16 on Volta
+        ["--params", "1B", "--tokens", "1B", "--mfu", "1.5"],
+        ["--recipe", "no-such-recipe", "--tokens", "1B"],
+        ["--params", "1B", "--recipe", "gpt-tiny", "--tokens", "1B"],  # both sources
+    ],
+)
 def test_cli_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
@@ -198,8 +270,27 @@ def test_layouts_that_do_not_divide_are_refused(capsys):
 
 
 def test_the_smallest_layout_for_a_70b_llama_at_8k_fits_and_nothing_smaller_does(capsys):
-    args = ["--params", "70B", "--tokens", "1T", "--gpu", "h100", "--seq-len", "8192", "--hidden-size", "8192",
-            "--num-layers", "80", "--num-heads", "64", "--flash-attention", "--num-gpus", "64", "--tp", "8"]
+    args = [
+        "--params",
+        "70B",
+        "--tokens",
+        "1T",
+        "--gpu",
+        "h100",
+        "--seq-len",
+        "8192",
+        "--hidden-size",
+        "8192",
+        "--num-layers",
+        "80",
+        "--num-heads",
+        "64",
+        "--flash-attention",
+        "--num-gpus",
+        "64",
+        "--tp",
+        "8",
+    ]
     r = run_json(capsys, *args)
     assert (r["tp"], r["sp"], r["dp"]) == (8, 1, 8)
     best = r["smallest_layout"]

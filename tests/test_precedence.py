@@ -1,14 +1,15 @@
 """Which value a run uses when the DeepSpeed config and the recipe both hold a setting (README, precedence
 table): a recipe value the user wrote must agree with a concrete DeepSpeed value, a recipe default gives way
 to it (with a note), and a setting the DeepSpeed config lacks takes the recipe's value."""
+
 import json
-from pathlib import Path
 
 import pytest
 
 from pretrain.run.config import RecipeError, parse_recipe
 from pretrain.run.ds_config import precision, resolve_ds_config, run_optimization, settled_recipe
-from tests.launch import REPO, world_of_one as launch_world_of_one
+from tests.launch import REPO
+from tests.launch import world_of_one as launch_world_of_one
 
 TINY = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
 
@@ -38,25 +39,32 @@ def test_a_concrete_lr_that_disagrees_with_a_written_lr_is_refused_naming_both()
 
 
 def test_every_disagreement_is_listed_together():
-    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.5, "betas": [0.9, 0.99],
-                                                    "eps": 1e-6}},
-          "gradient_clipping": 2.0, "bf16": {"enabled": True}}
+    ds = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.5, "betas": [0.9, 0.99], "eps": 1e-6}},
+        "gradient_clipping": 2.0,
+        "bf16": {"enabled": True},
+    }
     with pytest.raises(RecipeError) as e:
         _resolve(ds, lr=6e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, precision="fp32")
     text = str(e.value)
     assert len(e.value.problems) == 6, text
-    for ds_key, recipe_key in (("optimizer.params.lr 0.0001", "training.lr 0.0006"),
-                               ("optimizer.params.weight_decay 0.5", "training.weight_decay 0.1"),
-                               ("optimizer.params.betas [0.9, 0.99]", "training.betas [0.9, 0.95]"),
-                               ("optimizer.params.eps 1e-06", "training.eps 1e-08"),
-                               ("gradient_clipping 2.0", "training.grad_clip 1.0"),
-                               ("bf16.enabled true", 'training.precision "fp32"')):
+    for ds_key, recipe_key in (
+        ("optimizer.params.lr 0.0001", "training.lr 0.0006"),
+        ("optimizer.params.weight_decay 0.5", "training.weight_decay 0.1"),
+        ("optimizer.params.betas [0.9, 0.99]", "training.betas [0.9, 0.95]"),
+        ("optimizer.params.eps 1e-06", "training.eps 1e-08"),
+        ("gradient_clipping 2.0", "training.grad_clip 1.0"),
+        ("bf16.enabled true", 'training.precision "fp32"'),
+    ):
         assert any(ds_key in p and recipe_key in p for p in e.value.problems), (ds_key, text)
 
 
 def test_agreeing_values_and_autos_pass_silently():
-    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "weight_decay": "auto"}}, "gradient_clipping": 1.0,
-          "bf16": {"enabled": True}}
+    ds = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "weight_decay": "auto"}},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+    }
     recipe, out, notes = _resolve(ds, lr=6e-4, weight_decay=0.2, precision="bf16")
     assert out["optimizer"]["params"]["weight_decay"] == 0.2 and notes == []
     assert settled_recipe(recipe, out) is recipe
@@ -107,9 +115,21 @@ def engine_run(prepared_stdlib, tmp_path_factory):
         r["training"].pop(key, None)
     r["training"].update(warmup_steps=0, grad_clip=0.5)
     (tmp / "recipe.json").write_text(json.dumps(r))
-    args = build_parser().parse_args(["--config", str(tmp / "recipe.json"), "--deepspeed_config", str(tmp / "ds.json"),
-                                      "--data", str(prepared_stdlib), "--output-dir", str(tmp / "run"),
-                                      "--max-steps", "2", "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(tmp / "recipe.json"),
+            "--deepspeed_config",
+            str(tmp / "ds.json"),
+            "--data",
+            str(prepared_stdlib),
+            "--output-dir",
+            str(tmp / "run"),
+            "--max-steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     with launch_world_of_one():
         resolved, inputs, run_dir = prepare(args)
         trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False)
@@ -136,8 +156,10 @@ def test_the_engine_clips_at_the_recipes_grad_clip_when_the_config_has_none(engi
 def test_resolved_config_holds_what_the_engine_uses(engine_run):
     resolved = json.loads((engine_run.run_dir / "resolved-config.json").read_text())
     engine = resolved["engine"]
-    assert [(g["lr"], g["weight_decay"]) for g in engine["param_groups"]] == [(pytest.approx(1e-4), 0.5),
-                                                                              (pytest.approx(1e-4), 0.0)]
+    assert [(g["lr"], g["weight_decay"]) for g in engine["param_groups"]] == [
+        (pytest.approx(1e-4), 0.5),
+        (pytest.approx(1e-4), 0.0),
+    ]
     assert engine["gradient_clipping"] == 0.5 and engine["precision"] == "fp32" and engine["zero_stage"] == 0
     assert (engine["micro_batch_size"], engine["gradient_accumulation_steps"], engine["global_batch"]) == (8, 1, 8)
     assert resolved["recipe"]["training"]["weight_decay"] == 0.5 and resolved["optimization"]["lr"] == 1e-4

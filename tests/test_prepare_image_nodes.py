@@ -21,8 +21,17 @@ from data_pipelines.loader import read_samples
 from data_pipelines.manifest import read_manifest
 from data_pipelines.splits import SPLITS
 
-FLAGS = ["--no-progress", "--image-size", "16", "--samples-per-shard", "2", "--val-fraction", "0.25",
-         "--test-fraction", "0.25"]
+FLAGS = [
+    "--no-progress",
+    "--image-size",
+    "16",
+    "--samples-per-shard",
+    "2",
+    "--val-fraction",
+    "0.25",
+    "--test-fraction",
+    "0.25",
+]
 
 
 def noise(seed: int) -> Image.Image:
@@ -38,14 +47,19 @@ def make_inputs(root: Path) -> list[Path]:
         noise(i).save(images / f"{i:02d}.png")
     noise(1).save(images / "01-again.png", compress_level=0)  # other bytes, the same pixels as 01.png
     assert (images / "01-again.png").read_bytes() != (images / "01.png").read_bytes()
-    rows = ["00.png", "00.png",   # bytes repeated on the other node: the merge drops row 1
-            "01.png", "02.png",
-            "01.png",             # bytes repeated on the same node: node 0 drops it
-            "01-again.png",       # pixels repeated on the other node: the merge drops it
-            "absent.png", "03.png",
-            "02.png",             # repeats row 3 (node 1), here on node 0: the merge drops it
-            *[f"{i:02d}.png" for i in range(4, 14)],
-            "00.png"]            # row 19, on node 1, which kept row 1: node 1 drops it
+    rows = [
+        "00.png",
+        "00.png",  # bytes repeated on the other node: the merge drops row 1
+        "01.png",
+        "02.png",
+        "01.png",  # bytes repeated on the same node: node 0 drops it
+        "01-again.png",  # pixels repeated on the other node: the merge drops it
+        "absent.png",
+        "03.png",
+        "02.png",  # repeats row 3 (node 1), here on node 0: the merge drops it
+        *[f"{i:02d}.png" for i in range(4, 14)],
+        "00.png",
+    ]  # row 19, on node 1, which kept row 1: node 1 drops it
     lines = ["image_path,caption"] + [f"images/{name},caption of row {r}" for r, name in enumerate(rows)]
     lines[8] = "images/03.png,"  # row 7: an empty caption
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
@@ -70,8 +84,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     inputs = [str(p) for p in make_inputs(root / "in")]
     assert prepare.main([*inputs, "--output", str(root / "single"), *FLAGS]) == 0
     for rank in (1, 0):  # any order
-        assert prepare.main([*inputs, "--output", str(root / "multi"), *FLAGS, "--num-nodes", "2",
-                             "--node-rank", str(rank)]) == 0
+        assert (
+            prepare.main(
+                [*inputs, "--output", str(root / "multi"), *FLAGS, "--num-nodes", "2", "--node-rank", str(rank)]
+            )
+            == 0
+        )
     assert not (root / "multi" / "manifest.json").exists(), "only the merge writes the manifest"
     parts = [read_manifest(nodes.part_path(root / "multi", r)) for r in (0, 1)]
     assert nodes.main([str(root / "multi")]) == 0
@@ -82,8 +100,9 @@ def test_merged_nodes_hold_the_samples_of_one_machine(runs) -> None:
     single, multi = read_manifest(runs["single"]), read_manifest(runs["multi"])
     assert multi["kind"] == "image-text" and multi["num_nodes"] == 2
     assert multi["inputs"] == single["inputs"]
-    assert {k: v for k, v in multi["rejected"].items() if k != "examples"} == \
-        {k: v for k, v in single["rejected"].items() if k != "examples"}
+    assert {k: v for k, v in multi["rejected"].items() if k != "examples"} == {
+        k: v for k, v in single["rejected"].items() if k != "examples"
+    }
     assert single["rejected"]["by_reason"] == {"duplicate_image": 6, "empty_caption": 1, "missing_image": 1}
     for split in SPLITS:
         a, b = single["splits"][split], multi["splits"][split]
@@ -122,7 +141,22 @@ def test_merging_again_gives_the_same_dataset(runs) -> None:
 
 
 def test_multi_node_image_text_cannot_train_a_tokenizer(tmp_path, capsys) -> None:
-    assert prepare.main([str(tmp_path), "--output", str(tmp_path / "o"), "--vocab-size", "300", *FLAGS,
-                         "--num-nodes", "2", "--node-rank", "0"]) == 2
+    assert (
+        prepare.main(
+            [
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "o"),
+                "--vocab-size",
+                "300",
+                *FLAGS,
+                "--num-nodes",
+                "2",
+                "--node-rank",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--num-nodes > 1 cannot train a caption tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

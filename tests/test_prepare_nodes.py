@@ -20,8 +20,17 @@ from data_pipelines.text import prepare
 
 # 30 stdlib files of 2-40 kB: blocks of >= 60 kB make several packing blocks, so both nodes get some.
 BLOCK = 60_000
-FLAGS = ["--no-progress", "--seq-len", "32", "--samples-per-shard", "16", "--val-fraction", "0.2",
-         "--test-fraction", "0.2"]
+FLAGS = [
+    "--no-progress",
+    "--seq-len",
+    "32",
+    "--samples-per-shard",
+    "16",
+    "--val-fraction",
+    "0.2",
+    "--test-fraction",
+    "0.2",
+]
 
 
 def windows(out: Path, shards: list[str]) -> Counter:
@@ -44,8 +53,12 @@ def runs(tmp_path_factory, stdlib_files, prepared_stdlib) -> dict[str, Path]:
         mp.setattr(prepare, "BLOCK_BYTES", BLOCK)
         assert prepare.main(argv(stdlib_files, root / "single", tokenizer)) == 0
         for rank in (1, 0):  # any order: the nodes do not wait for each other
-            assert prepare.main(argv(stdlib_files, root / "multi", tokenizer, "--num-nodes", "2",
-                                     "--node-rank", str(rank))) == 0
+            assert (
+                prepare.main(
+                    argv(stdlib_files, root / "multi", tokenizer, "--num-nodes", "2", "--node-rank", str(rank))
+                )
+                == 0
+            )
     assert not (root / "multi" / "manifest.json").exists(), "only the merge writes the manifest"
     assert nodes.main([str(root / "multi")]) == 0
     return {"single": root / "single", "multi": root / "multi", "tokenizer": tokenizer}
@@ -55,8 +68,10 @@ def test_blocks_spread_over_both_nodes(stdlib_files, runs) -> None:
     parts = [read_manifest(nodes.part_path(runs["multi"], r)) for r in (0, 1)]
     assert all(p["splits"]["train"]["samples"] > 0 for p in parts)
     assert sorted(int(i) for p in parts for i in p["inputs"]) == list(range(len(stdlib_files)))
-    assert {Path(s).name.split("-")[1] for p in parts for split in SPLITS for s in p["splits"][split]["shards"]} \
-        == {"r00000", "r00001"}
+    assert {Path(s).name.split("-")[1] for p in parts for split in SPLITS for s in p["splits"][split]["shards"]} == {
+        "r00000",
+        "r00001",
+    }
 
 
 def test_merged_run_holds_the_windows_of_a_single_machine(runs) -> None:
@@ -71,8 +86,9 @@ def test_merged_run_holds_the_windows_of_a_single_machine(runs) -> None:
         assert sum(b["shard_samples"]) == b["samples"]
     assert single["splits"]["val"]["samples"] and single["splits"]["test"]["samples"]
     # Split assignment by content hash: a window of one split is in no other.
-    assert not set(windows(runs["multi"], multi["splits"]["train"]["shards"])) & \
-        set(windows(runs["multi"], multi["splits"]["val"]["shards"]))
+    assert not set(windows(runs["multi"], multi["splits"]["train"]["shards"])) & set(
+        windows(runs["multi"], multi["splits"]["val"]["shards"])
+    )
 
 
 def test_the_loader_reads_the_merged_manifest(runs) -> None:
@@ -113,18 +129,20 @@ def test_merge_refuses_nodes_with_different_settings(tmp_path, stdlib_files, run
     out = tmp_path / "mixed"
     files = stdlib_files[:4]
     assert prepare.main(argv(files, out, runs["tokenizer"], "--num-nodes", "2", "--node-rank", "0")) == 0
-    assert prepare.main(argv(files, out, runs["tokenizer"], "--num-nodes", "2", "--node-rank", "1",
-                             "--seed", "7")) == 0
+    assert prepare.main(argv(files, out, runs["tokenizer"], "--num-nodes", "2", "--node-rank", "1", "--seed", "7")) == 0
     capsys.readouterr()
     assert nodes.main([str(out)]) == 2
     assert "node 1 ran with a different seed than node 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num-nodes", "2", "--node-rank", "2"], "--node-rank must be in 0..1 for --num-nodes 2, got 2"),
-    (["--num-nodes", "0"], "--num-nodes must be >= 1"),
-    (["--num-nodes", "2", "--node-rank", "0", "--limit-documents", "3"], "--limit-documents"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-nodes", "2", "--node-rank", "2"], "--node-rank must be in 0..1 for --num-nodes 2, got 2"),
+        (["--num-nodes", "0"], "--num-nodes must be >= 1"),
+        (["--num-nodes", "2", "--node-rank", "0", "--limit-documents", "3"], "--limit-documents"),
+    ],
+)
 def test_bad_node_flags_exit_2(tmp_path, stdlib_files, runs, capsys, extra, message) -> None:
     assert prepare.main(argv(stdlib_files[:2], tmp_path / "o", runs["tokenizer"], *extra)) == 2
     assert message in capsys.readouterr().err
@@ -132,8 +150,18 @@ def test_bad_node_flags_exit_2(tmp_path, stdlib_files, runs, capsys, extra, mess
 
 
 def test_multi_node_text_needs_a_given_tokenizer(tmp_path, stdlib_files, capsys) -> None:
-    args = [*map(str, stdlib_files[:2]), "--output", str(tmp_path / "o"), "--vocab-size", "300", *FLAGS,
-            "--num-nodes", "2", "--node-rank", "1"]
+    args = [
+        *map(str, stdlib_files[:2]),
+        "--output",
+        str(tmp_path / "o"),
+        "--vocab-size",
+        "300",
+        *FLAGS,
+        "--num-nodes",
+        "2",
+        "--node-rank",
+        "1",
+    ]
     assert prepare.main(args) == 2
     assert "--num-nodes > 1 needs --tokenizer" in capsys.readouterr().err
 
@@ -180,8 +208,25 @@ def test_prepare_image_text_writes_sizes_json(tmp_path) -> None:
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(f"photo number {i}")
     out = tmp_path / "pairs"
-    assert image_prepare.main([str(folder), "--output", str(out), "--image-size", "16", "--samples-per-shard", "4",
-                               "--val-fraction", "0.3", "--test-fraction", "0.01", "--no-progress"]) == 0
+    assert (
+        image_prepare.main(
+            [
+                str(folder),
+                "--output",
+                str(out),
+                "--image-size",
+                "16",
+                "--samples-per-shard",
+                "4",
+                "--val-fraction",
+                "0.3",
+                "--test-fraction",
+                "0.01",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
     for split, info in manifest["splits"].items():
         if not info["shards"]:

@@ -37,8 +37,14 @@ def test_manifest_matches_what_webdataset_reads(prepared_stdlib: Path, stdlib_fi
     assert (manifest["kind"], manifest["version"], manifest["created_by"]) == ("text", 1, "prepare-text")
     assert manifest["seq_len"] == 64 and manifest["token_dtype"] == "uint16"
     tok = manifest["tokenizer"]
-    assert tok == {"path": "tokenizer", "vocab_size": 1000, "eos_token": "<|endoftext|>", "eos_token_id": 0,
-                   "trained": True, "source": None}
+    assert tok == {
+        "path": "tokenizer",
+        "vocab_size": 1000,
+        "eos_token": "<|endoftext|>",
+        "eos_token_id": 0,
+        "trained": True,
+        "source": None,
+    }
     assert [i["path"] for i in manifest["inputs"]] == [str(p) for p in stdlib_files]
     assert all(i["format"] == "text" and i["documents"] == 1 and i["bytes"] > 0 for i in manifest["inputs"])
     assert manifest["skipped"] == {"total": 0, "by_reason": {}, "examples": []}
@@ -81,9 +87,22 @@ def test_trained_tokenizer_loads_and_round_trips(prepared_stdlib: Path, stdlib_f
 
 def test_local_tokenizer_gives_the_same_shards(prepared_stdlib: Path, stdlib_files: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "again"
-    argv = [*map(str, stdlib_files), "--output", str(out), "--tokenizer", str(prepared_stdlib / "tokenizer"),
-            "--seq-len", "64", "--val-fraction", "0.15", "--test-fraction", "0.15", "--samples-per-shard", "40",
-            "--no-progress"]
+    argv = [
+        *map(str, stdlib_files),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(prepared_stdlib / "tokenizer"),
+        "--seq-len",
+        "64",
+        "--val-fraction",
+        "0.15",
+        "--test-fraction",
+        "0.15",
+        "--samples-per-shard",
+        "40",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert shard_bytes(out) == shard_bytes(prepared_stdlib)
     manifest = read_manifest(out)
@@ -102,8 +121,20 @@ def test_workers_give_byte_identical_output(
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        argv = [*map(str, stdlib_files), "--output", str(out), "--tokenizer", str(prepared_stdlib / "tokenizer"),
-                "--workers", str(workers), "--val-fraction", "0.2", "--test-fraction", "0.2", *FAST]
+        argv = [
+            *map(str, stdlib_files),
+            "--output",
+            str(out),
+            "--tokenizer",
+            str(prepared_stdlib / "tokenizer"),
+            "--workers",
+            str(workers),
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+            *FAST,
+        ]
         assert main(argv) == 0
         outs.append(out)
     one, two = (shard_bytes(o) for o in outs)
@@ -111,8 +142,15 @@ def test_workers_give_byte_identical_output(
     assert read_manifest(outs[0])["splits"] == read_manifest(outs[1])["splits"]
 
 
-def reference_dataset(files: list[Path], tokenizer_dir: Path, out: Path, seq_len: int, samples_per_shard: int,
-                      val_fraction: float, test_fraction: float) -> dict[str, dict]:
+def reference_dataset(
+    files: list[Path],
+    tokenizer_dir: Path,
+    out: Path,
+    seq_len: int,
+    samples_per_shard: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> dict[str, dict]:
     """prepare-text's output the plain way: one document at a time, the Hugging Face call,
     TokenPacker.add and RecordingShardWriter (the pipeline before --workers was made to scale)."""
     from data_pipelines.shards import RecordingShardWriter
@@ -132,10 +170,17 @@ def reference_dataset(files: list[Path], tokenizer_dir: Path, out: Path, seq_len
     for split in SPLITS:
         writers[split].close()
         packers[split].finish()
-    return {s: {"shards": [p.relative_to(out).as_posix() for p in writers[s].shards],
-                "shard_samples": writers[s].shard_samples, "samples": writers[s].samples,
-                "tokens": packers[s].tokens_out, "documents": packers[s].documents,
-                "dropped_tokens": packers[s].dropped_tokens} for s in SPLITS}
+    return {
+        s: {
+            "shards": [p.relative_to(out).as_posix() for p in writers[s].shards],
+            "shard_samples": writers[s].shard_samples,
+            "samples": writers[s].samples,
+            "tokens": packers[s].tokens_out,
+            "documents": packers[s].documents,
+            "dropped_tokens": packers[s].dropped_tokens,
+        }
+        for s in SPLITS
+    }
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -151,19 +196,42 @@ def test_output_equals_the_document_by_document_reference(
     tok_dir = prepared_stdlib / "tokenizer"
     expected = reference_dataset(stdlib_files, tok_dir, tmp_path / "ref", 32, 7, 0.25, 0.25)
     out = tmp_path / "out"
-    assert main([*map(str, stdlib_files), "--output", str(out), "--tokenizer", str(tok_dir), "--workers", str(workers),
-                 "--val-fraction", "0.25", "--test-fraction", "0.25", "--seq-len", "32", "--samples-per-shard", "7",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                *map(str, stdlib_files),
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(tok_dir),
+                "--workers",
+                str(workers),
+                "--val-fraction",
+                "0.25",
+                "--test-fraction",
+                "0.25",
+                "--seq-len",
+                "32",
+                "--samples-per-shard",
+                "7",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert all(expected[s]["documents"] >= 3 and len(expected[s]["shards"]) >= 3 for s in SPLITS)
     assert read_manifest(out)["splits"] == expected
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
 
 
-@pytest.mark.parametrize(("samples_per_shard", "dtype", "chunks"), [
-    (1, np.uint16, [3, 1, 2]),
-    (4, np.uint16, [0, 1, 3, 4, 9, 2]),  # an empty write, shard-sized writes, a write over two shards
-    (5, np.uint32, [10]),  # ends exactly on a full shard: no empty shard after it
-])
+@pytest.mark.parametrize(
+    ("samples_per_shard", "dtype", "chunks"),
+    [
+        (1, np.uint16, [3, 1, 2]),
+        (4, np.uint16, [0, 1, 3, 4, 9, 2]),  # an empty write, shard-sized writes, a write over two shards
+        (5, np.uint32, [10]),  # ends exactly on a full shard: no empty shard after it
+    ],
+)
 def test_window_writer_writes_what_recording_writer_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples_per_shard: int, dtype: type, chunks: list[int]
 ) -> None:
@@ -193,12 +261,16 @@ def test_window_writer_writes_what_recording_writer_writes(
     assert slow._fallback is not None
     for writer, root in ((fast, tmp_path / "fast"), (slow, tmp_path / "slow")):
         assert (writer.samples, writer.shard_samples) == (reference.samples, reference.shard_samples)
-        assert [p.relative_to(root) for p in writer.shards] == [p.relative_to(tmp_path / "ref") for p in reference.shards]
+        assert [p.relative_to(root) for p in writer.shards] == [
+            p.relative_to(tmp_path / "ref") for p in reference.shards
+        ]
         assert shard_bytes(root) == shard_bytes(tmp_path / "ref")
     assert not prepare.WindowShardWriter(tmp_path / "none" / "val", "val", 3).directory.exists()
 
 
-def test_text_encoder_gives_the_hugging_face_ids(prepared_stdlib: Path, stdlib_files: list[Path], tmp_path: Path) -> None:
+def test_text_encoder_gives_the_hugging_face_ids(
+    prepared_stdlib: Path, stdlib_files: list[Path], tmp_path: Path
+) -> None:
     import pickle
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -207,7 +279,12 @@ def test_text_encoder_gives_the_hugging_face_ids(prepared_stdlib: Path, stdlib_f
     from data_pipelines.text.tokenizer import TextEncoder, encode_texts, load_tokenizer
 
     texts = [p.read_text() for p in stdlib_files[:5]] + [
-        "", "<|endoftext|>", "a<|endoftext|>b <|endoftext|>", "  ünïcödé ✓ 😀\ttabs\r\n", "Hello hello HELLO x"]
+        "",
+        "<|endoftext|>",
+        "a<|endoftext|>b <|endoftext|>",
+        "  ünïcödé ✓ 😀\ttabs\r\n",
+        "Hello hello HELLO x",
+    ]
     # A word-level tokenizer saved with truncation, padding and a normalizer: the Hugging Face
     # call turns truncation and padding off, and so must the encoder.
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "hello": 2, "x": 3}, unk_token="[UNK]"))
@@ -216,7 +293,8 @@ def test_text_encoder_gives_the_hugging_face_ids(prepared_stdlib: Path, stdlib_f
     backend.enable_truncation(2)
     backend.enable_padding(length=8)
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>").save_pretrained(
-        str(tmp_path / "word"))
+        str(tmp_path / "word")
+    )
     for tokenizer in (load_tokenizer(prepared_stdlib / "tokenizer"), load_tokenizer(tmp_path / "word")):
         # Built first: the Hugging Face call below turns truncation and padding off in place.
         encoders = (TextEncoder(tokenizer), pickle.loads(pickle.dumps(TextEncoder(tokenizer))))
@@ -234,8 +312,10 @@ def test_text_encoder_gives_the_hugging_face_ids(prepared_stdlib: Path, stdlib_f
         def __call__(self, *args, **kwargs):  # type: ignore[override]
             return super().__call__(*args, **kwargs)
 
-    custom = Custom(tokenizer_object=Tokenizer.from_file(str(prepared_stdlib / "tokenizer" / "tokenizer.json")),
-                    eos_token="<|endoftext|>")
+    custom = Custom(
+        tokenizer_object=Tokenizer.from_file(str(prepared_stdlib / "tokenizer" / "tokenizer.json")),
+        eos_token="<|endoftext|>",
+    )
     encoder = TextEncoder(custom)
     assert encoder._backend is None
     ids, lengths = encoder(texts)
@@ -249,8 +329,23 @@ def test_documents_packed_in_order_with_one_eos_each(prepared_stdlib: Path, tmp_
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
     out = tmp_path / "out"
     tok_dir = prepared_stdlib / "tokenizer"
-    assert main([str(tmp_path / "d.jsonl"), "--output", str(out), "--tokenizer", str(tok_dir),
-                 "--val-fraction", "0", "--test-fraction", "0", *FAST]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "d.jsonl"),
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(tok_dir),
+                "--val-fraction",
+                "0",
+                "--test-fraction",
+                "0",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     train = read_manifest(out)["splits"]["train"]
     stream = np.concatenate([s["tokens.npy"] for s in read_split(out, train["shards"])])
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -261,7 +356,8 @@ def test_documents_packed_in_order_with_one_eos_each(prepared_stdlib: Path, tmp_
     decoded = [tokenizer.decode(p[p != 0].tolist()) for p in pieces]
     assert decoded == docs[: len(decoded)] and len(decoded) >= 35
     assert train["tokens"] + train["dropped_tokens"] == sum(
-        len(tokenizer(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + 1 for d in docs)
+        len(tokenizer(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + 1 for d in docs
+    )
 
 
 def make_mixed_corpus(root: Path) -> Path:
@@ -273,17 +369,23 @@ def make_mixed_corpus(root: Path) -> Path:
     (corpus / "docs" / "readme.md").write_text("# Title\n\nSome markdown text. " * 20)
     (corpus / "docs" / "latin1.txt").write_bytes(b"caf\xe9 " * 10)
     (corpus / "docs" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
-    (corpus / "a.jsonl").write_text("\n".join([
-        json.dumps({"text": "json lines document one " * 10}),
-        "{oops",
-        json.dumps({"title": "no text here"}),
-        json.dumps({"text": ["list", "of", "strings"]}),
-    ]) + "\n")
+    (corpus / "a.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "json lines document one " * 10}),
+                "{oops",
+                json.dumps({"title": "no text here"}),
+                json.dumps({"text": ["list", "of", "strings"]}),
+            ]
+        )
+        + "\n"
+    )
     (corpus / "b.json").write_text(json.dumps([{"text": "array document " * 8}, {"text": 5}]))
     with gzip.open(corpus / "c.jsonl.gz", "wt") as handle:
         handle.write(json.dumps({"text": "gzipped document " * 9}) + "\n")
-    pq.write_table(pa.table({"text": ["parquet row one " * 7, "parquet row two " * 7]}), corpus / "d.parquet",
-                   row_group_size=1)
+    pq.write_table(
+        pa.table({"text": ["parquet row one " * 7, "parquet row two " * 7]}), corpus / "d.parquet", row_group_size=1
+    )
     datasets.Dataset.from_dict({"text": ["hf dataset row " * 6, "   "]}).save_to_disk(str(corpus / "hf"))
     return corpus
 
@@ -291,20 +393,48 @@ def make_mixed_corpus(root: Path) -> Path:
 def test_every_format_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     corpus = make_mixed_corpus(tmp_path)
     out = tmp_path / "out"
-    assert main([str(corpus), "--output", str(out), "--vocab-size", "300", "--val-fraction", "0", "--test-fraction",
-                 "0", *FAST]) == 0
+    assert (
+        main(
+            [
+                str(corpus),
+                "--output",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--val-fraction",
+                "0",
+                "--test-fraction",
+                "0",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
-    got = {Path(i["path"]).relative_to(corpus).as_posix(): (i["format"], i["documents"], i["skipped"])
-           for i in manifest["inputs"]}
+    got = {
+        Path(i["path"]).relative_to(corpus).as_posix(): (i["format"], i["documents"], i["skipped"])
+        for i in manifest["inputs"]
+    }
     assert got == {
-        "a.jsonl": ("jsonl", 2, 2), "b.json": ("json", 1, 1), "c.jsonl.gz": ("jsonl", 1, 0),
-        "d.parquet": ("parquet", 2, 0), "docs/latin1.txt": ("text", 0, 1), "docs/readme.md": ("text", 1, 0),
+        "a.jsonl": ("jsonl", 2, 2),
+        "b.json": ("json", 1, 1),
+        "c.jsonl.gz": ("jsonl", 1, 0),
+        "d.parquet": ("parquet", 2, 0),
+        "docs/latin1.txt": ("text", 0, 1),
+        "docs/readme.md": ("text", 1, 0),
         "hf": ("hf_dataset", 1, 1),
     }
-    assert manifest["skipped"]["by_reason"] == {"empty": 1, "invalid_json": 1, "missing_field": 1, "not_text": 1,
-                                                "not_utf8": 1}
-    assert {e["source"] for e in manifest["skipped"]["examples"]} >= {f"{corpus / 'a.jsonl'}:2",
-                                                                     f"{corpus / 'hf'}:row 1"}
+    assert manifest["skipped"]["by_reason"] == {
+        "empty": 1,
+        "invalid_json": 1,
+        "missing_field": 1,
+        "not_text": 1,
+        "not_utf8": 1,
+    }
+    assert {e["source"] for e in manifest["skipped"]["examples"]} >= {
+        f"{corpus / 'a.jsonl'}:2",
+        f"{corpus / 'hf'}:row 1",
+    }
     train = manifest["splits"]["train"]
     assert train["documents"] == 8 and manifest["splits"]["val"]["shards"] == [] == manifest["splits"]["test"]["shards"]
     assert not (out / "val").exists() and not (out / "test").exists()
@@ -318,8 +448,23 @@ def test_duplicates_never_straddle_splits(tmp_path: Path) -> None:
     docs = [f"document {i}: " + "some words " * (i % 7 + 1) for i in range(60)]
     (tmp_path / "dups.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs * 3) + "\n")
     out = tmp_path / "out"
-    assert main([str(tmp_path / "dups.jsonl"), "--output", str(out), "--vocab-size", "300", "--val-fraction", "0.3",
-                 "--test-fraction", "0.3", *FAST]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "dups.jsonl"),
+                "--output",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--val-fraction",
+                "0.3",
+                "--test-fraction",
+                "0.3",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     counts = [read_manifest(out)["splits"][s]["documents"] for s in SPLITS]
     assert sum(counts) == 180 and all(c % 3 == 0 and c > 0 for c in counts)
 
@@ -328,8 +473,10 @@ def test_field_missing_everywhere_warns(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x " * 50}) + "\n")
     (tmp_path / "b.txt").write_text("a real document " * 20)
     out = tmp_path / "out"
-    assert main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt"), "--output", str(out), "--vocab-size", "300",
-                 *FAST]) == 0
+    assert (
+        main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt"), "--output", str(out), "--vocab-size", "300", *FAST])
+        == 0
+    )
     err = capsys.readouterr().err
     # one document: the val and test splits are empty too, which is warned about on its own
     field = [line for line in err.splitlines() if "warning:" in line and "split is empty" not in line]
@@ -383,8 +530,10 @@ def test_output_dir_is_protected_unless_overwrite(tmp_path: Path, capsys) -> Non
 def test_limit_documents_stops_early(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(50)) + "\n")
     out = tmp_path / "out"
-    assert main([str(tmp_path / "d.jsonl"), "--output", str(out), "--vocab-size", "300", "--limit-documents", "7",
-                 *FAST]) == 0
+    assert (
+        main([str(tmp_path / "d.jsonl"), "--output", str(out), "--vocab-size", "300", "--limit-documents", "7", *FAST])
+        == 0
+    )
     manifest = read_manifest(out)
     assert sum(s["documents"] for s in manifest["splits"].values()) == 7 == manifest["inputs"][0]["documents"]
 
@@ -418,17 +567,40 @@ def test_tokenizer_without_eos_is_refused(tmp_path: Path, capsys) -> None:
 def test_help_documents_every_flag(capsys) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ["--output", "--tokenizer", "--vocab-size", "--seq-len", "--text-field", "--val-fraction",
-                 "--test-fraction", "--samples-per-shard", "--workers", "--seed", "--min-chars",
-                 "--limit-documents", "--overwrite", "--no-progress"]:
+    for flag in [
+        "--output",
+        "--tokenizer",
+        "--vocab-size",
+        "--seq-len",
+        "--text-field",
+        "--val-fraction",
+        "--test-fraction",
+        "--samples-per-shard",
+        "--workers",
+        "--seed",
+        "--min-chars",
+        "--limit-documents",
+        "--overwrite",
+        "--no-progress",
+    ]:
         assert flag in text
 
 
 def test_runs_as_a_module_with_exit_code_2(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.text.prepare", str(tmp_path / "nope.txt"), "--output",
-         str(tmp_path / "out"), "--vocab-size", "300"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.text.prepare",
+            str(tmp_path / "nope.txt"),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 2
     assert "input not found" in result.stderr and "nope.txt" in result.stderr and "Traceback" not in result.stderr

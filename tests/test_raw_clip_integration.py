@@ -1,6 +1,7 @@
 """img2dataset output, unprepared, trains clip-tiny on 2 CPU ranks through the real deepspeed launcher:
 `--data 'pipe:cat DIR/{00000..00003}.tar'`, sample counts from the shards' _stats.json, undecodable
 images skipped and counted, and a val split held out by key hash that the run evaluates on."""
+
 import json
 
 import pytest
@@ -25,8 +26,22 @@ def test_two_rank_clip_trains_on_raw_img2dataset_shards_with_no_prepare_step(tmp
     recipe["eval"] = {"every": 0, "max_samples": 64}
     (tmp_path / "clip-raw.json").write_text(json.dumps(recipe))
     out = tmp_path / "run"
-    run(deepspeed_cmd(2, ["--config", str(tmp_path / "clip-raw.json"), "--data", f"pipe:cat {raw}/{{00000..00003}}.tar",
-                          "--output-dir", str(out), "--max-steps", str(STEPS), "--no-progress"]))
+    run(
+        deepspeed_cmd(
+            2,
+            [
+                "--config",
+                str(tmp_path / "clip-raw.json"),
+                "--data",
+                f"pipe:cat {raw}/{{00000..00003}}.tar",
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                str(STEPS),
+                "--no-progress",
+            ],
+        )
+    )
     train, evals = metrics(out)
     assert [m["step"] for m in train] == list(range(1, STEPS + 1)) and train[-1]["samples"] == STEPS * 16
     assert all(0 < m["loss"] < 10 for m in train)
@@ -40,7 +55,11 @@ def test_two_rank_clip_trains_on_raw_img2dataset_shards_with_no_prepare_step(tmp
     (src,) = data["sources"]
     assert (src["shards"], src["samples"], src["counted_from"]) == (4, info["samples"], "_stats.json")
     # pretrain-eval on the same source string scores the run's held-out keys: 2 ranks x 8 rows = batches of 16
-    p = run(module_cmd("pretrain.cli.evaluate", ["--checkpoint", str(out), "--data", f"{raw}", "--batch-size", "16",
-                                             "--max-samples", "64", "--json"]))
+    p = run(
+        module_cmd(
+            "pretrain.cli.evaluate",
+            ["--checkpoint", str(out), "--data", f"{raw}", "--batch-size", "16", "--max-samples", "64", "--json"],
+        )
+    )
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["samples"] == last["samples"] and got["loss"] == pytest.approx(last["loss"], rel=1e-4)

@@ -1,4 +1,5 @@
 """Recipe validation and DeepSpeed "auto" filling: pure, no processes."""
+
 import json
 from pathlib import Path
 
@@ -53,22 +54,55 @@ def test_overrides_apply_before_validation():
 
 def test_hf_docs_style_config_is_filled_like_the_hf_integration():
     ds = {
-        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
-                                                         "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto"},
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "fp16": {"enabled": "auto"},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": "auto",
+                "warmup_max_lr": "auto",
+                "warmup_num_steps": "auto",
+                "total_num_steps": "auto",
+            },
+        },
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
     }
-    recipe = parse_recipe({"training": {"lr": 1e-3, "warmup_steps": 5, "max_steps": 50, "precision": "bf16",
-                                        "micro_batch_size": 3, "gradient_accumulation_steps": 4, "grad_clip": 0.5}})
+    recipe = parse_recipe(
+        {
+            "training": {
+                "lr": 1e-3,
+                "warmup_steps": 5,
+                "max_steps": 50,
+                "precision": "bf16",
+                "micro_batch_size": 3,
+                "gradient_accumulation_steps": 4,
+                "grad_clip": 0.5,
+            }
+        }
+    )
     out, notes = resolve_ds_config(ds, recipe, world_size=8, hidden_size=100)
     assert out["train_batch_size"] == 96 and out["gradient_clipping"] == 0.5
     assert out["bf16"]["enabled"] is True and out["fp16"]["enabled"] is False
     assert out["optimizer"]["params"]["lr"] == 1e-3 and out["optimizer"]["params"]["betas"] == [0.9, 0.95]
-    assert out["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5, "total_num_steps": 50}
+    assert out["scheduler"]["params"] == {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 1e-3,
+        "warmup_num_steps": 5,
+        "total_num_steps": 50,
+    }
     assert out["zero_optimization"]["reduce_bucket_size"] == 10000
     assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 1000
     assert ds["train_batch_size"] == "auto", "the user's dict is not modified"
@@ -84,24 +118,55 @@ def test_concrete_batch_values_win_with_a_note_and_bad_arithmetic_is_refused():
     out, _ = resolve_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, recipe, 2, 8)
     assert out["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match=r"train_batch_size 30 != .*\(= 32\)"):
-        resolve_ds_config({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4,
-                           "gradient_accumulation_steps": 4}, recipe, 2, 8, "ds.json")
+        resolve_ds_config(
+            {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4},
+            recipe,
+            2,
+            8,
+            "ds.json",
+        )
 
 
 def test_unfillable_auto_and_conflicting_precision_are_listed_together():
     recipe = parse_recipe({})
     with pytest.raises(RecipeError) as e:
-        resolve_ds_config({"optimizer": {"type": "Lamb", "params": {"max_coeff": "auto"}},
-                           "fp16": {"enabled": True}, "bf16": {"enabled": True}}, recipe, 1, 8, "ds.json")
+        resolve_ds_config(
+            {
+                "optimizer": {"type": "Lamb", "params": {"max_coeff": "auto"}},
+                "fp16": {"enabled": True},
+                "bf16": {"enabled": True},
+            },
+            recipe,
+            1,
+            8,
+            "ds.json",
+        )
     assert "optimizer.params.max_coeff" in str(e.value) and "both true" in str(e.value)
 
 
 def test_lr_scaling_rewrites_lr_and_warmup_and_says_so():
-    recipe = parse_recipe({"training": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "micro_batch_size": 8,
-                                        "reference_batch_size": 4, "lr_scaling": "sqrt", "scale_warmup": True}})
-    ds, notes = resolve_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
-                                   "scheduler": {"type": "StepLR", "params": {"step_size": 10, "warmup_num_steps": "auto"}}},
-                                  recipe, world_size=2, hidden_size=8)
+    recipe = parse_recipe(
+        {
+            "training": {
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "warmup_steps": 100,
+                "micro_batch_size": 8,
+                "reference_batch_size": 4,
+                "lr_scaling": "sqrt",
+                "scale_warmup": True,
+            }
+        }
+    )
+    ds, notes = resolve_ds_config(
+        {
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+            "scheduler": {"type": "StepLR", "params": {"step_size": 10, "warmup_num_steps": "auto"}},
+        },
+        recipe,
+        world_size=2,
+        hidden_size=8,
+    )
     assert ds["train_batch_size"] == 16
     derived = effective_optimization(recipe.training, ds["train_batch_size"])
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(2e-3) and derived.min_lr == pytest.approx(2e-4)
@@ -114,7 +179,9 @@ def test_toolkit_scheduler_is_kept_in_the_config_but_not_given_to_deepspeed():
     from pretrain.run.ds_config import for_deepspeed
 
     recipe = parse_recipe({})
-    ds, _ = resolve_ds_config({"scheduler": {"type": "CyclicLR", "params": {"base_lr": "auto", "max_lr": "auto"}}}, recipe, 1, 8)
+    ds, _ = resolve_ds_config(
+        {"scheduler": {"type": "CyclicLR", "params": {"base_lr": "auto", "max_lr": "auto"}}}, recipe, 1, 8
+    )
     assert ds["scheduler"]["params"]["max_lr"] == recipe.training.lr and "scheduler" not in for_deepspeed(ds)
     with pytest.raises(RecipeError, match="scheduler.type: unknown 'Cosine'"):
         resolve_ds_config({"scheduler": {"type": "Cosine"}}, recipe, 1, 8)

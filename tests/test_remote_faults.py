@@ -4,6 +4,7 @@ exits non-zero and a source that stalls are retried (data.fetch_retries, data.fe
 and counted as shard_unreachable with the URL named; a stall fails after data.fetch_timeout; a resume passes
 over the same shards without fetching or counting them again; too many unreachable shards stop a run on
 data.max_bad_fraction."""
+
 from __future__ import annotations
 
 import functools
@@ -80,7 +81,7 @@ class _Faulty(SimpleHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[:_cut_inside_fifth_sample(Path(self.directory) / name)])
+            self.wfile.write(body[: _cut_inside_fifth_sample(Path(self.directory) / name)])
             self.wfile.flush()
             self.close_connection = True
         elif name == "00003.tar" and nth == 1:
@@ -114,8 +115,9 @@ def _data(urls, shards: Path, fetch: FetchPolicy = FAST):
 
 
 def _stream(data, tokenizer, batch_size=1, buffer=64) -> ImageTextTrainStream:
-    return ImageTextTrainStream(data, "train", batch_size, tokenizer, CTX, SIZE, seed=3, shuffle_buffer=buffer,
-                                augment=False, trace=True)
+    return ImageTextTrainStream(
+        data, "train", batch_size, tokenizer, CTX, SIZE, seed=3, shuffle_buffer=buffer, augment=False, trace=True
+    )
 
 
 def _first_epoch(stream, n: int):
@@ -139,8 +141,9 @@ def test_http_500_and_dropped_connections_are_retried_then_skipped_and_counted(s
     assert by_shard["00002.tar"] == 4, "the 4 whole samples that arrived before the drop are trained on"
     assert counts == {"shard_unreachable": 8 + 4}, counts
     assert len(ids) + sum(counts.values()) == 32, "every sample of the epoch accounted for exactly once"
-    assert sorted(x.split(" (")[0] for x in examples) == [f"shard_unreachable: {root}/0000{i}.tar: unreachable after 3 "
-                                                          "tries" for i in (1, 2)], examples
+    assert sorted(x.split(" (")[0] for x in examples) == [
+        f"shard_unreachable: {root}/0000{i}.tar: unreachable after 3 tries" for i in (1, 2)
+    ], examples
 
 
 def test_the_skip_warning_names_the_url_and_the_cause(shards, server):
@@ -149,8 +152,11 @@ def test_the_skip_warning_names_the_url_and_the_cause(shards, server):
     with pytest.raises(ShardUnreachable) as e:
         list(read_shard(f"{root}/00001.tar", log, FetchPolicy(retries=1, timeout=5.0, backoff=0.01)))
     assert str(e.value).startswith(f"{root}/00001.tar: unreachable after 2 tries (HTTP 500 shard store down)")
-    with pytest.raises(ShardUnreachable, match=r"00002\.tar: unreachable after 1 tries \(connection closed after "
-                                                r"\d+ of \d+ bytes\); 4 samples read before"):
+    with pytest.raises(
+        ShardUnreachable,
+        match=r"00002\.tar: unreachable after 1 tries \(connection closed after "
+        r"\d+ of \d+ bytes\); 4 samples read before",
+    ):
         list(read_shard(f"{root}/00002.tar", log, FetchPolicy(retries=0)))
     assert requests["00001.tar"] == 2 and requests["00002.tar"] == 1 and not log.counts
 
@@ -166,7 +172,9 @@ def test_a_stalled_server_fails_after_fetch_timeout_naming_the_url(shards, token
     seen = dict(requests)
     assert time.perf_counter() - t0 < 5, "two tries of 1 s, not the server's 4 s sleep, nor a hang"
     assert len(ids) == 8 and counts == {"shard_unreachable": 1}  # its size unknown: it counts as 1
-    assert f"{root}/stall.tar: unreachable after 2 tries (no data for 1 s after 0 bytes (data.fetch_timeout))" in example
+    assert (
+        f"{root}/stall.tar: unreachable after 2 tries (no data for 1 s after 0 bytes (data.fetch_timeout))" in example
+    )
     assert seen["stall.tar"] == 2
 
 
@@ -174,8 +182,9 @@ def test_a_pipe_command_exiting_non_zero_or_stalling_is_retried_then_counted(sha
     tries = tmp_path / "tries"
     failing = f"pipe:echo x >> {tries}; cat {tmp_path}/missing/00009.tar"
     stalling = "pipe:sleep 30"
-    data = _data([f"pipe:cat {shards}/00000.tar", failing, stalling], shards,
-                 FetchPolicy(retries=2, timeout=1.0, backoff=0.01))
+    data = _data(
+        [f"pipe:cat {shards}/00000.tar", failing, stalling], shards, FetchPolicy(retries=2, timeout=1.0, backoff=0.01)
+    )
     data.sources[0].shard_samples.update({failing: 8, stalling: 8})  # as if sizes.json listed them
     stream = _stream(data, tokenizer)
     t0 = time.perf_counter()
@@ -195,7 +204,8 @@ def _same(a: dict, b: dict) -> None:
 
 
 def test_a_resume_passes_over_the_same_unreachable_shards_without_fetching_or_counting_them_again(
-        shards, tokenizer, server):
+    shards, tokenizer, server
+):
     """Resumed after every batch of two epochs (blocks of 16 span several shards, so many resumes land
     inside a block that holds an unreachable shard): the same batches and the same counters follow, and
     rebuilding a block does not ask the server for the shard that failed (nor retry the dropped one)."""
@@ -208,8 +218,9 @@ def test_a_resume_passes_over_the_same_unreachable_shards_without_fetching_or_co
         ref.append(next(whole))
         counts.append(whole.counts())
     assert counts[-1][1]["shard_unreachable"] > 12, "counted again in the second epoch"
-    assert any("unreachable" in c for s in states for slot in s["slots"].values() for c in slot["cursors"]), \
+    assert any("unreachable" in c for s in states for slot in s["slots"].values() for c in slot["cursors"]), (
         "some resume lands inside a block with an unreachable shard"
+    )
     checked = 0
     for k in range(1, 11):
         before = Counter(requests)
@@ -234,10 +245,11 @@ def world_of_one():
         yield
 
 
-def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, tokenizer, server, tmp_path,
-                                                                      world_of_one):
-    from pretrain.train import build_parser, prepare
+def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(
+    shards, tokenizer, server, tmp_path, world_of_one
+):
     from pretrain.runtime.trainer import Trainer, TrainingStopped
+    from pretrain.train import build_parser, prepare
     from tests.launch import REPO
 
     root, requests = server
@@ -247,13 +259,29 @@ def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, to
     recipe["model"]["max_position_embeddings"] = CTX
     recipe["model"]["vision"].update(image_size=16, patch_size=8)  # a quick step: the data is what is tested
     recipe["deepspeed_config"] = "ds_configs/zero0_fp32.json"
-    recipe["data"].update(path=f"{root}/{{00000..00003}}.tar", eval_sources=[{"urls": str(shards)}], tokenizer=str(tok),
-                          shuffle_buffer=8, max_bad_fraction=0.3, fetch_retries=0, fetch_backoff=0.0)
+    recipe["data"].update(
+        path=f"{root}/{{00000..00003}}.tar",
+        eval_sources=[{"urls": str(shards)}],
+        tokenizer=str(tok),
+        shuffle_buffer=8,
+        max_bad_fraction=0.3,
+        fetch_retries=0,
+        fetch_backoff=0.0,
+    )
     recipe["training"].update(micro_batch_size=16, log_every=1, warmup_steps=0)
     recipe["eval"] = {"every": 0, "max_samples": 8}
     (tmp_path / "r.json").write_text(json.dumps(recipe))
-    args = build_parser().parse_args(["--config", str(tmp_path / "r.json"), "--output-dir", str(tmp_path / "run"),
-                                      "--max-steps", "40", "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(tmp_path / "r.json"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "40",
+            "--no-progress",
+        ]
+    )
     resolved, inputs, run_dir = prepare(args)
     assert resolved.recipe.data.fetch_retries == 0
     if getattr(inputs.data, "fetch", None) is None:  # pretrain/run/data.py sets it from the recipe where wired
@@ -261,8 +289,11 @@ def test_too_many_unreachable_shards_stop_the_run_on_max_bad_fraction(shards, to
     trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False)
     trainer.setup()
     # per epoch 8 + 4 of 32 samples unreachable (8 more in epoch 0): > 0.3, judged from 100 samples on
-    with pytest.raises(TrainingStopped, match=r"samples read were bad \(> data.max_bad_fraction=0.3\); first: "
-                                              r".*shard_unreachable=\d+"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"samples read were bad \(> data.max_bad_fraction=0.3\); first: "
+        r".*shard_unreachable=\d+",
+    ):
         trainer.fit()
     assert 3 <= trainer.state.step < 10
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -282,4 +313,3 @@ def test_fetch_keys_are_typed_in_the_recipe():
         parse_recipe({"data": {"fetch_retries": -1, "fetch_timeout": 0, "fetch_retry": 2}})
     for needle in ("data.fetch_retries", "data.fetch_timeout", "data.fetch_retry: unknown key (did you mean"):
         assert needle in str(e.value), str(e.value)
-

@@ -1,12 +1,21 @@
 """Each toolkit schedule against PyTorch's scheduler of the same name, step by step."""
+
 import math
 
 import pytest
 import torch
 from torch.optim import lr_scheduler as tls
 
-from pretrain.run.schedules import (TOOLKIT_TYPES, check_params, lambda_scheduler, lr_function, scale_lr, scale_warmup,
-                                warmup_cosine, warmup_stable_decay)
+from pretrain.run.schedules import (
+    TOOLKIT_TYPES,
+    check_params,
+    lambda_scheduler,
+    lr_function,
+    scale_lr,
+    scale_warmup,
+    warmup_cosine,
+    warmup_stable_decay,
+)
 
 LR = 0.5
 STEPS = 120
@@ -26,17 +35,30 @@ def torch_lrs(make, steps=STEPS, lr=LR, momentum=False):
 
 CASES = {
     "StepLR": ({"step_size": 7, "gamma": 0.5}, lambda o: tls.StepLR(o, 7, 0.5)),
-    "MultiStepLR": ({"milestones": [10, 30, 31, 80], "gamma": 0.3}, lambda o: tls.MultiStepLR(o, [10, 30, 31, 80], 0.3)),
-    "CyclicLR-triangular": ({"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 9, "step_size_down": 5},
-                            lambda o: tls.CyclicLR(o, 0.01, 0.4, 9, 5, cycle_momentum=False)),
-    "CyclicLR-triangular2": ({"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 6, "mode": "triangular2"},
-                             lambda o: tls.CyclicLR(o, 0.01, 0.4, 6, mode="triangular2", cycle_momentum=False)),
-    "CyclicLR-exp_range": ({"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 6, "mode": "exp_range", "gamma": 0.98},
-                           lambda o: tls.CyclicLR(o, 0.01, 0.4, 6, mode="exp_range", gamma=0.98, cycle_momentum=False)),
-    "CosineAnnealingWarmRestarts": ({"T_0": 10, "T_mult": 1, "eta_min": 0.01},
-                                    lambda o: tls.CosineAnnealingWarmRestarts(o, 10, 1, 0.01)),
-    "CosineAnnealingWarmRestarts-mult2": ({"T_0": 5, "T_mult": 2, "eta_min": 0.0},
-                                          lambda o: tls.CosineAnnealingWarmRestarts(o, 5, 2, 0.0)),
+    "MultiStepLR": (
+        {"milestones": [10, 30, 31, 80], "gamma": 0.3},
+        lambda o: tls.MultiStepLR(o, [10, 30, 31, 80], 0.3),
+    ),
+    "CyclicLR-triangular": (
+        {"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 9, "step_size_down": 5},
+        lambda o: tls.CyclicLR(o, 0.01, 0.4, 9, 5, cycle_momentum=False),
+    ),
+    "CyclicLR-triangular2": (
+        {"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 6, "mode": "triangular2"},
+        lambda o: tls.CyclicLR(o, 0.01, 0.4, 6, mode="triangular2", cycle_momentum=False),
+    ),
+    "CyclicLR-exp_range": (
+        {"base_lr": 0.01, "max_lr": 0.4, "step_size_up": 6, "mode": "exp_range", "gamma": 0.98},
+        lambda o: tls.CyclicLR(o, 0.01, 0.4, 6, mode="exp_range", gamma=0.98, cycle_momentum=False),
+    ),
+    "CosineAnnealingWarmRestarts": (
+        {"T_0": 10, "T_mult": 1, "eta_min": 0.01},
+        lambda o: tls.CosineAnnealingWarmRestarts(o, 10, 1, 0.01),
+    ),
+    "CosineAnnealingWarmRestarts-mult2": (
+        {"T_0": 5, "T_mult": 2, "eta_min": 0.0},
+        lambda o: tls.CosineAnnealingWarmRestarts(o, 5, 2, 0.0),
+    ),
 }
 
 
@@ -64,8 +86,11 @@ def test_lambda_scheduler_drives_a_real_optimizer_with_absolute_lrs():
 
 
 def test_warmup_stable_decay_shape():
-    f = lr_function("WarmupStableDecay", {"total_num_steps": 100, "warmup_num_steps": 10, "decay_fraction": 0.2,
-                                          "min_lr": 0.05}, 1.0)
+    f = lr_function(
+        "WarmupStableDecay",
+        {"total_num_steps": 100, "warmup_num_steps": 10, "decay_fraction": 0.2, "min_lr": 0.05},
+        1.0,
+    )
     lrs = [f(t) for t in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert set(lrs[10:81]) == {1.0}, "stable until the last 20% of the 100-step run"
@@ -86,7 +111,13 @@ def test_bad_params_are_named():
     assert any("step_size: required" in p for p in check_params("StepLR", {}))
     assert any("gama: unknown" in p for p in check_params("StepLR", {"step_size": 3, "gama": 0.1}))
     assert any("mode" in p for p in check_params("CyclicLR", {"base_lr": 0, "max_lr": 1, "mode": "sine"}))
-    assert set(TOOLKIT_TYPES) >= {"StepLR", "MultiStepLR", "CyclicLR", "CosineAnnealingWarmRestarts", "WarmupStableDecay"}
+    assert set(TOOLKIT_TYPES) >= {
+        "StepLR",
+        "MultiStepLR",
+        "CyclicLR",
+        "CosineAnnealingWarmRestarts",
+        "WarmupStableDecay",
+    }
 
 
 def test_batch_scaling_arithmetic():

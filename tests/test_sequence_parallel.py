@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism (pretrain/parallel/sequence_parallel.py): layouts that cannot run are refused
 before any rank starts; SP=2 on two ranks gives the losses of the same run without SP, and its
 checkpoint resumes on one rank without SP and gives the trainer's val loss in pretrain-eval and export."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ from pretrain.train import main
 from tests.launch import REPO, deepspeed_cmd, free_port, metrics, run, world_of_one
 
 ZERO3 = json.loads((REPO / "ds_configs/zero3_fp32.json").read_text())
-LLAMA = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
-         "max_position_embeddings": 128}
+LLAMA = {
+    "arch": "llama",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
 
 
 def _recipe(model: dict, **training) -> dict:
@@ -34,16 +41,22 @@ def test_check_names_every_size_that_does_not_divide():
     ok = check("llama", ParallelLayout(world=4, sp=2), 3, 4, 1, 64, "sdpa", "ds.json")
     assert ok == [], "one KV head is replicated to both SP ranks (GQA/MQA)"
     bad = "\n".join(check("llama", ParallelLayout(world=6, sp=3, tp=2), 2, 4, 2, 64, "eager", "ds.json"))
-    for fragment in ("ds.json: sequence_parallel_size: 3 needs zero_optimization.stage 3 (got 2)",
-                     "together with tensor_parallel.autotp_size 2", "does not divide model.num_heads 4",
-                     "model.num_kv_heads 2: one must divide the other", "does not divide the data's seq_len 64",
-                     "model.attn_implementation eager"):
+    for fragment in (
+        "ds.json: sequence_parallel_size: 3 needs zero_optimization.stage 3 (got 2)",
+        "together with tensor_parallel.autotp_size 2",
+        "does not divide model.num_heads 4",
+        "model.num_kv_heads 2: one must divide the other",
+        "does not divide the data's seq_len 64",
+        "model.attn_implementation eager",
+    ):
         assert fragment in bad, f"{fragment!r} not in\n{bad}"
     packed = check("llama", ParallelLayout(world=2, sp=2), 3, 4, 4, 64, "sdpa", "ds.json", packed=True)
     assert packed and "packed conversations (chat data) needs model.attn_implementation flash_attention_2" in packed[0]
     assert check("llama", ParallelLayout(world=2, sp=2), 3, 4, 4, 64, "flash_attention_2", "ds.json", packed=True) == []
-    assert "llama and gpt2 architectures only (model.arch is 'clip')" in check(
-        "clip", ParallelLayout(world=2, sp=2), 3, 4, 4, 64, "sdpa", "ds.json")[0]
+    assert (
+        "llama and gpt2 architectures only (model.arch is 'clip')"
+        in check("clip", ParallelLayout(world=2, sp=2), 3, 4, 4, 64, "sdpa", "ds.json")[0]
+    )
 
 
 @pytest.fixture
@@ -53,21 +66,55 @@ def two_rank_env(monkeypatch):
     os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
 
 
-@pytest.mark.parametrize("case,model,ds,expected", [
-    ("SP does not divide the world, heads or seq_len", LLAMA, {**ZERO3, "sequence_parallel_size": 3},
-     ["sequence parallel size 3 does not divide the world size 2", "3 does not divide model.num_heads 4",
-      "3 does not divide the data's seq_len 64"]),
-    ("SP under ZeRO-2", LLAMA, {**json.loads((REPO / "ds_configs/zero2_fp32.json").read_text()), "sequence_parallel_size": 2},
-     ["sequence_parallel_size: 2 needs zero_optimization.stage 3 (got 2)"]),
-    ("SP does not divide gpt2's heads", {**LLAMA, "arch": "gpt2", "hidden_size": 48, "num_heads": 3},
-     {**ZERO3, "sequence_parallel_size": 2}, ["2 does not divide model.num_heads 3"]),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_sp_layout_is_refused_before_any_rank_starts(case, model, ds, expected, prepared_stdlib, tmp_path, capsys,
-                                                          two_rank_env):
+@pytest.mark.parametrize(
+    "case,model,ds,expected",
+    [
+        (
+            "SP does not divide the world, heads or seq_len",
+            LLAMA,
+            {**ZERO3, "sequence_parallel_size": 3},
+            [
+                "sequence parallel size 3 does not divide the world size 2",
+                "3 does not divide model.num_heads 4",
+                "3 does not divide the data's seq_len 64",
+            ],
+        ),
+        (
+            "SP under ZeRO-2",
+            LLAMA,
+            {**json.loads((REPO / "ds_configs/zero2_fp32.json").read_text()), "sequence_parallel_size": 2},
+            ["sequence_parallel_size: 2 needs zero_optimization.stage 3 (got 2)"],
+        ),
+        (
+            "SP does not divide gpt2's heads",
+            {**LLAMA, "arch": "gpt2", "hidden_size": 48, "num_heads": 3},
+            {**ZERO3, "sequence_parallel_size": 2},
+            ["2 does not divide model.num_heads 3"],
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_sp_layout_is_refused_before_any_rank_starts(
+    case, model, ds, expected, prepared_stdlib, tmp_path, capsys, two_rank_env
+):
     (tmp_path / "recipe.json").write_text(json.dumps(_recipe(model)))
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    assert main(["--config", str(tmp_path / "recipe.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
-                 "--data", str(prepared_stdlib), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "recipe.json"),
+                "--deepspeed_config",
+                str(tmp_path / "ds.json"),
+                "--data",
+                str(prepared_stdlib),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(tmp_path / "ds.json") in err
     for fragment in expected:
@@ -77,8 +124,8 @@ def test_bad_sp_layout_is_refused_before_any_rank_starts(case, model, ds, expect
 
 def _in_process(argv: list[str]) -> tuple[list[dict], list[dict]]:
     """A run without SP, in this process (a gloo world of one): the reference, or a resume."""
-    from pretrain.train import build_parser, prepare
     from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
 
     with world_of_one():
         args = build_parser().parse_args(argv)
@@ -96,8 +143,21 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
     (tmp_path / "recipe.json").write_text(json.dumps(_recipe(LLAMA)))
     common = ["--config", str(tmp_path / "recipe.json"), "--data", str(prepared_stdlib), "--no-progress"]
     no_sp = [*common, "--deepspeed_config", str(REPO / "ds_configs/zero3_fp32.json")]
-    out = run(deepspeed_cmd(2, [*common, "--deepspeed_config", str(REPO / "ds_configs/zero3_sp2_fp32.json"),
-                                "--output-dir", str(tmp_path / "sp2"), "--checkpoint-every", "3"]), timeout=300)
+    out = run(
+        deepspeed_cmd(
+            2,
+            [
+                *common,
+                "--deepspeed_config",
+                str(REPO / "ds_configs/zero3_sp2_fp32.json"),
+                "--output-dir",
+                str(tmp_path / "sp2"),
+                "--checkpoint-every",
+                "3",
+            ],
+        ),
+        timeout=300,
+    )
     assert "SP 2 x DP 1 (2 ranks); Ulysses sequence parallelism: each rank holds 32 of the 64 tokens" in out.stdout
     resolved = json.loads((tmp_path / "sp2" / "resolved-config.json").read_text())
     assert resolved["parallel"] == {"tp": 1, "sp": 2, "dp": 1}
@@ -113,7 +173,11 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
         # 1e-4 as for the loss: since step 1 trains (lr / warmup, not 0), Adam's first update, about lr x sign(g),
         # turns float-rounding differences in near-zero gradients into weight differences of lr
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (
+            a["step"],
+            a["grad_norm"],
+            b["grad_norm"],
+        )
     # evaluation runs whole sequences on every SP rank and sums over model replicas only
     assert sp_eval[-1]["samples"] == ref_eval[-1]["samples"] == 8
     assert abs(sp_eval[-1]["loss"] - ref_eval[-1]["loss"]) <= 1e-4 * ref_eval[-1]["loss"]
@@ -121,7 +185,9 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
     # The step-3 checkpoint resumed on 1 rank without SP (DeepSpeed's universal checkpoint, 2 -> 1 ranks;
     # DP stays 1, so the same micro-batches): steps 4-6 of the run that was never interrupted.
     step3 = tmp_path / "sp2" / "checkpoints" / "step_00000003"
-    resumed_train, resumed_eval = _in_process([*no_sp, "--output-dir", str(tmp_path / "resumed"), "--resume", str(step3)])
+    resumed_train, resumed_eval = _in_process(
+        [*no_sp, "--output-dir", str(tmp_path / "resumed"), "--resume", str(step3)]
+    )
     assert (step3 / "universal" / "converted.json").is_file(), "resumed through the universal checkpoint"
     assert [m["step"] for m in resumed_train] == [4, 5, 6]
     for a, b in zip(resumed_train, sp_train[3:], strict=True):
@@ -146,8 +212,9 @@ def test_the_planner_proposes_only_layouts_the_trainer_runs():
         for sp in (1, 2):
             for stage in range(4):
                 layout = ParallelLayout(world=tp * sp, tp=tp, sp=sp)
-                refused = (check("llama", layout, stage, 4, 4, 64, "sdpa", "ds.json")
-                           + tensor_parallel.check("llama", layout, stage, 4, 4, "ds.json"))
+                refused = check("llama", layout, stage, 4, 4, 64, "sdpa", "ds.json") + tensor_parallel.check(
+                    "llama", layout, stage, 4, 4, "ds.json"
+                )
                 assert plan.layout_runs(tp, sp, stage) == (not refused), (tp, sp, stage, refused)
 
 
@@ -155,8 +222,20 @@ def test_the_planner_proposes_only_layouts_the_trainer_runs():
 def test_gpt2_attention_goes_through_ulysses_with_the_loss_and_gradients_of_no_sp():
     """GPT-2 merges the attention heads itself, unlike Llama: SP=2 on 2 ranks (torchrun, no engine)
     gives the loss and the gradients of the whole sequences (tests/sp_equivalence.py)."""
-    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "sp_equivalence.py"), "gpt2"], timeout=300)
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "tests" / "sp_equivalence.py"),
+            "gpt2",
+        ],
+        timeout=300,
+    )
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
     assert abs(result["loss"] - result["reference"]) <= 1e-5 * result["reference"], result
     assert result["grad_diff"] <= 1e-5, result

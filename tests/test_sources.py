@@ -10,14 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines.text.sources import (
-    InputError,
-    Rejected,
-    ScanReport,
-    extract_text,
-    iter_documents,
-    resolve_inputs,
-)
+from data_pipelines.text.sources import InputError, Rejected, ScanReport, extract_text, iter_documents, resolve_inputs
 
 
 def read_all(paths: list[Path], field: str = "text", min_chars: int = 1) -> tuple[list[str], ScanReport]:
@@ -41,13 +34,31 @@ def test_walk_is_recursive_sorted_and_skips_hidden_binary_and_cache(tmp_path: Pa
     (tmp_path / "b" / "deeper").mkdir(parents=True)
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / ".git").mkdir()
-    for rel in ["a.txt", "b/deeper/c.md", "b/x.py", "data.jsonl", "rows.parquet", "notes.unknownext",
-                "img.png", "mod.pyc", "archive.tar.gz", ".hidden.txt", "__pycache__/m.txt", ".git/HEAD"]:
+    for rel in [
+        "a.txt",
+        "b/deeper/c.md",
+        "b/x.py",
+        "data.jsonl",
+        "rows.parquet",
+        "notes.unknownext",
+        "img.png",
+        "mod.pyc",
+        "archive.tar.gz",
+        ".hidden.txt",
+        "__pycache__/m.txt",
+        ".git/HEAD",
+    ]:
         (tmp_path / rel).write_bytes(b"x")
     specs = resolve_inputs([str(tmp_path)])
     got = [(s.path.relative_to(tmp_path).as_posix(), s.format) for s in specs]
-    assert got == [("a.txt", "text"), ("data.jsonl", "jsonl"), ("notes.unknownext", "text"),
-                   ("rows.parquet", "parquet"), ("b/x.py", "text"), ("b/deeper/c.md", "text")]
+    assert got == [
+        ("a.txt", "text"),
+        ("data.jsonl", "jsonl"),
+        ("notes.unknownext", "text"),
+        ("rows.parquet", "parquet"),
+        ("b/x.py", "text"),
+        ("b/deeper/c.md", "text"),
+    ]
     assert all(s.bytes == 1 for s in specs)
 
 
@@ -106,16 +117,19 @@ def test_text_files_one_document_each_with_bad_files_skipped(tmp_path: Path) -> 
 
 
 def test_jsonl_bad_lines_are_counted_with_sources(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        json.dumps({"text": "good one"}),
-        "{not json",
-        json.dumps({"body": "wrong field", "id": 1}),
-        json.dumps({"text": 42}),
-        "",
-        json.dumps({"text": "  "}),
-        json.dumps("a bare string record"),
-        json.dumps({"text": "short"}),
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"text": "good one"}),
+            "{not json",
+            json.dumps({"body": "wrong field", "id": 1}),
+            json.dumps({"text": 42}),
+            "",
+            json.dumps({"text": "  "}),
+            json.dumps("a bare string record"),
+            json.dumps({"text": "short"}),
+        ],
+    )
     with path.open("ab") as handle:
         handle.write(b'{"text": "caf\xe9"}\n')
     docs, report = read_all([path], min_chars=6)
@@ -161,21 +175,26 @@ def test_gzipped_json_lines_and_array(tmp_path: Path) -> None:
 
 
 def test_nested_dotted_field(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "n.jsonl", [
-        json.dumps({"meta": {"body": "nested text"}}),
-        json.dumps({"meta": {"title": "no body"}}),
-        json.dumps({"meta": {"body": ["joined", "lines"]}}),
-    ])
+    path = write_jsonl(
+        tmp_path / "n.jsonl",
+        [
+            json.dumps({"meta": {"body": "nested text"}}),
+            json.dumps({"meta": {"title": "no body"}}),
+            json.dumps({"meta": {"body": ["joined", "lines"]}}),
+        ],
+    )
     docs, report = read_all([path], field="meta.body")
     assert docs == ["nested text", "joined\nlines"]
     assert report.examples[0]["reason"] == "missing_field" and "meta keys: ['title']" in report.examples[0]["detail"]
 
 
 def test_parquet_by_row_groups_with_nested_column(tmp_path: Path) -> None:
-    table = pa.table({
-        "text": [f"row {i}" for i in range(9)] + [None, "", "last"],
-        "meta": [{"body": f"body {i}"} for i in range(12)],
-    })
+    table = pa.table(
+        {
+            "text": [f"row {i}" for i in range(9)] + [None, "", "last"],
+            "meta": [{"body": f"body {i}"} for i in range(12)],
+        }
+    )
     path = tmp_path / "t.parquet"
     pq.write_table(table, path, row_group_size=4)
     assert pq.ParquetFile(path).num_row_groups == 3
@@ -196,14 +215,19 @@ def test_hf_dataset_and_dataset_dict_directories(tmp_path: Path) -> None:
     datasets.disable_progress_bars()
     single = datasets.Dataset.from_dict({"text": ["hf one", "hf two", ""], "n": [1, 2, 3]})
     single.save_to_disk(str(tmp_path / "single"))
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": ["dd train"]}),
-        "validation": datasets.Dataset.from_dict({"text": ["dd val a", "dd val b"]}),
-    }).save_to_disk(str(tmp_path / "nested" / "dict"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["dd train"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["dd val a", "dd val b"]}),
+        }
+    ).save_to_disk(str(tmp_path / "nested" / "dict"))
     (tmp_path / "plain.txt").write_text("plain file")
     specs = resolve_inputs([str(tmp_path)])
-    assert [(s.path.name, s.format) for s in specs] == [("plain.txt", "text"), ("dict", "hf_dataset"),
-                                                         ("single", "hf_dataset")]
+    assert [(s.path.name, s.format) for s in specs] == [
+        ("plain.txt", "text"),
+        ("dict", "hf_dataset"),
+        ("single", "hf_dataset"),
+    ]
     assert specs[1].bytes > 0
     docs, report = read_all([tmp_path])
     assert docs == ["plain file", "dd train", "dd val a", "dd val b", "hf one", "hf two"]

@@ -1,6 +1,7 @@
 """Weighted mixtures of sources and resume in O(1) of the run's length (issue 9, items 4 and 5):
 real webdataset shards, the real streams; the reading a resume costs is counted by the stream
 itself (``EpochStream.io``)."""
+
 import itertools
 from collections import Counter
 
@@ -30,8 +31,10 @@ def _ids(stream, n):
 def _two_corpora(tmp_path, a=(20,) * 6, b=(15,) * 4):
     da = make_dataset(tmp_path / "a", {"train": list(a)})
     db = make_dataset(tmp_path / "b", {"train": list(b)})
-    return da, [("web", da.shards("train"), da.shard_samples("train"), 0.8),
-                ("code", db.shards("train"), list(db.manifest["splits"]["train"]["shard_samples"]), 0.2)]
+    return da, [
+        ("web", da.shards("train"), da.shard_samples("train"), 0.8),
+        ("code", db.shards("train"), list(db.manifest["splits"]["train"]["shard_samples"]), 0.2),
+    ]
 
 
 def test_a_late_resume_reads_one_shard_and_a_block_however_long_the_run(tmp_path):
@@ -110,9 +113,22 @@ def test_a_resume_does_not_count_a_bad_sample_of_the_re_read_block_twice(tmp_pat
     from data_pipelines.loader import TextShards
     from data_pipelines.manifest import write_manifest
 
-    write_manifest(tmp_path, {"kind": "text", "version": 1, "seq_len": SEQ, "tokenizer": {"vocab_size": 100},
-                              "splits": {"train": {"shards": [f"train/shard-{s:06d}.tar" for s in range(3)],
-                                                   "shard_samples": [10] * 3, "samples": 30}}})
+    write_manifest(
+        tmp_path,
+        {
+            "kind": "text",
+            "version": 1,
+            "seq_len": SEQ,
+            "tokenizer": {"vocab_size": 100},
+            "splits": {
+                "train": {
+                    "shards": [f"train/shard-{s:06d}.tar" for s in range(3)],
+                    "shard_samples": [10] * 3,
+                    "samples": 30,
+                }
+            },
+        },
+    )
     data = TextShards(tmp_path)
     original = train_loader(data, "train", 2, 0, 1, seed=1, shuffle_buffer=12, trace=True)
     for _ in range(40):
@@ -168,12 +184,15 @@ def test_an_image_text_mixture_resumes_with_the_same_crops(tmp_path, tokenizer):
 
     a = make_images(tmp_path / "a", {"train": [6, 6, 6]}, bad={4})
     b = make_images(tmp_path / "b", {"train": [5, 5]})
-    sources = [("a", a.shards("train"), a.shard_samples("train"), 1.0),
-               ("b", b.shards("train"), b.shard_samples("train"), 1.0)]
+    sources = [
+        ("a", a.shards("train"), a.shard_samples("train"), 1.0),
+        ("b", b.shards("train"), b.shard_samples("train"), 1.0),
+    ]
 
     def stream():
-        return image_text_train_loader(a, "train", 4, tokenizer, CTX, SIZE, seed=4, shuffle_buffer=5, trace=True,
-                                       sources=sources)
+        return image_text_train_loader(
+            a, "train", 4, tokenizer, CTX, SIZE, seed=4, shuffle_buffer=5, trace=True, sources=sources
+        )
 
     original = stream()
     list(itertools.islice(original, 5))

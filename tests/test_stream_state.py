@@ -1,5 +1,6 @@
 """The training stream owns its position: state_dict / load_state_dict round trips, in the same
 layout (replay) and across a change of micro-batch size or DataLoader workers (re-division)."""
+
 import itertools
 import json
 from collections import Counter
@@ -24,7 +25,12 @@ def test_a_restored_stream_continues_with_the_batches_the_original_would_have_gi
     state = original.state_dict()
     assert json.loads(json.dumps(state)) == state, "plain values: it goes into a checkpoint as it is"
     assert {k: state[k] for k in ("world", "workers", "micro", "micro_batches", "data_history")} == {
-        "world": 1, "workers": workers, "micro": 3, "micro_batches": 5, "data_history": []}
+        "world": 1,
+        "workers": workers,
+        "micro": 3,
+        "micro_batches": 5,
+        "data_history": [],
+    }
     slots = {0: 3, 1: 2} if workers else {0: 5}  # the round-robin's share of each DataLoader worker
     assert {int(i): s["batches"] for i, s in state["slots"].items()} == slots, "a cursor per slot"
     expected = _ids(original, 6)

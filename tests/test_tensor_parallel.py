@@ -14,6 +14,7 @@ sharded layer, ``pretrain-eval`` on the TP checkpoint and on its ``pretrain-expo
 sharded engine measured, and the TP checkpoint resumes in this process on one rank without TP
 (DeepSpeed's universal checkpoint) with its weights and Adam moments.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,22 @@ from pretrain.parallel.tensor_parallel import merge_shards
 from pretrain.train import main
 from tests.launch import FAULTS, REPO, TRAIN, env, free_port, kill_tree, metrics, with_key
 
-LLAMA = {"name": "llama-tp", "family": "gpt",
-         "model": {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                   "max_position_embeddings": 64},
-         "data": {"shuffle_buffer": 64},
-         "training": {"micro_batch_size": 2, "max_steps": 4, "lr": 3e-3, "warmup_steps": 1, "precision": "fp32"},
-         "eval": {"every": 0, "max_samples": 32},
-         "checkpoint": {"every": 2}}
+LLAMA = {
+    "name": "llama-tp",
+    "family": "gpt",
+    "model": {
+        "arch": "llama",
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    "data": {"shuffle_buffer": 64},
+    "training": {"micro_batch_size": 2, "max_steps": 4, "lr": 3e-3, "warmup_steps": 1, "precision": "fp32"},
+    "eval": {"every": 0, "max_samples": 32},
+    "checkpoint": {"every": 2},
+}
 STEPS = 4
 
 
@@ -61,8 +71,10 @@ def test_layout_coordinates_follow_deepspeeds_rank_order():
 
 def test_merge_shards_rebuilds_column_and_row_parallel_weights():
     full = {"q.weight": torch.randn(8, 4), "o.weight": torch.randn(4, 8), "norm.weight": torch.randn(4)}
-    shards = [{"q.weight": q, "o.weight": o, "norm.weight": full["norm.weight"]}
-              for q, o in zip(full["q.weight"].chunk(2, 0), full["o.weight"].chunk(2, 1))]
+    shards = [
+        {"q.weight": q, "o.weight": o, "norm.weight": full["norm.weight"]}
+        for q, o in zip(full["q.weight"].chunk(2, 0), full["o.weight"].chunk(2, 1))
+    ]
     merged = merge_shards(shards, {k: v.shape for k, v in full.items()})
     for k in full:
         assert torch.equal(merged[k], full[k]), k
@@ -81,8 +93,9 @@ def test_a_zero0_tp_checkpoint_resumes_only_on_its_own_layout(tmp_path):
     same = CheckpointManager(tmp_path, rank=0, world=4, zero_stage=0, seed=0, tp=2)
     assert same.same_layout and same.deepspeed_config({"a": 1}) == {"a": 1}
     for world, tp in ((4, 1), (2, 2), (8, 4)):
-        with pytest.raises(CheckpointError, match=f"ZeRO-0 and tensor_parallel.autotp_size 2 on 4 ranks; this run "
-                                                  f"has {tp} on {world}"):
+        with pytest.raises(
+            CheckpointError, match=f"ZeRO-0 and tensor_parallel.autotp_size 2 on 4 ranks; this run has {tp} on {world}"
+        ):
             CheckpointManager(tmp_path, rank=0, world=world, zero_stage=0, seed=0, tp=tp).deepspeed_config({})
 
 
@@ -96,25 +109,58 @@ def isolated_env(monkeypatch):
 TP2 = json.loads((REPO / "ds_configs/zero1_tp2_fp32.json").read_text())
 
 
-@pytest.mark.parametrize("recipe,ds,world,expected", [
-    (with_key(LLAMA, "model", {"arch": "gpt2", "hidden_size": 64, "num_layers": 2, "num_heads": 4}), TP2, 2,
-     ["tensor_parallel.autotp_size: 2 asks for tensor parallelism, which runs for model.arch 'llama' only",
-      "AutoTP lists gpt2 as unsupported"]),
-    (with_key(LLAMA, "model.num_kv_heads", 1), TP2, 2, ["does not divide model.num_kv_heads 1"]),
-    (LLAMA, TP2, 3, ["tensor_parallel.autotp_size 2 does not divide the world size 3"]),
-    (LLAMA, with_key(TP2, "tensor_parallel.vocab_parallel_lm_head", True), 2, ["vocab_parallel_lm_head: true"]),
-    (LLAMA, {**TP2, "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}, 4,
-     ["train_batch_size 8 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 1 x data-parallel size 2 (= 4)"]),
-], ids=["gpt2", "kv heads", "world", "vocab-parallel head", "batch counts DP ranks"])
+@pytest.mark.parametrize(
+    "recipe,ds,world,expected",
+    [
+        (
+            with_key(LLAMA, "model", {"arch": "gpt2", "hidden_size": 64, "num_layers": 2, "num_heads": 4}),
+            TP2,
+            2,
+            [
+                "tensor_parallel.autotp_size: 2 asks for tensor parallelism, which runs for model.arch 'llama' only",
+                "AutoTP lists gpt2 as unsupported",
+            ],
+        ),
+        (with_key(LLAMA, "model.num_kv_heads", 1), TP2, 2, ["does not divide model.num_kv_heads 1"]),
+        (LLAMA, TP2, 3, ["tensor_parallel.autotp_size 2 does not divide the world size 3"]),
+        (LLAMA, with_key(TP2, "tensor_parallel.vocab_parallel_lm_head", True), 2, ["vocab_parallel_lm_head: true"]),
+        (
+            LLAMA,
+            {**TP2, "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1},
+            4,
+            [
+                "train_batch_size 8 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 1 x "
+                "data-parallel size 2 (= 4)"
+            ],
+        ),
+    ],
+    ids=["gpt2", "kv heads", "world", "vocab-parallel head", "batch counts DP ranks"],
+)
 def test_tensor_parallel_configs_that_cannot_run_are_refused_before_any_rank_starts(
-        recipe, ds, world, expected, prepared_stdlib, tmp_path, capsys, isolated_env):
+    recipe, ds, world, expected, prepared_stdlib, tmp_path, capsys, isolated_env
+):
     # Only rank 0 speaks; WORLD_SIZE is what a launcher sets before prepare() reads it.
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    assert main(["--config", str(tmp_path / "r.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
-                 "--data", str(prepared_stdlib), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "r.json"),
+                "--deepspeed_config",
+                str(tmp_path / "ds.json"),
+                "--data",
+                str(prepared_stdlib),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert str(tmp_path / "ds.json") in err or str(tmp_path / "r.json") in err, "the message names the file"
@@ -129,8 +175,12 @@ def test_tensor_parallel_configs_that_cannot_run_are_refused_before_any_rank_sta
 def _launch_nodes(cmds: list[list[str]], log: Path, port: str, until=None, timeout: float = 300) -> None:
     """Start one launcher per "node"; wait for them all (or, with ``until``, SIGKILL every process
     of every node once it holds). Each node's output goes to ``log``.<i>."""
-    procs = [subprocess.Popen(c, env=env(), cwd=REPO, stdout=open(f"{log}.{i}", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True) for i, c in enumerate(cmds)]
+    procs = [
+        subprocess.Popen(
+            c, env=env(), cwd=REPO, stdout=open(f"{log}.{i}", "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        for i, c in enumerate(cmds)
+    ]
     deadline = time.time() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -161,13 +211,36 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
 
     # 1. torchrun, 1 node x 4 processes, TP 2 x DP 2; SIGKILL with every rank inside the save of step 4.
     port = str(free_port())
-    _launch_nodes([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr",
-                    "127.0.0.1", "--master_port", port, FAULTS, "--stall-in-save", str(STEPS), "--", *tp_args]],
-                  tmp_path / "tp-log", port,
-                  until=lambda: all((tp_out / f"stalled-in-save-rank{r}").is_file() for r in range(4)))
+    _launch_nodes(
+        [
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "4",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                FAULTS,
+                "--stall-in-save",
+                str(STEPS),
+                "--",
+                *tp_args,
+            ]
+        ],
+        tmp_path / "tp-log",
+        port,
+        until=lambda: all((tp_out / f"stalled-in-save-rank{r}").is_file() for r in range(4)),
+    )
     log = Path(f"{tmp_path}/tp-log.0").read_text()
-    held = {int(r): (int(a), int(s)) for r, a, s in re.findall(
-        r"rank (\d) \(TP rank \d\) holds (\d+) parameter elements, (\d+) of them in TP-sharded layers", log)}
+    held = {
+        int(r): (int(a), int(s))
+        for r, a, s in re.findall(
+            r"rank (\d) \(TP rank \d\) holds (\d+) parameter elements, (\d+) of them in TP-sharded layers", log
+        )
+    }
     assert sorted(held) == [0, 1, 2, 3], log[-3000:]
     assert (tp_out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     killed = _losses(tp_out)
@@ -175,10 +248,36 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
 
     # 2. torchrun, 2 nodes x 1 process, plain DP 2 across the nodes: the same model, data split and global batch.
     port = str(free_port())
-    _launch_nodes([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                    "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port, TRAIN, *common,
-                    "--deepspeed_config", "ds_configs/zero1_fp32.json", "--output-dir", str(dp_out),
-                    "--checkpoint-every", "0"] for n in (0, 1)], tmp_path / "dp-log", port)
+    _launch_nodes(
+        [
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                TRAIN,
+                *common,
+                "--deepspeed_config",
+                "ds_configs/zero1_fp32.json",
+                "--output-dir",
+                str(dp_out),
+                "--checkpoint-every",
+                "0",
+            ]
+            for n in (0, 1)
+        ],
+        tmp_path / "dp-log",
+        port,
+    )
     dp = _losses(dp_out)
     for step in range(1, STEPS + 1):
         assert abs(killed[step] - dp[step]) <= 1e-4 * abs(dp[step]), (step, killed, dp)
@@ -189,9 +288,29 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
         marker.unlink()
     (tmp_path / "hostfile").write_text("node0 slots=2\nnode1 slots=2\n")
     port = str(free_port())
-    _launch_nodes([[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(tmp_path / "hostfile"),
-                    "--no_ssh", "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
-                    *tp_args] for n in (0, 1)], tmp_path / "resume-log", port)
+    _launch_nodes(
+        [
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(tmp_path / "hostfile"),
+                "--no_ssh",
+                "--node_rank",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                TRAIN,
+                *tp_args,
+            ]
+            for n in (0, 1)
+        ],
+        tmp_path / "resume-log",
+        port,
+    )
     resumed = _losses(tp_out)
     assert _losses(tp_out, discarded=True).keys() >= {3, 4}
     for step in (3, 4):
@@ -206,7 +325,7 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
     sharded_whole = sum(s for _, s in held.values()) // 2  # two TP groups, each holding one whole copy
     projections = sum(p.numel() for n, p in whole.named_parameters() if n.endswith("proj.weight"))
     assert sharded_whole == projections, "AutoTP sharded every attention and MLP projection"
-    for rank, (total, sharded) in held.items():
+    for total, sharded in held.values():
         assert sharded * 2 == projections, held
         assert total - sharded == whole_total - projections, "the rest (embeddings, norms) is held whole"
 
@@ -223,8 +342,10 @@ def test_tp_x_dp_on_two_nodes_matches_dp_resumes_exactly_and_exports_one_model(p
 
     # The TP 2 x DP 2 checkpoint of step 2 resumed here on 1 rank without TP (DeepSpeed's universal
     # checkpoint): the engine starts from the checkpoint's merged weights and its Adam moments, and trains on.
-    _resume_on_one_rank_without_tp(tp_out / "checkpoints" / "step_00000002", [*common, "--deepspeed_config",
-                                   "ds_configs/zero1_fp32.json", "--output-dir", str(tmp_path / "one")])
+    _resume_on_one_rank_without_tp(
+        tp_out / "checkpoints" / "step_00000002",
+        [*common, "--deepspeed_config", "ds_configs/zero1_fp32.json", "--output-dir", str(tmp_path / "one")],
+    )
 
 
 def _resume_on_one_rank_without_tp(tag: Path, argv: list[str]) -> None:
@@ -232,8 +353,8 @@ def _resume_on_one_rank_without_tp(tag: Path, argv: list[str]) -> None:
 
     from pretrain.run.build import fp32_state_dict
     from pretrain.runtime.checkpoint import resolve_checkpoint
-    from pretrain.train import build_parser, prepare
     from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
     from tests.launch import world_of_one
 
     merged = fp32_state_dict(resolve_checkpoint(tag))  # the TP shards merged by pretrain-eval / export

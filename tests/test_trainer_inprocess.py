@@ -1,6 +1,7 @@
 """The trainer's seams tested in one process (a gloo world of one, real DeepSpeed engines): the
 checkpoint manager, the skip/stop rules, exact resume and a resume in another data layout. What
 needs several ranks stays in the multi-rank subprocess tests."""
+
 import json
 import os
 from collections import Counter
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.runtime.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.models import get_family
+from pretrain.runtime.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.runtime.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
-from tests.launch import REPO, metrics, prepare_small_corpus, world_of_one as launch_world_of_one
+from tests.launch import REPO, metrics, prepare_small_corpus
+from tests.launch import world_of_one as launch_world_of_one
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,9 +72,16 @@ def _engine(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
-        "steps_per_print": 10**9})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {"stage": 2},
+            "steps_per_print": 10**9,
+        },
+    )
     return engine
 
 
@@ -86,8 +95,15 @@ def _train_one_step(engine, step: int) -> None:
 def test_checkpoint_manager_saves_seals_prunes_finds_and_loads(tmp_path):
     root = tmp_path / "checkpoints"
     hooked = []
-    manager = CheckpointManager(root, rank=0, world=1, zero_stage=2, seed=1, keep_last=2,
-                                in_save=lambda step, rank, tag: hooked.append((step, (tag / "toolkit.json").exists())))
+    manager = CheckpointManager(
+        root,
+        rank=0,
+        world=1,
+        zero_stage=2,
+        seed=1,
+        keep_last=2,
+        in_save=lambda step, rank, tag: hooked.append((step, (tag / "toolkit.json").exists())),
+    )
     assert manager.target is None, "nothing to resume yet"
     engine = _engine(0)
     for step in (1, 2, 3):
@@ -158,8 +174,9 @@ def test_activation_checkpointing_in_a_real_run_gives_the_same_losses(prepared_s
     common = ["--data", str(prepared_stdlib), "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]
     plain = _trainer(["--config", _recipe(tmp_path), *common, "--output-dir", str(tmp_path / "plain")])
     plain.fit()
-    ac = _trainer(["--config", _recipe(tmp_path, activation_checkpointing=True), *common, "--output-dir",
-                   str(tmp_path / "ac")])
+    ac = _trainer(
+        ["--config", _recipe(tmp_path, activation_checkpointing=True), *common, "--output-dir", str(tmp_path / "ac")]
+    )
     assert any(getattr(m, "gradient_checkpointing", False) for m in ac.engine.module.modules())
     ac.fit()
     losses = [[m["loss"] for m in metrics(tmp_path / run)[0]] for run in ("plain", "ac")]
@@ -167,9 +184,21 @@ def test_activation_checkpointing_in_a_real_run_gives_the_same_losses(prepared_s
 
 
 def test_on_nonfinite_stop_ends_the_run_at_the_first_nan(prepared_stdlib, tmp_path):
-    trainer = _trainer(["--config", _recipe(tmp_path, on_nonfinite="stop"), "--data", str(prepared_stdlib),
-                        "--output-dir", str(tmp_path / "run"), "--max-steps", "5", "--eval-every", "0"],
-                       FaultPlan(nan_loss_at=[2]))
+    trainer = _trainer(
+        [
+            "--config",
+            _recipe(tmp_path, on_nonfinite="stop"),
+            "--data",
+            str(prepared_stdlib),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "5",
+            "--eval-every",
+            "0",
+        ],
+        FaultPlan(nan_loss_at=[2]),
+    )
     with pytest.raises(TrainingStopped, match="non-finite loss at step 2.*on_nonfinite is 'stop'"):
         trainer.fit()
     assert trainer.state.step == 1
@@ -196,6 +225,7 @@ class HostReads:
                 if f"{os.sep}pretrain{os.sep}" in sys._getframe(1).f_code.co_filename:
                     counter.count += 1
                 return original(tensor, *args, **kwargs)
+
             return read
 
         for name, original in self._saved.items():
@@ -213,8 +243,18 @@ def test_with_gradient_accumulation_a_step_reads_the_host_once_and_a_nan_loss_sk
     and the LR after it are those after step 1, all four micro-batches are consumed, and step 3
     trains normally. With on_nonfinite=stop the run stops there instead."""
     recipe = _recipe(tmp_path, micro_batch_size=2, gradient_accumulation_steps=4)
-    common = ["--config", recipe, "--data", str(prepared_stdlib), "--max-steps", "5", "--eval-every", "0",
-              "--checkpoint-every", "0"]
+    common = [
+        "--config",
+        recipe,
+        "--data",
+        str(prepared_stdlib),
+        "--max-steps",
+        "5",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
     clean = _trainer([*common, "--output-dir", str(tmp_path / "clean")])
     clean.train_step(log=False)
     faulty = _trainer([*common, "--output-dir", str(tmp_path / "faulty")], FaultPlan(nan_loss_at=[2]))
@@ -233,12 +273,22 @@ def test_with_gradient_accumulation_a_step_reads_the_host_once_and_a_nan_loss_sk
     third = faulty.train_step(log=True)
     assert third["grad_norm"] is not None and third["grad_norm"] > 0 and third["loss"] == third["loss"]
 
-    stop = _trainer(["--config", _recipe(tmp_path, micro_batch_size=2, gradient_accumulation_steps=4,
-                                         on_nonfinite="stop"), *common[2:], "--output-dir", str(tmp_path / "stop")],
-                    FaultPlan(nan_loss_at=[2]))
+    stop = _trainer(
+        [
+            "--config",
+            _recipe(tmp_path, micro_batch_size=2, gradient_accumulation_steps=4, on_nonfinite="stop"),
+            *common[2:],
+            "--output-dir",
+            str(tmp_path / "stop"),
+        ],
+        FaultPlan(nan_loss_at=[2]),
+    )
     stop.train_step(log=False)
-    with pytest.raises(TrainingStopped, match=r"non-finite loss at step 2 in 1 micro-batch\(es\) of 4 x 1 rank.*"
-                                              r"on_nonfinite is 'stop'"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"non-finite loss at step 2 in 1 micro-batch\(es\) of 4 x 1 rank.*"
+        r"on_nonfinite is 'stop'",
+    ):
         stop.train_step(log=False)
     assert stop.state.step == 1 and stop.engine.skipped_steps == 1
 
@@ -256,14 +306,29 @@ def test_a_resume_with_another_micro_batch_size_and_worker_count_is_exact(tiny_c
     trace = tmp_path / "trace"
     trace.mkdir()
     out = ["--data", str(tiny_corpus), "--output-dir", str(tmp_path / "run"), "--eval-every", "0"]
-    first = _trainer(["--config", _recipe(tmp_path, data={"shuffle_buffer": 16}), *out, "--max-steps", "5"],
-                     FaultPlan(trace_dir=trace))
+    first = _trainer(
+        ["--config", _recipe(tmp_path, data={"shuffle_buffer": 16}), *out, "--max-steps", "5"],
+        FaultPlan(trace_dir=trace),
+    )
     first.fit()
     first.hooks.close()
     steps = 5 + -(-n // 8) + 3  # past the end of epoch 0 (8 sequences a step in both layouts)
-    second = _trainer(["--config", _recipe(tmp_path, micro_batch_size=4, gradient_accumulation_steps=2, peak_tflops=0.5,
-                                           data={"shuffle_buffer": 16, "num_workers": 2}),
-                       *out, "--max-steps", str(steps)], FaultPlan(trace_dir=trace))
+    second = _trainer(
+        [
+            "--config",
+            _recipe(
+                tmp_path,
+                micro_batch_size=4,
+                gradient_accumulation_steps=2,
+                peak_tflops=0.5,
+                data={"shuffle_buffer": 16, "num_workers": 2},
+            ),
+            *out,
+            "--max-steps",
+            str(steps),
+        ],
+        FaultPlan(trace_dir=trace),
+    )
     assert second.stream.state_dict()["data_history"] == [{"world": 1, "workers": 0, "micro": 8, "micro_batches": 5}]
     second.fit()
     second.hooks.close()
@@ -289,10 +354,29 @@ def test_a_weighted_mixture_of_corpora_logs_samples_by_source_and_resumes_exactl
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     more = [str(p) for p in files if 4_000 < p.stat().st_size < 12_000][-12:]
     second = tmp_path / "more"
-    assert prepare_text([*more, "--output", str(second), "--tokenizer", str(prepared_stdlib / "tokenizer"),
-                         "--seq-len", "64", "--val-fraction", "0.3", "--samples-per-shard", "20", "--no-progress"]) == 0
-    sources = [{"name": "stdlib", "urls": str(prepared_stdlib), "weight": 3.0},
-               {"name": "more", "urls": str(second), "weight": 1.0}]
+    assert (
+        prepare_text(
+            [
+                *more,
+                "--output",
+                str(second),
+                "--tokenizer",
+                str(prepared_stdlib / "tokenizer"),
+                "--seq-len",
+                "64",
+                "--val-fraction",
+                "0.3",
+                "--samples-per-shard",
+                "20",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    sources = [
+        {"name": "stdlib", "urls": str(prepared_stdlib), "weight": 3.0},
+        {"name": "more", "urls": str(second), "weight": 1.0},
+    ]
     recipe = _recipe(tmp_path, data={"sources": sources, "shuffle_buffer": 32})
     common = ["--config", recipe, "--eval-every", "0", "--checkpoint-every", "3"]
     _trainer([*common, "--output-dir", str(tmp_path / "ref"), "--max-steps", "6"]).fit()

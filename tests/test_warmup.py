@@ -1,5 +1,6 @@
 """Warmup as configured: the first optimizer step trains at lr/W (lr with no warmup), under every shipped
 DeepSpeed config, in the schedule functions and in a real engine's first step."""
+
 import json
 from pathlib import Path
 
@@ -45,8 +46,7 @@ def test_a_run_saved_under_deepspeeds_warmup_cosine_resumes_on_the_toolkit_sched
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     p = torch.nn.Parameter(torch.zeros(1))
-    old = WarmupCosineLR(torch.optim.SGD([p], lr=1e-3), total_num_steps=100, warmup_num_steps=10,
-                         warmup_type="linear")
+    old = WarmupCosineLR(torch.optim.SGD([p], lr=1e-3), total_num_steps=100, warmup_num_steps=10, warmup_type="linear")
     for _ in range(5):
         old.step()
     fn = lambda t: warmup_cosine(t, 1e-3, 1e-4, 10, 100)  # noqa: E731
@@ -86,8 +86,9 @@ def _bias_shift(trainer) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["ds_configs/zero2_fp32.json", "ds_configs/zero1_bf16.json"])
 @pytest.mark.parametrize("warmup", [20, 0])
-def test_the_first_optimizer_step_of_a_real_engine_trains_at_lr_over_w(world, prepared_stdlib, tmp_path, ds_config,
-                                                                        warmup):
+def test_the_first_optimizer_step_of_a_real_engine_trains_at_lr_over_w(
+    world, prepared_stdlib, tmp_path, ds_config, warmup
+):
     from pretrain.runtime.trainer import Trainer
     from pretrain.train import build_parser, prepare
 
@@ -96,9 +97,25 @@ def test_the_first_optimizer_step_of_a_real_engine_trains_at_lr_over_w(world, pr
     r["training"].update(warmup_steps=warmup, grad_clip=0.0, precision="bf16" if "bf16" in ds_config else "fp32")
     recipe = Path(tmp_path / "recipe.json")
     recipe.write_text(json.dumps(r))
-    args = build_parser().parse_args(["--config", str(recipe), "--data", str(prepared_stdlib), "--deepspeed_config",
-                                      ds_config, "--output-dir", str(tmp_path / "run"), "--max-steps", "50",
-                                      "--eval-every", "0", "--checkpoint-every", "0", "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(recipe),
+            "--data",
+            str(prepared_stdlib),
+            "--deepspeed_config",
+            ds_config,
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "50",
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+        ]
+    )
     trainer = Trainer(*prepare(args), args.resume, progress=False)
     trainer.setup()
     expected = 2e-3 / warmup if warmup else 2e-3

@@ -1,5 +1,6 @@
 """A run saved on 2 ranks resumes on 1 (DeepSpeed universal checkpoint) and then on 2 again; the
 data position is re-divided so that within an epoch no sample is lost or repeated."""
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -40,25 +41,66 @@ def test_two_ranks_to_one_and_back_loses_and_repeats_no_sample(small_data, tmp_p
     recipe["data"]["shuffle_buffer"] = 32  # epoch 0 ends soon after its last sample is read
     recipe["checkpoint"]["keep_last"] = None  # step 7's checkpoint is read after the 1-rank run ends
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    common = ["--config", str(tmp_path / "recipe.json"), "--data", str(small_data), "--output-dir", str(out), "--eval-every", "0",
-              "--no-progress"]
+    common = [
+        "--config",
+        str(tmp_path / "recipe.json"),
+        "--data",
+        str(small_data),
+        "--output-dir",
+        str(out),
+        "--eval-every",
+        "0",
+        "--no-progress",
+    ]
     steps_on_one = -(-n // 16) + 6  # past the end of epoch 0 and the buffer (16 sequences a step in both worlds)
 
-    run(deepspeed_cmd(2, [*traced, *common, "--deepspeed_config", "ds_configs/zero2_fp32.json", "--max-steps", "6",
-                          "--checkpoint-every", "6"], script=FAULTS))
+    run(
+        deepspeed_cmd(
+            2,
+            [
+                *traced,
+                *common,
+                "--deepspeed_config",
+                "ds_configs/zero2_fp32.json",
+                "--max-steps",
+                "6",
+                "--checkpoint-every",
+                "6",
+            ],
+            script=FAULTS,
+        )
+    )
     w6 = fp32_state_dict(resolve_checkpoint(str(out / "checkpoints" / "step_00000006")))
     last = 6 + steps_on_one
     # One launch on 1 rank; its checkpoint at step 7 shows what crossed from 2 ranks.
-    p = run(module_cmd("tests.faults", [*traced, *common, "--deepspeed_config", str(tmp_path / "gas2.json"),
-                                        "--checkpoint-every", "7", "--max-steps", str(last)]))
+    p = run(
+        module_cmd(
+            "tests.faults",
+            [
+                *traced,
+                *common,
+                "--deepspeed_config",
+                str(tmp_path / "gas2.json"),
+                "--checkpoint-every",
+                "7",
+                "--max-steps",
+                str(last),
+            ],
+        )
+    )
     assert "universal checkpoint" in p.stdout and "(2 -> 1 ranks)" in p.stdout
     # The weights (and Adam state) came across: one step later they have barely moved.
     w7 = fp32_state_dict(resolve_checkpoint(str(out / "checkpoints" / "step_00000007")))
     lr = metrics(out)[0][6]["lr"]
     moved = max(float((w7[k] - w6[k]).detach().abs().max()) for k in w6)
     assert 0 < moved <= 3 * lr, (moved, lr)
-    p = run(deepspeed_cmd(2, [*traced, *common, "--deepspeed_config", "ds_configs/zero2_fp32.json",
-                              "--max-steps", str(last + 5)], script=FAULTS))
+    p = run(
+        deepspeed_cmd(
+            2,
+            [*traced, *common, "--deepspeed_config", "ds_configs/zero2_fp32.json", "--max-steps", str(last + 5)],
+            script=FAULTS,
+        )
+    )
     assert "(1 -> 2 ranks)" in p.stdout
 
     ids = _trace(trace)

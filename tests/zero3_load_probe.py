@@ -7,6 +7,7 @@ rank writes REPORT_DIR/rank<r>.json: whether every parameter was already a ZeRO-
 elements it holds locally against the whole model's, and (gathered) whether every weight equals the
 init_from checkpoint's. Then the run goes on as `pretrain/train.py` would.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,18 @@ def _report(model: torch.nn.Module, init_from: str, out: Path) -> None:
             elif not torch.equal(p.detach().cpu(), saved[name]):
                 differ.append(name)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
-        {"partitioned": partitioned, "local_numel": local, "ds_numel": whole, "differ": differ, "missing": missing,
-         "world": dist.get_world_size()}))
+    (out / f"rank{dist.get_rank()}.json").write_text(
+        json.dumps(
+            {
+                "partitioned": partitioned,
+                "local_numel": local,
+                "ds_numel": whole,
+                "differ": differ,
+                "missing": missing,
+                "world": dist.get_world_size(),
+            }
+        )
+    )
 
 
 class ProbeTrainer(pretrain.runtime.trainer.Trainer):
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.runtime.trainer.Trainer = ProbeTrainer  # pretrain.train.main looks the class up when it runs
     from pretrain.train import main as train_main
 
-    return train_main(argv[split + 1:])
+    return train_main(argv[split + 1 :])
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ rank r the r-th run of micro. Its position is one number (global samples consume
 resumes exactly, on any number of ranks and with any micro-batch or worker count, without
 replaying anything. Augmentation draws from a generator seeded by (seed, position).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -48,8 +50,13 @@ SPLIT_DIRS = ("train", "val", "test")
 CLASSNAME_FILES = ("classnames.json", "classnames.txt")
 # OpenAI's selection of 7 of its 80 ImageNet prompts (the CLIP repository's prompt-engineering notebook).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
 )
 
 
@@ -81,8 +88,11 @@ def read_classnames(path: str | Path, folders: Sequence[str]) -> tuple[list[str]
             raise FolderError(f"class-name file {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
         if isinstance(doc, dict) and "classnames" in doc:
             templates = doc.get("templates")
-            if templates is not None and (not isinstance(templates, list) or not templates
-                                          or not all(isinstance(t, str) and "{}" in t for t in templates)):
+            if templates is not None and (
+                not isinstance(templates, list)
+                or not templates
+                or not all(isinstance(t, str) and "{}" in t for t in templates)
+            ):
                 raise FolderError(f"class-name file {path}: 'templates' must be a non-empty list of strings with {{}}")
             doc = doc["classnames"]
         if isinstance(doc, dict):
@@ -90,8 +100,10 @@ def read_classnames(path: str | Path, folders: Sequence[str]) -> tuple[list[str]
         elif isinstance(doc, list) and all(isinstance(n, str) for n in doc):
             names = _positional(path, doc, folders)
         else:
-            raise FolderError(f"class-name file {path}: expected a list of names, an object folder -> name, or "
-                              "{\"classnames\": ..., \"templates\": [...]}")
+            raise FolderError(
+                f"class-name file {path}: expected a list of names, an object folder -> name, or "
+                '{"classnames": ..., "templates": [...]}'
+            )
         return names, templates
     lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     known = set(folders)
@@ -112,8 +124,10 @@ def _mapped(path: Path, mapping: dict, folders: Sequence[str]) -> list[str]:
 
 def _positional(path: Path, names: list[str], folders: Sequence[str]) -> list[str]:
     if len(names) != len(folders):
-        raise FolderError(f"class-name file {path}: {len(names)} names for {len(folders)} class folders (one name "
-                          "per class folder in sorted order, or 'FOLDER NAME' lines)")
+        raise FolderError(
+            f"class-name file {path}: {len(names)} names for {len(folders)} class folders (one name "
+            "per class folder in sorted order, or 'FOLDER NAME' lines)"
+        )
     return [n.strip() for n in names]
 
 
@@ -130,21 +144,24 @@ class ImageFolder:
     fetch = None  # local files
     sources = None
 
-    def __init__(self, root: str | Path, classnames: str | Path | None = None, val_fraction: float = 0.1,
-                 seed: int = 0):
+    def __init__(
+        self, root: str | Path, classnames: str | Path | None = None, val_fraction: float = 0.1, seed: int = 0
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FolderError(f"image folder {self.root}: not a directory")
         self.val_fraction, self.seed = val_fraction, seed
         split_dirs = [d for d in SPLIT_DIRS if (self.root / d).is_dir()]
         # ROOT/train/<class>/... is the split layout unless "train" is itself a class of images
-        self.split_layout = bool(split_dirs) and not any(_is_image(p) for d in split_dirs
-                                                         for p in (self.root / d).iterdir())
+        self.split_layout = bool(split_dirs) and not any(
+            _is_image(p) for d in split_dirs for p in (self.root / d).iterdir()
+        )
         tops = [self.root / d for d in split_dirs] if self.split_layout else [self.root]
         self.folders = sorted({d.name for top in tops for d in _class_dirs(top)})
         if not self.folders:
-            raise FolderError(f"image folder {self.root}: no class folders (expected ROOT/<class>/*.jpg or "
-                              "ROOT/train/<class>/*.jpg)")
+            raise FolderError(
+                f"image folder {self.root}: no class folders (expected ROOT/<class>/*.jpg or ROOT/train/<class>/*.jpg)"
+            )
         if classnames is None:
             classnames = next((self.root / n for n in CLASSNAME_FILES if (self.root / n).is_file()), None)
         self.classnames_file = Path(classnames) if classnames is not None else None
@@ -185,8 +202,11 @@ class ImageFolder:
     def _scan(self, split: str) -> list[tuple[str, int]]:
         label = {f: i for i, f in enumerate(self.folders)}
         if self.split_layout:
-            tops = ([self.root / d for d in SPLIT_DIRS if (self.root / d).is_dir()] if split == "all"
-                    else [self.root / split])
+            tops = (
+                [self.root / d for d in SPLIT_DIRS if (self.root / d).is_dir()]
+                if split == "all"
+                else [self.root / split]
+            )
         else:
             tops = [self.root]
         out = []
@@ -218,8 +238,9 @@ class _Images(torch.utils.data.Dataset):
         path, label = self.files[index]
         try:
             with open(path, "rb") as f:
-                pixels = self.view(self.view.decode(f.read()),
-                                   random.Random(stable_seed(self.seed, "augment", position)))
+                pixels = self.view(
+                    self.view.decode(f.read()), random.Random(stable_seed(self.seed, "augment", position))
+                )
         except Exception as exc:  # noqa: BLE001 - a bad file is bad data, never a reason to stop
             self.skips.add("undecodable", f"{path}: {type(exc).__name__}: {exc}")
             return None, label, position
@@ -235,10 +256,17 @@ def _collate(items: list, images: _Images) -> Batch:
     pixels = torch.stack([p for p, _, _ in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     info = torch.utils.data.get_worker_info()
     # counters travel with the batch: DataLoader workers are other processes
-    return Batch({"pixel_values": pixels, "labels": torch.tensor([y for _, y, _ in good], dtype=torch.long)},
-                 {"positions": [pos for _, _, pos in good],
-                  "stats": {"slot": info.id if info is not None else 0, "read": images.read,
-                            "skipped": dict(images.skips.counts)}})
+    return Batch(
+        {"pixel_values": pixels, "labels": torch.tensor([y for _, y, _ in good], dtype=torch.long)},
+        {
+            "positions": [pos for _, _, pos in good],
+            "stats": {
+                "slot": info.id if info is not None else 0,
+                "read": images.read,
+                "skipped": dict(images.skips.counts),
+            },
+        },
+    )
 
 
 @dataclass
@@ -271,8 +299,12 @@ class ClassCaptions:
     def __call__(self, labels: Sequence[int], positions: Sequence[int]) -> dict[str, torch.Tensor]:
         from data_pipelines.image.loader import tokenize_captions
 
-        texts = [self.templates[random.Random(stable_seed(self.seed, "caption", p)).randrange(len(self.templates))]
-                 .format(self.names[y]) for y, p in zip(labels, positions)]
+        texts = [
+            self.templates[random.Random(stable_seed(self.seed, "caption", p)).randrange(len(self.templates))].format(
+                self.names[y]
+            )
+            for y, p in zip(labels, positions)
+        ]
         return tokenize_captions(self.tokenizer, texts, self.context_length)
 
 
@@ -284,9 +316,21 @@ class FolderTrainStream:
     class caption, and keep ``batch_size`` rows (a contrastive loss gathers equal rows from every
     rank) by repeating decodable rows in place of undecodable ones."""
 
-    def __init__(self, folder: ImageFolder, split: str, batch_size: int, image_size: int, rank: int = 0,
-                 world_size: int = 1, *, seed: int = 0, num_workers: int = 0, augment: bool = True, flip: bool = True,
-                 captions: ClassCaptions | None = None):
+    def __init__(
+        self,
+        folder: ImageFolder,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int = 0,
+        num_workers: int = 0,
+        augment: bool = True,
+        flip: bool = True,
+        captions: ClassCaptions | None = None,
+    ):
         self.files = folder.files(split)
         if not self.files:
             raise FolderError(f"image folder {folder.root}: split {split!r} has no images")
@@ -308,8 +352,12 @@ class FolderTrainStream:
         return self.offset + self.micro_batches * self.batch_size * self.world_size
 
     def state_dict(self) -> dict:
-        return {**self.layout(), "micro_batches": self.micro_batches, "offset": self.offset,
-                "position": self.position()}
+        return {
+            **self.layout(),
+            "micro_batches": self.micro_batches,
+            "offset": self.offset,
+            "position": self.position(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
@@ -340,11 +388,17 @@ class FolderTrainStream:
     def _start(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return (_collate([self.images[i] for i in positions], self.images) for positions in self._batches())
-        return iter(torch.utils.data.DataLoader(self.images, batch_sampler=self._batches(),
-                                                num_workers=self.num_workers, prefetch_factor=4,
-                                                collate_fn=partial(_collate, images=self.images)))
+        return iter(
+            torch.utils.data.DataLoader(
+                self.images,
+                batch_sampler=self._batches(),
+                num_workers=self.num_workers,
+                prefetch_factor=4,
+                collate_fn=partial(_collate, images=self.images),
+            )
+        )
 
-    def __iter__(self) -> "FolderTrainStream":
+    def __iter__(self) -> FolderTrainStream:
         return self
 
     def __next__(self) -> dict:
@@ -355,8 +409,9 @@ class FolderTrainStream:
         if self.captions is not None:
             n = len(positions)
             if n == 0:
-                raise FolderError(f"rank {self.rank}: no image of a whole batch could be decoded "
-                                  f"(first: {self.skips.examples[:1]})")
+                raise FolderError(
+                    f"rank {self.rank}: no image of a whole batch could be decoded (first: {self.skips.examples[:1]})"
+                )
             fill = [i % n for i in range(self.batch_size)]
             batch["pixel_values"], batch["labels"] = batch["pixel_values"][fill], batch["labels"][fill]
             positions = [positions[i] for i in fill]
@@ -368,9 +423,16 @@ class FolderTrainStream:
         return batch
 
 
-def folder_eval_batches(folder: ImageFolder, split: str, batch_size: int, image_size: int, rank: int = 0,
-                        world_size: int = 1, max_samples: int | None = None,
-                        stats: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def folder_eval_batches(
+    folder: ImageFolder,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_samples: int | None = None,
+    stats: dict[str, int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """The split's first ``max_samples`` images (in `ImageFolder.files` order), image i on rank
     i % world_size, centre-cropped: batches of ``pixel_values``, ``labels``, ``weight`` (0 for
     padding and undecodable rows) and ``index``. Every rank yields the same number of batches of
@@ -393,10 +455,12 @@ def folder_eval_batches(folder: ImageFolder, split: str, batch_size: int, image_
             template = template if template is not None else pixels
             rows.append((pixels, label, i))
         batch_pixels = torch.stack([p if p is not None else template for p, _, _ in rows])
-        yield {"pixel_values": normalize_batch(batch_pixels),
-               "labels": torch.tensor([y for _, y, _ in rows], dtype=torch.long),
-               "weight": torch.tensor([float(p is not None) for p, _, _ in rows]),
-               "index": torch.tensor([i if p is not None else -1 for p, _, i in rows], dtype=torch.long)}
+        yield {
+            "pixel_values": normalize_batch(batch_pixels),
+            "labels": torch.tensor([y for _, y, _ in rows], dtype=torch.long),
+            "weight": torch.tensor([float(p is not None) for p, _, _ in rows]),
+            "index": torch.tensor([i if p is not None else -1 for p, _, i in rows], dtype=torch.long),
+        }
     if stats is not None:
         for reason, count in skips.counts.items():
             stats[reason] = stats.get(reason, 0) + count

@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,9 @@ def _appends_eos(tokenizer: Any) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
-def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: int,
-                      appends_eos: bool | None = None) -> dict[str, torch.Tensor]:
+def tokenize_captions(
+    tokenizer: Any, captions: Sequence[str], context_length: int, appends_eos: bool | None = None
+) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask`, long (B, context_length), padded on the right.
 
     Tokenizers that end every text with eos themselves (CLIP's) are called as
@@ -100,11 +102,13 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str], context_length: i
     if appends_eos is None:
         appends_eos = _appends_eos(tokenizer)
     if appends_eos:
-        enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=context_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
-    encoded = tokenizer(list(captions), truncation=True, max_length=max(context_length - 1, 1),
-                        return_attention_mask=False)["input_ids"]
+    encoded = tokenizer(
+        list(captions), truncation=True, max_length=max(context_length - 1, 1), return_attention_mask=False
+    )["input_ids"]
     # Filled in numpy, one tensor per batch (not one per caption).
     ids = np.full((len(encoded), context_length), int(tokenizer.pad_token_id), dtype=np.int64)
     mask = np.zeros((len(encoded), context_length), dtype=np.int64)
@@ -148,8 +152,9 @@ def sample_label(sample: dict) -> int:
     return label if isinstance(label, int) and not isinstance(label, bool) else -1
 
 
-def _try_decode(sample: dict, log: SkipLog,
-                decode: Callable[[dict], tuple[Any, str]] = decode_sample) -> tuple[Any, str] | None:
+def _try_decode(
+    sample: dict, log: SkipLog, decode: Callable[[dict], tuple[Any, str]] = decode_sample
+) -> tuple[Any, str] | None:
     try:
         return decode(sample)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad data, never a reason to stop
@@ -178,10 +183,24 @@ class ImageTextTrainStream(EpochStream):
 
     DECODE_EARLY = False
 
-    def __init__(self, data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
-                 image_size: int, rank: int = 0, world_size: int = 1, *, augment: bool = True, flip: bool = True,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), decoder: str = "auto", normalize: bool = True,
-                 **options):
+    def __init__(
+        self,
+        data: ImageTextShards,
+        split: str,
+        batch_size: int,
+        tokenizer: Any,
+        context_length: int,
+        image_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        augment: bool = True,
+        flip: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        decoder: str = "auto",
+        normalize: bool = True,
+        **options,
+    ):
         super().__init__(data, split, batch_size, rank, world_size, **options)
         self.normalize = normalize
         self.tokenizer = prepare_tokenizer(tokenizer)
@@ -210,22 +229,39 @@ class ImageTextTrainStream(EpochStream):
         # it in the consuming process.
         if self.normalize and torch.utils.data.get_worker_info() is None:
             pixels = normalize_batch(pixels)
-        return {"pixel_values": pixels,
-                **tokenize_captions(self.tokenizer, [caption for _, caption in items], self.context_length,
-                                    self.appends_eos)}
+        return {
+            "pixel_values": pixels,
+            **tokenize_captions(
+                self.tokenizer, [caption for _, caption in items], self.context_length, self.appends_eos
+            ),
+        }
 
     def finish(self, batch: dict) -> dict:
         if self.normalize and batch["pixel_values"].dtype == torch.uint8:
             batch["pixel_values"] = normalize_batch(batch["pixel_values"])
         return batch
 
-    def replica(self, batch_size, rank, world_size, num_workers, history) -> "ImageTextTrainStream":
-        return ImageTextTrainStream(self.data, self.split, batch_size, self.tokenizer, self.context_length,
-                                    self.image_size, rank, world_size, augment=self.augment, flip=self.flip,
-                                    crop_scale=self.crop_scale, decoder=self.decoder, normalize=self.normalize,
-                                    seed=self.seed,
-                                    shuffle_buffer=self.buffer, num_workers=num_workers, history=history,
-                                    sources=self.sources)
+    def replica(self, batch_size, rank, world_size, num_workers, history) -> ImageTextTrainStream:
+        return ImageTextTrainStream(
+            self.data,
+            self.split,
+            batch_size,
+            self.tokenizer,
+            self.context_length,
+            self.image_size,
+            rank,
+            world_size,
+            augment=self.augment,
+            flip=self.flip,
+            crop_scale=self.crop_scale,
+            decoder=self.decoder,
+            normalize=self.normalize,
+            seed=self.seed,
+            shuffle_buffer=self.buffer,
+            num_workers=num_workers,
+            history=history,
+            sources=self.sources,
+        )
 
 
 def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -242,19 +278,48 @@ def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=dtype)
 
 
-def image_text_train_loader(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
-                            image_size: int, rank: int = 0, world_size: int = 1, *, num_workers: int = 0,
-                            **options) -> TrainStream:
+def image_text_train_loader(
+    data: ImageTextShards,
+    split: str,
+    batch_size: int,
+    tokenizer: Any,
+    context_length: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    num_workers: int = 0,
+    **options,
+) -> TrainStream:
     """An endless, stateful iterator of training batches (DataLoader worker processes when
     num_workers > 0); ``options`` are ImageTextTrainStream's (seed, augment, flip, history, ...)."""
-    ds = ImageTextTrainStream(data, split, batch_size, tokenizer, context_length, image_size, rank, world_size,
-                              num_workers=num_workers, **options)
+    ds = ImageTextTrainStream(
+        data,
+        split,
+        batch_size,
+        tokenizer,
+        context_length,
+        image_size,
+        rank,
+        world_size,
+        num_workers=num_workers,
+        **options,
+    )
     return TrainStream(ds, num_workers)
 
 
-def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, tokenizer: Any, context_length: int,
-                            image_size: int, rank: int = 0, world_size: int = 1, max_samples: int | None = None,
-                            stats: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def image_text_eval_batches(
+    data: ImageTextShards,
+    split: str,
+    batch_size: int,
+    tokenizer: Any,
+    context_length: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_samples: int | None = None,
+    stats: dict[str, int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """The split's first ``max_samples`` samples, sample i on rank i % world_size, in order,
     centre-cropped, as batches of ``pixel_values``, ``input_ids``, ``attention_mask``,
     ``weight`` (float; 0 for padding and undecodable rows), ``label`` (long; -1 when the sample
@@ -274,18 +339,24 @@ def image_text_eval_batches(data: ImageTextShards, split: str, batch_size: int, 
     caption_key = data.caption_key
 
     def row(i: int, sample: dict, mine: bool) -> Row | None:
-        decoded = (_try_decode(sample, bad, lambda s: decode_sample(s, caption_key)) if mine
-                   else _quiet_decode(sample, caption_key))
+        decoded = (
+            _try_decode(sample, bad, lambda s: decode_sample(s, caption_key))
+            if mine
+            else _quiet_decode(sample, caption_key)
+        )
         if decoded is None:
             return None
         return eval_transform(decoded[0], image_size), decoded[1], sample_label(sample), i
 
     def collate(rows: list[Row | None], template: Row) -> dict[str, torch.Tensor]:
         pixels, captions, _, _ = zip(*(template if r is None else r for r in rows))
-        return {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, captions, context_length),
-                "weight": torch.tensor([0.0 if r is None else 1.0 for r in rows], dtype=torch.float32),
-                "label": torch.tensor([-1 if r is None else r[2] for r in rows], dtype=torch.long),
-                "index": torch.tensor([-1 if r is None else r[3] for r in rows], dtype=torch.long)}
+        return {
+            "pixel_values": torch.stack(pixels),
+            **tokenize_captions(tokenizer, captions, context_length),
+            "weight": torch.tensor([0.0 if r is None else 1.0 for r in rows], dtype=torch.float32),
+            "label": torch.tensor([-1 if r is None else r[2] for r in rows], dtype=torch.long),
+            "index": torch.tensor([-1 if r is None else r[3] for r in rows], dtype=torch.long),
+        }
 
     samples = read_checked(data.shards(split), bad, data.shard_samples(split), data.keep(split))
     for rows, template in share.read(samples, row):

@@ -10,8 +10,9 @@ import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from data_pipelines import cli, node_parts
 
@@ -71,8 +72,9 @@ def _drop_samples(shard: Path, keys: set[str]) -> None:
         Path(scratch.name).unlink(missing_ok=True)
 
 
-def without_duplicates(directory: Path, parts: list[dict[str, Any]],
-                       duplicates: list[tuple[int, list[str]]]) -> list[dict[str, Any]]:
+def without_duplicates(
+    directory: Path, parts: list[dict[str, Any]], duplicates: list[tuple[int, list[str]]]
+) -> list[dict[str, Any]]:
     """Copies of the parts with the duplicates taken out of their shards (rewritten on disk; a
     shard left empty is deleted and unlisted) and their counts."""
     parts = json.loads(json.dumps(parts))

@@ -26,12 +26,13 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from data_pipelines import cli, node_parts
-from data_pipelines.image.node_duplicates import cross_node_duplicates, kept_path, without_duplicates
+from data_pipelines.image.node_duplicates import kept_path
 from data_pipelines.image.process import ImageOptions, Processed, process_chunk, process_image
 from data_pipelines.image.sources import (
     DEFAULT_CAPTION_FIELDS,
@@ -99,14 +100,19 @@ class PrepareImageConfig(cli.CorpusConfig):
             found.append("--max-caption-chars must be >= 1")
         found += cli.node_problems(self.num_nodes, self.node_rank)
         if self.num_nodes > 1 and self.vocab_size is not None:
-            found.append("--num-nodes > 1 cannot train a caption tokenizer (--vocab-size) on the captions of "
-                         "every node: pass --tokenizer, or neither flag")
+            found.append(
+                "--num-nodes > 1 cannot train a caption tokenizer (--vocab-size) on the captions of "
+                "every node: pass --tokenizer, or neither flag"
+            )
         return found + super().problems()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.command_parser(PROG, "Decode, filter, resize and re-encode image-caption pairs into JPEG "
-                                "WebDataset shards split into train/val/test.")
+    parser = cli.command_parser(
+        PROG,
+        "Decode, filter, resize and re-encode image-caption pairs into JPEG "
+        "WebDataset shards split into train/val/test.",
+    )
     cli.add_corpus_flags(
         parser,
         "img2dataset output folders or .tar shards (with their .parquet and _stats.json), "
@@ -118,22 +124,43 @@ def build_parser() -> argparse.ArgumentParser:
         "with neither flag the manifest names no tokenizer and the recipe must",
     )
     parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="output image side in pixels")
-    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop",
-                        help="center_crop: shorter side to --image-size, then crop the centre square; "
-                        "keep_ratio: fit inside the square and pad with black; no: keep the size")
+    parser.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="center_crop",
+        help="center_crop: shorter side to --image-size, then crop the centre square; "
+        "keep_ratio: fit inside the square and pad with black; no: keep the size",
+    )
     parser.add_argument("--jpeg-quality", type=int, metavar="Q", default=90, help="quality of the re-encoded JPEGs")
-    parser.add_argument("--min-image-size", type=int, metavar="PX", default=16,
-                        help="skip images whose shorter side is smaller (reason 'too_small')")
-    parser.add_argument("--max-caption-chars", type=int, metavar="N", default=1000,
-                        help="skip captions longer than this (reason 'caption_too_long')")
-    parser.add_argument("--image-field", metavar="COLUMN",
-                        help=f"table column of image paths (default: the first of {', '.join(DEFAULT_IMAGE_FIELDS)})")
-    parser.add_argument("--caption-field", metavar="COLUMN",
-                        help=f"table column of captions (default: the first of {', '.join(DEFAULT_CAPTION_FIELDS)})")
+    parser.add_argument(
+        "--min-image-size",
+        type=int,
+        metavar="PX",
+        default=16,
+        help="skip images whose shorter side is smaller (reason 'too_small')",
+    )
+    parser.add_argument(
+        "--max-caption-chars",
+        type=int,
+        metavar="N",
+        default=1000,
+        help="skip captions longer than this (reason 'caption_too_long')",
+    )
+    parser.add_argument(
+        "--image-field",
+        metavar="COLUMN",
+        help=f"table column of image paths (default: the first of {', '.join(DEFAULT_IMAGE_FIELDS)})",
+    )
+    parser.add_argument(
+        "--caption-field",
+        metavar="COLUMN",
+        help=f"table column of captions (default: the first of {', '.join(DEFAULT_CAPTION_FIELDS)})",
+    )
     cli.add_fraction_flags(parser, 0.01, "fraction of samples assigned to the {split} split by image hash")
     cli.add_sharding_flags(parser, 1000, "image")
-    cli.add_node_flags(parser, "every N-th sample in input order on each node; duplicates across nodes are "
-                               "dropped by prepare-merge")
+    cli.add_node_flags(
+        parser, "every N-th sample in input order on each node; duplicates across nodes are dropped by prepare-merge"
+    )
     cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide the progress bar")
     return parser
 
@@ -166,8 +193,14 @@ def _entries(specs: list[ImageInputSpec], config: PrepareImageConfig) -> Iterato
             if not caption:
                 yield _Entry(index, record, "empty_caption", "caption is empty", caption, ordinal)
             elif len(caption) > config.max_caption_chars:
-                yield _Entry(index, record, "caption_too_long",
-                             f"{len(caption)} characters > {config.max_caption_chars}", caption, ordinal)
+                yield _Entry(
+                    index,
+                    record,
+                    "caption_too_long",
+                    f"{len(caption)} characters > {config.max_caption_chars}",
+                    caption,
+                    ordinal,
+                )
             else:
                 yield _Entry(index, record, None, "", caption, ordinal)
 
@@ -194,12 +227,16 @@ def _task(chunk: list[_Entry], opts: ImageOptions) -> tuple[ImageOptions, list[t
 def _chunk_bytes(chunk: list[_Entry]) -> int:
     """The image bytes a chunk carries to its worker (files read there count as nothing: what
     waits in memory for them is their small result)."""
-    return sum(len(e.record.data) for e in chunk  # type: ignore[union-attr]
-               if e.reason is None and e.record.data is not None)  # type: ignore[union-attr]
+    return sum(
+        len(e.record.data)
+        for e in chunk  # type: ignore[union-attr]
+        if e.reason is None and e.record.data is not None
+    )  # type: ignore[union-attr]
 
 
-def _processed(entries: Iterable[_Entry], opts: ImageOptions, workers: int,
-               on_pool: Callable[[], Any] | None = None) -> Iterator[tuple[_Entry, Processed | None]]:
+def _processed(
+    entries: Iterable[_Entry], opts: ImageOptions, workers: int, on_pool: Callable[[], Any] | None = None
+) -> Iterator[tuple[_Entry, Processed | None]]:
     """(entry, result) in input order; result is None for entries rejected up front.
 
     With workers > 1 the chunks go through `ordered_map` (a bounded window, results in
@@ -251,12 +288,14 @@ class SplitWriters:
 
     def write(self, split: str, jpeg: bytes, caption: str, meta: dict[str, Any]) -> None:
         writer = self.writers[split]
-        writer.write({
-            "__key__": self.key(split),
-            "jpg": jpeg,
-            "txt": caption.encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-        })
+        writer.write(
+            {
+                "__key__": self.key(split),
+                "jpg": jpeg,
+                "txt": caption.encode("utf-8"),
+                "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+            }
+        )
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -288,8 +327,13 @@ def _background_imports(config: PrepareImageConfig) -> BackgroundImports:
     return BackgroundImports(*steps)
 
 
-def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
-                  console: cli.Console, kept: TextIO | None = None) -> SplitWriters:
+def _write_shards(
+    config: PrepareImageConfig,
+    specs: list[ImageInputSpec],
+    report: ScanReport,
+    console: cli.Console,
+    kept: TextIO | None = None,
+) -> SplitWriters:
     """Every (this node's) sample into the split shards; with `kept`, a line per sample written
     (see node_duplicates.KEPT_COLUMNS) for prepare-merge's duplicate check across nodes."""
     writers = SplitWriters(config.output, config.samples_per_shard, config.node_rank if config.num_nodes > 1 else None)
@@ -299,8 +343,7 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
     imports = _background_imports(config)
     with console.bar(unit="img", desc="images") as bar:
         try:
-            for entry, result in _processed(entries, config.image_options, config.workers,
-                                            on_pool=imports.start):
+            for entry, result in _processed(entries, config.image_options, config.workers, on_pool=imports.start):
                 record = entry.record
                 count = record.count if isinstance(record, Skip) else 1
                 bar.update(count)
@@ -310,19 +353,28 @@ def _write_shards(config: PrepareImageConfig, specs: list[ImageInputSpec], repor
                     report.skip(entry.input_index, record.source, result.reason, result.detail)
                 elif result.sha256 in seen_bytes or result.pixels in seen_pixels:
                     same = "bytes" if result.sha256 in seen_bytes else "pixels"
-                    report.skip(entry.input_index, record.source, "duplicate_image",
-                                f"same image {same} as an earlier sample")
+                    report.skip(
+                        entry.input_index, record.source, "duplicate_image", f"same image {same} as an earlier sample"
+                    )
                 else:
                     seen_bytes.add(result.sha256)
                     seen_pixels.add(result.pixels)
                     assert isinstance(record, Item)
                     split = assign_split(result.sha256, config.val_fraction, config.test_fraction, config.seed)
-                    meta = {"key": record.key, "source": record.source, "width": result.width,
-                            "height": result.height, "resized_width": result.resized_width,
-                            "resized_height": result.resized_height, **(record.extra or {})}
+                    meta = {
+                        "key": record.key,
+                        "source": record.source,
+                        "width": result.width,
+                        "height": result.height,
+                        "resized_width": result.resized_width,
+                        "resized_height": result.resized_height,
+                        **(record.extra or {}),
+                    }
                     if kept is not None:
-                        kept.write(f"{entry.ordinal}\t{entry.input_index}\t{result.sha256.hex()}\t"
-                                   f"{result.pixels.hex()}\t{split}\t{writers.key(split)}\n")
+                        kept.write(
+                            f"{entry.ordinal}\t{entry.input_index}\t{result.sha256.hex()}\t"
+                            f"{result.pixels.hex()}\t{split}\t{writers.key(split)}\n"
+                        )
                     writers.write(split, result.jpeg, entry.caption, meta)
                     report.inputs[entry.input_index].documents += 1
                 bar.set_postfix_str(f"kept={writers.total():,} rejected={report.skipped_total:,}", refresh=False)
@@ -340,22 +392,29 @@ def train_captions(output: Path, shards: list[str]) -> Iterator[str]:
         yield sample["txt"].decode("utf-8")
 
 
-def _tokenizer(config: PrepareImageConfig, external: Any, splits: dict[str, Any],
-               console: cli.Console) -> dict[str, Any] | None:
+def _tokenizer(
+    config: PrepareImageConfig, external: Any, splits: dict[str, Any], console: cli.Console
+) -> dict[str, Any] | None:
     """The caption tokenizer saved with the data: the user's, one trained on the train captions, or none."""
     tokenizer = external
     if tokenizer is None and config.vocab_size is not None:
         if not splits["train"]["samples"]:
             raise cli.UsageError("no train samples to train a caption tokenizer on")
-        tokenizer = train_bpe_tokenizer(train_captions(config.output, splits["train"]["shards"]), config.vocab_size,
-                                        show_progress=console.bars)
+        tokenizer = train_bpe_tokenizer(
+            train_captions(config.output, splits["train"]["shards"]), config.vocab_size, show_progress=console.bars
+        )
     if tokenizer is None:
         return None
     return cli.tokenizer_manifest(cli.save_tokenizer_copy(tokenizer, config.output), config.tokenizer)
 
 
-def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], report: ScanReport,
-                   splits: dict[str, Any], tokenizer: dict[str, Any] | None) -> dict[str, Any]:
+def build_manifest(
+    config: PrepareImageConfig,
+    specs: list[ImageInputSpec],
+    report: ScanReport,
+    splits: dict[str, Any],
+    tokenizer: dict[str, Any] | None,
+) -> dict[str, Any]:
     return {
         "kind": KIND,
         "version": MANIFEST_VERSION,
@@ -366,8 +425,10 @@ def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], repo
         "min_image_size": config.min_image_size,
         "max_caption_chars": config.max_caption_chars,
         **config.split_manifest(),
-        "inputs": [{"path": stats.path, "format": spec.format, "samples": stats.documents, "rejected": stats.skipped}
-                   for spec, stats in zip(specs, report.inputs)],
+        "inputs": [
+            {"path": stats.path, "format": spec.format, "samples": stats.documents, "rejected": stats.skipped}
+            for spec, stats in zip(specs, report.inputs)
+        ],
         "splits": splits,
         "rejected": report.to_manifest(),
         "tokenizer": tokenizer,
@@ -377,8 +438,10 @@ def build_manifest(config: PrepareImageConfig, specs: list[ImageInputSpec], repo
 def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> str:
     total = sum(s["samples"] for s in manifest["splits"].values())
     rate = total / seconds if seconds > 0 else 0.0
-    lines = [f"{manifest['created_by']}: wrote {output} in {seconds:.1f}s ({total:,} samples, {rate:,.0f} img/s, "
-             f"{manifest['image_size']} px, resize {manifest['resize_mode']})"]
+    lines = [
+        f"{manifest['created_by']}: wrote {output} in {seconds:.1f}s ({total:,} samples, {rate:,.0f} img/s, "
+        f"{manifest['image_size']} px, resize {manifest['resize_mode']})"
+    ]
     lines.append(f"  {'split':<6}{'samples':>12}{'shards':>8}")
     for split, s in manifest["splits"].items():
         lines.append(f"  {split:<6}{s['samples']:>12,}{len(s['shards']):>8}")
@@ -386,8 +449,11 @@ def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> st
     reasons = cli.reason_counts(rejected["by_reason"], ",")
     lines.append(f"  rejected {rejected['total']:,}" + (f": {reasons}" if reasons else ""))
     tok = manifest["tokenizer"]
-    lines.append("  tokenizer: none (the recipe must name one)" if tok is None else
-                 f"  tokenizer: {tok['path']} (vocab {tok['vocab_size']}, {'trained' if tok['trained'] else 'copied'})")
+    lines.append(
+        "  tokenizer: none (the recipe must name one)"
+        if tok is None
+        else f"  tokenizer: {tok['path']} (vocab {tok['vocab_size']}, {'trained' if tok['trained'] else 'copied'})"
+    )
     return "\n".join(lines)
 
 
@@ -414,8 +480,9 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
     writers = _write_shards(config, specs, report, console)
     if writers.total() == 0:
         reasons = cli.reason_counts(report.by_reason)
-        raise cli.UsageError("no usable image-text pairs in the inputs"
-                             + (f" (rejected: {reasons})" if reasons else ""))
+        raise cli.UsageError(
+            "no usable image-text pairs in the inputs" + (f" (rejected: {reasons})" if reasons else "")
+        )
     splits = writers.to_manifest()
     manifest = build_manifest(config, specs, report, splits, _tokenizer(config, external, splits, console))
     write_sizes(config.output, manifest)  # OpenCLIP's shard index, so it needs no --train-num-samples
@@ -426,8 +493,9 @@ def run(config: PrepareImageConfig, out: TextIO | None = None, err: TextIO | Non
 # One node of several, and the merge (duplicates across nodes: data_pipelines.image.node_duplicates)
 
 
-def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external: Any,
-              console: cli.Console) -> dict[str, Any]:
+def _run_node(
+    config: PrepareImageConfig, specs: list[ImageInputSpec], external: Any, console: cli.Console
+) -> dict[str, Any]:
     """Every N-th candidate sample -> this node's shards, DIR/parts/node-RANK.kept.tsv and, last,
     DIR/parts/node-RANK.json (no manifest.json: `prepare-merge DIR` writes it once every node is done)."""
     node_parts.prepare_node_output(config.output, config.node_rank, config.overwrite)
@@ -445,16 +513,24 @@ def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external:
         writers = _write_shards(config, specs, report, console, file)
     os.replace(scratch_kept, kept)
     part = {
-        "kind": PART_KIND, "version": node_parts.PART_VERSION, "created_by": PROG,
-        "num_nodes": config.num_nodes, "node_rank": config.node_rank,
+        "kind": PART_KIND,
+        "version": node_parts.PART_VERSION,
+        "created_by": PROG,
+        "num_nodes": config.num_nodes,
+        "node_rank": config.node_rank,
         "settings": {
-            "image_size": config.image_size, "resize_mode": config.resize_mode,
-            "jpeg_quality": config.jpeg_quality, "min_image_size": config.min_image_size,
-            "max_caption_chars": config.max_caption_chars, **config.split_manifest(),
-            "image_field": config.image_field, "caption_field": config.caption_field,
+            "image_size": config.image_size,
+            "resize_mode": config.resize_mode,
+            "jpeg_quality": config.jpeg_quality,
+            "min_image_size": config.min_image_size,
+            "max_caption_chars": config.max_caption_chars,
+            **config.split_manifest(),
+            "image_field": config.image_field,
+            "caption_field": config.caption_field,
             "tokenizer": None if tokenizer is None else cli.tokenizer_manifest(tokenizer, config.tokenizer),
             "tokenizer_sha256": None if tokenizer is None else node_parts.tokenizer_fingerprint(tokenizer),
-            "input_paths": [str(s.path) for s in specs], "input_formats": [s.format for s in specs],
+            "input_paths": [str(s.path) for s in specs],
+            "input_formats": [s.format for s in specs],
         },
         "inputs": [{"samples": stats.documents, "rejected": stats.skipped} for stats in report.inputs],
         "splits": writers.to_manifest(),
@@ -462,59 +538,12 @@ def _run_node(config: PrepareImageConfig, specs: list[ImageInputSpec], external:
         "kept": kept.name,
     }
     path = node_parts.write_part(config.output, part)
-    print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {writers.total():,} samples kept, "
-          f"{report.skipped_total:,} rejected -> {path}; when every node is done: prepare-merge {config.output}",
-          file=console.out)
+    print(
+        f"{PROG}: node {config.node_rank} of {config.num_nodes}: {writers.total():,} samples kept, "
+        f"{report.skipped_total:,} rejected -> {path}; when every node is done: prepare-merge {config.output}",
+        file=console.out,
+    )
     return part
-
-
-def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest of a single machine's run, from the node parts (read_parts checked they agree);
-    the samples that repeat one of another node are dropped from the shards first."""
-    settings = parts[0]["settings"]
-    duplicates = cross_node_duplicates(directory, parts)
-    kept = without_duplicates(directory, parts, duplicates)
-    paths = settings["input_paths"]
-    inputs = [{"path": path, "format": fmt, "samples": 0, "rejected": 0}
-              for path, fmt in zip(paths, settings["input_formats"])]
-    for part in parts:
-        if len(part["inputs"]) != len(paths):
-            raise cli.UsageError(f"the part of node {part['node_rank']} counts {len(part['inputs'])} inputs, "
-                                 f"not {len(paths)}")
-        for total, stats in zip(inputs, part["inputs"]):
-            total["samples"] += stats["samples"]
-            total["rejected"] += stats["rejected"]
-    rejected = node_parts.merge_skipped(parts)
-    for rank, row in duplicates:
-        inputs[int(row[1])]["samples"] -= 1
-        inputs[int(row[1])]["rejected"] += 1
-        if len(rejected["examples"]) < 20:
-            rejected["examples"].append({"source": f"{paths[int(row[1])]} (sample {row[5]} of node {rank})",
-                                         "reason": "duplicate_image",
-                                         "detail": "same image as an earlier sample of another node"})
-    if duplicates:
-        by_reason = dict(rejected["by_reason"])
-        by_reason["duplicate_image"] = by_reason.get("duplicate_image", 0) + len(duplicates)
-        rejected["by_reason"] = dict(sorted(by_reason.items()))
-        rejected["total"] = sum(by_reason.values())
-    manifest = {
-        "kind": KIND, "version": MANIFEST_VERSION, "created_by": PROG,
-        **{k: settings[k] for k in ("image_size", "resize_mode", "jpeg_quality", "min_image_size",
-                                    "max_caption_chars", "seed", "val_fraction", "test_fraction",
-                                    "samples_per_shard")},
-        "inputs": inputs,
-        "splits": node_parts.merge_splits(directory, kept),
-        "rejected": rejected,
-        "tokenizer": settings["tokenizer"],
-        "num_nodes": len(parts),
-    }
-    if settings["tokenizer"] is not None and not (directory / settings["tokenizer"]["path"]).is_dir():
-        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
-    if not sum(s["samples"] for s in manifest["splits"].values()):
-        reasons = cli.reason_counts(rejected["by_reason"])
-        raise cli.UsageError("no usable image-text pairs in the inputs of any node"
-                             + (f" (rejected: {reasons})" if reasons else ""))
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

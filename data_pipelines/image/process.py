@@ -75,8 +75,13 @@ def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> P
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if min(width, height) < opts.min_image_size:
-            return Processed("too_small", f"{width}x{height} < {opts.min_image_size} px on the shorter side",
-                             sha256=sha, width=width, height=height)
+            return Processed(
+                "too_small",
+                f"{width}x{height} < {opts.min_image_size} px on the shorter side",
+                sha256=sha,
+                width=width,
+                height=height,
+            )
         if opts.resize_mode != "no":
             # JPEG only (a no-op for other formats): let libjpeg decode at 1/2, 1/4 or 1/8 scale,
             # never below the target size. A 4000 px photo then costs a fraction of a full decode.

@@ -23,9 +23,10 @@ import glob
 import json
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from data_pipelines.text.sources import InputError
 
@@ -200,8 +201,9 @@ def _read_status(parquet: Path) -> list[tuple[str, str, str]] | None:
         schema = pq.read_schema(parquet)
         columns = [c for c in ("key", "status", "error_message") if c in schema.names]
         if "key" not in columns or "status" not in columns:
-            raise InputError(f"{parquet}: not an img2dataset parquet (needs 'key' and 'status' columns, "
-                             f"has {schema.names})")
+            raise InputError(
+                f"{parquet}: not an img2dataset parquet (needs 'key' and 'status' columns, has {schema.names})"
+            )
         rows = pq.read_table(parquet, columns=columns).to_pylist()
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {parquet}: {exc}") from None
@@ -249,16 +251,21 @@ def _iter_img2dataset_shard(tar_path: Path, fields: Fields) -> Iterator[Item | S
             if state != "success":
                 yield Skip(f"{tar_path.with_suffix('.parquet')}:{key}", "failed_download", f"{state}: {message}")
             elif key not in in_tar:
-                yield Skip(f"{tar_path}:{key}", "missing_image",
-                           "listed as a success in the parquet but not in the tar")
+                yield Skip(
+                    f"{tar_path}:{key}", "missing_image", "listed as a success in the parquet but not in the tar"
+                )
         return
     stats = _read_stats(tar_path.with_name(f"{tar_path.stem}_stats.json"))
     if stats is not None:
         failed = int(stats.get("count", 0)) - int(stats.get("successes", 0))
         if failed > 0:
             errors = stats.get("status_dict") or {}
-            yield Skip(f"{tar_path.with_name(f'{tar_path.stem}_stats.json')}", "failed_download",
-                       f"{failed} failed per the stats file: {errors}", count=failed)
+            yield Skip(
+                f"{tar_path.with_name(f'{tar_path.stem}_stats.json')}",
+                "failed_download",
+                f"{failed} failed per the stats file: {errors}",
+                count=failed,
+            )
 
 
 def _iter_img2dataset(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
@@ -270,8 +277,9 @@ def _iter_img2dataset(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | S
 # Tables
 
 
-def _pick(columns: Sequence[str], explicit: str | None, defaults: Sequence[str], what: str, flag: str,
-          path: Path) -> str:
+def _pick(
+    columns: Sequence[str], explicit: str | None, defaults: Sequence[str], what: str, flag: str, path: Path
+) -> str:
     if explicit is not None:
         if explicit not in columns:
             raise InputError(f"{path}: no {what} column {explicit!r} ({flag}); columns: {list(columns)}")
@@ -279,8 +287,9 @@ def _pick(columns: Sequence[str], explicit: str | None, defaults: Sequence[str],
     for name in defaults:
         if name in columns:
             return name
-    raise InputError(f"{path}: no {what} column; looked for {list(defaults)}, found {list(columns)}; "
-                     f"name it with {flag}")
+    raise InputError(
+        f"{path}: no {what} column; looked for {list(defaults)}, found {list(columns)}; name it with {flag}"
+    )
 
 
 def _table_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
@@ -328,8 +337,10 @@ def check_table(path: Path, fields: Fields) -> tuple[str, str]:
     names, rows = _table_rows(path)
     if hasattr(rows, "close"):
         rows.close()
-    return (_pick(names, fields.image, DEFAULT_IMAGE_FIELDS, "image path", "--image-field", path),
-            _pick(names, fields.caption, DEFAULT_CAPTION_FIELDS, "caption", "--caption-field", path))
+    return (
+        _pick(names, fields.image, DEFAULT_IMAGE_FIELDS, "image path", "--image-field", path),
+        _pick(names, fields.caption, DEFAULT_CAPTION_FIELDS, "caption", "--caption-field", path),
+    )
 
 
 def _iter_table(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
@@ -348,8 +359,13 @@ def _iter_table(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
         full = image_path if image_path.is_absolute() else base / image_path
         caption = row.get(caption_col)
         key = row.get(DEFAULT_KEY_FIELD) if DEFAULT_KEY_FIELD in names else None
-        yield Item(source, str(key if key not in (None, "") else image_path.as_posix()),
-                   None if caption is None else str(caption), path=str(full), extra=_extra(row, fields.label))
+        yield Item(
+            source,
+            str(key if key not in (None, "") else image_path.as_posix()),
+            None if caption is None else str(caption),
+            path=str(full),
+            extra=_extra(row, fields.label),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

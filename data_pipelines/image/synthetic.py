@@ -56,10 +56,17 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "rin
 SIZES: dict[str, float] = {"small": 0.24, "large": 0.44}
 # Shape centre as fractions of the image side; the margins keep a large shape inside.
 POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5),
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
+    "center": (0.5, 0.5),
 }
 WHERE: dict[str, str] = {
-    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
     "center": "in the center",
 }
 CAPTION_TEMPLATES: tuple[str, ...] = (
@@ -78,7 +85,12 @@ CLASS_TEMPLATES: tuple[str, ...] = (
     "a {}.",
 )
 PLAIN_BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
-    (250, 250, 250), (228, 228, 228), (246, 238, 220), (222, 233, 246), (224, 242, 224), (245, 228, 236),
+    (250, 250, 250),
+    (228, 228, 228),
+    (246, 238, 220),
+    (222, 233, 246),
+    (224, 242, 224),
+    (245, 228, 236),
 )
 BACKGROUND_KINDS: tuple[tuple[str, float], ...] = (("plain", 0.6), ("noise", 0.2), ("gradient", 0.2))
 HELD_OUT_FRACTION = 0.15
@@ -189,8 +201,10 @@ def draw_shape_mask(size: int, shape: str, cx: float, cy: float, r: float) -> Im
         h = r * 0.8
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=255)
     elif shape == "triangle":
-        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a))
-                      for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)], fill=255)
+        draw.polygon(
+            [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
+            fill=255,
+        )
     elif shape == "star":
         draw.polygon(_star(cx, cy, r), fill=255)
     elif shape == "cross":
@@ -211,8 +225,16 @@ def _choose_background(rng: random.Random) -> str:
     return BACKGROUND_KINDS[-1][0]
 
 
-def render(size: int, colour: str, shape: str, size_name: str, position: str, background: str,
-           rng: random.Random, textures: dict[str, list[Image.Image]]) -> Image.Image:
+def render(
+    size: int,
+    colour: str,
+    shape: str,
+    size_name: str,
+    position: str,
+    background: str,
+    rng: random.Random,
+    textures: dict[str, list[Image.Image]],
+) -> Image.Image:
     if background == "plain":
         img = Image.new("RGB", (size, size), rng.choice(PLAIN_BACKGROUNDS))
     else:
@@ -261,10 +283,21 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
             img = render(size, colour, shape, size_name, position, background, rng, textures)
             buffer = io.BytesIO()
             img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-            meta = {"key": f"{i:08d}", "source": "synthetic", "width": size, "height": size,
-                    "resized_width": size, "resized_height": size, "label": label, "colour": colour,
-                    "shape": shape, "size": size_name, "position": position, "background": background,
-                    "held_out": label in held_out}
+            meta = {
+                "key": f"{i:08d}",
+                "source": "synthetic",
+                "width": size,
+                "height": size,
+                "resized_width": size,
+                "resized_height": size,
+                "label": label,
+                "colour": colour,
+                "shape": shape,
+                "size": size_name,
+                "position": position,
+                "background": background,
+                "held_out": label in held_out,
+            }
             writers.write(split, buffer.getvalue(), caption, meta)
             if split == "train":
                 train_captions.append(caption)
@@ -294,17 +327,30 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.command_parser(PROG, "Draw a procedural image-caption set (coloured shapes) in prepared-shard form, "
-                                "with class names for zero-shot evaluation and some colour-shape classes held out "
-                                "of train.")
+    parser = cli.command_parser(
+        PROG,
+        "Draw a procedural image-caption set (coloured shapes) in prepared-shard form, "
+        "with class names for zero-shot evaluation and some colour-shape classes held out "
+        "of train.",
+    )
     cli.add_output_flag(parser)
     parser.add_argument("--count", required=True, type=int, metavar="N", help="number of images")
     parser.add_argument("--image-size", type=int, metavar="PX", default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, metavar="N", default=0,
-                        help="seed of everything: drawings, captions, splits and held-out classes")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=0,
+        help="seed of everything: drawings, captions, splits and held-out classes",
+    )
     cli.add_fraction_flags(parser, 0.1, "fraction of images in {split}")
-    parser.add_argument("--vocab-size", type=int, metavar="N", default=512,
-                        help="size of the BPE caption tokenizer trained on the train captions")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        default=512,
+        help="size of the BPE caption tokenizer trained on the train captions",
+    )
     cli.add_shard_flag(parser, 500)
     cli.add_overwrite_flags(parser, "replace the dataset in a non-empty --output", "hide the progress bar")
     return parser

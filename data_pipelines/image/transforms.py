@@ -21,8 +21,9 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,9 +51,13 @@ def decode_rgb(data: bytes) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def crop_box(width: int, height: int, scale: tuple[float, float] = (0.5, 1.0),
-             ratio: tuple[float, float] = (3 / 4, 4 / 3),
-             rng: random.Random | None = None) -> tuple[int, int, int, int]:
+def crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rng: random.Random | None = None,
+) -> tuple[int, int, int, int]:
     """The box (left, top, right, bottom) of a random resized crop of a width x height image.
 
     The same sampling as torchvision's RandomResizedCrop: ten tries at a random area (fraction
@@ -87,8 +92,9 @@ def _fallback_crop(w: int, h: int, ratio: tuple[float, float]) -> tuple[int, int
     return w, h
 
 
-def smallest_crop(width: int, height: int, scale: tuple[float, float] = (0.5, 1.0),
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int]:
+def smallest_crop(
+    width: int, height: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int]:
     """Lower bounds of the width and of the height of any box `crop_box` can return."""
     area = width * height * scale[0]
     # cw = round(sqrt(area * aspect)) >= floor(sqrt(...)); the 1e-9 absorbs exp(log(r)) < r.
@@ -98,8 +104,13 @@ def smallest_crop(width: int, height: int, scale: tuple[float, float] = (0.5, 1.
     return max(1, min(loop_w, fall_w)), max(1, min(loop_h, fall_h))
 
 
-def random_resized_crop(img: Image.Image, size: int | tuple[int, int], scale: tuple[float, float] = (0.5, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), rng: random.Random | None = None) -> Image.Image:
+def random_resized_crop(
+    img: Image.Image,
+    size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rng: random.Random | None = None,
+) -> Image.Image:
     """A crop of random area (fraction `scale` of the image) and aspect ratio, resized to `size`
     (the box is `crop_box`'s)."""
     return img.resize(_square(size), RESAMPLE, box=crop_box(*img.size, scale, ratio, rng))
@@ -111,8 +122,9 @@ def hflip(img: Image.Image, p: float = 0.5, rng: random.Random | None = None) ->
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
-def to_tensor_normalized(img: Image.Image, mean: tuple[float, ...] = CLIP_MEAN,
-                         std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+def to_tensor_normalized(
+    img: Image.Image, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> torch.Tensor:
     """A float32 tensor (3, H, W): pixels scaled to [0, 1], then (x - mean) / std per channel."""
     if img.mode != "RGB":
         img = img.convert("RGB")
@@ -123,8 +135,14 @@ def to_tensor_normalized(img: Image.Image, mean: tuple[float, ...] = CLIP_MEAN,
     return x.sub_(m).div_(s)
 
 
-def train_transform(img: Image.Image, size: int, rng: random.Random, augment: bool = True, flip: bool = True,
-                    scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
+def train_transform(
+    img: Image.Image,
+    size: int,
+    rng: random.Random,
+    augment: bool = True,
+    flip: bool = True,
+    scale: tuple[float, float] = (0.5, 1.0),
+) -> torch.Tensor:
     """Training view of an image: a random resized crop (and a random flip unless `flip` is
     False, as for captions that say "left" or "right"), or a centre crop when not augmenting."""
     if not augment:
@@ -228,8 +246,13 @@ def _torch_resize_ok() -> bool:
     global _TORCH_UINT8_RESIZE
     if _TORCH_UINT8_RESIZE is None:
         try:
-            F.interpolate(torch.zeros((1, 3, 4, 4), dtype=torch.uint8), size=(3, 3), mode="bicubic",
-                          antialias=True, align_corners=False)
+            F.interpolate(
+                torch.zeros((1, 3, 4, 4), dtype=torch.uint8),
+                size=(3, 3),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )
             _TORCH_UINT8_RESIZE = True
         except (RuntimeError, NotImplementedError):  # pragma: no cover - older torch builds
             _TORCH_UINT8_RESIZE = False
@@ -256,8 +279,7 @@ def resize_crop(pixels: np.ndarray, box: Box, size: int | tuple[int, int]) -> to
     x = torch.from_numpy(pixels).permute(2, 0, 1)[:, top:bottom, left:right]
     if (right - left, bottom - top) == (out_w, out_h):
         return x.contiguous()
-    return F.interpolate(x.unsqueeze(0), size=(out_h, out_w), mode="bicubic", antialias=True,
-                         align_corners=False)[0]
+    return F.interpolate(x.unsqueeze(0), size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)[0]
 
 
 @dataclass(frozen=True)
@@ -308,8 +330,12 @@ class TrainView:
         return out
 
 
-def normalize_batch(pixels: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def normalize_batch(
+    pixels: torch.Tensor,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std per channel, as `to_tensor_normalized`
     per image (to within 1e-6), in one conversion, one multiply and one add over the whole batch,
     on the device the pixels are on; into `out` (float32, same shape) when given."""

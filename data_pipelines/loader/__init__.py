@@ -17,6 +17,7 @@ folder), `mixing` (weighted sources), `stream` (the per-rank `EpochStream`), `re
 of layout), `train_stream` (the stateful `TrainStream`), `text` (token windows and the text
 stream) and `evaluation` (evaluation batches).
 """
+
 from data_pipelines.loader.accounting import BadSample, SkipLog, unreachable_count
 from data_pipelines.loader.evaluation import eval_batches
 from data_pipelines.loader.mixing import StreamSource, stream_sources
@@ -35,8 +36,26 @@ from data_pipelines.loader.text import (
 from data_pipelines.loader.train_stream import TrainStream
 
 __all__ = [
-    "BadSample", "EpochStream", "PreparedShards", "ShardUnreachable", "SkipLog", "Slot", "StreamSource",
-    "TextShards", "TextTrainStream", "TrainStream", "checked_window", "checked_windows", "decode_tokens",
-    "epoch_shards", "eval_batches", "read_checked", "read_samples", "read_shard", "stable_seed", "stream_sources",
-    "train_loader", "unreachable_count",
+    "BadSample",
+    "EpochStream",
+    "PreparedShards",
+    "ShardUnreachable",
+    "SkipLog",
+    "Slot",
+    "StreamSource",
+    "TextShards",
+    "TextTrainStream",
+    "TrainStream",
+    "checked_window",
+    "checked_windows",
+    "decode_tokens",
+    "epoch_shards",
+    "eval_batches",
+    "read_checked",
+    "read_samples",
+    "read_shard",
+    "stable_seed",
+    "stream_sources",
+    "train_loader",
+    "unreachable_count",
 ]

@@ -1,6 +1,7 @@
 """Accounting for what could not be read: samples and shards skipped, counted by reason and
 logged without flooding the log, and the counts that travel with every batch to the trainer.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,14 +1,15 @@
 """Mixing: the weighted sources a training stream draws from, and which source each sample of
 a batch comes from.
 """
+
 from __future__ import annotations
 
 import bisect
 import itertools
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from data_pipelines.loader.slots import stable_seed
 
@@ -25,7 +26,7 @@ class StreamSource:
     weight: float = 1.0
 
     @classmethod
-    def of(cls, spec) -> "StreamSource":
+    def of(cls, spec) -> StreamSource:
         """From a StreamSource or a tuple (name, shard urls, counts, weight); counts: one per
         shard, a dict by url, or None."""
         if isinstance(spec, cls):

@@ -1,10 +1,11 @@
 """A prepared dataset folder: what `prepare-text` or `prepare-image-text` wrote, read through its
 manifest (splits, shard paths and the samples of each shard).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from data_pipelines.manifest import read_manifest
 
@@ -22,8 +23,9 @@ class PreparedShards:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("kind") != self.KIND:
-            raise ValueError(f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, "
-                             f"expected {self.KIND!r}")
+            raise ValueError(
+                f"{self.root}/manifest.json: kind is {self.manifest.get('kind')!r}, expected {self.KIND!r}"
+            )
 
     def shards(self, split: str) -> list[str]:
         info = self.manifest["splits"].get(split)

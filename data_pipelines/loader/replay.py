@@ -2,11 +2,12 @@
 samples the earlier segments of a run consumed are found by replaying them, and the rest of the
 epochs they touched is re-divided among the new slots.
 """
+
 from __future__ import annotations
 
 import itertools
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from data_pipelines.loader.slots import Slot, epoch_shards, fresh_cursor, stable_seed
 
@@ -60,8 +61,11 @@ class LayoutReplay:
             order, _ = epoch_shards(list(self.sources[k].shards), Slot(), epoch, self._source_seed(k))
             by_shard = len(order) >= slot.count
             urls = order[slot.index :: slot.count] if by_shard else order
-            left = ((ident, s) for _, ident, s in self._read(k, urls, False, Slot(), epoch)
-                    if ident is not None and ident not in consumed)
+            left = (
+                (ident, s)
+                for _, ident, s in self._read(k, urls, False, Slot(), epoch)
+                if ident is not None and ident not in consumed
+            )
             for n, (ident, sample) in enumerate(left):
                 if by_shard or n % slot.count == slot.index:
                     item = self._early(sample)
@@ -71,8 +75,15 @@ class LayoutReplay:
     def _ledger(self) -> Ledger:
         """The samples all earlier segments consumed, and the last epoch they touched per source."""
         sources = tuple((s.name, s.shards[0], len(s.shards), s.weight) for s in self.sources)
-        key = (str(self.data.root), sources, self.split, self.seed, self.buffer, type(self).__name__,
-               repr(self.history))
+        key = (
+            str(self.data.root),
+            sources,
+            self.split,
+            self.seed,
+            self.buffer,
+            type(self).__name__,
+            repr(self.history),
+        )
         return self._ledger_cache.get(key, self._replay)
 
     def _replica(self, batch_size: int, rank: int, world_size: int, num_workers: int, history: list[dict]):

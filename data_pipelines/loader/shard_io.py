@@ -2,11 +2,12 @@
 retried with backoff and then given up as unreachable, and a shard shorter than its manifest
 says noticed.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import webdataset as wds
 
@@ -16,8 +17,9 @@ from data_pipelines.sources.transports import FetchError, FetchPolicy, open_shar
 logger = logging.getLogger("data_pipelines.loader")
 
 
-def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None = None,
-                 fetch: FetchPolicy | None = None) -> Iterator[dict]:
+def read_samples(
+    urls: Iterable[str], handler: Callable[[Exception], bool] | None = None, fetch: FetchPolicy | None = None
+) -> Iterator[dict]:
     """Raw samples (key -> bytes) of tar shards: each shard opened by `data_pipelines.sources.open_shard`
     (local files, http(s) and ``pipe:`` with ``fetch.timeout``, fsspec) and read by webdataset's tar
     expander and grouping. An error goes to ``handler`` (webdataset's convention: True skips the
@@ -43,8 +45,10 @@ class ShardUnreachable(Exception):
     had been read (and handed on) before the last failure."""
 
     def __init__(self, url: str, tries: int, samples: int, last: FetchError):
-        super().__init__(f"{url}: unreachable after {tries} tries ({last.reason})"
-                         + (f"; {samples} samples read before" if samples else ""))
+        super().__init__(
+            f"{url}: unreachable after {tries} tries ({last.reason})"
+            + (f"; {samples} samples read before" if samples else "")
+        )
         self.url, self.tries, self.samples, self.last = url, tries, samples, last
 
 
@@ -84,8 +88,13 @@ def read_shard(url: str, log: SkipLog, fetch: FetchPolicy | None = None, limit: 
             time.sleep(wait)
 
 
-def read_checked(urls: Iterable[str], log: SkipLog, expected: dict[str, int] | None = None,
-                 keep: Callable[[dict], bool] | None = None, fetch: FetchPolicy | None = None) -> Iterator[dict]:
+def read_checked(
+    urls: Iterable[str],
+    log: SkipLog,
+    expected: dict[str, int] | None = None,
+    keep: Callable[[dict], bool] | None = None,
+    fetch: FetchPolicy | None = None,
+) -> Iterator[dict]:
     """read_samples, shard by shard, that also notices a shard yielding fewer samples than the
     manifest says: a tar cut at a member boundary ends without any error, and its lost samples
     are counted (reason "short_shard") and the shard named. A shard that cannot be fetched after

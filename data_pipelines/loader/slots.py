@@ -4,6 +4,7 @@ of every draw and the cursor a slot keeps in a source.
 Every choice is a pure function of (seed, epoch, rank, worker, position), so a stream is
 reproducible and resumes from a small cursor.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,9 @@ class Slot:
         return self.world_size * self.num_workers
 
 
-def epoch_shards(shards: list[str], slot: Slot, epoch: int, seed: int,
-                 resampled: bool = False) -> tuple[list[str], bool]:
+def epoch_shards(
+    shards: list[str], slot: Slot, epoch: int, seed: int, resampled: bool = False
+) -> tuple[list[str], bool]:
     """The shards this slot reads in an epoch, and whether it must also take every
     ``slot.count``-th sample of them (when there are fewer shards than slots)."""
     rng = random.Random(stable_seed(seed, "shards", epoch))

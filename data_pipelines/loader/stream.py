@@ -2,12 +2,13 @@
 divided among the world's slots, read from a cursor, shuffled in seeded blocks, mixed from
 weighted sources and batched; endless and reproducible.
 """
+
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -65,9 +66,22 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
 
     DECODE_EARLY = True
 
-    def __init__(self, data: PreparedShards, split: str, batch_size: int, rank: int = 0, world_size: int = 1, *,
-                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
-                 history: Sequence[dict] = (), trace: bool = False, sources: Sequence | None = None):
+    def __init__(
+        self,
+        data: PreparedShards,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        num_workers: int = 0,
+        history: Sequence[dict] = (),
+        trace: bool = False,
+        sources: Sequence | None = None,
+    ):
         super().__init__()
         self.data, self.split = data, split
         self.sources = [StreamSource.of(s) for s in sources] if sources else stream_sources(data, split)
@@ -77,8 +91,9 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         self.shards = [u for s in self.sources for u in s.shards]
         empty = [s.name for s in self.sources if not s.shards]
         if empty:
-            raise ValueError(f"{data.root}: split {split!r} has no shards"
-                             + (f" (source {empty[0]})" if sources else ""))
+            raise ValueError(
+                f"{data.root}: split {split!r} has no shards" + (f" (source {empty[0]})" if sources else "")
+            )
         self._source_of = {u: k for k, s in enumerate(self.sources) for u in s.shards}
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
@@ -101,8 +116,10 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
     def set_history(self, history: Sequence[dict]) -> None:
         """Earlier segments of the run read with other layouts (see the class docstring)."""
         if history and self.resampled:
-            raise ValueError("data.resampled draws shards with replacement: there is no epoch position to re-divide "
-                             "when the world size, micro_batch_size or data.num_workers changes")
+            raise ValueError(
+                "data.resampled draws shards with replacement: there is no epoch position to re-divide "
+                "when the world size, micro_batch_size or data.num_workers changes"
+            )
         self.history = [dict(h) for h in history]
 
     def resume_from(self, slots: dict[int, dict], rotation: int = 0) -> None:
@@ -130,8 +147,9 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         """State for collating a slot's ``batch``-th batch (e.g. the augmentation generator)."""
         return None
 
-    def replica(self, batch_size: int, rank: int, world_size: int, num_workers: int,
-                history: Sequence[dict]) -> "EpochStream":
+    def replica(
+        self, batch_size: int, rank: int, world_size: int, num_workers: int, history: Sequence[dict]
+    ) -> EpochStream:
         """The same stream as another world had it (for replaying earlier segments)."""
         raise NotImplementedError
 
@@ -145,9 +163,18 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         # One source keeps the run's seed, so a plain run reads its shards as it always has.
         return self.seed if len(self.sources) == 1 else stable_seed(self.seed, "source", self.sources[k].name)
 
-    def _read(self, k: int, urls: list[str], by_sample: bool, slot: Slot, epoch: int, shard: int = 0,
-              offset: int = 0, kept: int = 0,
-              cut: Sequence[Sequence[int]] = ()) -> Iterator[tuple[tuple[int, int, int], tuple, dict]]:
+    def _read(
+        self,
+        k: int,
+        urls: list[str],
+        by_sample: bool,
+        slot: Slot,
+        epoch: int,
+        shard: int = 0,
+        offset: int = 0,
+        kept: int = 0,
+        cut: Sequence[Sequence[int]] = (),
+    ) -> Iterator[tuple[tuple[int, int, int], tuple, dict]]:
         """(position after it, ident, raw sample) of the samples this slot takes from ``urls``, read
         from the position (shard, offset, kept): shards before ``shard`` are not opened, the first
         ``offset`` samples of ``shard`` are read and dropped quietly (a tar stream cannot be entered in
@@ -192,8 +219,11 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
             want = (src.counts or self.expected or {}).get(url)
             if gone is not None or i in cuts:
                 if gone is not None:  # samples before offset were counted as read when first read
-                    log.add("shard_unreachable", str(gone),
-                            count=unreachable_count(want, max(n, offset if i == shard else 0)))
+                    log.add(
+                        "shard_unreachable",
+                        str(gone),
+                        count=unreachable_count(want, max(n, offset if i == shard else 0)),
+                    )
                 yield (i + 1, 0, kept), None, (i, n)
                 continue
             if want is not None and n < want:
@@ -213,8 +243,9 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         reading order, epoch after epoch (items decoded when DECODE_EARLY, raw otherwise)."""
         epoch = 0
         while True:
-            urls, by_sample = epoch_shards(list(self.sources[0].shards), slot, epoch, self._source_seed(0),
-                                           self.resampled)
+            urls, by_sample = epoch_shards(
+                list(self.sources[0].shards), slot, epoch, self._source_seed(0), self.resampled
+            )
             for _, ident, sample in self._read(0, urls, by_sample, slot, epoch):
                 if ident is None:  # an unreachable shard passed over
                     continue
@@ -232,8 +263,9 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
         while True:
             epoch = cur["epoch"]
             urls, by_sample = epoch_shards(list(src.shards), slot, epoch, seed, self.resampled)
-            reader = self._read(k, urls, by_sample, slot, epoch, cur["shard"], cur["offset"], cur["kept"],
-                                cur.get("unreachable", ()))
+            reader = self._read(
+                k, urls, by_sample, slot, epoch, cur["shard"], cur["offset"], cur["kept"], cur.get("unreachable", ())
+            )
             got, decoded = int(mid_epoch), self._decoded[k]
             while True:
                 start = (cur["shard"], cur["offset"], cur["kept"])
@@ -241,7 +273,7 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
                 block, end, gone = [], start, []
                 self.skips.mute += rebuild
                 try:
-                    for end, ident, sample in reader:
+                    for end, ident, sample in reader:  # noqa: B007 - end is the cursor after the loop
                         if ident is None:  # an unreachable shard: the cursor of a resume must pass it too
                             gone.append(list(sample))
                             continue
@@ -253,9 +285,11 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
                 finally:
                     self.skips.mute -= rebuild
                 if rebuild and len(block) <= cur["emitted"]:
-                    raise RuntimeError(f"cannot resume {src.name} at epoch {epoch}: the block at shard "
-                                       f"{urls[min(start[0], len(urls) - 1)]} holds {len(block)} samples now, "
-                                       f"{cur['emitted']}+ when saved (were the shards rewritten?)")
+                    raise RuntimeError(
+                        f"cannot resume {src.name} at epoch {epoch}: the block at shard "
+                        f"{urls[min(start[0], len(urls) - 1)]} holds {len(block)} samples now, "
+                        f"{cur['emitted']}+ when saved (were the shards rewritten?)"
+                    )
                 if not block:
                     break
                 if size > 1:
@@ -278,9 +312,11 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
                 # the consumer decodes each item before asking for the next: all of this epoch's are done
                 got = self._decoded[k] - decoded
             if got == 0:
-                raise RuntimeError(f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) of {src.name} gave no "
-                                   f"samples (skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]}); "
-                                   "fewer samples than ranks x workers, or unreadable shards")
+                raise RuntimeError(
+                    f"rank {self.rank}: a whole epoch of {len(urls)} shard(s) of {src.name} gave no "
+                    f"samples (skipped: {dict(self.skips.counts)}; first: {self.skips.examples[:3]}); "
+                    "fewer samples than ranks x workers, or unreadable shards"
+                )
             cur.update(fresh_cursor(), epoch=epoch + 1)
             mid_epoch = False
 
@@ -304,8 +340,12 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
             ledger = self._ledger() if self.history else None
             for c in cursors if ledger is not None else ():
                 c["remainder"] = True  # now, not when first drawn from: a source may wait several batches
-            streams = [self._source_items(k, slot, cursors[k]) if ledger is None
-                       else self._with_remainder(k, slot, cursors[k], ledger) for k in range(n)]
+            streams = [
+                self._source_items(k, slot, cursors[k])
+                if ledger is None
+                else self._with_remainder(k, slot, cursors[k], ledger)
+                for k in range(n)
+            ]
         mix = SourceMix([s.weight for s in self.sources], self.seed)
         self._decoded = [0] * n  # items of each source that decoded (the late-decoding streams' epoch check)
         while True:
@@ -325,9 +365,14 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
                 taken.append(k)
             for k in taken:
                 by_source[k] += 1
-            self.slot_stats = {"slot": slot.index, "read": self.samples_read, "skipped": dict(self.skips.counts),
-                               "batches": batch + 1, "by_source": dict(zip(self.source_names, by_source)),
-                               "cursors": [dict(c) for c in cursors]}
+            self.slot_stats = {
+                "slot": slot.index,
+                "read": self.samples_read,
+                "skipped": dict(self.skips.counts),
+                "batches": batch + 1,
+                "by_source": dict(zip(self.source_names, by_source)),
+                "cursors": [dict(c) for c in cursors],
+            }
             yield ids, items, batch
             batch += 1
 

@@ -1,9 +1,9 @@
-"""Text: token windows decoded and checked, the prepared text dataset and its training stream.
-"""
+"""Text: token windows decoded and checked, the prepared text dataset and its training stream."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ def decode_tokens(sample: dict, seq_len: int | None = None, vocab_size: int | No
     return data
 
 
-def checked_window(sample: dict, log: SkipLog, seq_len: int | None, vocab_size: int | None,
-                   chat: bool = False) -> np.ndarray | None:
+def checked_window(
+    sample: dict, log: SkipLog, seq_len: int | None, vocab_size: int | None, chat: bool = False
+) -> np.ndarray | None:
     """decode_tokens (for chat data stacked with its loss mask and segments, see
     `data_pipelines.text.packed`), or None after logging and counting the reason."""
     try:
@@ -50,8 +51,9 @@ def checked_window(sample: dict, log: SkipLog, seq_len: int | None, vocab_size: 
         return None
 
 
-def checked_windows(samples: Iterable[dict], log: SkipLog, seq_len: int | None, vocab_size: int | None,
-                    chat: bool = False) -> Iterator[np.ndarray]:
+def checked_windows(
+    samples: Iterable[dict], log: SkipLog, seq_len: int | None, vocab_size: int | None, chat: bool = False
+) -> Iterator[np.ndarray]:
     for sample in samples:
         window = checked_window(sample, log, seq_len, vocab_size, chat)
         if window is not None:
@@ -94,17 +96,50 @@ class TextTrainStream(EpochStream):
     def collate(self, items: list, state) -> dict:
         return collate_windows(items)
 
-    def replica(self, batch_size, rank, world_size, num_workers, history) -> "TextTrainStream":
-        return TextTrainStream(self.data, self.split, batch_size, rank, world_size, seed=self.seed,
-                               shuffle_buffer=self.buffer, num_workers=num_workers, history=history,
-                               sources=self.sources)
+    def replica(self, batch_size, rank, world_size, num_workers, history) -> TextTrainStream:
+        return TextTrainStream(
+            self.data,
+            self.split,
+            batch_size,
+            rank,
+            world_size,
+            seed=self.seed,
+            shuffle_buffer=self.buffer,
+            num_workers=num_workers,
+            history=history,
+            sources=self.sources,
+        )
 
 
-def train_loader(data: TextShards, split: str, batch_size: int, rank: int, world_size: int, *, seed: int,
-                 shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
-                 history: Sequence[dict] = (), trace: bool = False, sources: Sequence | None = None) -> TrainStream:
+def train_loader(
+    data: TextShards,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    *,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    num_workers: int = 0,
+    history: Sequence[dict] = (),
+    trace: bool = False,
+    sources: Sequence | None = None,
+) -> TrainStream:
     """A text `TrainStream`; ``sources`` (a list of (name, shard urls, counts, weight) or
     `StreamSource`s) mixes several corpora instead of reading ``split`` of ``data``."""
-    ds = TextTrainStream(data, split, batch_size, rank, world_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                         resampled=resampled, num_workers=num_workers, history=history, trace=trace, sources=sources)
+    ds = TextTrainStream(
+        data,
+        split,
+        batch_size,
+        rank,
+        world_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        num_workers=num_workers,
+        history=history,
+        trace=trace,
+        sources=sources,
+    )
     return TrainStream(ds, num_workers)

@@ -1,10 +1,11 @@
 """The stateful iterator a trainer pulls from: one rank's training batches, run in this process
 or in DataLoader workers, and the position in them that a checkpoint saves and restores.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -49,9 +50,13 @@ class TrainStream:
         return {"world": self.dataset.world_size, "workers": self.num_workers, "micro": self.dataset.batch_size}
 
     def state_dict(self) -> dict:
-        return {**self.layout(), "micro_batches": self.micro_batches,
-                "data_history": [dict(h) for h in self.dataset.history], "sources": self.dataset.source_names,
-                "slots": {str(i): s for i, s in sorted(self.slot_stats.items())}}
+        return {
+            **self.layout(),
+            "micro_batches": self.micro_batches,
+            "data_history": [dict(h) for h in self.dataset.history],
+            "sources": self.dataset.source_names,
+            "slots": {str(i): s for i, s in sorted(self.slot_stats.items())},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
@@ -59,8 +64,10 @@ class TrainStream:
         saved = {k: int(state[k]) for k in ("world", "workers", "micro")}
         names = state.get("sources")
         if names is not None and list(names) != self.dataset.source_names:
-            raise ValueError(f"the data sources changed: the checkpoint read {list(names)}, this run reads "
-                             f"{self.dataset.source_names}; keep data.sources' names and order to resume")
+            raise ValueError(
+                f"the data sources changed: the checkpoint read {list(names)}, this run reads "
+                f"{self.dataset.source_names}; keep data.sources' names and order to resume"
+            )
         history = [dict(h) for h in state.get("data_history", [])]
         pulled = int(state["micro_batches"])
         if _same_layout(saved, self.layout()):
@@ -91,7 +98,7 @@ class TrainStream:
             total.update(stats.get("by_source", {}))
         return {name: total.get(name, 0) for name in self.dataset.source_names}
 
-    def __iter__(self) -> "TrainStream":
+    def __iter__(self) -> TrainStream:
         return self
 
     def __next__(self) -> dict:
@@ -105,8 +112,11 @@ class TrainStream:
     def _start(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return iter(self.dataset)
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                                persistent_workers=True, prefetch_factor=4))
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=True, prefetch_factor=4
+            )
+        )
 
 
 def _resumable(slot_state: dict) -> bool:

@@ -27,6 +27,7 @@ The stages, one module each: `transports` (opening a shard: http, ``pipe:``, fss
 `expand` (source strings to shard URLs), `counts` (sample counts beside the shards), `holdout`
 (held-out keys), `spec` (resolving a source) and `source_data` (the loaders' data object).
 """
+
 from data_pipelines.sources.counts import count_shards, shard_location
 from data_pipelines.sources.expand import SourceError, expand_urls
 from data_pipelines.sources.holdout import AUTO_HOLDOUT, HOLDOUT_SEED, KeyFilter, held_out
@@ -49,8 +50,29 @@ from data_pipelines.sources.transports import (
 )
 
 __all__ = [
-    "AUTO_HOLDOUT", "CURL_SCHEMES", "FSSPEC_EXTRAS", "FSSPEC_SCHEMES", "HOLDOUT_SEED", "FetchError", "FetchPolicy",
-    "ImageTextSourceData", "KeyFilter", "Source", "SourceData", "SourceError", "SourceSpec", "TextSourceData",
-    "count_shards", "expand_urls", "held_out", "is_prepared", "one_source_string", "open_shard", "open_sources",
-    "register_fsspec_schemes", "resolve_all", "resolve_source", "shard_location",
+    "AUTO_HOLDOUT",
+    "CURL_SCHEMES",
+    "FSSPEC_EXTRAS",
+    "FSSPEC_SCHEMES",
+    "HOLDOUT_SEED",
+    "FetchError",
+    "FetchPolicy",
+    "ImageTextSourceData",
+    "KeyFilter",
+    "Source",
+    "SourceData",
+    "SourceError",
+    "SourceSpec",
+    "TextSourceData",
+    "count_shards",
+    "expand_urls",
+    "held_out",
+    "is_prepared",
+    "one_source_string",
+    "open_shard",
+    "open_sources",
+    "register_fsspec_schemes",
+    "resolve_all",
+    "resolve_source",
+    "shard_location",
 ]

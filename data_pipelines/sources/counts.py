@@ -2,15 +2,16 @@
 img2dataset's ``{shard}_stats.json`` (``successes``) or ``{shard}.parquet`` (rows with status
 ``success``). Counts are not needed to stream, only to plan (epochs, the size of an evaluation).
 """
+
 from __future__ import annotations
 
 import json
 import shlex
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlparse
 
 from data_pipelines.sources.transports import CURL_SCHEMES, url_scheme
@@ -22,7 +23,7 @@ def shard_location(url: str) -> str | None:
     if url_scheme(url) != "pipe":
         return url
     try:
-        words = shlex.split(url[len("pipe:"):])
+        words = shlex.split(url[len("pipe:") :])
     except ValueError:
         return None
     return next((w for w in reversed(words) if w.endswith(".tar")), None)

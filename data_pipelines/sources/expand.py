@@ -1,12 +1,13 @@
 """Expansion: every shard URL a source string names (a folder of raw shards, a local glob or
 brace pattern, ``pipe:`` commands, http(s) patterns, fsspec patterns, globs and prefixes).
 """
+
 from __future__ import annotations
 
 import glob as globlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlparse
 
 from braceexpand import braceexpand
@@ -38,7 +39,7 @@ def expand_urls(urls: str | Sequence[str], key: str = "data.sources[0].urls") ->
     """Every shard URL a source string (or list of them) names, in order; raises SourceError
     naming ``key`` for a pattern that matches nothing or a path that does not exist."""
     out: list[str] = []
-    for url in ([urls] if isinstance(urls, str) else list(urls)):
+    for url in [urls] if isinstance(urls, str) else list(urls):
         url = url.strip()
         if not url:
             raise SourceError(f"{key}: an empty source string")
@@ -52,8 +53,10 @@ def _expand_one(url: str, key: str) -> list[str]:
     scheme = url_scheme(url)
     if scheme in ("pipe", *CURL_SCHEMES):
         if scheme != "pipe" and any(c in url for c in _GLOB_CHARS):
-            raise SourceError(f"{key}: {url}: http(s) cannot be listed, so a glob cannot be expanded; "
-                              "use a brace pattern such as {00000..00099}")
+            raise SourceError(
+                f"{key}: {url}: http(s) cannot be listed, so a glob cannot be expanded; "
+                "use a brace pattern such as {00000..00099}"
+            )
         return list(braceexpand(url))
     if scheme == "file":
         return _expand_local(urlparse(url).path, key)
@@ -81,12 +84,16 @@ def _expand_local(pattern: str, key: str) -> list[str]:
 
 def _tars_in_folder(folder: Path, key: str) -> list[str]:
     if (folder / MANIFEST_NAME).is_file():
-        raise SourceError(f"{key}: {folder} is a prepared folder; name it alone as a source (its manifest gives "
-                          "its splits), not inside a list or pattern")
+        raise SourceError(
+            f"{key}: {folder} is a prepared folder; name it alone as a source (its manifest gives "
+            "its splits), not inside a list or pattern"
+        )
     tars = sorted(str(p) for p in folder.glob("*.tar"))
     if not tars:
-        raise SourceError(f"{key}: {folder} has no manifest.json (not written by prepare-text or prepare-image-text) "
-                          "and no *.tar shards")
+        raise SourceError(
+            f"{key}: {folder} has no manifest.json (not written by prepare-text or prepare-image-text) "
+            "and no *.tar shards"
+        )
     return tars
 
 

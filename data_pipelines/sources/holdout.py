@@ -2,6 +2,7 @@
 the sample key, so that no held-out sample is ever trained on, whatever the world size, order or
 resume.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

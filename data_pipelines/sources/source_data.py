@@ -1,11 +1,13 @@
 """The data object of a run's sources: what the loaders read (splits, shards, counts, the
 held-out filter, the weighted train sources), by kind of data, opened and checked in one go.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from data_pipelines.manifest import read_manifest
 from data_pipelines.sources.expand import SourceError
@@ -30,8 +32,14 @@ class SourceData:
     fetch = None  # pretrain.run.data sets the recipe's FetchPolicy
     caption_key = "txt"  # image-text: the member holding a raw sample's caption (data.caption_key)
 
-    def __init__(self, sources: Sequence[Source], eval_sources: Sequence[Source] = (), holdout: float = 0.0,
-                 per_split: dict[str, list[Source]] | None = None, label: str = "data.sources"):
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        eval_sources: Sequence[Source] = (),
+        holdout: float = 0.0,
+        per_split: dict[str, list[Source]] | None = None,
+        label: str = "data.sources",
+    ):
         self.sources = list(sources)
         self.eval_sources = list(eval_sources)
         self.holdout = holdout
@@ -42,9 +50,13 @@ class SourceData:
         for split in self._per_split:
             splits.setdefault(split, self.split_sources(split))
         splits.setdefault("val", self.split_sources("val"))
-        self.manifest = {"kind": self.KIND, "splits": {
-            name: {"shards": [u for s in srcs for u in s.shards], "samples": self.num_samples(name)}
-            for name, srcs in splits.items()}}
+        self.manifest = {
+            "kind": self.KIND,
+            "splits": {
+                name: {"shards": [u for s in srcs for u in s.shards], "samples": self.num_samples(name)}
+                for name, srcs in splits.items()
+            },
+        }
 
     # -- splits
     def split_sources(self, split: str) -> list[Source]:
@@ -60,8 +72,10 @@ class SourceData:
     def shards(self, split: str) -> list[str]:
         srcs = self.split_sources(split)
         if not srcs and split not in ("train", "val"):
-            raise ValueError(f"{self.root}: no {split!r} split: raw sources have train and a held-out val only "
-                             "(prepare-image-text writes a test split)")
+            raise ValueError(
+                f"{self.root}: no {split!r} split: raw sources have train and a held-out val only "
+                "(prepare-image-text writes a test split)"
+            )
         return [u for s in srcs for u in s.shards]
 
     def shard_samples(self, split: str) -> dict[str, int] | None:
@@ -96,8 +110,10 @@ class SourceData:
         if split == "val" and self.holdout > 0:
             raw = [s.name for s in self.sources if s.prepared is None]
             if raw:
-                parts.append(f"the samples of {', '.join(raw)} held out by data.holdout_fraction={self.holdout} "
-                             "(by a hash of the sample key)")
+                parts.append(
+                    f"the samples of {', '.join(raw)} held out by data.holdout_fraction={self.holdout} "
+                    "(by a hash of the sample key)"
+                )
         return "; ".join(parts) or "nothing"
 
     def require_samples(self, split: str, why: str) -> int:
@@ -107,12 +123,17 @@ class SourceData:
             return n
         unknown = [s for s in self.split_sources(split) if s.samples is None]
         names = ", ".join(f"{s.key}.samples" for s in unknown) or "eval.max_samples"
-        raise SourceError(f"{why} needs the number of samples of the {split!r} split, which is unknown (no manifest, "
-                          f"sizes.json, *_stats.json or parquet beside the shards); set {names}")
+        raise SourceError(
+            f"{why} needs the number of samples of the {split!r} split, which is unknown (no manifest, "
+            f"sizes.json, *_stats.json or parquet beside the shards); set {names}"
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"sources": [s.to_json() for s in self.sources],
-                "eval_sources": [s.to_json() for s in self.eval_sources], "holdout_fraction": self.holdout}
+        return {
+            "sources": [s.to_json() for s in self.sources],
+            "eval_sources": [s.to_json() for s in self.eval_sources],
+            "holdout_fraction": self.holdout,
+        }
 
 
 class TextSourceData(SourceData):
@@ -128,8 +149,10 @@ class TextSourceData(SourceData):
         self.vocab_size: int | None = manifest.get("tokenizer", {}).get("vocab_size")
         self.chat: bool = manifest.get("format") == PACKED_FORMAT  # windows with loss masks (chat records)
         self.manifest["seq_len"] = self.seq_len
-        self.manifest["tokenizer"] = {**manifest.get("tokenizer", {}),
-                                      "path": str((first.prepared / manifest["tokenizer"]["path"]).resolve())}
+        self.manifest["tokenizer"] = {
+            **manifest.get("tokenizer", {}),
+            "path": str((first.prepared / manifest["tokenizer"]["path"]).resolve()),
+        }
 
     def tokenizer_path(self) -> Path:
         return Path(self.manifest["tokenizer"]["path"])
@@ -172,8 +195,15 @@ _KINDS = {"text": TextSourceData, "image-text": ImageTextSourceData}
 _MAKERS = {"text": "prepare-text", "image-text": "prepare-image-text"}
 
 
-def open_sources(kind: str, specs: Sequence[SourceSpec], eval_specs: Sequence[SourceSpec] = (),
-                 holdout: float | None = None, *, train_split: str = "train", eval_split: str = "val") -> SourceData:
+def open_sources(
+    kind: str,
+    specs: Sequence[SourceSpec],
+    eval_specs: Sequence[SourceSpec] = (),
+    holdout: float | None = None,
+    *,
+    train_split: str = "train",
+    eval_split: str = "val",
+) -> SourceData:
     """The data object of a run's sources, checked: every problem in one SourceError naming its key.
 
     ``holdout`` None means: hold out `AUTO_HOLDOUT` of the raw train sources' samples when there
@@ -186,25 +216,34 @@ def open_sources(kind: str, specs: Sequence[SourceSpec], eval_specs: Sequence[So
         if src.prepared is not None:
             got = read_manifest(src.prepared).get("kind")
             if got != kind:
-                problems.append(f"{src.key}: {src.prepared} holds {got!r} data, this run reads {kind!r} data "
-                                f"(written by {_MAKERS[kind]})")
+                problems.append(
+                    f"{src.key}: {src.prepared} holds {got!r} data, this run reads {kind!r} data "
+                    f"(written by {_MAKERS[kind]})"
+                )
         elif kind == "text":
-            problems.append(f"{src.key}: {src.shards[0]}...: text sources must be folders written by prepare-text "
-                            "(raw shards carry neither the tokenizer nor the sequence length)")
+            problems.append(
+                f"{src.key}: {src.shards[0]}...: text sources must be folders written by prepare-text "
+                "(raw shards carry neither the tokenizer nor the sequence length)"
+            )
     if kind == "text" and not problems:
         first = read_manifest(train[0].prepared)
         for src in train[1:] + evals:
             other = read_manifest(src.prepared)
             if other.get("format") != first.get("format"):
-                problems.append(f"{src.key}: {src.prepared} holds {other.get('format') or 'plain'} windows, "
-                                f"{train[0].key} {first.get('format') or 'plain'} ones "
-                                "(chat and plain text do not mix)")
+                problems.append(
+                    f"{src.key}: {src.prepared} holds {other.get('format') or 'plain'} windows, "
+                    f"{train[0].key} {first.get('format') or 'plain'} ones "
+                    "(chat and plain text do not mix)"
+                )
             if other.get("seq_len") != first.get("seq_len"):
-                problems.append(f"{src.key}: seq_len {other.get('seq_len')} differs from {train[0].key}'s "
-                                f"{first.get('seq_len')}")
+                problems.append(
+                    f"{src.key}: seq_len {other.get('seq_len')} differs from {train[0].key}'s {first.get('seq_len')}"
+                )
             if _tokenizer_bytes(src.prepared, other) != _tokenizer_bytes(train[0].prepared, first):
-                problems.append(f"{src.key}: {src.prepared} was tokenized with another tokenizer than "
-                                f"{train[0].prepared} (prepare both with the same --tokenizer)")
+                problems.append(
+                    f"{src.key}: {src.prepared} was tokenized with another tokenizer than "
+                    f"{train[0].prepared} (prepare both with the same --tokenizer)"
+                )
     raw = any(s.prepared is None for s in train)
     if holdout is None:
         holdout = AUTO_HOLDOUT if raw and not evals else 0.0

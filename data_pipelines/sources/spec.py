@@ -2,11 +2,13 @@
 and what is known of their sizes (`Source`): a prepared folder through its manifest, raw shards
 by expanding the source string and counting beside them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.sources.counts import count_shards, shard_location
@@ -54,9 +56,16 @@ class Source:
     counted_from: str | None = None  # "manifest", "sizes.json", "_stats.json", "parquet", "samples"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shards": len(self.shards), "samples": self.samples, "weight": self.weight,
-                "tokens": self.tokens, "prepared": str(self.prepared) if self.prepared else None,
-                "counted_from": self.counted_from, "first_shard": self.shards[0] if self.shards else None}
+        return {
+            "name": self.name,
+            "shards": len(self.shards),
+            "samples": self.samples,
+            "weight": self.weight,
+            "tokens": self.tokens,
+            "prepared": str(self.prepared) if self.prepared else None,
+            "counted_from": self.counted_from,
+            "first_shard": self.shards[0] if self.shards else None,
+        }
 
 
 def is_prepared(location: str) -> bool:
@@ -88,8 +97,9 @@ def resolve_source(spec: SourceSpec, split: str = "train", index: int = 0, count
             raise SourceError(f"{spec.key}: {e}") from None
         info = manifest.get("splits", {}).get(split)
         if info is None:
-            raise SourceError(f"{spec.key}: {root}/manifest.json has no split {split!r} "
-                              f"(have {sorted(manifest.get('splits', {}))})")
+            raise SourceError(
+                f"{spec.key}: {root}/manifest.json has no split {split!r} (have {sorted(manifest.get('splits', {}))})"
+            )
         shards = [str(root / s) for s in info["shards"]]
         per = info.get("shard_samples")
         counts = dict(zip(shards, map(int, per))) if per and len(per) == len(shards) else {}
@@ -105,9 +115,14 @@ def resolve_source(spec: SourceSpec, split: str = "train", index: int = 0, count
     return Source(name, spec.key, shards, counts, total, spec.weight, spec.tokens, None, how)
 
 
-def resolve_all(specs: Sequence[SourceSpec], eval_specs: Sequence[SourceSpec] = (), *, train_split: str = "train",
-                eval_split: str = "val", extra_splits: Iterable[str] = ("test",)
-                ) -> tuple[list[Source], list[Source], dict[str, list[Source]]]:
+def resolve_all(
+    specs: Sequence[SourceSpec],
+    eval_specs: Sequence[SourceSpec] = (),
+    *,
+    train_split: str = "train",
+    eval_split: str = "val",
+    extra_splits: Iterable[str] = ("test",),
+) -> tuple[list[Source], list[Source], dict[str, list[Source]]]:
     """Resolve train sources (their train split), eval sources (their eval split when prepared),
     and the prepared train sources' other splits; every problem is collected into one SourceError."""
     problems: list[str] = []

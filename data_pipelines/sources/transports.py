@@ -2,6 +2,7 @@
 urllib, a ``pipe:`` command, an fsspec object store), with timeouts, and a failure to fetch it
 raised as `FetchError` naming the URL; `FetchPolicy` says how such a failure is retried.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,14 @@ from urllib.parse import urlparse
 
 # Read through fsspec (webdataset's own "gs" handler shells out to gsutil; fsspec needs no CLI).
 FSSPEC_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
-FSSPEC_EXTRAS = {"s3": "s3fs (pip install 'ds-pretrain[s3]')", "gs": "gcsfs (pip install 'ds-pretrain[gcs]')",
-                 "gcs": "gcsfs (pip install 'ds-pretrain[gcs]')", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+FSSPEC_EXTRAS = {
+    "s3": "s3fs (pip install 'ds-pretrain[s3]')",
+    "gs": "gcsfs (pip install 'ds-pretrain[gcs]')",
+    "gcs": "gcsfs (pip install 'ds-pretrain[gcs]')",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+}
 CURL_SCHEMES = ("http", "https")
 
 
@@ -30,11 +37,13 @@ class FetchPolicy:
     backoff: float = 1.0
 
     @classmethod
-    def of(cls, data_config) -> "FetchPolicy":
+    def of(cls, data_config) -> FetchPolicy:
         """From the recipe's data section (or anything with fetch_retries / fetch_timeout / fetch_backoff)."""
-        return cls(int(getattr(data_config, "fetch_retries", cls.retries)),
-                   float(getattr(data_config, "fetch_timeout", cls.timeout)),
-                   float(getattr(data_config, "fetch_backoff", cls.backoff)))
+        return cls(
+            int(getattr(data_config, "fetch_retries", cls.retries)),
+            float(getattr(data_config, "fetch_timeout", cls.timeout)),
+            float(getattr(data_config, "fetch_backoff", cls.backoff)),
+        )
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before the next try after ``failures`` failed ones (with up to 25% jitter,
@@ -128,11 +137,15 @@ class _HttpShard(_Shard):
         try:
             data = self.resp.read(n)
         except TimeoutError:
-            raise FetchError(self.url, f"no data for {self.timeout:g} s after {self.got} bytes "
-                                       "(data.fetch_timeout)") from None
+            raise FetchError(
+                self.url, f"no data for {self.timeout:g} s after {self.got} bytes (data.fetch_timeout)"
+            ) from None
         except http.client.IncompleteRead as e:
-            raise FetchError(self.url, f"connection closed after {self.got + len(e.partial)} bytes"
-                                       + (f" of {self.length}" if self.length else "")) from None
+            raise FetchError(
+                self.url,
+                f"connection closed after {self.got + len(e.partial)} bytes"
+                + (f" of {self.length}" if self.length else ""),
+            ) from None
         except (OSError, http.client.HTTPException) as e:
             raise FetchError(self.url, f"{type(e).__name__} after {self.got} bytes: {e}") from None
         self.got += len(data)
@@ -156,8 +169,13 @@ class _PipeShard(_Shard):
         self.url, self.timeout, self.got = url, timeout, 0
         self.err = tempfile.TemporaryFile()
         try:
-            self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,  # noqa: S602
-                                         stderr=self.err, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                url[len("pipe:") :],
+                shell=True,
+                stdout=subprocess.PIPE,  # noqa: S602
+                stderr=self.err,
+                stdin=subprocess.DEVNULL,
+            )
         except OSError as e:
             self.err.close()
             raise FetchError(url, f"cannot start the command: {e}") from None
@@ -176,8 +194,10 @@ class _PipeShard(_Shard):
             ready, _, _ = select.select([self.fd], [], [], self.timeout)
             if not ready:
                 self._kill()
-                raise FetchError(self.url, f"no data for {self.timeout:g} s after {self.got} bytes "
-                                           f"(data.fetch_timeout){self._stderr()}")
+                raise FetchError(
+                    self.url,
+                    f"no data for {self.timeout:g} s after {self.got} bytes (data.fetch_timeout){self._stderr()}",
+                )
             data = os.read(self.fd, min(want, 1 << 20))
             if not data:
                 self._check_exit()
@@ -194,8 +214,9 @@ class _PipeShard(_Shard):
             code = self.proc.wait(self.timeout)
         except subprocess.TimeoutExpired:
             self._kill()
-            raise FetchError(self.url, "the command closed its output but did not exit within "
-                                       f"{self.timeout:g} s") from None
+            raise FetchError(
+                self.url, f"the command closed its output but did not exit within {self.timeout:g} s"
+            ) from None
         if code not in (0, 141, -13):
             raise FetchError(self.url, f"the command exited with status {code} after {self.got} bytes{self._stderr()}")
 

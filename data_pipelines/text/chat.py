@@ -11,13 +11,15 @@ in between, the end-of-turn markup included, are the answer; tokens overlapping 
 This works with any template that renders a conversation's beginning the same whether or not
 more turns follow, which chat templates do so that generation continues a rendered prompt.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -66,15 +68,18 @@ def chat_messages(record: object) -> list[dict[str, str]]:
         messages = []
         for i, m in enumerate(raw):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadConversation("bad_messages", f"{MESSAGES_FIELD}[{i}] is not {{'role': str, 'content': str}}: "
-                                                      f"{str(m)[:80]}")
+                raise BadConversation(
+                    "bad_messages", f"{MESSAGES_FIELD}[{i}] is not {{'role': str, 'content': str}}: {str(m)[:80]}"
+                )
             messages.append({"role": m["role"], "content": m["content"]})
     else:
         prompt = next((record[k] for k in PROMPT_FIELDS if k in record), None)
         response = next((record[k] for k in RESPONSE_FIELDS if k in record), None)
         if not isinstance(prompt, str) or not isinstance(response, str):
-            raise BadConversation("not_chat", f"no {MESSAGES_FIELD!r} list and no string prompt/response; "
-                                              f"keys: {sorted(map(str, record))}")
+            raise BadConversation(
+                "not_chat",
+                f"no {MESSAGES_FIELD!r} list and no string prompt/response; keys: {sorted(map(str, record))}",
+            )
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         if isinstance(record.get("system"), str):
             messages.insert(0, {"role": "system", "content": record["system"]})
@@ -124,7 +129,7 @@ def is_chat_input(spec: InputSpec) -> bool:
 
 
 def detect_format(specs: Sequence[InputSpec], requested: str) -> str:
-    """"chat" or "text" for --format auto (every input must agree); checks a forced "chat"."""
+    """ "chat" or "text" for --format auto (every input must agree); checks a forced "chat"."""
     if requested == "text":
         return "text"
     chat = {spec.path: is_chat_input(spec) for spec in specs}
@@ -138,8 +143,10 @@ def detect_format(specs: Sequence[InputSpec], requested: str) -> str:
     if any(chat.values()):
         yes = [str(p) for p, c in chat.items() if c][:3]
         no = [str(p) for p, c in chat.items() if not c][:3]
-        raise ChatError(f"inputs mix chat records ({', '.join(yes)}) and plain text ({', '.join(no)}); "
-                        "prepare them separately or pass --format")
+        raise ChatError(
+            f"inputs mix chat records ({', '.join(yes)}) and plain text ({', '.join(no)}); "
+            "prepare them separately or pass --format"
+        )
     return "text"
 
 
@@ -156,9 +163,13 @@ def _records(specs: Sequence[InputSpec], report: ScanReport) -> Iterator[tuple[i
                 yield index, item.source, _Failed(e.reason, str(e))
 
 
-def iter_conversations(specs: Sequence[InputSpec], report: ScanReport, limit: int | None = None,
-                       renderer: ChatRenderer | None = None,
-                       workers: int = 1) -> Iterator[tuple[list[dict[str, str]], Any]]:
+def iter_conversations(
+    specs: Sequence[InputSpec],
+    report: ScanReport,
+    limit: int | None = None,
+    renderer: ChatRenderer | None = None,
+    workers: int = 1,
+) -> Iterator[tuple[list[dict[str, str]], Any]]:
     """(messages, renderer(messages) or None) of every usable record, in input order; records that
     are no conversation, or that the template cannot render, are skipped and counted. With
     ``workers`` > 1 the rendering runs in that many processes; the output is the same."""
@@ -212,8 +223,9 @@ def _render_batch(batch: list[Any]) -> list[Any]:
     return [_render(_worker_renderer, m) for m in batch]
 
 
-def _render_in_workers(records: Iterator[tuple[int, str, Any]], renderer: ChatRenderer,
-                       workers: int) -> Iterator[tuple[int, str, Any, Any]]:
+def _render_in_workers(
+    records: Iterator[tuple[int, str, Any]], renderer: ChatRenderer, workers: int
+) -> Iterator[tuple[int, str, Any, Any]]:
     """Batches of records rendered in a pool, yielded in input order; at most 4 batches per
     worker in flight (Pool.imap would read the whole input ahead)."""
     import multiprocessing
@@ -265,8 +277,10 @@ def load_template(value: str | None, tokenizer: Any, tokenizer_source: str) -> s
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default")
     if not template:
-        raise ChatError(f"the tokenizer {tokenizer_source} has no chat template; pass --chat-template FILE "
-                        "(a Jinja template such as a model's chat_template.jinja)")
+        raise ChatError(
+            f"the tokenizer {tokenizer_source} has no chat template; pass --chat-template FILE "
+            "(a Jinja template such as a model's chat_template.jinja)"
+        )
     return template
 
 
@@ -279,14 +293,17 @@ class ChatRenderer:
 
     def __init__(self, tokenizer: Any, template: str) -> None:
         if not getattr(tokenizer, "is_fast", False):
-            raise ChatError(f"chat data needs a fast (Rust) tokenizer for character offsets; got {type(tokenizer).__name__}")
+            raise ChatError(
+                f"chat data needs a fast (Rust) tokenizer for character offsets; got {type(tokenizer).__name__}"
+            )
         self.tokenizer, self.template = tokenizer, template
         self.eos_id = tokenizer.eos_token_id
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
         except Exception as e:  # noqa: BLE001 - jinja errors and the template's own raise_exception
             raise BadConversation("chat_template_error", f"{type(e).__name__}: {e}") from None
 
@@ -304,9 +321,11 @@ class ChatRenderer:
             start = len(os.path.commonprefix([before, text]))
             end = len(os.path.commonprefix([through, text]))
             if end <= start:
-                raise BadConversation("chat_template_not_incremental",
-                                      f"the template renders the start of the conversation differently once turn {i} "
-                                      "follows; cannot locate the assistant's tokens")
+                raise BadConversation(
+                    "chat_template_not_incremental",
+                    f"the template renders the start of the conversation differently once turn {i} "
+                    "follows; cannot locate the assistant's tokens",
+                )
             spans.append((start, end))
         return spans
 

@@ -14,6 +14,7 @@ attention mask (`pretrain.models.packed_attention`). Pure numpy / torch: the loa
 prepare-text both import it, and only the batch functions import torch (prepare-text never
 needs it, and importing it costs ~1 s of every run).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -121,7 +122,9 @@ def decode_packed(sample: dict, tokens: np.ndarray, where: str, bad: type[Except
     segments = _array(sample, SEGMENTS_KEY, where, bad)
     for name, arr in ((MASK_KEY, mask), (SEGMENTS_KEY, segments)):
         if arr.shape != tokens.shape or arr.dtype.kind not in "iu":
-            raise bad("bad_mask", f"{where}: {name} is {arr.dtype}{arr.shape}, expected integers of shape {tokens.shape}")
+            raise bad(
+                "bad_mask", f"{where}: {name} is {arr.dtype}{arr.shape}, expected integers of shape {tokens.shape}"
+            )
     if mask.size and int(mask.max()) > 1:
         raise bad("bad_mask", f"{where}: {MASK_KEY} holds values other than 0 and 1")
     if segments.size > 1 and (np.diff(segments.astype(np.int64)) < 0).any():
@@ -137,8 +140,12 @@ def packed_batch(windows: torch.Tensor) -> dict[str, torch.Tensor]:
     keep = (mask[:, 1:] == 1) & (segments[:, 1:] == segments[:, :-1])
     labels[~keep] = IGNORE_INDEX
     seg = segments[:, :-1].contiguous()
-    return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels,
-            "position_ids": positions_in_segments(seg), "segment_ids": seg}
+    return {
+        "input_ids": tokens[:, :-1].contiguous(),
+        "labels": labels,
+        "position_ids": positions_in_segments(seg),
+        "segment_ids": seg,
+    }
 
 
 def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:

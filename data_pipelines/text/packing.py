@@ -7,7 +7,7 @@ into non-overlapping windows of `seq_len + 1` tokens: a window `w` trains on
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 

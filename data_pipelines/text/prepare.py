@@ -15,9 +15,10 @@ import gc
 import itertools
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -67,8 +68,10 @@ class PrepareConfig(cli.CorpusConfig):
         found = self.tokenizer_problems(required=True)
         found += cli.node_problems(self.num_nodes, self.node_rank)
         if self.num_nodes > 1 and self.vocab_size is not None:
-            found.append("--num-nodes > 1 needs --tokenizer: every node must tokenize with the same one (train it "
-                         "first, e.g. prepare-text on one machine with --vocab-size, and pass its DIR/tokenizer)")
+            found.append(
+                "--num-nodes > 1 needs --tokenizer: every node must tokenize with the same one (train it "
+                "first, e.g. prepare-text on one machine with --vocab-size, and pass its DIR/tokenizer)"
+            )
         if self.num_nodes > 1 and self.limit_documents is not None:
             found.append("--limit-documents counts across all the inputs: it cannot be used with --num-nodes > 1")
         if self.seq_len < 1:
@@ -86,7 +89,8 @@ class PrepareConfig(cli.CorpusConfig):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.command_parser(
-        PROG, "Tokenize a text corpus and pack it into WebDataset shards split into train/val/test.")
+        PROG, "Tokenize a text corpus and pack it into WebDataset shards split into train/val/test."
+    )
     cli.add_corpus_flags(
         parser,
         "files, directories (walked recursively) or glob patterns. Text files (.txt, .md, .py, ...) "
@@ -96,27 +100,52 @@ def build_parser() -> argparse.ArgumentParser:
         tokenizer_help="local Hugging Face tokenizer directory to use (must define an eos token)",
         vocab_help="train a byte-level BPE tokenizer of this size on the train split instead",
     )
-    parser.add_argument("--seq-len", type=int, metavar="N", default=256,
-                        help="tokens per training sample; each stored window holds seq_len + 1 tokens")
-    parser.add_argument("--text-field", default="text", metavar="FIELD",
-                        help="record field or column holding the text; dotted paths reach nested fields (meta.body)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        default=256,
+        help="tokens per training sample; each stored window holds seq_len + 1 tokens",
+    )
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        metavar="FIELD",
+        help="record field or column holding the text; dotted paths reach nested fields (meta.body)",
+    )
     cli.add_fraction_flags(parser, 0.01, "fraction of documents assigned to the {split} split by content hash")
     cli.add_sharding_flags(parser, 2048, "tokenizer")
-    parser.add_argument("--min-chars", type=int, metavar="N", default=1,
-                        help="skip documents shorter than this many characters (reason 'empty')")
-    parser.add_argument("--limit-documents", type=int, metavar="N",
-                        help="stop after the first N usable documents (for quick trials)")
-    parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="chat: JSON/JSONL/parquet records with 'messages' [{role, content}] or 'prompt' + "
-                             "'response'/'completion' (+ 'system'), rendered with the chat template, whole "
-                             "conversations packed per window, loss on the assistant's tokens only (mask.npy, "
-                             "segments.npy beside tokens.npy); text: one document per file or record; auto: chat "
-                             "when every input's first record looks like a conversation")
-    parser.add_argument("--chat-template", metavar="FILE_OR_JINJA",
-                        help="chat template for chat data (a Jinja file, or the template text itself) when the "
-                             "tokenizer has none or to replace its own; saved with the dataset's tokenizer")
-    cli.add_node_flags(parser, f"whole packing blocks of >= {BLOCK_BYTES >> 20} MiB of input files, block b on node "
-                               "b %% N; the windows equal a single machine's, which packs by the same blocks")
+    parser.add_argument(
+        "--min-chars",
+        type=int,
+        metavar="N",
+        default=1,
+        help="skip documents shorter than this many characters (reason 'empty')",
+    )
+    parser.add_argument(
+        "--limit-documents", type=int, metavar="N", help="stop after the first N usable documents (for quick trials)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="chat: JSON/JSONL/parquet records with 'messages' [{role, content}] or 'prompt' + "
+        "'response'/'completion' (+ 'system'), rendered with the chat template, whole "
+        "conversations packed per window, loss on the assistant's tokens only (mask.npy, "
+        "segments.npy beside tokens.npy); text: one document per file or record; auto: chat "
+        "when every input's first record looks like a conversation",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE_OR_JINJA",
+        help="chat template for chat data (a Jinja file, or the template text itself) when the "
+        "tokenizer has none or to replace its own; saved with the dataset's tokenizer",
+    )
+    cli.add_node_flags(
+        parser,
+        f"whole packing blocks of >= {BLOCK_BYTES >> 20} MiB of input files, block b on node "
+        "b %% N; the windows equal a single machine's, which packs by the same blocks",
+    )
     cli.add_overwrite_flags(parser, cli.CORPUS_OVERWRITE_HELP, "hide progress bars")
     return parser
 
@@ -125,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Steps
 
 
-def _documents(config: PrepareConfig, specs: list[InputSpec], report: ScanReport,
-               warn: Callable[[str], None] | None) -> Iterator[str]:
+def _documents(
+    config: PrepareConfig, specs: list[InputSpec], report: ScanReport, warn: Callable[[str], None] | None
+) -> Iterator[str]:
     docs = iter_documents(specs, config.text_field, config.min_chars, report, warn)
     return itertools.islice(docs, config.limit_documents)
 
@@ -221,8 +251,13 @@ def packing_blocks(specs: list[InputSpec], block_bytes: int | None = None) -> li
     return blocks
 
 
-def _block_batches(config: PrepareConfig, specs: list[InputSpec], blocks: list[tuple[int, list[int]]],
-                   report: ScanReport, warn: Callable[[str], None] | None) -> Iterator[tuple[Any, list[str]]]:
+def _block_batches(
+    config: PrepareConfig,
+    specs: list[InputSpec],
+    blocks: list[tuple[int, list[int]]],
+    report: ScanReport,
+    warn: Callable[[str], None] | None,
+) -> Iterator[tuple[Any, list[str]]]:
     """((block number, split index of each text), texts) batches, block after block; a batch
     never spans two blocks. --limit-documents counts across blocks."""
     index = {split: i for i, split in enumerate(SPLITS)}
@@ -231,8 +266,9 @@ def _block_batches(config: PrepareConfig, specs: list[InputSpec], blocks: list[t
         if remaining == 0:
             return
         # The block's inputs, reported into the run's report (their stats and the skip counts shared).
-        sub = ScanReport([report.inputs[i] for i in members], report.max_examples, report.by_reason,
-                         report.examples, report.warnings)
+        sub = ScanReport(
+            [report.inputs[i] for i in members], report.max_examples, report.by_reason, report.examples, report.warnings
+        )
         docs = iter_documents([specs[i] for i in members], config.text_field, config.min_chars, sub, warn)
         if remaining is not None:
             docs = itertools.islice(docs, remaining)
@@ -244,20 +280,33 @@ def _block_batches(config: PrepareConfig, specs: list[InputSpec], blocks: list[t
             remaining -= taken
 
 
-def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any, eos_id: int,
-                  dtype: Any, report: ScanReport, warn: Callable[[str], None] | None,
-                  console: cli.Console) -> dict[str, _SplitOutput]:
+def _write_shards(
+    config: PrepareConfig,
+    specs: list[InputSpec],
+    tokenizer: Any,
+    eos_id: int,
+    dtype: Any,
+    report: ScanReport,
+    warn: Callable[[str], None] | None,
+    console: cli.Console,
+) -> dict[str, _SplitOutput]:
     multi = config.num_nodes > 1
 
     def writer(split: str) -> WindowShardWriter:
         if not multi:
             return WindowShardWriter(config.output / split, split, config.samples_per_shard)
-        return WindowShardWriter(config.output / split, split, config.samples_per_shard,
-                                 f"{split}-{node_tag(config.node_rank)}", node_shard_pattern(config.node_rank))
+        return WindowShardWriter(
+            config.output / split,
+            split,
+            config.samples_per_shard,
+            f"{split}-{node_tag(config.node_rank)}",
+            node_shard_pattern(config.node_rank),
+        )
 
     outputs = [_SplitOutput(TokenPacker(config.seq_len, eos_id, dtype), writer(split)) for split in SPLITS]
-    blocks = [(b, members) for b, members in enumerate(packing_blocks(specs))
-              if b % config.num_nodes == config.node_rank]
+    blocks = [
+        (b, members) for b, members in enumerate(packing_blocks(specs)) if b % config.num_nodes == config.node_rank
+    ]
     tokens = 0
     current = None
     # With workers, the first shard write's import of webdataset (and torch, ~1 s) runs on a
@@ -266,8 +315,7 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
     with console.bar(unit="doc", desc="tokenizing") as bar:
         try:
             batches = _block_batches(config, specs, blocks, report, warn)
-            encoded = encode_batches(batches, tokenizer, config.workers,
-                                     on_start=imports.start)
+            encoded = encode_batches(batches, tokenizer, config.workers, on_start=imports.start)
             for (block, splits), ids, lengths in encoded:
                 if block != current:
                     if current is not None:
@@ -294,8 +342,9 @@ def _write_shards(config: PrepareConfig, specs: list[InputSpec], tokenizer: Any,
     return dict(zip(SPLITS, outputs))
 
 
-def build_manifest(config: PrepareConfig, tokenizer: Any, dtype: Any, report: ScanReport,
-                   outputs: dict[str, _SplitOutput]) -> dict[str, Any]:
+def build_manifest(
+    config: PrepareConfig, tokenizer: Any, dtype: Any, report: ScanReport, outputs: dict[str, _SplitOutput]
+) -> dict[str, Any]:
     return {
         "kind": "text",
         "version": MANIFEST_VERSION,
@@ -312,12 +361,16 @@ def build_manifest(config: PrepareConfig, tokenizer: Any, dtype: Any, report: Sc
 
 
 def format_summary(manifest: dict[str, Any], output: Path, seconds: float) -> str:
-    lines = [f"{PROG}: wrote {output} in {seconds:.1f}s (seq_len {manifest['seq_len']}, "
-             f"{manifest['token_dtype']}, vocab {manifest['tokenizer']['vocab_size']})"]
+    lines = [
+        f"{PROG}: wrote {output} in {seconds:.1f}s (seq_len {manifest['seq_len']}, "
+        f"{manifest['token_dtype']}, vocab {manifest['tokenizer']['vocab_size']})"
+    ]
     lines.append(f"  {'split':<6}{'documents':>12}{'samples':>12}{'tokens':>14}{'dropped':>10}{'shards':>8}")
     for split, s in manifest["splits"].items():
-        lines.append(f"  {split:<6}{s['documents']:>12,}{s['samples']:>12,}{s['tokens']:>14,}"
-                     f"{s['dropped_tokens']:>10,}{len(s['shards']):>8}")
+        lines.append(
+            f"  {split:<6}{s['documents']:>12,}{s['samples']:>12,}{s['tokens']:>14,}"
+            f"{s['dropped_tokens']:>10,}{len(s['shards']):>8}"
+        )
     skipped = manifest["skipped"]
     if skipped["total"]:
         lines.append(f"  skipped {skipped['total']:,} records: {cli.reason_counts(skipped['by_reason'], ',')}")
@@ -343,8 +396,9 @@ def run(config: PrepareConfig, out: TextIO | None = None, err: TextIO | None = N
 
     trained = external is None
     # From here on only the saved copy is used, as the trainer will.
-    tokenizer = cli.save_tokenizer_copy(_train_tokenizer(config, specs, console) if trained else external,
-                                        config.output)
+    tokenizer = cli.save_tokenizer_copy(
+        _train_tokenizer(config, specs, console) if trained else external, config.output
+    )
     dtype = token_dtype(len(tokenizer))
 
     report = ScanReport.for_inputs(specs)
@@ -375,17 +429,28 @@ def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
     dtype = token_dtype(len(tokenizer))
     report = ScanReport.for_inputs(specs)
     outputs = _write_shards(config, specs, tokenizer, tokenizer.eos_token_id, dtype, report, console.warn, console)
-    mine = [i for b, members in enumerate(packing_blocks(specs)) if b % config.num_nodes == config.node_rank
-            for i in members]
+    mine = [
+        i
+        for b, members in enumerate(packing_blocks(specs))
+        if b % config.num_nodes == config.node_rank
+        for i in members
+    ]
     part = {
-        "kind": PART_KIND, "version": node_parts.PART_VERSION, "created_by": PROG,
-        "num_nodes": config.num_nodes, "node_rank": config.node_rank,
+        "kind": PART_KIND,
+        "version": node_parts.PART_VERSION,
+        "created_by": PROG,
+        "num_nodes": config.num_nodes,
+        "node_rank": config.node_rank,
         "settings": {
-            "seq_len": config.seq_len, "token_dtype": str(dtype),
+            "seq_len": config.seq_len,
+            "token_dtype": str(dtype),
             "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
             "tokenizer_sha256": node_parts.tokenizer_fingerprint(tokenizer),
-            **config.split_manifest(), "text_field": config.text_field, "min_chars": config.min_chars,
-            "format": config.format, "pack_block_bytes": BLOCK_BYTES,
+            **config.split_manifest(),
+            "text_field": config.text_field,
+            "min_chars": config.min_chars,
+            "format": config.format,
+            "pack_block_bytes": BLOCK_BYTES,
             "input_paths": [str(s.path) for s in specs],
         },
         "inputs": {str(i): report.inputs[i].to_manifest() for i in mine},
@@ -394,35 +459,18 @@ def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
     }
     path = node_parts.write_part(config.output, part)
     samples = sum(s["samples"] for s in part["splits"].values())
-    print(f"{PROG}: node {config.node_rank} of {config.num_nodes}: {len(mine)} of {len(specs)} inputs, "
-          f"{report.documents:,} documents, {samples:,} samples -> {path}; when every node is done: "
-          f"prepare-merge {config.output}", file=console.out)
+    print(
+        f"{PROG}: node {config.node_rank} of {config.num_nodes}: {len(mine)} of {len(specs)} inputs, "
+        f"{report.documents:,} documents, {samples:,} samples -> {path}; when every node is done: "
+        f"prepare-merge {config.output}",
+        file=console.out,
+    )
     if not mine:
-        console.warn(f"node {config.node_rank} got no inputs: {len(specs)} inputs make "
-                     f"{len(packing_blocks(specs))} packing blocks for {config.num_nodes} nodes")
+        console.warn(
+            f"node {config.node_rank} got no inputs: {len(specs)} inputs make "
+            f"{len(packing_blocks(specs))} packing blocks for {config.num_nodes} nodes"
+        )
     return part
-
-
-def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest of a single machine's run, from the node parts (read_parts checked they agree)."""
-    settings = parts[0]["settings"]
-    manifest = {
-        "kind": "text", "version": MANIFEST_VERSION, "created_by": PROG,
-        "seq_len": settings["seq_len"], "token_dtype": settings["token_dtype"],
-        "tokenizer": settings["tokenizer"],
-        **{k: settings[k] for k in ("seed", "val_fraction", "test_fraction", "samples_per_shard")},
-        "text_field": settings["text_field"],
-        "inputs": node_parts.merge_inputs(parts),
-        "splits": node_parts.merge_splits(directory, parts),
-        "skipped": node_parts.merge_skipped(parts),
-        "num_nodes": len(parts),
-    }
-    if not (directory / settings["tokenizer"]["path"]).is_dir():
-        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
-    if not sum(s["documents"] for s in manifest["splits"].values()):
-        raise cli.UsageError(f"no usable documents in the inputs of any node (skipped records: "
-                             f"{cli.reason_counts(manifest['skipped']['by_reason'])})")
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,11 +492,15 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
     cli.prepare_output_dir(config.output, config.overwrite, owned=[cli.TOKENIZER_SUBDIR, node_parts.PARTS_DIR])
     if tokenizer is None:
         report = ScanReport.for_inputs(specs)
-        train = (m for m, _ in chat.iter_conversations(specs, report, config.limit_documents)
-                 if _chat_split(config, m) == "train")
+        train = (
+            m
+            for m, _ in chat.iter_conversations(specs, report, config.limit_documents)
+            if _chat_split(config, m) == "train"
+        )
         assert config.vocab_size is not None
-        tokenizer = train_bpe_tokenizer(chat.tokenizer_training_texts(train), config.vocab_size,
-                                        show_progress=console.bars)
+        tokenizer = train_bpe_tokenizer(
+            chat.tokenizer_training_texts(train), config.vocab_size, show_progress=console.bars
+        )
     tokenizer.chat_template = template  # the trainer, the export and pipeline("text-generation") use it
     tokenizer = cli.save_tokenizer_copy(tokenizer, config.output)
     dtype = token_dtype(len(tokenizer))
@@ -465,8 +517,9 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
 
     with console.bar(unit="conversation", desc="rendering") as bar:
         try:
-            for messages, (ids, mask) in chat.iter_conversations(specs, report, config.limit_documents, renderer,
-                                                                 config.workers):
+            for messages, (ids, mask) in chat.iter_conversations(
+                specs, report, config.limit_documents, renderer, config.workers
+            ):
                 split = _chat_split(config, messages)
                 write(split, packers[split].add(ids, mask))
                 bar.update(1)
@@ -477,24 +530,32 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
                 writer.close()
     if report.documents == 0:
         raise cli.UsageError(f"no usable conversations in the inputs{_skip_summary(report)}")
-    splits = {split: {**cli.shards_manifest(writers[split], config.output),
-                      "tokens": packers[split].windows * packers[split].window,
-                      "documents": packers[split].documents,
-                      "dropped_tokens": packers[split].truncated_tokens,
-                      "trained_tokens": packers[split].trained_tokens,
-                      "padding_tokens": packers[split].padding_tokens,
-                      "truncated_conversations": packers[split].truncated}
-              for split in SPLITS}
+    splits = {
+        split: {
+            **cli.shards_manifest(writers[split], config.output),
+            "tokens": packers[split].windows * packers[split].window,
+            "documents": packers[split].documents,
+            "dropped_tokens": packers[split].truncated_tokens,
+            "trained_tokens": packers[split].trained_tokens,
+            "padding_tokens": packers[split].padding_tokens,
+            "truncated_conversations": packers[split].truncated,
+        }
+        for split in SPLITS
+    }
     manifest = {
-        "kind": "text", "version": MANIFEST_VERSION, "created_by": PROG,
-        "seq_len": config.seq_len, "token_dtype": str(dtype),
+        "kind": "text",
+        "version": MANIFEST_VERSION,
+        "created_by": PROG,
+        "seq_len": config.seq_len,
+        "token_dtype": str(dtype),
         "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
         **config.split_manifest(),
         "format": CHAT_FORMAT,
-        "chat": {"template": "--chat-template" if config.chat_template is not None else "tokenizer",
-                 "trained_roles": list(chat.ROLES_TRAINED),
-                 "packing": "whole conversations per window, padded; position ids and attention restart per "
-                            "conversation"},
+        "chat": {
+            "template": "--chat-template" if config.chat_template is not None else "tokenizer",
+            "trained_roles": list(chat.ROLES_TRAINED),
+            "packing": "whole conversations per window, padded; position ids and attention restart per conversation",
+        },
         "inputs": [stats.to_manifest() for stats in report.inputs],
         "splits": splits,
         "skipped": report.to_manifest(),

@@ -11,9 +11,10 @@ import glob
 import gzip
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 FORMATS: tuple[str, ...] = ("text", "jsonl", "json", "parquet", "hf_dataset")
 
@@ -57,8 +58,13 @@ class InputStats:
     skipped: int = 0
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "bytes": self.bytes,
-                "documents": self.documents, "skipped": self.skipped}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "skipped": self.skipped,
+        }
 
 
 @dataclass
@@ -90,8 +96,11 @@ class ScanReport:
             self.examples.append({"source": source, "reason": reason, "detail": _clip(detail)})
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"total": self.skipped_total, "by_reason": dict(sorted(self.by_reason.items())),
-                "examples": list(self.examples)}
+        return {
+            "total": self.skipped_total,
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "examples": list(self.examples),
+        }
 
 
 def _clip(text: str) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -45,9 +46,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TokenizerError(f"cannot load a tokenizer from {directory}: {exc}") from None
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
-        raise TokenizerError(
-            f"tokenizer at {directory} has no eos token; documents are separated by it when packing"
-        )
+        raise TokenizerError(f"tokenizer at {directory} has no eos token; documents are separated by it when packing")
     return tokenizer
 
 
@@ -75,9 +74,7 @@ def _tokenizer_class(directory: Path) -> Any:
     return AutoTokenizer
 
 
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, show_progress: bool = False
-) -> PreTrainedTokenizerBase:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> PreTrainedTokenizerBase:
     """Train a GPT-2 style byte-level BPE with `<|endoftext|>` at id 0, streaming `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -122,19 +119,23 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
     if not texts:
         return []
     encoded = tokenizer(
-        list(texts),
-        add_special_tokens=False,
-        split_special_tokens=True,
-        return_attention_mask=False,
-        verbose=False,
+        list(texts), add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False
     )["input_ids"]
     return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
 # The methods between a Hugging Face fast tokenizer's __call__ and its Rust backend (transformers
 # 4 and 5). A class that overrides none of them encodes exactly as its backend does.
-_CALL_PATH = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus",
-              "set_truncation_and_padding", "_convert_encoding")
+_CALL_PATH = (
+    "__call__",
+    "_call_one",
+    "encode_plus",
+    "batch_encode_plus",
+    "_encode_plus",
+    "_batch_encode_plus",
+    "set_truncation_and_padding",
+    "_convert_encoding",
+)
 
 
 def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -245,8 +246,9 @@ def encode_batches(
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         tasks = ((None, batch, sum(map(len, batch[1]))) for batch in batches)
-        for _, result in ordered_map(_encode_batch, tasks, workers, initializer=_init_worker, initargs=(encoder,),
-                                     on_start=on_start):
+        for _, result in ordered_map(
+            _encode_batch, tasks, workers, initializer=_init_worker, initargs=(encoder,), on_start=on_start
+        ):
             yield result
     finally:
         if previous is None:

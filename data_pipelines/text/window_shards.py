@@ -31,8 +31,14 @@ class WindowShardWriter:
     RecordingShardWriter instead: slower, never different.
     """
 
-    def __init__(self, directory: Path, split: str, samples_per_shard: int, key_prefix: str | None = None,
-                 pattern: str = SHARD_PATTERN) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        samples_per_shard: int,
+        key_prefix: str | None = None,
+        pattern: str = SHARD_PATTERN,
+    ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.directory = directory
@@ -145,8 +151,9 @@ class _MemberLayout:
                 reference.write({"__key__": f"{split}-{index:010d}", "tokens.npy": sample})
             reference.close()
             expected = reference.shards[0].read_bytes()
-        layout = cls(tuple(window.shape), window.dtype, expected[: tarfile.BLOCKSIZE], name_len,
-                     npy[: len(npy) - window.nbytes])
+        layout = cls(
+            tuple(window.shape), window.dtype, expected[: tarfile.BLOCKSIZE], name_len, npy[: len(npy) - window.nbytes]
+        )
         if expected[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + len(npy)] != npy:
             return None
         ours = layout.members(split, 0, windows)

@@ -7,16 +7,13 @@ ensembling (when the data has classes.json) and image->text / text->image recall
 
 The test split is read only here, and only when asked for by name.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from pretrain.run.build import Loaded, load_model
 from pretrain.runtime.checkpoint import CheckpointError
@@ -28,49 +25,80 @@ DEFAULT_BATCH = 16
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain-eval", description=__doc__)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint",
-                       help="run directory, its checkpoints/ folder, one checkpoint tag, or an exported Hugging Face directory")
-    which.add_argument("--model", metavar="HF_DIR",
-                       help="a local Hugging Face model directory (a pretrained model before fine-tuning, a "
-                            "pretrain-export output) or a peft adapter directory (its base model with the adapter merged)")
-    p.add_argument("--data", help="prepared data directory (holds manifest.json), or one source string as train's "
-                   "--data takes (raw shards: val is the run's held-out keys); or give --image-folder")
-    p.add_argument("--image-folder", metavar="ROOT",
-                   help="a labelled image folder (ROOT/<class>/*.jpg or ROOT/{train,val}/<class>/*.jpg) instead of "
-                        "--data: a CLIP's top-1/top-5 on it, zero-shot with prompt templates, or with its own head when "
-                        "it was fine-tuned on these classes (task classify)")
-    p.add_argument("--classnames", metavar="FILE",
-                   help="--image-folder: class-name file (text: a name per line in sorted-folder order or 'FOLDER "
-                        "NAME' lines; JSON: list, {folder: name} or {classnames, templates}); default ROOT/classnames.*")
-    p.add_argument("--val-fraction", type=float,
-                   help="--image-folder without train/ and val/ subfolders: the fraction held out as val by a hash "
-                        "of each path (default: a classifier run's data.val_fraction, else 0.1)")
-    p.add_argument("--wise-ft", metavar="A,B,...", type=_alphas,
-                   help="--image-folder, a classifier run: also evaluate WiSE-FT weights (1-alpha)*original + "
-                        "alpha*fine-tuned at these alphas, and report before (alpha 0) and after (alpha 1)")
-    p.add_argument("--wise-ft-from", metavar="DIR",
-                   help="--wise-ft: the original weights (default: the run's model.init_from)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
-                   help="split to evaluate (default val; all: every image of an --image-folder)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences (or image-text pairs) per forward pass, and the batch a CLIP's contrastive "
-                        f"loss is over (default {DEFAULT_BATCH}; a run's CLIP checkpoint: the loss is over the run's "
-                        "own eval batch, eval.batch_size or the micro-batch, times its data-parallel size)")
+    which.add_argument(
+        "--checkpoint",
+        help="run directory, its checkpoints/ folder, one checkpoint tag, or an exported Hugging Face directory",
+    )
+    which.add_argument(
+        "--model",
+        metavar="HF_DIR",
+        help="a local Hugging Face model directory (a pretrained model before fine-tuning, a "
+        "pretrain-export output) or a peft adapter directory (its base model with the adapter merged)",
+    )
+    p.add_argument(
+        "--data",
+        help="prepared data directory (holds manifest.json), or one source string as train's "
+        "--data takes (raw shards: val is the run's held-out keys); or give --image-folder",
+    )
+    p.add_argument(
+        "--image-folder",
+        metavar="ROOT",
+        help="a labelled image folder (ROOT/<class>/*.jpg or ROOT/{train,val}/<class>/*.jpg) instead of "
+        "--data: a CLIP's top-1/top-5 on it, zero-shot with prompt templates, or with its own head when "
+        "it was fine-tuned on these classes (task classify)",
+    )
+    p.add_argument(
+        "--classnames",
+        metavar="FILE",
+        help="--image-folder: class-name file (text: a name per line in sorted-folder order or 'FOLDER "
+        "NAME' lines; JSON: list, {folder: name} or {classnames, templates}); default ROOT/classnames.*",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help="--image-folder without train/ and val/ subfolders: the fraction held out as val by a hash "
+        "of each path (default: a classifier run's data.val_fraction, else 0.1)",
+    )
+    p.add_argument(
+        "--wise-ft",
+        metavar="A,B,...",
+        type=_alphas,
+        help="--image-folder, a classifier run: also evaluate WiSE-FT weights (1-alpha)*original + "
+        "alpha*fine-tuned at these alphas, and report before (alpha 0) and after (alpha 1)",
+    )
+    p.add_argument(
+        "--wise-ft-from", metavar="DIR", help="--wise-ft: the original weights (default: the run's model.init_from)"
+    )
+    p.add_argument(
+        "--split",
+        default="val",
+        choices=["train", "val", "test", "all"],
+        help="split to evaluate (default val; all: every image of an --image-folder)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences (or image-text pairs) per forward pass, and the batch a CLIP's contrastive "
+        f"loss is over (default {DEFAULT_BATCH}; a run's CLIP checkpoint: the loss is over the run's "
+        "own eval batch, eval.batch_size or the micro-batch, times its data-parallel size)",
+    )
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
-def evaluate(checkpoint: str, data_dir: str, split: str = "val", batch_size: int | None = None,
-             max_samples: int | None = None) -> dict:
+def evaluate(
+    checkpoint: str, data_dir: str, split: str = "val", batch_size: int | None = None, max_samples: int | None = None
+) -> dict:
     """The family's metrics on a split: loss and perplexity for gpt; contrastive loss, zero-shot
     top-1/top-5 and retrieval recall@1/5/10 for clip.
 
     A contrastive loss depends on how many pairs are scored together: without ``batch_size`` a
     run's CLIP checkpoint is scored over the run's own eval batch (`run_eval_batch`), so the value
     is the one its training logged; ``loss_batch_size`` in the result says which batch it was."""
-    from pretrain.run.data import open_eval_data
     from pretrain.models import EvalRequest, RunData, get_family
+    from pretrain.run.data import open_eval_data
 
     loaded = load_model(checkpoint)
     family = get_family(loaded.family)
@@ -103,9 +131,11 @@ def run_eval_batch(checkpoint: str) -> int | None:
     if ref.run_dir is None or not (ref.run_dir / RESOLVED).is_file():
         return None
     resolved = json.loads((ref.run_dir / RESOLVED).read_text())
-    per_rank = (resolved.get("recipe", {}).get("eval", {}).get("batch_size")
-                or resolved.get("batch", {}).get("micro_batch_size")
-                or resolved.get("deepspeed", {}).get("train_micro_batch_size_per_gpu"))
+    per_rank = (
+        resolved.get("recipe", {}).get("eval", {}).get("batch_size")
+        or resolved.get("batch", {}).get("micro_batch_size")
+        or resolved.get("deepspeed", {}).get("train_micro_batch_size_per_gpu")
+    )
     if not isinstance(per_rank, int):
         return None
     dp = resolved.get("parallel", {}).get("dp") or resolved.get("world_size") or 1
@@ -121,8 +151,9 @@ def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
     from pretrain.run.config import ModelConfig, Recipe
 
     model_dir = loaded.info["checkpoint"]
-    recipe = Recipe(family=loaded.family, model=ModelConfig(arch="clip" if loaded.family == "clip" else "gpt2",
-                                                            init_from=model_dir))
+    recipe = Recipe(
+        family=loaded.family, model=ModelConfig(arch="clip" if loaded.family == "clip" else "gpt2", init_from=model_dir)
+    )
     tokenizer_dir = family.tokenizer_dir(recipe, data)
     if tokenizer_dir is None:
         raise ValueError(f"{model_dir}: no tokenizer in the model directory nor with the data {data.root}")
@@ -137,25 +168,38 @@ def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model is not None and not _is_model_dir(args.model):
-        print(f"error: --model {args.model}: not a Hugging Face model directory (config.json and weights) or a peft "
-              "adapter directory (adapter_config.json); for a run directory or checkpoint use --checkpoint",
-              file=sys.stderr)
+        print(
+            f"error: --model {args.model}: not a Hugging Face model directory (config.json and weights) or a peft "
+            "adapter directory (adapter_config.json); for a run directory or checkpoint use --checkpoint",
+            file=sys.stderr,
+        )
         return 2
     if (args.data is None) == (args.image_folder is None):
-        print("error: give one of --data DIR (prepared shards) and --image-folder ROOT (a labelled image folder)",
-              file=sys.stderr)
+        print(
+            "error: give one of --data DIR (prepared shards) and --image-folder ROOT (a labelled image folder)",
+            file=sys.stderr,
+        )
         return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
             if args.image_folder is not None:
                 from pretrain.finetune.classify import evaluate_folder
 
-                result = evaluate_folder(args.checkpoint or args.model, args.image_folder, args.classnames, args.split,
-                                         args.batch_size or DEFAULT_BATCH, args.max_samples, args.wise_ft,
-                                         args.wise_ft_from, args.val_fraction)
+                result = evaluate_folder(
+                    args.checkpoint or args.model,
+                    args.image_folder,
+                    args.classnames,
+                    args.split,
+                    args.batch_size or DEFAULT_BATCH,
+                    args.max_samples,
+                    args.wise_ft,
+                    args.wise_ft_from,
+                    args.val_fraction,
+                )
             else:
-                result = evaluate(args.checkpoint or args.model, args.data, args.split, args.batch_size,
-                                  args.max_samples)
+                result = evaluate(
+                    args.checkpoint or args.model, args.data, args.split, args.batch_size, args.max_samples
+                )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

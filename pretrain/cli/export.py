@@ -5,6 +5,7 @@ The result loads with ``AutoModelForCausalLM.from_pretrained`` (gpt) or ``CLIPMo
 ``PeftModel.from_pretrained(base, DIR)``, or with --merge a plain model with the adapter folded in.
 Every export carries a README.md model card.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,25 +25,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ folder, or one checkpoint tag")
     p.add_argument("--output", required=True, help="directory to write (must be empty or absent)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (default fp32)")
-    p.add_argument("--merge", action="store_true",
-                   help="LoRA runs: write a plain Hugging Face model with the adapters merged into its weights instead "
-                        "of the adapter alone (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--wise-ft", metavar="ALPHA", type=float,
-                   help="WiSE-FT (Wortsman et al. 2022): write (1-ALPHA)*original + ALPHA*fine-tuned weights, the "
-                        "original being the run's model.init_from (for a classifier run, with its zero-shot head); "
-                        "compare alphas first with pretrain-eval --image-folder ROOT --wise-ft 0,0.5,1")
-    p.add_argument("--wise-ft-from", metavar="DIR", help="--wise-ft: the original weights (default: the run's model.init_from)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: write a plain Hugging Face model with the adapters merged into its weights instead "
+        "of the adapter alone (adapter_config.json + adapter_model.safetensors)",
+    )
+    p.add_argument(
+        "--wise-ft",
+        metavar="ALPHA",
+        type=float,
+        help="WiSE-FT (Wortsman et al. 2022): write (1-ALPHA)*original + ALPHA*fine-tuned weights, the "
+        "original being the run's model.init_from (for a classifier run, with its zero-shot head); "
+        "compare alphas first with pretrain-eval --image-folder ROOT --wise-ft 0,0.5,1",
+    )
+    p.add_argument(
+        "--wise-ft-from", metavar="DIR", help="--wise-ft: the original weights (default: the run's model.init_from)"
+    )
     return p
 
 
-def export(checkpoint: str, output: str, dtype: str = "fp32", merge: bool = False, wise_ft: float | None = None,
-           wise_ft_from: str | None = None) -> Path:
+def export(
+    checkpoint: str,
+    output: str,
+    dtype: str = "fp32",
+    merge: bool = False,
+    wise_ft: float | None = None,
+    wise_ft_from: str | None = None,
+) -> Path:
     import shlex
 
     from pretrain.finetune import adapters
-    from pretrain.models import model_card
+    from pretrain.models import get_family, model_card
     from pretrain.run.build import load_model
-    from pretrain.models import get_family
 
     out = Path(output)
     if out.exists() and any(out.iterdir()):
@@ -76,10 +91,19 @@ def export(checkpoint: str, output: str, dtype: str = "fp32", merge: bool = Fals
         tokenizer = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
     family.save_hf_assets(model, tokenizer, out)
     (out / "export-info.json").write_text(json.dumps({**info, "dtype": dtype, "contents": kind}, indent=2))
-    command = shlex.join(["pretrain-export", "--checkpoint", str(checkpoint), "--output", str(output),
-                          *(["--dtype", dtype] if dtype != "fp32" else []), *(["--merge"] if merge else []),
-                          *(["--wise-ft", str(wise_ft)] if wise_ft is not None else []),
-                          *(["--wise-ft-from", str(wise_ft_from)] if wise_ft_from else [])])
+    command = shlex.join(
+        [
+            "pretrain-export",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(output),
+            *(["--dtype", dtype] if dtype != "fp32" else []),
+            *(["--merge"] if merge else []),
+            *(["--wise-ft", str(wise_ft)] if wise_ft is not None else []),
+            *(["--wise-ft-from", str(wise_ft_from)] if wise_ft_from else []),
+        ]
+    )
     adapter = loaded.adapter.peft_config["default"].to_dict() if kind == "adapter" else None
     (out / "README.md").write_text(model_card.render(ref, loaded.family, loaded.config, kind, command, adapter))
     return out

@@ -1,8 +1,9 @@
 """pretrain-plot: PNG plots of a run, or of a learning-rate schedule before anyone trains with it.
 
-    pretrain-plot RUN_DIR                                   -> RUN_DIR/plots/{loss,lr,throughput}.png (+ zero_shot.png for CLIP)
-    pretrain-plot --schedule ds_configs/X.json --steps N    -> schedule.png (or --output)
+pretrain-plot RUN_DIR                   -> RUN_DIR/plots/{loss,lr,throughput}.png (+ zero_shot.png for CLIP)
+pretrain-plot --schedule ds_configs/X.json --steps N    -> schedule.png (or --output)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     _loss_panel(axes[0], train, evals, "step", "step")
     _loss_panel(axes[1], train, evals, "tokens", "tokens seen")
     last = evals[-1] if evals else None
-    title = f"{run_dir.name}: loss" + (f" (last val {last['loss']:.3f}, gap {last.get('gap', float('nan')):+.3f})" if last else "")
+    title = f"{run_dir.name}: loss" + (
+        f" (last val {last['loss']:.3f}, gap {last.get('gap', float('nan')):+.3f})" if last else ""
+    )
     fig.suptitle(title)
     fig.tight_layout()
     written.append(out / "loss.png")
@@ -95,8 +98,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if zs:  # CLIP: zero-shot and retrieval against chance
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [m["step"] for m in zs]
-        for key, style in (("zero_shot_top1", "o-"), ("zero_shot_top5", "s-"), ("zero_shot_top1_held_out", "^--"),
-                           ("image_to_text_R@1", "x:"), ("text_to_image_R@1", "+:")):
+        for key, style in (
+            ("zero_shot_top1", "o-"),
+            ("zero_shot_top5", "s-"),
+            ("zero_shot_top1_held_out", "^--"),
+            ("image_to_text_R@1", "x:"),
+            ("text_to_image_R@1", "+:"),
+        ):
             if all(key in m for m in zs):
                 ax.plot(steps, [m[key] for m in zs], style, label=key)
         ax.axhline(zs[-1]["chance_top1"], color="gray", lw=1, ls="--", label="chance (top-1)")
@@ -113,14 +121,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1) -> Path:
+def plot_schedule(
+    ds_path: str, steps: int, output: str | Path, recipe_name: str | None = None, world_size: int = 1
+) -> Path:
     from pretrain.run.config import Recipe, load_json, load_recipe
     from pretrain.run.ds_config import resolve_ds_config, run_optimization
     from pretrain.run.schedules import lrs_for_config
 
     recipe = load_recipe(recipe_name)[0] if recipe_name else Recipe()
     recipe.training.max_steps = steps
-    ds, _ = resolve_ds_config(load_json(ds_path, "DeepSpeed config"), recipe, world_size, recipe.model.hidden_size, ds_path)
+    ds, _ = resolve_ds_config(
+        load_json(ds_path, "DeepSpeed config"), recipe, world_size, recipe.model.hidden_size, ds_path
+    )
     tr = run_optimization(recipe.training, ds)  # a concrete optimizer lr that won is the peak
     lrs = lrs_for_config(ds, tr.lr, tr.min_lr, tr.warmup_steps, tr.max_steps, steps)
     kind = (ds.get("scheduler") or {}).get("type", "warmup + cosine (no scheduler section)")
@@ -139,12 +151,23 @@ def plot_schedule(ds_path: str, steps: int, output: str | Path, recipe_name: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pretrain-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", nargs="?", help="run directory holding metrics.jsonl; plots go to RUN_DIR/plots/")
-    p.add_argument("--schedule", metavar="DS_CONFIG", help="draw the LR schedule of this DeepSpeed JSON instead of a run")
-    p.add_argument("--steps", type=int, default=1000, help="with --schedule: steps to draw (fills total_num_steps \"auto\")")
-    p.add_argument("--recipe", help="with --schedule: recipe whose training section fills the \"auto\" values (default: built-in defaults)")
-    p.add_argument("--world-size", type=int, default=1, help="with --schedule: ranks, for batch arithmetic and LR scaling")
+    p.add_argument(
+        "--schedule", metavar="DS_CONFIG", help="draw the LR schedule of this DeepSpeed JSON instead of a run"
+    )
+    p.add_argument(
+        "--steps", type=int, default=1000, help='with --schedule: steps to draw (fills total_num_steps "auto")'
+    )
+    p.add_argument(
+        "--recipe",
+        help='with --schedule: recipe whose training section fills the "auto" values (default: built-in defaults)',
+    )
+    p.add_argument(
+        "--world-size", type=int, default=1, help="with --schedule: ranks, for batch arithmetic and LR scaling"
+    )
     p.add_argument("--output", default="schedule.png", help="with --schedule: PNG to write (default schedule.png)")
     return p
 

@@ -12,6 +12,7 @@ under ZeRO-3 (peft reads a partitioned base layer's shape from ``ds_shape``). Fr
 are saved in DeepSpeed's checkpoints as frozen fragments, so a checkpoint is complete without the
 init_from directory and resumes like any other.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def target_modules(cfg: "LoraConfig", hf_config) -> list[str] | None:
+def target_modules(cfg: LoraConfig, hf_config) -> list[str] | None:
     """The recipe's targets, else peft's default for the architecture, else ours; None if neither knows."""
     if cfg.target_modules:
         return list(cfg.target_modules)
@@ -56,7 +57,7 @@ def target_modules(cfg: "LoraConfig", hf_config) -> list[str] | None:
     return list(found) if found else None
 
 
-def check(model_cfg: "ModelConfig", hf: torch.nn.Module) -> list[str]:
+def check(model_cfg: ModelConfig, hf: torch.nn.Module) -> list[str]:
     """Problems with model.lora, each naming its key, found on a skeleton of the model (meta
     device): no init_from, a target name that matches no layer, or one that matches a layer LoRA
     cannot adapt."""
@@ -65,39 +66,54 @@ def check(model_cfg: "ModelConfig", hf: torch.nn.Module) -> list[str]:
         return []
     problems = []
     if not model_cfg.init_from:
-        problems.append("model.lora: needs model.init_from (--init-from), the pretrained model the adapters adapt; "
-                        "adapters on a randomly initialised model leave most of it untrained")
+        problems.append(
+            "model.lora: needs model.init_from (--init-from), the pretrained model the adapters adapt; "
+            "adapters on a randomly initialised model leave most of it untrained"
+        )
     targets = target_modules(cfg, hf.config)
     if targets is None:
-        return problems + [f"model.lora.target_modules: no default for model type {hf.config.model_type!r}; name the "
-                           "linear layers to adapt"]
+        return problems + [
+            f"model.lora.target_modules: no default for model type {hf.config.model_type!r}; name the "
+            "linear layers to adapt"
+        ]
     modules = dict(hf.named_modules())
-    example = next((n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"),
-                   next(iter(modules), "?"))
+    example = next(
+        (n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"),
+        next(iter(modules), "?"),
+    )
     unmatched = [t for t in targets if not any(_matches(n, t) for n in modules)]
     if unmatched:
-        problems.append(f"model.lora.target_modules: {unmatched} match no layer of the model (layer names look like "
-                        f"{example!r}; a target matches the whole name or its last dotted parts)")
+        problems.append(
+            f"model.lora.target_modules: {unmatched} match no layer of the model (layer names look like "
+            f"{example!r}; a target matches the whole name or its last dotted parts)"
+        )
     kinds = _adaptable()
     for t in targets:
         # peft refuses the whole model if any layer a target matches is of a kind it cannot adapt
         bad = [(n, m) for n, m in modules.items() if _matches(n, t) and not isinstance(m, kinds)]
         if bad:
             n, m = bad[0]
-            problems.append(f"model.lora.target_modules: {t!r} matches {type(m).__name__} layers ({n}), which LoRA "
-                            f"cannot adapt; name linear layers (such as {example.rsplit('.', 1)[-1]!r})")
+            problems.append(
+                f"model.lora.target_modules: {t!r} matches {type(m).__name__} layers ({n}), which LoRA "
+                f"cannot adapt; name linear layers (such as {example.rsplit('.', 1)[-1]!r})"
+            )
     return problems
 
 
-def peft_config(cfg: "LoraConfig", family: "ModelFamily", hf: torch.nn.Module):
+def peft_config(cfg: LoraConfig, family: ModelFamily, hf: torch.nn.Module):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=target_modules(cfg, hf.config), bias="none",
-                          task_type=TASK_TYPES.get(family.name))
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_modules(cfg, hf.config),
+        bias="none",
+        task_type=TASK_TYPES.get(family.name),
+    )
 
 
-def add_lora(model: torch.nn.Module, family: "ModelFamily", model_cfg: "ModelConfig"):
+def add_lora(model: torch.nn.Module, family: ModelFamily, model_cfg: ModelConfig):
     """Add model.lora's adapters to the transformers model inside ``model``, in place; every other
     parameter stops training. Returns peft's wrapper around that transformers model."""
     import warnings
@@ -131,13 +147,15 @@ class LoRA(Feature):
         if ctx.layout.tp > 1:
             # AutoTP would shard the adapted layers' base weights under peft's wrappers, and the
             # merge of TP shards knows the model's own layers only: never trained, so refused
-            problems.append(f"model.lora together with {ctx.source}: tensor_parallel.autotp_size {ctx.layout.tp} is not "
-                            "supported (AutoTP does not shard peft's adapted layers); fine-tune with LoRA on data "
-                            "parallelism (ZeRO-3 splits a model too large for one GPU) or drop the tensor_parallel "
-                            "section")
+            problems.append(
+                f"model.lora together with {ctx.source}: tensor_parallel.autotp_size {ctx.layout.tp} is not "
+                "supported (AutoTP does not shard peft's adapted layers); fine-tune with LoRA on data "
+                "parallelism (ZeRO-3 splits a model too large for one GPU) or drop the tensor_parallel "
+                "section"
+            )
         return problems
 
-    def build(self, built: Built, family: "ModelFamily", model_cfg: "ModelConfig") -> None:
+    def build(self, built: Built, family: ModelFamily, model_cfg: ModelConfig) -> None:
         if model_cfg.lora is not None:
             built.adapter = add_lora(built.model, family, model_cfg)
             built.done.append(f"LoRA adapters (r {model_cfg.lora.r}, alpha {model_cfg.lora.alpha})")
@@ -178,12 +196,14 @@ def adapter_base(path: str | Path) -> Path:
     """The base model an exported adapter was trained on (its adapter_config.json says)."""
     base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a local Hugging "
-                                "Face model directory; the adapter needs its base model")
+        raise FileNotFoundError(
+            f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a local Hugging "
+            "Face model directory; the adapter needs its base model"
+        )
     return Path(base)
 
 
-def load_merged(family: "ModelFamily", adapter_dir: str | Path) -> torch.nn.Module:
+def load_merged(family: ModelFamily, adapter_dir: str | Path) -> torch.nn.Module:
     """The family's model from an exported adapter: its base model with the adapter folded in."""
     from peft import PeftModel
 

@@ -1,6 +1,7 @@
 """Freezing, one of the run features (`pretrain.run.features`): ``model.freeze`` names parameters
 (by a family's alias such as "vision", or a regular expression) that train no further.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,7 +50,7 @@ class Freeze(Feature):
             return [str(e)]
         return []
 
-    def build(self, built: Built, family: "ModelFamily", model_cfg: "ModelConfig") -> None:
+    def build(self, built: Built, family: ModelFamily, model_cfg: ModelConfig) -> None:
         if model_cfg.freeze:
             frozen = freeze_by_pattern(family.hf_model(built.model), model_cfg.freeze, family.freeze_aliases)
             built.done.append(f"froze {frozen} parameter tensors matching {model_cfg.freeze}")

@@ -7,6 +7,7 @@ named explicitly), loaded the way the run's family loads it: for a classifier of
 is what the fine-tuned head started from, so alpha 0 is the zero-shot classifier and alpha 1 the
 fine-tuned one. Used by ``pretrain-export --wise-ft ALPHA`` and ``pretrain-eval --wise-ft A,B,..``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,28 +20,34 @@ if TYPE_CHECKING:
     from pretrain.run.build import Loaded
 
 
-def init_from_of(loaded: "Loaded") -> str:
+def init_from_of(loaded: Loaded) -> str:
     """The directory a run was fine-tuned from (its recipe's model.init_from)."""
     from pretrain.runtime.checkpoint import CheckpointError, resolve_checkpoint, run_metadata
 
     if loaded.info.get("format") != "deepspeed":
-        raise ValueError(f"{loaded.info['checkpoint']}: not a run's checkpoint, so the original weights are unknown; "
-                         "name them with --wise-ft-from DIR")
+        raise ValueError(
+            f"{loaded.info['checkpoint']}: not a run's checkpoint, so the original weights are unknown; "
+            "name them with --wise-ft-from DIR"
+        )
     try:
         meta = run_metadata(resolve_checkpoint(loaded.info["checkpoint"]))
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     init = meta["recipe"]["model"].get("init_from")
     if not init:
-        raise ValueError(f"{loaded.info['checkpoint']}: the run was not fine-tuned from a pretrained model "
-                         "(no model.init_from): WiSE-FT needs the original weights; name them with --wise-ft-from DIR")
+        raise ValueError(
+            f"{loaded.info['checkpoint']}: the run was not fine-tuned from a pretrained model "
+            "(no model.init_from): WiSE-FT needs the original weights; name them with --wise-ft-from DIR"
+        )
     if not Path(init, "config.json").is_file():
-        raise ValueError(f"{init}/config.json not found: the run's model.init_from has moved; name the original "
-                         "weights with --wise-ft-from DIR")
+        raise ValueError(
+            f"{init}/config.json not found: the run's model.init_from has moved; name the original "
+            "weights with --wise-ft-from DIR"
+        )
     return init
 
 
-def original_model(loaded: "Loaded", original: str | None = None) -> torch.nn.Module:
+def original_model(loaded: Loaded, original: str | None = None) -> torch.nn.Module:
     """The weights ``loaded`` was fine-tuned from, as a module with the same parameter names."""
     from pretrain.models import get_family
 
@@ -49,19 +56,23 @@ def original_model(loaded: "Loaded", original: str | None = None) -> torch.nn.Mo
         from pretrain.models import clip, clip_classify
 
         tokenizer_dir = loaded.tokenizer_dir or original
-        return clip_classify.zero_shot_classifier(clip.from_pretrained(original), tokenizer_dir,
-                                                  clip_classify.classes_of(loaded.config)).eval()
+        return clip_classify.zero_shot_classifier(
+            clip.from_pretrained(original), tokenizer_dir, clip_classify.classes_of(loaded.config)
+        ).eval()
     return get_family(loaded.family).from_pretrained(original).eval()
 
 
-def interpolate(original: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor],
-                alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    original: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """(1 - alpha) * original + alpha * fine_tuned for every floating-point tensor; integer
     buffers (position ids) are the fine-tuned model's. The two must have the same names and shapes."""
     missing = sorted(set(fine_tuned) ^ set(original))
     if missing:
-        raise ValueError(f"WiSE-FT: the original and the fine-tuned weights differ in names, e.g. {missing[:3]} "
-                         "(a LoRA run: export it with --merge and interpolate the merged model)")
+        raise ValueError(
+            f"WiSE-FT: the original and the fine-tuned weights differ in names, e.g. {missing[:3]} "
+            "(a LoRA run: export it with --merge and interpolate the merged model)"
+        )
     out = {}
     for name, ft in fine_tuned.items():
         zs = original[name]
@@ -71,7 +82,7 @@ def interpolate(original: dict[str, torch.Tensor], fine_tuned: dict[str, torch.T
     return out
 
 
-def interpolated_models(loaded: "Loaded", alphas: list[float], original: str | None = None):
+def interpolated_models(loaded: Loaded, alphas: list[float], original: str | None = None):
     """(alpha, model) for each alpha; the model is a copy of ``loaded.model`` with WiSE-FT weights."""
     for a in alphas:
         if not 0.0 <= a <= 1.0:

@@ -2,13 +2,22 @@
 (`pretrain.models.spec`): the same pieces for every family, so the trainer, pretrain-eval and
 pretrain-export never ask which family they hold.
 """
+
 from __future__ import annotations
 
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 
 FAMILIES = ("gpt", "clip")
-__all__ = ["FAMILIES", "EvalRequest", "ModelFamily", "RunData", "StreamRequest", "family_name", "family_of_hf_config",
-           "get_family"]
+__all__ = [
+    "FAMILIES",
+    "EvalRequest",
+    "ModelFamily",
+    "RunData",
+    "StreamRequest",
+    "family_name",
+    "family_of_hf_config",
+    "get_family",
+]
 
 
 def get_family(name: str) -> ModelFamily:

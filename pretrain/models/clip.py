@@ -1,17 +1,17 @@
-"""CLIP-style contrastive image-text models (transformers CLIPModel): build, loss across ranks, evaluate.
+"""CLIP-style contrastive image-text models (transformers CLIPModel): build, train, evaluate, export.
 
-The loss is OpenCLIP's "local loss with gathered features": every rank all-gathers the image
-and text embeddings of the whole global batch (gradients flow back to the rank that computed
-them), scores its own rows against every column, and DeepSpeed's gradient averaging then gives
-exactly the gradient of the loss of one process holding the global batch. The negatives of a
-step are the whole global batch, which is what makes CLIP improve with scale.
+The loss across ranks is `pretrain.models.contrastive`: each micro-step scores its image-text pairs
+against the micro-batch x ranks pairs gathered from every rank (with gradient accumulation, a
+micro-step's negatives are not the whole optimizer step's).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,90 +19,18 @@ import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 from data_pipelines.image.transforms import normalize_batch
-from pretrain.run.config import ModelConfig, Recipe, VisionConfig
-from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
+from pretrain.models.contrastive import contrastive_row_losses, gather_no_grad  # noqa: F401 - the loss, importable with the model
 from pretrain.models.gpt import no_decay, round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
+from pretrain.run.config import ModelConfig, Recipe, VisionConfig
 from pretrain.run.feature import Feature, RunContext
+from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
 
 if TYPE_CHECKING:
     from data_pipelines.loader import TrainStream
 
 # Parameter-name prefixes of each tower, for `model.freeze: ["vision"]` (locked-image tuning).
 FREEZE_ALIASES = {"vision": r"^(vision_model|visual_projection)\.", "text": r"^(text_model|text_projection)\."}
-
-
-# --------------------------------------------------------------------------------------------- loss
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's rows.
-
-    Written with all_reduce rather than torch.distributed.nn's all_gather, whose backward
-    needs reduce_scatter or all_to_all: every backend (gloo included) has all_reduce.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(rows of every rank concatenated in rank order, offset of this rank's rows). Every rank
-    must pass the same number of rows."""
-    rank, world = _world()
-    if world == 1:
-        return x, 0
-    return _GatherWithGrad.apply(x), rank * x.shape[0]
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    rank, world = _world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def contrastive_row_losses(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                           weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE of this rank's rows against the global batch, one value per local row.
-
-    `image` and `text` are L2-normalised (B, D) embeddings of the same B pairs; `scale` is the
-    inverse temperature. Columns whose `weight` is 0 (eval padding) are not negatives, and rows
-    whose weight is 0 get loss 0.
-    """
-    all_image, offset = gather_with_grad(image)
-    all_text, _ = gather_with_grad(text)
-    logits_per_image = scale * image @ all_text.T
-    logits_per_text = scale * text @ all_image.T
-    labels = torch.arange(image.shape[0], device=image.device) + offset
-    if weight is not None:
-        padding = gather_no_grad(weight.to(image.device).float()) <= 0
-        logits_per_image = logits_per_image.masked_fill(padding, float("-inf"))
-        logits_per_text = logits_per_text.masked_fill(padding, float("-inf"))
-    losses = (F.cross_entropy(logits_per_image, labels, reduction="none")
-              + F.cross_entropy(logits_per_text, labels, reduction="none")) / 2
-    if weight is not None:
-        losses = torch.where(weight.to(losses.device) > 0, losses, torch.zeros_like(losses))
-    return losses
 
 
 class ContrastiveCLIP(torch.nn.Module):
@@ -122,8 +50,9 @@ class ContrastiveCLIP(torch.nn.Module):
         # CLIPModel's temperature is a 0-dim parameter, which DeepSpeed's initial broadcast
         # cannot view as bytes; it trains as shape (1,) and is a scalar again in to_hf().
         if clip.logit_scale.dim() == 0:
-            clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(1),
-                                                  requires_grad=clip.logit_scale.requires_grad)
+            clip.logit_scale = torch.nn.Parameter(
+                clip.logit_scale.detach().reshape(1), requires_grad=clip.logit_scale.requires_grad
+            )
 
     @property
     def config(self) -> PretrainedConfig:
@@ -164,8 +93,13 @@ class ContrastiveCLIP(torch.nn.Module):
         if master is not None:
             safe_set_full_fp32_param(param, master.clamp(max=self.max_log_scale))
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ):
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         if pixel_values is None:
             return text
@@ -174,8 +108,13 @@ class ContrastiveCLIP(torch.nn.Module):
         losses = contrastive_row_losses(image, text, scale, weight)
         if weight is None:
             return losses.mean()
-        return {"loss_sum": (losses * weight.to(losses.device)).sum(), "count": weight.sum(), "image": image,
-                "text": text, "scale": scale.detach()}
+        return {
+            "loss_sum": (losses * weight.to(losses.device)).sum(),
+            "count": weight.sum(),
+            "image": image,
+            "text": text,
+            "scale": scale.detach(),
+        }
 
 
 def register_external_parameters(model: ContrastiveCLIP) -> None:
@@ -199,30 +138,53 @@ def tokenizer_dir(recipe: Recipe, data) -> Path | None:
     """The caption tokenizer: data.tokenizer, else init_from's own, else the one saved with the data."""
     if recipe.data.tokenizer:
         return Path(recipe.data.tokenizer)
-    if recipe.model.init_from and any((Path(recipe.model.init_from) / f).is_file()
-                                      for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    if recipe.model.init_from and any(
+        (Path(recipe.model.init_from) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    ):
         return Path(recipe.model.init_from)
     return data.tokenizer_path()
 
 
-def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None, pad_token_id: int | None = None,
-              bos_token_id: int | None = None) -> CLIPConfig:
+def hf_config(
+    cfg: ModelConfig,
+    tokenizer_vocab: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+) -> CLIPConfig:
     """The transformers config for a CLIP built from the recipe's sizes (pad and bos default to eos)."""
     vision = cfg.vision or VisionConfig()
     eos = eos_token_id
     pad = pad_token_id if pad_token_id is not None else eos
     text = CLIPTextConfig(
-        vocab_size=cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple), hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
-        projection_dim=cfg.projection_dim, attention_dropout=cfg.dropout, eos_token_id=eos, pad_token_id=pad,
-        bos_token_id=bos_token_id if bos_token_id is not None else eos)
+        vocab_size=cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        projection_dim=cfg.projection_dim,
+        attention_dropout=cfg.dropout,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=bos_token_id if bos_token_id is not None else eos,
+    )
     image = CLIPVisionConfig(
-        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size or 4 * vision.hidden_size,
-        num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads, image_size=vision.image_size,
-        patch_size=vision.patch_size, projection_dim=cfg.projection_dim, attention_dropout=cfg.dropout)
-    return CLIPConfig(text_config=text.to_dict(), vision_config=image.to_dict(), projection_dim=cfg.projection_dim,
-                      logit_scale_init_value=cfg.logit_scale_init)
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size or 4 * vision.hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        projection_dim=cfg.projection_dim,
+        attention_dropout=cfg.dropout,
+    )
+    return CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=image.to_dict(),
+        projection_dim=cfg.projection_dim,
+        logit_scale_init_value=cfg.logit_scale_init,
+    )
 
 
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
@@ -235,16 +197,22 @@ def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str
     """Problems that would only show once training ran."""
     problems = []
     if getattr(config, "model_type", None) != "clip":
-        problems.append(f"model.init_from: {recipe.model.init_from} holds a {getattr(config, 'model_type', '?')!r} model, "
-                        "not a CLIP model")
+        problems.append(
+            f"model.init_from: {recipe.model.init_from} holds a {getattr(config, 'model_type', '?')!r} model, "
+            "not a CLIP model"
+        )
         return problems
     if config.text_config.vocab_size < len(tokenizer):
-        problems.append(f"model.vocab_size: the text tower's {config.text_config.vocab_size} rows are fewer than the "
-                        f"caption tokenizer's vocabulary ({len(tokenizer)})")
+        problems.append(
+            f"model.vocab_size: the text tower's {config.text_config.vocab_size} rows are fewer than the "
+            f"caption tokenizer's vocabulary ({len(tokenizer)})"
+        )
     if config.text_config.eos_token_id == 2 and tokenizer.eos_token_id != len(tokenizer) - 1:
         # transformers then pools the text at argmax(input_ids), which is only the eos for OpenAI's vocabulary.
-        problems.append("model: the text config's eos_token_id is 2 (transformers' legacy pooling), which only works "
-                        "with OpenAI's CLIP tokenizer; set eos_token_id in the checkpoint's text_config")
+        problems.append(
+            "model: the text config's eos_token_id is 2 (transformers' legacy pooling), which only works "
+            "with OpenAI's CLIP tokenizer; set eos_token_id in the checkpoint's text_config"
+        )
     if tokenizer.eos_token_id is None:
         problems.append("data.tokenizer: the caption tokenizer has no eos token (CLIP pools the text at the eos)")
     for split in (recipe.data.train_split, recipe.data.eval_split):
@@ -257,7 +225,9 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ContrastiveCLIP:
     import torch._dynamo  # noqa: F401  (see gpt.build_model: not importable inside zero.Init)
 
     if cfg.init_from:
-        clip = CLIPModel.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        clip = CLIPModel.from_pretrained(
+            cfg.init_from, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
     else:
         clip = CLIPModel._from_config(config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
     return ContrastiveCLIP(clip, cfg.max_logit_scale)
@@ -296,11 +266,25 @@ def save_hf_assets(model: CLIPModel, tokenizer, out: Path) -> None:
             tokenizer.pad_token = tokenizer.eos_token  # what training padded captions with
         save_tokenizer(tokenizer, out, context_length(model.config), append_eos=True)
     size = image_size(model.config)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD)}, indent=2))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_convert_rgb": True,
+                "do_resize": True,
+                "size": {"shortest_edge": size},
+                "resample": 3,
+                "do_center_crop": True,
+                "crop_size": {"height": size, "width": size},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": list(CLIP_MEAN),
+                "image_std": list(CLIP_STD),
+            },
+            indent=2,
+        )
+    )
 
 
 def count_params(config: PretrainedConfig) -> int:
@@ -341,19 +325,34 @@ def _tokenizer(path: Path):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-def train_stream(run: RunData, req: StreamRequest) -> "TrainStream":
+def train_stream(run: RunData, req: StreamRequest) -> TrainStream:
     from data_pipelines.image.loader import image_text_train_loader
 
     d, config = req.data, run.model_config
-    return image_text_train_loader(run.data, d.train_split, req.micro_batch_size, _tokenizer(run.tokenizer_dir),
-                                   context_length(config), image_size(config), req.rank, req.world,
-                                   num_workers=d.num_workers, seed=req.seed, shuffle_buffer=d.shuffle_buffer,
-                                   augment=d.augment, flip=d.flip, resampled=d.resampled, trace=req.sample_ids,
-                                   normalize=False)  # uint8 to the device; encode_image normalises there
+    return image_text_train_loader(
+        run.data,
+        d.train_split,
+        req.micro_batch_size,
+        _tokenizer(run.tokenizer_dir),
+        context_length(config),
+        image_size(config),
+        req.rank,
+        req.world,
+        num_workers=d.num_workers,
+        seed=req.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        augment=d.augment,
+        flip=d.flip,
+        resampled=d.resampled,
+        trace=req.sample_ids,
+        normalize=False,
+    )  # uint8 to the device; encode_image normalises there
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return model(
+        pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    )
 
 
 def loss_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -418,11 +417,16 @@ def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None 
     held_out = torch.tensor(sorted(classes.get("held_out", [])) if classes else [], dtype=torch.long)
     feats_i, feats_t, index = [], [], []
     scale = None
-    for batch in image_text_eval_batches(data, req.split, req.batch_size, tokenizer, context, size, req.rank, world,
-                                         req.max_samples, stats):
+    for batch in image_text_eval_batches(
+        data, req.split, req.batch_size, tokenizer, context, size, req.rank, world, req.max_samples, stats
+    ):
         weight, label = batch.pop("weight"), batch.pop("label")
-        out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device), weight=weight.to(device))
+        out = model(
+            pixel_values=batch["pixel_values"].to(device),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            weight=weight.to(device),
+        )
         loss_sum += torch.tensor([float(out["loss_sum"]), float(out["count"])], dtype=torch.float64)
         image, text, scale = out["image"].cpu(), out["text"].cpu(), out["scale"].cpu()
         valid = batch["index"] >= 0
@@ -443,12 +447,18 @@ def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None 
         loss_sum = _grouped_loss(torch.cat(feats_i), torch.cat(feats_t), torch.cat(index), scale, loss_batch_size)
     if world > 1:
         loss_sum, zs = _all_reduce(loss_sum, device), _all_reduce(zs, device)
-    result: dict[str, Any] = {"loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
-                              "samples": int(loss_sum[1])}
+    result: dict[str, Any] = {
+        "loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
+        "samples": int(loss_sum[1]),
+    }
     if classifier is not None and zs[0] > 0:
-        result.update(zero_shot_top1=float(zs[1] / zs[0]), zero_shot_top5=float(zs[2] / zs[0]),
-                      num_classes=len(classes["classnames"]), zero_shot_samples=int(zs[0]),
-                      chance_top1=1.0 / len(classes["classnames"]))
+        result.update(
+            zero_shot_top1=float(zs[1] / zs[0]),
+            zero_shot_top5=float(zs[2] / zs[0]),
+            num_classes=len(classes["classnames"]),
+            zero_shot_samples=int(zs[0]),
+            chance_top1=1.0 / len(classes["classnames"]),
+        )
         if zs[3] > 0:
             result.update(zero_shot_top1_held_out=float(zs[4] / zs[3]), held_out_samples=int(zs[3]))
     if feats_i:  # no batches at all (an empty split) on every rank alike: nothing to retrieve
@@ -458,8 +468,9 @@ def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None 
     return result
 
 
-def _grouped_loss(image: torch.Tensor, text: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
-                  size: int) -> torch.Tensor:
+def _grouped_loss(
+    image: torch.Tensor, text: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, size: int
+) -> torch.Tensor:
     """[loss sum, rows] of the contrastive loss over the samples whose split positions fall in
     each block of ``size``: a run with eval batch B on W ranks gathers exactly samples
     [kWB, (k+1)WB) in its k-th batch (sample i on rank i % W). Rows not decoded are absent here
@@ -480,7 +491,9 @@ def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
     return t.cpu()
 
 
-def _gather_rows(feats_i: list, feats_t: list, index: list, world: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_rows(
+    feats_i: list, feats_t: list, index: list, world: int, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's valid eval rows, ordered by their position in the split."""
     image, text, idx = torch.cat(feats_i), torch.cat(feats_t), torch.cat(index)
     if world > 1:
@@ -518,14 +531,30 @@ def retrieval(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1,
 
 
 FAMILY = ModelFamily(
-    name="clip", unit="samples", freeze_aliases=FREEZE_ALIASES,
-    open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
-    count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    name="clip",
+    unit="samples",
+    freeze_aliases=FREEZE_ALIASES,
+    open_data=open_data,
+    tokenizer_dir=tokenizer_dir,
+    model_config=model_config,
+    check=check,
+    count_params=count_params,
+    hidden_size=hidden_size,
+    tokens_per_sample=tokens_per_sample,
     train_flops_per_sample=train_flops_per_sample,
-    build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
-    hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
+    build_model=build_model,
+    model_from_config=model_from_config,
+    from_pretrained=from_pretrained,
+    hf_model=hf_model,
+    to_hf=to_hf,
+    save_hf_assets=save_hf_assets,
+    no_decay=no_decay,
     register_external_parameters=register_external_parameters,
-    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
+    train_stream=train_stream,
+    loss=loss,
+    loss_items=loss_items,
+    loss_sum=loss_sum,
+    evaluate=evaluate,
     # CLIPModel's temperature is a 0-dim parameter, which zero.Init cannot broadcast (DeepSpeed 0.19
     # views every new parameter as bytes: "self.dim() cannot be 0 to view Float as Byte")
     zero_init=False,

@@ -15,6 +15,7 @@ clip's. The run's CLIP config carries the classes (``id2label``) and prompt temp
 an export writes the head to ``classifier.safetensors`` beside the CLIPModel (``config.classifier``
 names it), and a CLIP directory without one becomes a classifier through `zero_shot_classifier`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, PretrainedConfig
 
-from pretrain.run.config import DataConfig, ModelConfig, Recipe
 from pretrain.models import clip
 from pretrain.models.spec import EvalRequest, RunData, StreamRequest
+from pretrain.run.config import DataConfig, ModelConfig, Recipe
 
 if TYPE_CHECKING:
     from data_pipelines.image.folder import FolderTrainStream, ImageFolder
@@ -54,9 +55,14 @@ class ClassifierCLIP(clip.ContrastiveCLIP):
         image = self.encode_image(pixel_values)
         return self.head(image.to(self.head.weight.dtype)).float()
 
-    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None):
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ):
         if pixel_values is None:
             return self.encode_text(input_ids, attention_mask)
         logits = self.logits(pixel_values)
@@ -72,8 +78,10 @@ def classes_of(config: PretrainedConfig) -> dict[str, Any]:
     labels = getattr(config, "id2label", None) or {}
     templates = getattr(config, "zero_shot_templates", None)
     if not labels or not templates:
-        raise ValueError("the CLIP config names no classes (id2label) or prompt templates (zero_shot_templates): "
-                         "it is not a classifier from task 'classify'")
+        raise ValueError(
+            "the CLIP config names no classes (id2label) or prompt templates (zero_shot_templates): "
+            "it is not a classifier from task 'classify'"
+        )
     return {"classnames": [labels[i] for i in range(len(labels))], "templates": list(templates)}
 
 
@@ -84,8 +92,9 @@ def set_classes(config: PretrainedConfig, classes: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def zero_shot_head(model: clip.ContrastiveCLIP, tokenizer_dir: str | Path, classes: dict[str, Any],
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def zero_shot_head(
+    model: clip.ContrastiveCLIP, tokenizer_dir: str | Path, classes: dict[str, Any], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(num_classes, D): the zero-shot classifier, prompt-ensembled class embeddings x logit scale."""
     tokenizer = clip._tokenizer(Path(tokenizer_dir))
     emb = clip.class_embeddings(model, tokenizer, classes, clip.context_length(model.config), device)
@@ -105,11 +114,12 @@ def _gathered(params: list[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def zero_shot_classifier(model: clip.ContrastiveCLIP, tokenizer_dir: str | Path, classes: dict[str, Any]) -> ClassifierCLIP:
+def zero_shot_classifier(
+    model: clip.ContrastiveCLIP, tokenizer_dir: str | Path, classes: dict[str, Any]
+) -> ClassifierCLIP:
     """A pretrained CLIP as a classifier of ``classes`` whose predictions are its zero-shot ones."""
     device = model.clip.visual_projection.weight.device
-    out = ClassifierCLIP(model.clip, len(classes["classnames"]),
-                         max_logit_scale=math.exp(model.max_log_scale))
+    out = ClassifierCLIP(model.clip, len(classes["classnames"]), max_logit_scale=math.exp(model.max_log_scale))
     out.head.to(device)
     text = [p for n, p in model.clip.named_parameters() if _TEXT.search(n)]
     with _gathered(text), torch.no_grad():
@@ -122,7 +132,7 @@ def zero_shot_classifier(model: clip.ContrastiveCLIP, tokenizer_dir: str | Path,
 # --------------------------------------------------------------------------------------------- the family
 
 
-def open_data(path: str | Path, data: DataConfig | None = None) -> "ImageFolder":
+def open_data(path: str | Path, data: DataConfig | None = None) -> ImageFolder:
     from data_pipelines.image.folder import ImageFolder
 
     d = data or DataConfig()
@@ -136,15 +146,17 @@ def tokenizer_dir(recipe: Recipe, data) -> Path | None:
     return Path(recipe.model.init_from) if recipe.model.init_from else None
 
 
-def check(recipe: Recipe, data: "ImageFolder", config: PretrainedConfig, tokenizer) -> list[str]:
+def check(recipe: Recipe, data: ImageFolder, config: PretrainedConfig, tokenizer) -> list[str]:
     """The clip checks that concern the model and the folder's splits; then the folder's classes
     and prompt templates go into the config (``id2label``, ``zero_shot_templates``), which the run
     saves as model/config.json: every later load of a checkpoint rebuilds the head from it."""
     problems = [p for p in clip.check(recipe, _NoShards(), config, tokenizer) if not p.startswith("data.path")]
     for split in (recipe.data.train_split, recipe.data.eval_split):
         if split not in data.splits or not data.files(split):
-            problems.append(f"data.path: the image folder {data.root} has no {split!r} images (a folder without "
-                            "train/ and val/ subfolders holds out data.val_fraction of each class by a hash)")
+            problems.append(
+                f"data.path: the image folder {data.root} has no {split!r} images (a folder without "
+                "train/ and val/ subfolders holds out data.val_fraction of each class by a hash)"
+            )
     if not problems:
         set_classes(config, data.classes())
     return problems
@@ -184,8 +196,9 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ClassifierCLIP:
 
 
 def model_from_config(config: PretrainedConfig, cfg: ModelConfig | None = None) -> ClassifierCLIP:
-    return ClassifierCLIP(CLIPModel(config), len(classes_of(config)["classnames"]),
-                          (cfg or ModelConfig(arch="clip")).max_logit_scale)
+    return ClassifierCLIP(
+        CLIPModel(config), len(classes_of(config)["classnames"]), (cfg or ModelConfig(arch="clip")).max_logit_scale
+    )
 
 
 def from_pretrained(path: str | Path) -> ClassifierCLIP:
@@ -220,13 +233,22 @@ def save_hf_assets(model: CLIPModel, tokenizer, out: Path) -> None:
         save_file({k: v.to(dtype).contiguous() for k, v in head.items()}, str(out / HEAD_FILE))
 
 
-def train_stream(run: RunData, req: StreamRequest) -> "FolderTrainStream":
+def train_stream(run: RunData, req: StreamRequest) -> FolderTrainStream:
     from data_pipelines.image.folder import FolderTrainStream
 
     d = req.data
-    return FolderTrainStream(run.data, d.train_split, req.micro_batch_size, clip.image_size(run.model_config),
-                             req.rank, req.world, seed=req.seed, num_workers=d.num_workers, augment=d.augment,
-                             flip=d.flip)
+    return FolderTrainStream(
+        run.data,
+        d.train_split,
+        req.micro_batch_size,
+        clip.image_size(run.model_config),
+        req.rank,
+        req.world,
+        seed=req.seed,
+        num_workers=d.num_workers,
+        augment=d.augment,
+        flip=d.flip,
+    )
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -252,8 +274,9 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     stats: dict[str, int] = {}
     num_classes = len(folder.classnames)
     k5 = min(5, num_classes)
-    for batch in folder_eval_batches(folder, req.split, req.batch_size, clip.image_size(config), req.rank, req.world,
-                                     req.max_samples, stats):
+    for batch in folder_eval_batches(
+        folder, req.split, req.batch_size, clip.image_size(config), req.rank, req.world, req.max_samples, stats
+    ):
         weight, labels = batch["weight"], batch["labels"]
         out = model(pixel_values=batch["pixel_values"].to(device), labels=labels.to(device), weight=weight.to(device))
         keep = weight > 0
@@ -262,9 +285,14 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     if req.world > 1:
         sums = clip._all_reduce(sums, device)
     n = float(sums[1])
-    result: dict[str, Any] = {"loss": float(sums[0]) / n if n else float("nan"), "top1": float(sums[2]) / n if n else 0.0,
-                              "top5": float(sums[3]) / n if n else 0.0, "samples": int(n), "num_classes": num_classes,
-                              "chance_top1": 1.0 / num_classes}
+    result: dict[str, Any] = {
+        "loss": float(sums[0]) / n if n else float("nan"),
+        "top1": float(sums[2]) / n if n else 0.0,
+        "top5": float(sums[3]) / n if n else 0.0,
+        "samples": int(n),
+        "num_classes": num_classes,
+        "chance_top1": 1.0 / num_classes,
+    }
     if stats:
         result["skipped"] = stats
     return result
@@ -273,15 +301,26 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
 # ------------------------------------------------------------------- objective "captions" (FLYP-style)
 
 
-def captions_train_stream(run: RunData, req: StreamRequest) -> "FolderTrainStream":
+def captions_train_stream(run: RunData, req: StreamRequest) -> FolderTrainStream:
     from data_pipelines.image.folder import ClassCaptions, FolderTrainStream
 
     d, config = req.data, run.model_config
-    captions = ClassCaptions(classes_of(config), clip._tokenizer(run.tokenizer_dir), clip.context_length(config),
-                             req.seed)
-    return FolderTrainStream(run.data, d.train_split, req.micro_batch_size, clip.image_size(config), req.rank,
-                             req.world, seed=req.seed, num_workers=d.num_workers, augment=d.augment, flip=d.flip,
-                             captions=captions)
+    captions = ClassCaptions(
+        classes_of(config), clip._tokenizer(run.tokenizer_dir), clip.context_length(config), req.seed
+    )
+    return FolderTrainStream(
+        run.data,
+        d.train_split,
+        req.micro_batch_size,
+        clip.image_size(config),
+        req.rank,
+        req.world,
+        seed=req.seed,
+        num_workers=d.num_workers,
+        augment=d.augment,
+        flip=d.flip,
+        captions=captions,
+    )
 
 
 @torch.no_grad()
@@ -303,40 +342,69 @@ def captions_evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     sums = torch.zeros(5, dtype=torch.float64)  # classify loss sum, count, top-1, top-5, contrastive loss sum
     num_classes, stats = len(classes["classnames"]), {}
     k5 = min(5, num_classes)
-    for batch in folder_eval_batches(folder, req.split, req.batch_size, clip.image_size(config), req.rank, req.world,
-                                     req.max_samples, stats):
+    for batch in folder_eval_batches(
+        folder, req.split, req.batch_size, clip.image_size(config), req.rank, req.world, req.max_samples, stats
+    ):
         weight, labels = batch["weight"], batch["labels"]
         rows = labels.clamp(min=0)
-        out = model(pixel_values=batch["pixel_values"].to(device), input_ids=prompts["input_ids"][rows].to(device),
-                    attention_mask=prompts["attention_mask"][rows].to(device), weight=weight.to(device))
+        out = model(
+            pixel_values=batch["pixel_values"].to(device),
+            input_ids=prompts["input_ids"][rows].to(device),
+            attention_mask=prompts["attention_mask"][rows].to(device),
+            weight=weight.to(device),
+        )
         logits = (out["scale"] * out["image"] @ weights.T).float().cpu()
         losses = torch.nn.functional.cross_entropy(logits, rows, reduction="none") * weight
         keep = weight > 0
         hits = clip._topk_hits(logits[keep], labels[keep], (1, k5))
-        sums += torch.tensor([float(losses.sum()), float(weight.sum()), hits[1], hits[k5], float(out["loss_sum"])],
-                             dtype=torch.float64)
+        sums += torch.tensor(
+            [float(losses.sum()), float(weight.sum()), hits[1], hits[k5], float(out["loss_sum"])], dtype=torch.float64
+        )
     if req.world > 1:
         sums = clip._all_reduce(sums, device)
     n = float(sums[1])
-    result: dict[str, Any] = {"loss": float(sums[4]) / n if n else float("nan"),
-                              "classify_loss": float(sums[0]) / n if n else float("nan"),
-                              "top1": float(sums[2]) / n if n else 0.0, "top5": float(sums[3]) / n if n else 0.0,
-                              "samples": int(n), "num_classes": num_classes, "chance_top1": 1.0 / num_classes}
+    result: dict[str, Any] = {
+        "loss": float(sums[4]) / n if n else float("nan"),
+        "classify_loss": float(sums[0]) / n if n else float("nan"),
+        "top1": float(sums[2]) / n if n else 0.0,
+        "top5": float(sums[3]) / n if n else 0.0,
+        "samples": int(n),
+        "num_classes": num_classes,
+        "chance_top1": 1.0 / num_classes,
+    }
     if stats:
         result["skipped"] = stats
     return result
 
 
 FAMILY = dataclasses.replace(
-    clip.FAMILY, name="clip-classify", open_data=open_data, tokenizer_dir=tokenizer_dir, check=check,
-    tokens_per_sample=tokens_per_sample, train_flops_per_sample=train_flops_per_sample, build_model=build_model,
-    model_from_config=model_from_config, from_pretrained=from_pretrained, to_hf=to_hf, save_hf_assets=save_hf_assets,
-    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
+    clip.FAMILY,
+    name="clip-classify",
+    open_data=open_data,
+    tokenizer_dir=tokenizer_dir,
+    check=check,
+    tokens_per_sample=tokens_per_sample,
+    train_flops_per_sample=train_flops_per_sample,
+    build_model=build_model,
+    model_from_config=model_from_config,
+    from_pretrained=from_pretrained,
+    to_hf=to_hf,
+    save_hf_assets=save_hf_assets,
+    train_stream=train_stream,
+    loss=loss,
+    loss_items=loss_items,
+    loss_sum=loss_sum,
+    evaluate=evaluate,
 )
 
 # A plain CLIP trained contrastively against class-name captions: clip's model, loss and export,
 # the folder as data, and its zero-shot accuracy on the folder as the evaluation.
 CAPTIONS_FAMILY = dataclasses.replace(
-    clip.FAMILY, name="clip-captions", open_data=open_data, tokenizer_dir=tokenizer_dir, check=check,
-    train_stream=captions_train_stream, evaluate=captions_evaluate,
+    clip.FAMILY,
+    name="clip-captions",
+    open_data=open_data,
+    tokenizer_dir=tokenizer_dir,
+    check=check,
+    train_stream=captions_train_stream,
+    evaluate=captions_evaluate,
 )

@@ -1,19 +1,21 @@
 """GPT-style causal LMs (transformers GPT-2 or Llama): build, loss, evaluate."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from data_pipelines.text.packed import IGNORE_INDEX
-from pretrain.run.config import ModelConfig, Recipe
-from pretrain.runtime.flops import total_flops
 from pretrain.models.packed_attention import causal_lm_inputs
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
+from pretrain.run.config import ModelConfig, Recipe
+from pretrain.runtime.flops import total_flops
+
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -24,19 +26,36 @@ def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None =
     vocab = cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple)
     if cfg.arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False,
-            bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+            vocab_size=vocab,
+            n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.intermediate_size,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            use_cache=False,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
         )
     inter = cfg.intermediate_size or round_up(int(8 * cfg.hidden_size / 3), 256)
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=inter,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta, attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_word_embeddings,
-        use_cache=False, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=inter,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_cache=False,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
     )
 
 
@@ -61,7 +80,9 @@ def check(recipe: Recipe, data, config: PretrainedConfig, tokenizer) -> list[str
     if getattr(config, "model_type", None) == "clip":
         return [f"model.init_from: {recipe.model.init_from} holds a CLIP model; use family clip"]
     if config.vocab_size < len(tokenizer):
-        problems.append(f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's vocabulary ({len(tokenizer)})")
+        problems.append(
+            f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's vocabulary ({len(tokenizer)})"
+        )
     max_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
     if max_pos < data.seq_len:
         problems.append(f"model.max_position_embeddings: {max_pos} is shorter than the data's seq_len {data.seq_len}")
@@ -98,8 +119,14 @@ def save_hf_assets(model: torch.nn.Module, tokenizer, out) -> None:
 def train_flops_per_sample(config: PretrainedConfig, data) -> float:
     """Forward and backward FLOPs of one sequence: 6·N·s + 12·L·s·h·s (`pretrain.runtime.flops`)."""
     s = data.seq_len
-    return total_flops(count_params(config), s, attention=True, num_layers=config.num_hidden_layers, seq_len=s,
-                       hidden_size=hidden_size(config))
+    return total_flops(
+        count_params(config),
+        s,
+        attention=True,
+        num_layers=config.num_hidden_layers,
+        seq_len=s,
+        hidden_size=hidden_size(config),
+    )
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -121,7 +148,9 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
 
     if not cfg.trust_remote_code:
         AutoModelForCausalLM._model_mapping[type(config)]
-    kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    kwargs = dict(
+        dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+    )
     if cfg.init_from:
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, **kwargs)
     else:
@@ -161,7 +190,9 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     assistant token). Computed in fp32 whatever the model's dtype. Packed conversations
     (`segment_ids`) attend within their own conversation only."""
     logits = model(**causal_lm_inputs(model, batch)).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none").view_as(batch["labels"])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none").view_as(
+        batch["labels"]
+    )
 
 
 def loss_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -183,7 +214,9 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> torch.Tensor:
+def evaluate_sums(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(sum of token losses, token count, sequences) over weighted batches, as a float64 tensor,
     so ranks can all-reduce it and get the exact split loss."""
     sums = torch.zeros(3, dtype=torch.float64)
@@ -202,9 +235,18 @@ def train_stream(run: RunData, req: StreamRequest):
     from data_pipelines.loader import train_loader
 
     d = req.data
-    return train_loader(run.data, d.train_split, req.micro_batch_size, req.rank, req.world, seed=req.seed,
-                        shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, num_workers=d.num_workers,
-                        trace=req.sample_ids)
+    return train_loader(
+        run.data,
+        d.train_split,
+        req.micro_batch_size,
+        req.rank,
+        req.world,
+        seed=req.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        resampled=d.resampled,
+        num_workers=d.num_workers,
+        trace=req.sample_ids,
+    )
 
 
 def evaluate(model, run: RunData, req: EvalRequest) -> dict:
@@ -223,16 +265,37 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict:
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     loss_value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
-    return {"loss": loss_value, "perplexity": math.exp(min(loss_value, 50.0)), "tokens": int(sums[1]), "samples": int(sums[2])}
+    return {
+        "loss": loss_value,
+        "perplexity": math.exp(min(loss_value, 50.0)),
+        "tokens": int(sums[1]),
+        "samples": int(sums[2]),
+    }
 
 
 FAMILY = ModelFamily(
-    name="gpt", unit="tokens", freeze_aliases={},
-    open_data=open_data, tokenizer_dir=tokenizer_dir, model_config=model_config, check=check,
-    count_params=count_params, hidden_size=hidden_size, tokens_per_sample=tokens_per_sample,
+    name="gpt",
+    unit="tokens",
+    freeze_aliases={},
+    open_data=open_data,
+    tokenizer_dir=tokenizer_dir,
+    model_config=model_config,
+    check=check,
+    count_params=count_params,
+    hidden_size=hidden_size,
+    tokens_per_sample=tokens_per_sample,
     train_flops_per_sample=train_flops_per_sample,
-    build_model=build_model, model_from_config=model_from_config, from_pretrained=from_pretrained,
-    hf_model=hf_model, to_hf=to_hf, save_hf_assets=save_hf_assets, no_decay=no_decay,
+    build_model=build_model,
+    model_from_config=model_from_config,
+    from_pretrained=from_pretrained,
+    hf_model=hf_model,
+    to_hf=to_hf,
+    save_hf_assets=save_hf_assets,
+    no_decay=no_decay,
     register_external_parameters=no_external_parameters,
-    train_stream=train_stream, loss=loss, loss_items=loss_items, loss_sum=loss_sum, evaluate=evaluate,
+    train_stream=train_stream,
+    loss=loss,
+    loss_items=loss_items,
+    loss_sum=loss_sum,
+    evaluate=evaluate,
 )

@@ -1,5 +1,6 @@
 """What an exported Hugging Face directory needs beside its weights, so that `transformers`
 (`AutoTokenizer`, `pipeline`) uses it as it is, in transformers 4.x as in 5.x."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ def save_tokenizer(tokenizer: Any, out: Path, model_max_length: int, append_eos:
 
         eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, eos_id)])
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, eos_id)]
+        )
     if append_eos:
         _wrap_pre_tokenizer(tokenizer)
     tokenizer.save_pretrained(out)

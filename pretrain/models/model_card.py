@@ -3,6 +3,7 @@ it did, and the commands that made it and that load it. Built only from the run'
 (resolved-config.json, the checkpoint's seal, metrics.jsonl, the data's manifest.json); a file
 that is gone leaves its section out rather than failing the export.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def _data_summary(path: str | None) -> list[str]:
         rows.append(f"  - {split}: {extra}")
     tok = manifest.get("tokenizer")
     if isinstance(tok, dict):
-        rows.append(f"  - tokenizer: vocabulary {tok.get('vocab_size')}, "
-                    f"{'trained on the corpus' if tok.get('trained') else 'from ' + str(tok.get('source'))}")
+        rows.append(
+            f"  - tokenizer: vocabulary {tok.get('vocab_size')}, "
+            f"{'trained on the corpus' if tok.get('trained') else 'from ' + str(tok.get('source'))}"
+        )
     return rows
 
 
@@ -60,7 +63,9 @@ def _metric_rows(ev: dict) -> list[str]:
     return rows
 
 
-def render(ref: CheckpointRef, family: str, hf_config: Any, kind: str, command: str, adapter: dict | None = None) -> str:
+def render(
+    ref: CheckpointRef, family: str, hf_config: Any, kind: str, command: str, adapter: dict | None = None
+) -> str:
     """``kind``: "model" (a whole transformers model), "merged" (adapters folded in) or "adapter";
     ``command``: the export's command line."""
     run_dir = ref.run_dir
@@ -73,19 +78,27 @@ def render(ref: CheckpointRef, family: str, hf_config: Any, kind: str, command: 
     loader = "CLIPModel" if family.startswith("clip") else "AutoModelForCausalLM"
     if kind == "adapter":
         base = (adapter or {}).get("base_model_name_or_path")
-        lines += ["A LoRA adapter (peft). Load it on its base model:", "", "```python",
-                  "from peft import PeftModel",
-                  f"from transformers import {loader}",
-                  f"base = {loader}.from_pretrained({base!r})",
-                  "model = PeftModel.from_pretrained(base, THIS_DIRECTORY)  # .merge_and_unload() for a plain model",
-                  "```", ""]
+        lines += [
+            "A LoRA adapter (peft). Load it on its base model:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {loader}",
+            f"base = {loader}.from_pretrained({base!r})",
+            "model = PeftModel.from_pretrained(base, THIS_DIRECTORY)  # .merge_and_unload() for a plain model",
+            "```",
+            "",
+        ]
     else:
         what = "with its LoRA adapters merged into the weights" if kind == "merged" else ""
         lines += [f"A Hugging Face {arch} {what}".rstrip() + f"; `{loader}.from_pretrained(THIS_DIRECTORY)`.", ""]
     if family == "clip-classify":  # pretrain.models.clip_classify
-        lines += [f"A classifier of {len(getattr(hf_config, 'id2label', {}))} classes (`config.id2label`): the linear "
-                  "head on the normalised image embedding is `classifier.safetensors` (weight, bias); "
-                  "`pretrain-eval --model THIS_DIRECTORY --image-folder ROOT` uses it.", ""]
+        lines += [
+            f"A classifier of {len(getattr(hf_config, 'id2label', {}))} classes (`config.id2label`): the linear "
+            "head on the normalised image embedding is `classifier.safetensors` (weight, bias); "
+            "`pretrain-eval --model THIS_DIRECTORY --image-folder ROOT` uses it.",
+            "",
+        ]
     lines += ["## Model", "", f"- family: {family}; model_type: {getattr(hf_config, 'model_type', '?')}"]
     if params:
         lines.append(f"- parameters: {params.get('total', 0):,} ({params.get('trainable', 0):,} trained)")
@@ -96,18 +109,36 @@ def render(ref: CheckpointRef, family: str, hf_config: Any, kind: str, command: 
         lines.append(f"- LoRA: {json.dumps(model['lora'])}")
     lines += ["", "## Training", ""]
     if seal:
-        lines.append(f"- checkpoint: `{ref.tag}`, step {seal.get('step')}, samples {seal.get('samples', 0):,}, "
-                     f"tokens {seal.get('tokens', 0):,}")
+        lines.append(
+            f"- checkpoint: `{ref.tag}`, step {seal.get('step')}, samples {seal.get('samples', 0):,}, "
+            f"tokens {seal.get('tokens', 0):,}"
+        )
     if resolved:
-        lines.append(f"- {resolved.get('world_size')} rank(s), ZeRO-{resolved.get('zero_stage')}, "
-                     f"{resolved.get('precision')}, global batch {resolved.get('batch', {}).get('global_batch')}")
+        lines.append(
+            f"- {resolved.get('world_size')} rank(s), ZeRO-{resolved.get('zero_stage')}, "
+            f"{resolved.get('precision')}, global batch {resolved.get('batch', {}).get('global_batch')}"
+        )
         lines += _data_summary(resolved.get("data", {}).get("path"))
     ev = _last_eval(run_dir, int(seal.get("step", 0))) if run_dir else None
     if ev:
-        lines += ["", f"## Evaluation (val, step {ev.get('step')})", "", "| metric | value |", "|---|---|",
-                  *_metric_rows(ev)]
+        lines += [
+            "",
+            f"## Evaluation (val, step {ev.get('step')})",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *_metric_rows(ev),
+        ]
     lines += ["", "## Made by", "", "```bash", command, "```"]
     if recipe:
-        lines += ["", "<details><summary>recipe</summary>", "", "```json", json.dumps(recipe, indent=2), "```", "",
-                  "</details>"]
+        lines += [
+            "",
+            "<details><summary>recipe</summary>",
+            "",
+            "```json",
+            json.dumps(recipe, indent=2),
+            "```",
+            "",
+            "</details>",
+        ]
     return "\n".join(lines) + "\n"

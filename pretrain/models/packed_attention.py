@@ -10,6 +10,7 @@ finds the conversations itself (``masking_utils.find_packed_sequence_indices``, 
 for flash-attention); it looks only when there is no KV cache, so packed batches always run
 with ``use_cache=False``.
 """
+
 from __future__ import annotations
 
 import torch

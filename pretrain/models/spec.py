@@ -6,11 +6,13 @@ import rather than with an AttributeError halfway through a run, and a reader se
 what a new family (or a new axis: a data source, an adapter) has to provide. Calls that need
 more than the model and a batch take one small request object instead of long positional lists.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -26,9 +28,9 @@ if TYPE_CHECKING:  # the config and data modules import nothing from here; keep 
 class RunData:
     """The prepared data a run reads, and what it is read with."""
 
-    data: "DataSet"
+    data: DataSet
     tokenizer_dir: Path | None
-    model_config: "PretrainedConfig"
+    model_config: PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class StreamRequest:
     ``rank``/``world`` are the data-parallel rank and size (`pretrain.parallel.layout.ParallelLayout`): the
     ranks of one tensor- or sequence-parallel group read the same stream."""
 
-    data: "DataConfig"
+    data: DataConfig
     micro_batch_size: int
     seed: int
     rank: int = 0
@@ -72,27 +74,29 @@ class ModelFamily:
     freeze_aliases: Mapping[str, str]  # model.freeze shorthands ("vision") -> regular expressions
 
     # data and configuration, before any rank starts
-    open_data: Callable[[str | Path], "DataSet"]
-    tokenizer_dir: Callable[["Recipe", "DataSet"], Path | None]
-    model_config: Callable[["ModelConfig", Any], "PretrainedConfig"]  # (model section, tokenizer)
-    check: Callable[["Recipe", "DataSet", "PretrainedConfig", Any], list[str]]  # problems, each naming its key
-    count_params: Callable[["PretrainedConfig"], int]
-    hidden_size: Callable[["PretrainedConfig"], int]  # sizes DeepSpeed's "auto" buckets
-    tokens_per_sample: Callable[["DataSet", "PretrainedConfig"], int]
-    train_flops_per_sample: Callable[["PretrainedConfig", "DataSet"], float]  # model FLOPs, forward + backward
+    open_data: Callable[[str | Path], DataSet]
+    tokenizer_dir: Callable[[Recipe, DataSet], Path | None]
+    model_config: Callable[[ModelConfig, Any], PretrainedConfig]  # (model section, tokenizer)
+    check: Callable[[Recipe, DataSet, PretrainedConfig, Any], list[str]]  # problems, each naming its key
+    count_params: Callable[[PretrainedConfig], int]
+    hidden_size: Callable[[PretrainedConfig], int]  # sizes DeepSpeed's "auto" buckets
+    tokens_per_sample: Callable[[DataSet, PretrainedConfig], int]
+    train_flops_per_sample: Callable[[PretrainedConfig, DataSet], float]  # model FLOPs, forward + backward
 
     # the model
-    build_model: Callable[["ModelConfig", "PretrainedConfig"], torch.nn.Module]  # for training (init_from honoured)
+    build_model: Callable[[ModelConfig, PretrainedConfig], torch.nn.Module]  # for training (init_from honoured)
     model_from_config: Callable[..., torch.nn.Module]  # (config, model section=None): an empty model to load into
     from_pretrained: Callable[[str | Path], torch.nn.Module]  # an exported Hugging Face directory
     hf_model: Callable[[torch.nn.Module], torch.nn.Module]  # the transformers model inside (parameter names)
     to_hf: Callable[[torch.nn.Module], torch.nn.Module]  # ready for save_pretrained
-    save_hf_assets: Callable[[torch.nn.Module, Any, Path], None]  # (hf model, tokenizer or None, dir): the rest of an export
+    save_hf_assets: Callable[
+        [torch.nn.Module, Any, Path], None
+    ]  # (hf model, tokenizer or None, dir): the rest of an export
     no_decay: Callable[[str, torch.nn.Parameter], bool]
     register_external_parameters: Callable[[torch.nn.Module], None]  # ZeRO-3: parameters used outside their module
 
     # training and evaluation
-    train_stream: Callable[[RunData, StreamRequest], "TrainStream"]
+    train_stream: Callable[[RunData, StreamRequest], TrainStream]
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # the batch's mean item loss
     # what the trainer optimises: a step's summed item losses over its items (tokens trained, pairs)
     loss_items: Callable[[dict[str, torch.Tensor]], torch.Tensor]

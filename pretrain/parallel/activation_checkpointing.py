@@ -8,6 +8,7 @@ model-parallel ranks, ``synchronize_checkpoint_boundary``, ``profile``). So it a
 ``training.activation_checkpointing`` checkpoints the blocks: there DeepSpeed's function takes
 the place of torch's. Without the recipe key it would do nothing, and the log says so.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,6 @@ import torch
 from pretrain.models import ModelFamily
 from pretrain.run.config import Recipe
 from pretrain.run.feature import Feature, RunContext
-
 
 SECTION = "activation_checkpointing"
 
@@ -31,7 +31,7 @@ def deepspeed_section_problems(ds: dict, arch: str, source: str) -> list[str]:
         return []
     key = f"{source}: {SECTION}"
     if not isinstance(section, dict):
-        return [f"{key}: must be an object such as {{\"partition_activations\": true}} (got {section!r})"]
+        return [f'{key}: must be an object such as {{"partition_activations": true}} (got {section!r})']
     problems = []
     partition = bool(section.get("partition_activations"))
     if section.get("contiguous_memory_optimization") and not partition:
@@ -39,23 +39,29 @@ def deepspeed_section_problems(ds: dict, arch: str, source: str) -> list[str]:
     if section.get("contiguous_memory_optimization") and not section.get("number_checkpoints"):
         problems.append(f"{key}.contiguous_memory_optimization needs number_checkpoints (the model's layers)")
     if partition and arch != "llama":
-        problems.append(f"{key}.partition_activations: DeepSpeed's partitioned checkpoint runs the llama "
-                        f"architecture's blocks only (it passes {arch}'s block arguments wrongly); drop it, or the "
-                        "section (training.activation_checkpointing then uses PyTorch's checkpoint)")
+        problems.append(
+            f"{key}.partition_activations: DeepSpeed's partitioned checkpoint runs the llama "
+            f"architecture's blocks only (it passes {arch}'s block arguments wrongly); drop it, or the "
+            "section (training.activation_checkpointing then uses PyTorch's checkpoint)"
+        )
     if section.get("cpu_checkpointing") and not partition:
         import torch
 
         if not torch.cuda.is_available():
-            problems.append(f"{key}.cpu_checkpointing without partition_activations fails on DeepSpeed's CPU "
-                            "accelerator (the saved block inputs are lost); on a CPU the activations are in host "
-                            "memory already: drop it")
+            problems.append(
+                f"{key}.cpu_checkpointing without partition_activations fails on DeepSpeed's CPU "
+                "accelerator (the saved block inputs are lost); on a CPU the activations are in host "
+                "memory already: drop it"
+            )
     return problems
 
 
 def deepspeed_section_notes(recipe: Recipe, ds: dict) -> list[str]:
     if ds.get(SECTION) and not recipe.training.activation_checkpointing:
-        return [f"the DeepSpeed config's {SECTION} section configures DeepSpeed's checkpoint function, which is used "
-                "only with training.activation_checkpointing: true; without it nothing is checkpointed"]
+        return [
+            f"the DeepSpeed config's {SECTION} section configures DeepSpeed's checkpoint function, which is used "
+            "only with training.activation_checkpointing: true; without it nothing is checkpointed"
+        ]
     return []
 
 
@@ -67,14 +73,20 @@ def _deepspeed_checkpoint(section: dict):
 
     cfg = DeepSpeedActivationCheckpointingConfig({SECTION: section})
     deepspeed.checkpointing.configure(
-        None, partition_activations=cfg.partition_activations, contiguous_checkpointing=cfg.contiguous_memory_optimization,
-        num_checkpoints=cfg.number_checkpoints, checkpoint_in_cpu=cfg.cpu_checkpointing,
-        synchronize=cfg.synchronize_checkpoint_boundary, profile=cfg.profile)
+        None,
+        partition_activations=cfg.partition_activations,
+        contiguous_checkpointing=cfg.contiguous_memory_optimization,
+        num_checkpoints=cfg.number_checkpoints,
+        checkpoint_in_cpu=cfg.cpu_checkpointing,
+        synchronize=cfg.synchronize_checkpoint_boundary,
+        profile=cfg.profile,
+    )
     return deepspeed.checkpointing.non_reentrant_checkpoint, cfg
 
 
-def checkpoint_blocks(model: torch.nn.Module, family: ModelFamily, recipe: Recipe,
-                      deepspeed: dict | None = None) -> list[str]:
+def checkpoint_blocks(
+    model: torch.nn.Module, family: ModelFamily, recipe: Recipe, deepspeed: dict | None = None
+) -> list[str]:
     """Apply the recipe's layout (and the DeepSpeed config's activation_checkpointing section) to
     ``model`` in place; returns what was done, for the log."""
     done = []
@@ -91,10 +103,21 @@ def checkpoint_blocks(model: torch.nn.Module, family: ModelFamily, recipe: Recip
         if section:
             function, cfg = _deepspeed_checkpoint(section)
             hf._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
-            on = [k for k in ("cpu_checkpointing", "partition_activations", "contiguous_memory_optimization",
-                              "synchronize_checkpoint_boundary", "profile") if getattr(cfg, k)]
-            done.append("activation checkpointing (every transformer block) with DeepSpeed's checkpoint function "
-                        f"({', '.join(on) or 'no options on'})")
+            on = [
+                k
+                for k in (
+                    "cpu_checkpointing",
+                    "partition_activations",
+                    "contiguous_memory_optimization",
+                    "synchronize_checkpoint_boundary",
+                    "profile",
+                )
+                if getattr(cfg, k)
+            ]
+            done.append(
+                "activation checkpointing (every transformer block) with DeepSpeed's checkpoint function "
+                f"({', '.join(on) or 'no options on'})"
+            )
         else:
             done.append("activation checkpointing (every transformer block)")
     return done

@@ -25,6 +25,7 @@ Why it matters outside DeepSpeed: every rank of a TP group (and of an SP group) 
 micro-batch, so the data loader splits the data by ``dp_rank`` over ``dp`` readers only, and the
 DeepSpeed batch arithmetic is ``train_batch_size = micro * gas * dp``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def tensor_parallel_size(ds: dict) -> int:
     if section is None:
         return 1
     if not isinstance(section, dict):
-        raise ValueError(f"tensor_parallel: must be an object such as {{\"autotp_size\": 2}} (got {section!r})")
+        raise ValueError(f'tensor_parallel: must be an object such as {{"autotp_size": 2}} (got {section!r})')
     return _positive_int(section.get("autotp_size", 0), "tensor_parallel.autotp_size", off=1)
 
 
@@ -59,9 +60,10 @@ class ParallelLayout:
     sp: int = 1
 
     @classmethod
-    def from_deepspeed(cls, ds: dict, world: int, rank: int = 0, sp: int | None = None) -> "ParallelLayout":
-        return cls(world=world, rank=rank, tp=tensor_parallel_size(ds),
-                   sp=sequence_parallel_size(ds) if sp is None else sp)
+    def from_deepspeed(cls, ds: dict, world: int, rank: int = 0, sp: int | None = None) -> ParallelLayout:
+        return cls(
+            world=world, rank=rank, tp=tensor_parallel_size(ds), sp=sequence_parallel_size(ds) if sp is None else sp
+        )
 
     @property
     def model_parallel(self) -> int:
@@ -85,8 +87,11 @@ class ParallelLayout:
 
     def problems(self) -> list[str]:
         if self.world % self.model_parallel:
-            what = " x ".join(f"{name} {n}" for name, n in (("tensor_parallel.autotp_size", self.tp),
-                                                             ("sequence parallel size", self.sp)) if n > 1)
+            what = " x ".join(
+                f"{name} {n}"
+                for name, n in (("tensor_parallel.autotp_size", self.tp), ("sequence parallel size", self.sp))
+                if n > 1
+            )
             return [f"{what} does not divide the world size {self.world}"]
         return []
 

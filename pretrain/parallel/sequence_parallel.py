@@ -9,7 +9,8 @@ per rank fall by N, for sequences that do not fit one rank.
 
 What the toolkit adds around DeepSpeed's pieces:
 
-- ``check`` (the feature `UlyssesSequenceParallel`'s rules): the layouts that cannot run, refused before any rank starts (architecture, ZeRO
+- ``check`` (the feature `UlyssesSequenceParallel`'s rules): the layouts that cannot run, refused
+  before any rank starts (architecture, ZeRO
   stage, TP together with SP, heads / KV heads / sequence length that N does not divide, eager attention);
 - ``SequenceParallel.shard`` instead of DeepSpeed's ``UlyssesSPDataLoaderAdapter``: the toolkit's
   loader already splits the data by the data-parallel rank only (`pretrain.parallel.layout`), so every rank
@@ -25,6 +26,7 @@ What the toolkit adds around DeepSpeed's pieces:
   those of the whole sequences without SP (DeepSpeed averages over all SP x DP ranks, which undoes
   the sum's backward handing each chunk the gradient of every rank).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +41,17 @@ from pretrain.run.feature import EngineParts, Feature, RunContext
 SUPPORTED_ARCHS = ("llama", "gpt2")
 
 
-def check(arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int | None, num_kv_heads: int | None,
-          seq_len: int | None, attn_implementation: str, source: str, packed: bool = False) -> list[str]:
+def check(
+    arch: str,
+    layout: ParallelLayout,
+    zero_stage: int,
+    num_heads: int | None,
+    num_kv_heads: int | None,
+    seq_len: int | None,
+    attn_implementation: str,
+    source: str,
+    packed: bool = False,
+) -> list[str]:
     """Why this SP layout cannot run, as "file: key: reason" lines ([] when it can, or SP is off)."""
     sp = layout.sp
     if sp == 1:
@@ -48,34 +59,50 @@ def check(arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int | N
     key = f"{source}: sequence_parallel_size"
     problems = []
     if arch not in SUPPORTED_ARCHS:
-        problems.append(f"{key}: {sp} asks for Ulysses sequence parallelism, which this toolkit runs for the "
-                        f"{' and '.join(SUPPORTED_ARCHS)} architectures only (model.arch is {arch!r})")
+        problems.append(
+            f"{key}: {sp} asks for Ulysses sequence parallelism, which this toolkit runs for the "
+            f"{' and '.join(SUPPORTED_ARCHS)} architectures only (model.arch is {arch!r})"
+        )
     if zero_stage != 3:
         # Measured with DeepSpeed 0.19.8: under ZeRO 0/1/2 the gradients of an SP=2 run come out
         # twice those of the same batch without SP (ZeRO-3's match); ALST is built on ZeRO-3.
-        problems.append(f"{key}: {sp} needs zero_optimization.stage 3 (got {zero_stage}); DeepSpeed's Ulysses "
-                        "gradient averaging is right only under ZeRO-3")
+        problems.append(
+            f"{key}: {sp} needs zero_optimization.stage 3 (got {zero_stage}); DeepSpeed's Ulysses "
+            "gradient averaging is right only under ZeRO-3"
+        )
     if layout.tp > 1:
-        problems.append(f"{key}: {sp} together with tensor_parallel.autotp_size {layout.tp} is not supported "
-                        "(DeepSpeed's Ulysses groups and AutoTP's groups do not combine); use one of them")
+        problems.append(
+            f"{key}: {sp} together with tensor_parallel.autotp_size {layout.tp} is not supported "
+            "(DeepSpeed's Ulysses groups and AutoTP's groups do not combine); use one of them"
+        )
     if num_heads is not None and num_heads % sp:
-        problems.append(f"{key}: {sp} does not divide model.num_heads {num_heads}: each SP rank attends with "
-                        "num_heads / sequence_parallel_size heads")
+        problems.append(
+            f"{key}: {sp} does not divide model.num_heads {num_heads}: each SP rank attends with "
+            "num_heads / sequence_parallel_size heads"
+        )
     if num_kv_heads is not None and num_kv_heads % sp and sp % num_kv_heads:
-        problems.append(f"{key}: {sp} and model.num_kv_heads {num_kv_heads}: one must divide the other "
-                        "(the KV heads are split across the SP ranks, or replicated to them)")
+        problems.append(
+            f"{key}: {sp} and model.num_kv_heads {num_kv_heads}: one must divide the other "
+            "(the KV heads are split across the SP ranks, or replicated to them)"
+        )
     if seq_len is not None and seq_len % sp:
-        problems.append(f"{key}: {sp} does not divide the data's seq_len {seq_len}: each SP rank holds "
-                        "seq_len / sequence_parallel_size tokens of every sequence")
+        problems.append(
+            f"{key}: {sp} does not divide the data's seq_len {seq_len}: each SP rank holds "
+            "seq_len / sequence_parallel_size tokens of every sequence"
+        )
     if attn_implementation == "eager":
-        problems.append(f"{key}: {sp} cannot run with model.attn_implementation eager (it needs a full attention "
-                        "mask, which Ulysses drops); use sdpa or flash_attention_2")
+        problems.append(
+            f"{key}: {sp} cannot run with model.attn_implementation eager (it needs a full attention "
+            "mask, which Ulysses drops); use sdpa or flash_attention_2"
+        )
     if packed and attn_implementation != "flash_attention_2":
         # Ulysses drops dense masks, so sdpa would let packed conversations attend to each other;
         # flash-attention finds them from the position_ids, which the chunks carry whole.
-        problems.append(f"{key}: {sp} with chat data is refused with {attn_implementation}: packed conversations "
-                        "(chat data) needs model.attn_implementation flash_attention_2 (Ulysses drops the "
-                        f"block-diagonal mask that {attn_implementation} needs)")
+        problems.append(
+            f"{key}: {sp} with chat data is refused with {attn_implementation}: packed conversations "
+            "(chat data) needs model.attn_implementation flash_attention_2 (Ulysses drops the "
+            f"block-diagonal mask that {attn_implementation} needs)"
+        )
     return problems
 
 
@@ -138,12 +165,16 @@ class SequenceParallel:
 
         self.size, self.seq_len = layout.sp, seq_len
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
-            model_name_or_path=_attention_config(model), core_attn_implementation=model.config._attn_implementation,
-            sequence_parallel_size=layout.sp, micro_batch_size=micro_batch_size, seq_length=seq_len,
+            model_name_or_path=_attention_config(model),
+            core_attn_implementation=model.config._attn_implementation,
+            sequence_parallel_size=layout.sp,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_len,
             seq_length_is_variable=False,
             # Evaluation feeds whole sequences to every rank (each SP rank of a group computes the
             # same result), so attention must not split them again.
-            disable_in_eval=True)
+            disable_in_eval=True,
+        )
         _heads_unmerged(model.config._attn_implementation)
         self.group = self.mpu.get_sequence_parallel_group()
         self.rank = self.mpu.get_sequence_parallel_rank()
@@ -162,8 +193,10 @@ class SequenceParallel:
         (the batch's own, restarting at each packed conversation, where it has them)."""
         ids, labels = batch["input_ids"], batch["labels"]
         if ids.shape[1] != self.seq_len:
-            raise ValueError(f"a micro-batch of sequences of {ids.shape[1]} tokens; sequence parallelism was set up "
-                             f"for {self.seq_len}")
+            raise ValueError(
+                f"a micro-batch of sequences of {ids.shape[1]} tokens; sequence parallelism was set up "
+                f"for {self.seq_len}"
+            )
         chunk = self.seq_len // self.size
         part = slice(self.rank * chunk, (self.rank + 1) * chunk)
         positions = batch.get("position_ids")
@@ -194,9 +227,17 @@ class UlyssesSequenceParallel(Feature):
     def problems(self, ctx: RunContext) -> list[str]:
         if ctx.deepspeed is None:
             return []
-        return check(ctx.arch, ctx.layout, ctx.zero_stage, getattr(ctx.model_config, "num_attention_heads", None),
-                     getattr(ctx.model_config, "num_key_value_heads", None), ctx.seq_len,
-                     ctx.recipe.model.attn_implementation, ctx.source, packed=ctx.chat)
+        return check(
+            ctx.arch,
+            ctx.layout,
+            ctx.zero_stage,
+            getattr(ctx.model_config, "num_attention_heads", None),
+            getattr(ctx.model_config, "num_key_value_heads", None),
+            ctx.seq_len,
+            ctx.recipe.model.attn_implementation,
+            ctx.source,
+            packed=ctx.chat,
+        )
 
     def engine(self, model: torch.nn.Module, ctx: RunContext) -> EngineParts | None:
         if ctx.layout.sp == 1:
@@ -209,5 +250,7 @@ class UlyssesSequenceParallel(Feature):
     def started(self, engine, ctx: RunContext) -> list[str]:
         if ctx.layout.sp == 1:
             return []
-        return [f"{ctx.layout.describe()}; Ulysses sequence parallelism: each rank holds "
-                f"{ctx.seq_len // ctx.layout.sp} of the {ctx.seq_len} tokens of every sequence"]
+        return [
+            f"{ctx.layout.describe()}; Ulysses sequence parallelism: each rank holds "
+            f"{ctx.seq_len // ctx.layout.sp} of the {ctx.seq_len} tokens of every sequence"
+        ]

@@ -13,6 +13,7 @@ row-parallel o and MLP-out, embeddings and norms replicated). What the toolkit a
 - ``merge_shards``: for export and eval, one ordinary state dict from the per-TP-rank files of a
   checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,13 +31,14 @@ from pretrain.run.feature import EngineParts, Feature, RunContext
 SUPPORTED_ARCHS = ("llama",)
 NOT_SHARDABLE = {
     "gpt2": "DeepSpeed's AutoTP does not shard GPT-2 (its layers are transformers' Conv1D with a fused q/k/v; "
-            "AutoTP lists gpt2 as unsupported)",
+    "AutoTP lists gpt2 as unsupported)",
     "clip": "DeepSpeed's AutoTP training does not cover CLIP's towers",
 }
 
 
-def check(arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int, num_kv_heads: int | None,
-          source: str) -> list[str]:  # zero_stage: every stage combines with AutoTP in DeepSpeed 0.19.8
+def check(
+    arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int, num_kv_heads: int | None, source: str
+) -> list[str]:  # zero_stage: every stage combines with AutoTP in DeepSpeed 0.19.8
     """Why this TP layout cannot run, as "file: key: reason" lines ([] when it can, or TP is off)."""
     if layout.tp == 1:
         return []
@@ -44,14 +46,18 @@ def check(arch: str, layout: ParallelLayout, zero_stage: int, num_heads: int, nu
     problems = []
     if arch not in SUPPORTED_ARCHS:
         why = NOT_SHARDABLE.get(arch, "")
-        problems.append(f"{key}: {layout.tp} asks for tensor parallelism, which runs for model.arch "
-                        f"{' or '.join(repr(a) for a in SUPPORTED_ARCHS)} only, and model.arch is {arch!r}"
-                        f"{': ' + why if why else ''}; use a llama recipe, or remove the tensor_parallel section "
-                        "(ZeRO-3 data parallelism also splits a model too large for one GPU)")
+        problems.append(
+            f"{key}: {layout.tp} asks for tensor parallelism, which runs for model.arch "
+            f"{' or '.join(repr(a) for a in SUPPORTED_ARCHS)} only, and model.arch is {arch!r}"
+            f"{': ' + why if why else ''}; use a llama recipe, or remove the tensor_parallel section "
+            "(ZeRO-3 data parallelism also splits a model too large for one GPU)"
+        )
     for what, heads in (("model.num_heads", num_heads), ("model.num_kv_heads", num_kv_heads)):
         if heads is not None and heads % layout.tp:
-            problems.append(f"{key}: {layout.tp} does not divide {what} {heads}, so the attention heads cannot "
-                            "be split evenly across the TP ranks")
+            problems.append(
+                f"{key}: {layout.tp} does not divide {what} {heads}, so the attention heads cannot "
+                "be split evenly across the TP ranks"
+            )
     return problems
 
 
@@ -67,15 +73,19 @@ def fill(ds: dict, layout: ParallelLayout) -> list[str]:
     section = ds["tensor_parallel"]
     if section.get("vocab_parallel_lm_head") is None:
         section["vocab_parallel_lm_head"] = False
-        return ["tensor_parallel.vocab_parallel_lm_head: set to false (the LM head gathers the whole logits, "
-                "which the toolkit's token losses need)"]
+        return [
+            "tensor_parallel.vocab_parallel_lm_head: set to false (the LM head gathers the whole logits, "
+            "which the toolkit's token losses need)"
+        ]
     return []
 
 
 def vocab_parallel_problems(ds: dict, layout: ParallelLayout, source: str) -> list[str]:
     if layout.tp > 1 and (ds.get("tensor_parallel") or {}).get("vocab_parallel_lm_head"):
-        return [f"{source}: tensor_parallel.vocab_parallel_lm_head: true leaves each rank a slice of the logits, "
-                "but the toolkit computes its losses from whole logits; remove it or set it to false"]
+        return [
+            f"{source}: tensor_parallel.vocab_parallel_lm_head: true leaves each rank a slice of the logits, "
+            "but the toolkit computes its losses from whole logits; remove it or set it to false"
+        ]
     return []
 
 
@@ -96,8 +106,9 @@ def sharded_parameters(model: torch.nn.Module) -> tuple[int, int]:
     from deepspeed.module_inject.layers import TensorParallel_Layer
 
     total = sum(p.numel() for p in model.parameters())
-    sharded = sum(p.numel() for m in model.modules() if isinstance(m, TensorParallel_Layer)
-                  for p in m.parameters(recurse=False))
+    sharded = sum(
+        p.numel() for m in model.modules() if isinstance(m, TensorParallel_Layer) for p in m.parameters(recurse=False)
+    )
     return total, sharded
 
 
@@ -109,19 +120,23 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], full_shapes: dict[str, t
     for name, first in shards[0].items():
         full = full_shapes.get(name)
         if full is None:  # keeping rank 0's copy would silently drop the other ranks' shards
-            raise ValueError(f"{name}: a tensor in the TP shards that the model has no parameter for, so it cannot "
-                             "be merged (was the checkpoint written by another model or with adapters?)")
+            raise ValueError(
+                f"{name}: a tensor in the TP shards that the model has no parameter for, so it cannot "
+                "be merged (was the checkpoint written by another model or with adapters?)"
+            )
         if tuple(first.shape) == tuple(full):
             merged[name] = first
             continue
         dims = [d for d in range(first.dim()) if first.shape[d] != full[d]]
         if len(dims) != 1:
-            raise ValueError(f"{name}: a TP shard of shape {tuple(first.shape)} does not tile the model's "
-                             f"{tuple(full)}")
+            raise ValueError(
+                f"{name}: a TP shard of shape {tuple(first.shape)} does not tile the model's {tuple(full)}"
+            )
         merged[name] = torch.cat([s[name] for s in shards], dim=dims[0])
         if tuple(merged[name].shape) != tuple(full):
-            raise ValueError(f"{name}: {len(shards)} TP shards give {tuple(merged[name].shape)}, the model has "
-                             f"{tuple(full)}")
+            raise ValueError(
+                f"{name}: {len(shards)} TP shards give {tuple(merged[name].shape)}, the model has {tuple(full)}"
+            )
     return merged
 
 
@@ -133,16 +148,23 @@ class TensorParallel(Feature):
     def problems(self, ctx: RunContext) -> list[str]:
         if ctx.deepspeed is None:
             return []
-        return check(ctx.arch, ctx.layout, ctx.zero_stage, getattr(ctx.model_config, "num_attention_heads", None),
-                     getattr(ctx.model_config, "num_key_value_heads", None), ctx.source) + \
-            vocab_parallel_problems(ctx.deepspeed, ctx.layout, ctx.source)
+        return check(
+            ctx.arch,
+            ctx.layout,
+            ctx.zero_stage,
+            getattr(ctx.model_config, "num_attention_heads", None),
+            getattr(ctx.model_config, "num_key_value_heads", None),
+            ctx.source,
+        ) + vocab_parallel_problems(ctx.deepspeed, ctx.layout, ctx.source)
 
     def configure(self, ds: dict, ctx: RunContext) -> list[str]:
         notes = fill(ds, ctx.layout)
         if ctx.layout.tp_crosses_nodes(ctx.local_world):
-            notes.append(f"tensor_parallel.autotp_size {ctx.layout.tp} does not divide the {ctx.local_world} ranks per "
-                         "node, so TP groups span machines and every layer's all-reduce crosses the network; keep TP "
-                         "inside a node, DP across")
+            notes.append(
+                f"tensor_parallel.autotp_size {ctx.layout.tp} does not divide the {ctx.local_world} ranks per "
+                "node, so TP groups span machines and every layer's all-reduce crosses the network; keep TP "
+                "inside a node, DP across"
+            )
         return notes
 
     def engine(self, model: torch.nn.Module, ctx: RunContext) -> EngineParts | None:
@@ -156,8 +178,10 @@ class TensorParallel(Feature):
         if ctx.layout.tp == 1:
             return []
         held, sharded = sharded_parameters(engine.module)
-        return [f"{ctx.layout.describe()}; rank {ctx.layout.rank} (TP rank {ctx.layout.tp_rank}) holds {held} "
-                f"parameter elements, {sharded} of them in TP-sharded layers"]
+        return [
+            f"{ctx.layout.describe()}; rank {ctx.layout.rank} (TP rank {ctx.layout.tp_rank}) holds {held} "
+            f"parameter elements, {sharded} of them in TP-sharded layers"
+        ]
 
 
 def tp_degree(tag_dir: Path) -> int:
@@ -178,7 +202,9 @@ def _rank_view(tag_dir: Path, tp_rank: int, into: Path) -> Path:
     return view
 
 
-def merged_fp32_state_dict(tag_dir: Path, zero_stage: int, full_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def merged_fp32_state_dict(
+    tag_dir: Path, zero_stage: int, full_shapes: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from a checkpoint written by ``tp_degree`` TP ranks: each
     rank's weights as DeepSpeed reads them for a TP-free checkpoint (ZeRO-1/2/3: the fp32 master
     copy gathered from the rank's ZeRO partitions; ZeRO-0: its module state), then the shards

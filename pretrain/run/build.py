@@ -5,6 +5,7 @@ The trainer builds through ``build_model``; evaluation, export, WiSE-FT and the 
 shards rebuild a checkpoint's model through ``run_model``, which is the same call on the run's
 own recipe, so a checkpoint always meets the model that wrote it (adapters included).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,12 @@ import torch
 from pretrain.run import features
 from pretrain.run.feature import Built
 from pretrain.runtime.checkpoint import (
-    COMPLETE, CheckpointError, CheckpointRef, is_complete, resolve_checkpoint, run_metadata,
+    COMPLETE,
+    CheckpointError,
+    CheckpointRef,
+    is_complete,
+    resolve_checkpoint,
+    run_metadata,
 )
 
 
@@ -57,8 +63,11 @@ def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     from pretrain.parallel import tensor_parallel
 
     if tensor_parallel.tp_degree(ref.path) > 1:
-        stage = json.loads((ref.path / COMPLETE).read_text()).get("zero_stage", 0) if is_complete(ref.path) else \
-            (1 if _has_zero_partitions(ref.path) else 0)
+        stage = (
+            json.loads((ref.path / COMPLETE).read_text()).get("zero_stage", 0)
+            if is_complete(ref.path)
+            else (1 if _has_zero_partitions(ref.path) else 0)
+        )
         return tensor_parallel.merged_fp32_state_dict(ref.path, stage, full_shapes(ref))
     if _has_zero_partitions(ref.path):
         # ZeRO 1-3 (and bf16): the fp32 master weights live in the per-rank optimizer partitions.
@@ -84,8 +93,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
     tied = {k for k in result.missing_keys if "lm_head" in k or "embed" in k}
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     if tied and not getattr(model.config, "tie_word_embeddings", False):
         raise CheckpointError(f"weights missing for untied parameters {sorted(tied)[:5]}")
     if hasattr(model, "tie_weights"):
@@ -115,16 +125,29 @@ def load_model(checkpoint: str) -> Loaded:
         config = AutoConfig.from_pretrained(base)
         name = family_of_hf_config(config)
         model = adapters.load_merged(get_family(name), checkpoint)
-        return Loaded(model.eval(), name, config, Path(checkpoint),
-                      {"checkpoint": str(checkpoint), "format": "peft-adapter", "family": name, "base": str(base)})
+        return Loaded(
+            model.eval(),
+            name,
+            config,
+            Path(checkpoint),
+            {"checkpoint": str(checkpoint), "format": "peft-adapter", "family": name, "base": str(base)},
+        )
     ref = resolve_checkpoint(checkpoint)
     if ref.kind == "hf":
         config = AutoConfig.from_pretrained(ref.path)
         name = family_of_hf_config(config)
         model = get_family(name).from_pretrained(ref.path)
-        return Loaded(model.eval(), name, config, ref.path, {"checkpoint": str(ref.path), "format": "hf", "family": name})
+        return Loaded(
+            model.eval(), name, config, ref.path, {"checkpoint": str(ref.path), "format": "hf", "family": name}
+        )
     name, config, built = run_model(ref)
     load_weights(built.model, fp32_state_dict(ref))
     tok = ref.run_dir / "tokenizer"
-    return Loaded(built.model.eval(), name, config, tok if tok.is_dir() else None,
-                  {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name}, built.adapter)
+    return Loaded(
+        built.model.eval(),
+        name,
+        config,
+        tok if tok.is_dir() else None,
+        {"checkpoint": str(ref.path), "format": "deepspeed", "tag": ref.tag, "family": name},
+        built.adapter,
+    )

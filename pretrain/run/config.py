@@ -4,6 +4,7 @@ A recipe has one section per component (model, data, training, eval, checkpoint)
 component receives only its own section. Unknown keys, wrong types and out-of-range values
 are collected and reported together, each with its key path and a did-you-mean.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -41,7 +42,7 @@ class VisionConfig(_Section):
     intermediate_size: int | None = Field(None, gt=0, description="ViT MLP width (default 4*hidden_size)")
 
     @model_validator(mode="after")
-    def _divides(self) -> "VisionConfig":
+    def _divides(self) -> VisionConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
         if self.hidden_size % self.num_heads:
@@ -57,9 +58,12 @@ class LoraConfig(_Section):
     alpha: float = Field(16.0, gt=0, description="the adapter's update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | None = Field(
-        None, min_length=1, description="names of the layers that get adapters, matched as peft does (the whole "
+        None,
+        min_length=1,
+        description="names of the layers that get adapters, matched as peft does (the whole "
         "module name or its last dotted parts: 'c_attn', 'q_proj', 'mlp.c_proj'); a name that matches no layer is "
-        "refused. Default: peft's choice for the architecture (gpt2: c_attn; llama and clip: q_proj, v_proj)")
+        "refused. Default: peft's choice for the architecture (gpt2: c_attn; llama and clip: q_proj, v_proj)",
+    )
 
 
 class ModelConfig(_Section):
@@ -68,39 +72,72 @@ class ModelConfig(_Section):
     the text tower, ``vision`` the image tower."""
 
     arch: Literal["gpt2", "llama", "clip"] = Field(
-        "gpt2", description="transformers architecture: gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) or clip (CLIPModel)")
+        "gpt2",
+        description="transformers architecture: gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) or clip (CLIPModel)",
+    )
     hidden_size: int = Field(768, gt=0, description="width of the residual stream")
     num_layers: int = Field(12, gt=0, description="transformer blocks")
     num_heads: int = Field(12, gt=0, description="attention heads; must divide hidden_size")
-    num_kv_heads: int | None = Field(None, gt=0, description="llama only: key/value heads for grouped-query attention (default: num_heads)")
-    intermediate_size: int | None = Field(None, gt=0, description="MLP width (default: 4*hidden_size for gpt2, about 8/3*hidden_size for llama)")
-    max_position_embeddings: int = Field(1024, gt=0, description="longest sequence the model accepts; must be >= the data's seq_len")
-    vocab_size: int | None = Field(None, gt=0, description="embedding rows; default: the tokenizer's vocabulary, rounded up to pad_vocab_multiple")
-    pad_vocab_multiple: int = Field(64, gt=0, description="round the default vocab_size up to a multiple of this (faster matmuls)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention, residual and embeddings (pretraining usually uses 0)")
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="llama only: key/value heads for grouped-query attention (default: num_heads)"
+    )
+    intermediate_size: int | None = Field(
+        None, gt=0, description="MLP width (default: 4*hidden_size for gpt2, about 8/3*hidden_size for llama)"
+    )
+    max_position_embeddings: int = Field(
+        1024, gt=0, description="longest sequence the model accepts; must be >= the data's seq_len"
+    )
+    vocab_size: int | None = Field(
+        None, gt=0, description="embedding rows; default: the tokenizer's vocabulary, rounded up to pad_vocab_multiple"
+    )
+    pad_vocab_multiple: int = Field(
+        64, gt=0, description="round the default vocab_size up to a multiple of this (faster matmuls)"
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="dropout on attention, residual and embeddings (pretraining usually uses 0)"
+    )
     tie_word_embeddings: bool = Field(True, description="share the input embedding with the output projection")
     rope_theta: float = Field(10000.0, gt=0, description="llama only: RoPE base")
-    init_from: str | None = Field(None, description="local Hugging Face model directory to start from (fine-tuning); overrides the sizes above")
+    init_from: str | None = Field(
+        None, description="local Hugging Face model directory to start from (fine-tuning); overrides the sizes above"
+    )
     vision: VisionConfig | None = Field(None, description="clip only: the image tower (default: ViT-B/32 sizes)")
     projection_dim: int = Field(512, gt=0, description="clip only: width of the shared image-text embedding")
-    logit_scale_init: float = Field(2.6592, description="clip only: initial log of the contrastive temperature's inverse (ln(1/0.07))")
-    max_logit_scale: float = Field(100.0, gt=0, description="clip only: the learnt temperature's inverse is clamped at this (CLIP: 100)")
-    freeze: list[str] = Field(default_factory=list, description="parameters left untrained: 'vision' or 'text' (a whole CLIP tower; "
-                              "['vision'] is locked-image tuning) or regular expressions matched against parameter names")
-    trust_remote_code: bool = Field(False, description="let transformers run Python code shipped in init_from or the tokenizer "
-                                    "directory (it runs with your permissions); --trust-remote-code sets it")
+    logit_scale_init: float = Field(
+        2.6592, description="clip only: initial log of the contrastive temperature's inverse (ln(1/0.07))"
+    )
+    max_logit_scale: float = Field(
+        100.0, gt=0, description="clip only: the learnt temperature's inverse is clamped at this (CLIP: 100)"
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameters left untrained: 'vision' or 'text' (a whole CLIP tower; "
+        "['vision'] is locked-image tuning) or regular expressions matched against parameter names",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="let transformers run Python code shipped in init_from or the tokenizer "
+        "directory (it runs with your permissions); --trust-remote-code sets it",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel: sdpa (PyTorch's fused scaled-dot-product attention), eager (plain "
-        "matmuls), flash_attention_2 (the flash-attn package, CUDA only; refused before any rank starts elsewhere)")
+        "sdpa",
+        description="attention kernel: sdpa (PyTorch's fused scaled-dot-product attention), eager (plain "
+        "matmuls), flash_attention_2 (the flash-attn package, CUDA only; refused before any rank starts elsewhere)",
+    )
     zero3_init: bool | Literal["auto"] = Field(
-        "auto", description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it whole; "
+        "auto",
+        description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init) so no rank holds it "
+        "whole; "
         "init_from then loads partitioned too (rank 0 reads the checkpoint and each rank keeps its 1/N). auto: with "
         "init_from, or above 1B parameters (zero.Init draws a random init in another order, so small runs from "
-        "scratch would not match their ZeRO-0/1/2 twins); gpt only: CLIP's 0-dim temperature defeats zero.Init")
-    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of the model's weights (needs init_from)")
+        "scratch would not match their ZeRO-0/1/2 twins); gpt only: CLIP's 0-dim temperature defeats zero.Init",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="train low-rank adapters instead of the model's weights (needs init_from)"
+    )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.init_from is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
@@ -121,13 +158,19 @@ class ModelConfig(_Section):
 class SourceConfig(_Section):
     """One source of training (or evaluation) data, read where it lives (`data_pipelines.sources`)."""
 
-    urls: str | list[str] = Field(description="a folder written by prepare-text / prepare-image-text, a folder of raw "
-                                  "img2dataset shards, a glob, a brace pattern (/data/{00000..00099}.tar), a pipe: "
-                                  "command, an http(s):// pattern or an s3:// / gs:// URL (fsspec); or a list of them")
+    urls: str | list[str] = Field(
+        description="a folder written by prepare-text / prepare-image-text, a folder of raw "
+        "img2dataset shards, a glob, a brace pattern (/data/{00000..00099}.tar), a pipe: "
+        "command, an http(s):// pattern or an s3:// / gs:// URL (fsspec); or a list of them"
+    )
     name: str | None = Field(None, description="short name in logs and samples_by_source (default: the folder's name)")
     weight: float = Field(1.0, gt=0, description="relative share of this source in a mixture of train sources")
-    samples: int | None = Field(None, gt=0, description="samples in the source, where no manifest, sizes.json, "
-                                "*_stats.json or parquet beside the shards says")
+    samples: int | None = Field(
+        None,
+        gt=0,
+        description="samples in the source, where no manifest, sizes.json, "
+        "*_stats.json or parquet beside the shards says",
+    )
     tokens: int | None = Field(None, gt=0, description="tokens in the source (text), for reference")
 
     @field_validator("urls")
@@ -141,44 +184,97 @@ class SourceConfig(_Section):
 class DataConfig(_Section):
     """Where the data is and how the streaming loader reads it."""
 
-    path: str | None = Field(None, description="directory written by prepare-text or prepare-image-text (holds "
-                             "manifest.json), or one source string as in sources[].urls; --data overrides (and "
-                             "replaces sources)")
-    sources: list[SourceConfig] = Field(default_factory=list, description="train sources (instead of path), each "
-                                        "{urls, name, weight, samples, tokens}")
-    eval_sources: list[SourceConfig] = Field(default_factory=list, description="sources evaluated on instead of "
-                                             "the val split (their val split when prepared, all of them when raw)")
-    holdout_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the raw train sources' "
-                                           "samples held out for val by a hash of the sample key (never trained on); "
-                                           "default 0.01 when there are raw train sources and no eval_sources, else 0")
-    caption_key: str = Field("txt", min_length=1, description="clip only: the member of a raw sample holding its caption")
-    tokenizer: str | None = Field(None, description="clip only: local Hugging Face tokenizer directory for the captions "
-                                  "(default: init_from's tokenizer, else the one saved with the data)")
+    path: str | None = Field(
+        None,
+        description="directory written by prepare-text or prepare-image-text (holds "
+        "manifest.json), or one source string as in sources[].urls; --data overrides (and "
+        "replaces sources)",
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="train sources (instead of path), each {urls, name, weight, samples, tokens}"
+    )
+    eval_sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="sources evaluated on instead of "
+        "the val split (their val split when prepared, all of them when raw)",
+    )
+    holdout_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the raw train sources' "
+        "samples held out for val by a hash of the sample key (never trained on); "
+        "default 0.01 when there are raw train sources and no eval_sources, else 0",
+    )
+    caption_key: str = Field(
+        "txt", min_length=1, description="clip only: the member of a raw sample holding its caption"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="clip only: local Hugging Face tokenizer directory for the captions "
+        "(default: init_from's tokenizer, else the one saved with the data)",
+    )
     augment: bool = Field(True, description="clip only: random resized crop when training (eval always centre-crops)")
-    flip: bool = Field(True, description="clip only: random horizontal flip when training; turn off when captions say left or right")
+    flip: bool = Field(
+        True, description="clip only: random horizontal flip when training; turn off when captions say left or right"
+    )
     train_split: str = Field("train", description="split trained on")
-    eval_split: Literal["val"] = Field("val", description="split evaluated during training (the test split is only for pretrain-eval --split test)")
-    shuffle_buffer: int = Field(1000, ge=0, description="samples per shuffle block of each loader (read, permuted, handed "
-                                "out; a resume re-reads at most one block and one shard); 0 = no sample shuffle")
+    eval_split: Literal["val"] = Field(
+        "val", description="split evaluated during training (the test split is only for pretrain-eval --split test)"
+    )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="samples per shuffle block of each loader (read, permuted, handed "
+        "out; a resume re-reads at most one block and one shard); 0 = no sample shuffle",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank, each reading its own shards")
-    resampled: bool = Field(False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)")
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read were bad (skipped), after the first 100")
-    fetch_retries: int = Field(3, ge=0, description="times a shard that cannot be fetched (HTTP error, dropped connection, "
-                               "failed pipe: command, object store error, data.fetch_timeout) is tried again before it is "
-                               "skipped and counted as shard_unreachable (its samples count against max_bad_fraction)")
-    fetch_timeout: float = Field(60.0, gt=0, description="seconds a shard fetch may go without delivering a byte (a stalled "
-                                 "server or command) before it fails, naming the URL, and is retried")
-    fetch_backoff: float = Field(1.0, ge=0, description="seconds before the first retry of a shard fetch, doubled at each "
-                                 "further one (capped at 60, with up to 25% jitter)")
-    classnames: str | None = Field(None, description="task classify only: class-name file of the labelled image folder "
-                                   "(text or JSON, see data_pipelines/image/folder.py; default: data.path's own "
-                                   "classnames.json or classnames.txt, else the folder names)")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="task classify only: fraction of each class held out "
-                                "for val by a stable hash of the file's path, when the folder has no train/ and val/ "
-                                "subfolders")
+    resampled: bool = Field(
+        False, description="draw shards with replacement (for shard counts that do not divide ranks x workers)"
+    )
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="stop the run when more than this fraction of the samples read were bad (skipped), after the "
+        "first 100",
+    )
+    fetch_retries: int = Field(
+        3,
+        ge=0,
+        description="times a shard that cannot be fetched (HTTP error, dropped connection, "
+        "failed pipe: command, object store error, data.fetch_timeout) is tried again before it is "
+        "skipped and counted as shard_unreachable (its samples count against max_bad_fraction)",
+    )
+    fetch_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a shard fetch may go without delivering a byte (a stalled "
+        "server or command) before it fails, naming the URL, and is retried",
+    )
+    fetch_backoff: float = Field(
+        1.0,
+        ge=0,
+        description="seconds before the first retry of a shard fetch, doubled at each "
+        "further one (capped at 60, with up to 25% jitter)",
+    )
+    classnames: str | None = Field(
+        None,
+        description="task classify only: class-name file of the labelled image folder "
+        "(text or JSON, see data_pipelines/image/folder.py; default: data.path's own "
+        "classnames.json or classnames.txt, else the folder names)",
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="task classify only: fraction of each class held out "
+        "for val by a stable hash of the file's path, when the folder has no train/ and val/ "
+        "subfolders",
+    )
 
     @model_validator(mode="after")
-    def _one_way(self) -> "DataConfig":
+    def _one_way(self) -> DataConfig:
         if self.path and self.sources:
             raise ValueError("path and sources both set: name the data one way (a path is one source)")
         return self
@@ -187,36 +283,69 @@ class DataConfig(_Section):
 class TrainingConfig(_Section):
     """The optimisation: fills the "auto" values of the DeepSpeed config."""
 
-    micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass (train_micro_batch_size_per_gpu)")
+    micro_batch_size: int = Field(
+        8, gt=0, description="sequences per rank per forward pass (train_micro_batch_size_per_gpu)"
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches summed before each optimizer step")
     max_steps: int = Field(1000, gt=0, description="optimizer steps in the run; --max-steps overrides")
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the decay")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup: optimizer step s of the first W trains at lr x s / W "
-                              "(step 1 already learns); 0 means no warmup")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; never applied to biases, norm gains, token and "
-                                "position embeddings or CLIP's logit scale (one rule for every family)")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="linear warmup: optimizer step s of the first W trains at lr x s / W "
+        "(step 1 already learns); 0 means no warmup",
+    )
+    weight_decay: float = Field(
+        0.1,
+        ge=0,
+        description="AdamW weight decay; never applied to biases, norm gains, token and "
+        "position embeddings or CLIP's logit scale (one rule for every family)",
+    )
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
-    reference_batch_size: int | None = Field(None, gt=0, description="global batch (sequences) at which lr was tuned; with lr_scaling, lr follows the run's global batch")
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="how lr and min_lr follow the global batch: linear (Goyal et al.), sqrt (for Adam), none")
-    scale_warmup: bool = Field(False, description="with lr_scaling, also scale warmup_steps so warmup covers the same number of samples")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)")
+    reference_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="global batch (sequences) at which lr was tuned; with lr_scaling, lr follows the run's global "
+        "batch",
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="how lr and min_lr follow the global batch: linear (Goyal et al.), sqrt (for Adam), none"
+    )
+    scale_warmup: bool = Field(
+        False, description="with lr_scaling, also scale warmup_steps so warmup covers the same number of samples"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="fills bf16/fp16 'enabled: auto' in the DeepSpeed config (fp16 is GPU-only)"
+    )
     seed: int = Field(1234, description="seed for model init, data order and dropout; --seed overrides")
     activation_checkpointing: bool = Field(
-        False, description="recompute each transformer block's activations in the backward pass instead of storing "
+        False,
+        description="recompute each transformer block's activations in the backward pass instead of storing "
         "them (Hugging Face gradient checkpointing, non-reentrant; GPT and both CLIP towers): much less activation "
-        "memory for about a third more compute; the losses are unchanged")
+        "memory for about a third more compute; the losses are unchanged",
+    )
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl train line every N steps")
-    peak_tflops: float | None = Field(None, gt=0, description="the accelerator's dense peak TFLOPS per GPU for the run's "
-                                      "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/runtime/flops.py by "
-                                      "the CUDA device's name; none on a CPU, so mfu is null there)")
-    on_nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss: skip that micro-batch (every rank drops it; with gradient accumulation under ZeRO-1/2/3 the whole optimizer step, checked once per step) or stop the run")
-    max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="the accelerator's dense peak TFLOPS per GPU for the run's "
+        "dtype, for mfu in metrics.jsonl (default: from the table in pretrain/runtime/flops.py by "
+        "the CUDA device's name; none on a CPU, so mfu is null there)",
+    )
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="a NaN/Inf loss: skip that micro-batch (every rank drops it; with gradient accumulation under "
+        "ZeRO-1/2/3 the whole optimizer step, checked once per step) or stop the run",
+    )
+    max_nonfinite_skips: int = Field(
+        10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches"
+    )
 
     @model_validator(mode="after")
-    def _lr_order(self) -> "TrainingConfig":
+    def _lr_order(self) -> TrainingConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
         return self
@@ -226,8 +355,12 @@ class EvalConfig(_Section):
     """Periodic evaluation on the val split."""
 
     every: int = Field(100, ge=0, description="evaluate every N steps (0 = only at the end); --eval-every overrides")
-    max_samples: int | None = Field(None, gt=0, description="cap on val sequences per evaluation (default: the whole split)")
-    batch_size: int | None = Field(None, gt=0, description="sequences per rank per eval forward (default: training micro_batch_size)")
+    max_samples: int | None = Field(
+        None, gt=0, description="cap on val sequences per evaluation (default: the whole split)"
+    )
+    batch_size: int | None = Field(
+        None, gt=0, description="sequences per rank per eval forward (default: training micro_batch_size)"
+    )
 
 
 class CheckpointConfig(_Section):
@@ -242,15 +375,21 @@ class Recipe(_Section):
     """A whole run."""
 
     name: str = Field("run", description="short name, used for the default output directory")
-    family: Literal["gpt", "clip"] = Field("gpt", description="model family: gpt (causal LM on text shards) or clip (contrastive, on image-text shards)")
+    family: Literal["gpt", "clip"] = Field(
+        "gpt", description="model family: gpt (causal LM on text shards) or clip (contrastive, on image-text shards)"
+    )
     task: Literal["pretrain", "classify"] = Field(
-        "pretrain", description="pretrain: the family's own objective on its data; classify (family clip): fine-tune "
+        "pretrain",
+        description="pretrain: the family's own objective on its data; classify (family clip): fine-tune "
         "model.init_from as a classifier of the labelled image folder data.path (ROOT/<class>/*.jpg), its head "
-        "initialised from the zero-shot text embeddings (Wortsman et al. 2022)")
+        "initialised from the zero-shot text embeddings (Wortsman et al. 2022)",
+    )
     classify_objective: Literal["head", "captions"] = Field(
-        "head", description="task classify only: head (cross-entropy through the zero-shot-initialised linear head; "
+        "head",
+        description="task classify only: head (cross-entropy through the zero-shot-initialised linear head; "
         "the text tower frozen) or captions (both towers, CLIP's contrastive loss against a class-name caption per "
-        "image, 'a photo of a {class}' from the prompt templates, as FLYP does; the result is a plain CLIP)")
+        "image, 'a photo of a {class}' from the prompt templates, as FLYP does; the result is a plain CLIP)",
+    )
     output_dir: str | None = Field(None, description="run directory (default: runs/<name>); --output-dir overrides")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON used when --deepspeed_config is not given")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -260,11 +399,13 @@ class Recipe(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
-    def _family_matches_arch(self) -> "Recipe":
+    def _family_matches_arch(self) -> Recipe:
         is_clip = self.model.arch == "clip"
         if (self.family == "clip") != is_clip:
-            raise ValueError(f"family {self.family!r} does not go with model.arch {self.model.arch!r} "
-                             "(family clip needs arch clip; family gpt needs gpt2 or llama)")
+            raise ValueError(
+                f"family {self.family!r} does not go with model.arch {self.model.arch!r} "
+                "(family clip needs arch clip; family gpt needs gpt2 or llama)"
+            )
         if not is_clip and (self.model.vision is not None or self.data.tokenizer):
             raise ValueError("model.vision and data.tokenizer are for family clip only")
         if self.task == "classify" and not is_clip:

@@ -12,6 +12,7 @@ and `run_optimization` carry it into what the trainer uses. A setting the DeepSp
 takes the recipe's value (gradient_clipping, and precision where no section is enabled). Batch
 sizes: a concrete DeepSpeed value wins over the recipe's with a note (`_batch_sizes`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from pretrain.run.config import Recipe, RecipeError
-from pretrain.run.schedules import (DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params,
-                                    effective_optimization)
+from pretrain.run.schedules import DEEPSPEED_TYPES, TOOLKIT_TYPES, Optimization, check_params, effective_optimization
 
 AUTO = "auto"
 
@@ -49,18 +49,30 @@ def _same(a: Any, b: Any) -> bool:
     return _number(a) and _number(b) and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
-def _agree(ds_key: str, ds_value: Any, field: str, value: Any, written: set[str], problems: list[str],
-           notes: list[str], scaled: str = "") -> None:
+def _agree(
+    ds_key: str,
+    ds_value: Any,
+    field: str,
+    value: Any,
+    written: set[str],
+    problems: list[str],
+    notes: list[str],
+    scaled: str = "",
+) -> None:
     """One setting held by both files: a value the user wrote must agree; a recipe default gives way."""
     if _same(ds_value, value):
         return
     if field in written:
-        problems.append(f"{ds_key} {_show(ds_value)} in the DeepSpeed config != training.{field} "
-                        f"{_show(value)}{scaled} in the recipe: write \"auto\" for {ds_key} in the DeepSpeed "
-                        f"config to use the recipe's value, or make the two agree")
+        problems.append(
+            f"{ds_key} {_show(ds_value)} in the DeepSpeed config != training.{field} "
+            f'{_show(value)}{scaled} in the recipe: write "auto" for {ds_key} in the DeepSpeed '
+            f"config to use the recipe's value, or make the two agree"
+        )
     else:
-        notes.append(f"{ds_key}={_show(ds_value)} from the DeepSpeed config is used; the recipe does not set "
-                     f"training.{field} (its default is {_show(value)}{scaled})")
+        notes.append(
+            f"{ds_key}={_show(ds_value)} from the DeepSpeed config is used; the recipe does not set "
+            f"training.{field} (its default is {_show(value)}{scaled})"
+        )
 
 
 def _show(v: Any) -> str:
@@ -75,14 +87,19 @@ def _shared_settings(ds: dict, tr, opt_values: Optimization, problems: list[str]
     params = opt.get("params") if isinstance(opt, dict) else None
     if isinstance(params, dict):
         scaled = " (scaled to the global batch)" if opt_values.lr != tr.lr else ""
-        pairs = (("lr", "lr", opt_values.lr), ("weight_decay", "weight_decay", tr.weight_decay),
-                 ("betas", "betas", list(tr.betas)), ("eps", "eps", tr.eps))
+        pairs = (
+            ("lr", "lr", opt_values.lr),
+            ("weight_decay", "weight_decay", tr.weight_decay),
+            ("betas", "betas", list(tr.betas)),
+            ("eps", "eps", tr.eps),
+        )
         for key, field, value in pairs:
             given = params.get(key, AUTO)
             if given == AUTO or not (_number(given) or isinstance(given, list)):
                 continue  # DeepSpeed's own check reports a value of the wrong type
-            _agree(f"optimizer.params.{key}", given, field, value, written, problems, notes,
-                   scaled if key == "lr" else "")
+            _agree(
+                f"optimizer.params.{key}", given, field, value, written, problems, notes, scaled if key == "lr" else ""
+            )
     if "gradient_clipping" not in ds:
         ds["gradient_clipping"] = tr.grad_clip  # else DeepSpeed's own default (1.0) replaces the recipe's
     elif _number(ds["gradient_clipping"]):
@@ -108,12 +125,16 @@ def _precision(ds: dict, tr, written: set[str], problems: list[str], notes: list
         if given == tr.precision:
             return
         if "precision" in written:
-            problems.append(f"{key} in the DeepSpeed config trains in {given} != training.precision "
-                            f"\"{tr.precision}\" in the recipe: write \"enabled\": \"auto\" in the DeepSpeed "
-                            "config to use the recipe's value, or make the two agree")
+            problems.append(
+                f"{key} in the DeepSpeed config trains in {given} != training.precision "
+                f'"{tr.precision}" in the recipe: write "enabled": "auto" in the DeepSpeed '
+                "config to use the recipe's value, or make the two agree"
+            )
         else:
-            notes.append(f"{key} in the DeepSpeed config: the run trains in {given}; the recipe does not set "
-                         f"training.precision (its default is \"{tr.precision}\")")
+            notes.append(
+                f"{key} in the DeepSpeed config: the run trains in {given}; the recipe does not set "
+                f'training.precision (its default is "{tr.precision}")'
+            )
         return
     for n in autos:
         sections[n]["enabled"] = tr.precision == n
@@ -152,8 +173,10 @@ def settled_recipe(recipe: Recipe, ds: dict) -> Recipe:
         update["grad_clip"] = float(ds["gradient_clipping"])
     if precision(ds) != tr.precision:
         update["precision"] = precision(ds)
-    for key, field in (("train_micro_batch_size_per_gpu", "micro_batch_size"),
-                       ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+    for key, field in (
+        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+    ):
         if isinstance(ds.get(key), int) and ds[key] != getattr(tr, field):
             update[field] = ds[key]
     if not update:
@@ -167,18 +190,21 @@ def _legacy_forms(ds: dict, problems: list[str], notes: list[str]) -> None:
     zero = ds.get("zero_optimization")
     if isinstance(zero, bool):
         # DeepSpeed's read_zero_config_deprecated: true is stage 1 with allgather_size as its bucket
-        ds["zero_optimization"] = {"stage": 1, "allgather_bucket_size": ds.pop("allgather_size", 500_000_000)} if zero \
-            else {"stage": 0}
-        notes.append(f"zero_optimization: {str(zero).lower()} is DeepSpeed's deprecated form; read as "
-                     f"{{\"stage\": {ds['zero_optimization']['stage']}}}")
+        ds["zero_optimization"] = (
+            {"stage": 1, "allgather_bucket_size": ds.pop("allgather_size", 500_000_000)} if zero else {"stage": 0}
+        )
+        notes.append(
+            f"zero_optimization: {str(zero).lower()} is DeepSpeed's deprecated form; read as "
+            f'{{"stage": {ds["zero_optimization"]["stage"]}}}'
+        )
     elif zero is not None and not isinstance(zero, dict):
-        problems.append(f"zero_optimization: must be an object such as {{\"stage\": 2}} (got {zero!r})")
+        problems.append(f'zero_optimization: must be an object such as {{"stage": 2}} (got {zero!r})')
     if "bfloat16" in ds and "bf16" not in ds:
         ds["bf16"] = ds.pop("bfloat16")
         notes.append("bfloat16: DeepSpeed's old name for the bf16 section; read as bf16")
     for name in ("fp16", "bf16"):
         if name in ds and not isinstance(ds[name], dict):
-            problems.append(f"{name}: must be an object such as {{\"enabled\": true}} (got {ds[name]!r})")
+            problems.append(f'{name}: must be an object such as {{"enabled": true}} (got {ds[name]!r})')
             ds.pop(name)
 
 
@@ -189,7 +215,7 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     given = {k: ds.get(k) for k in keys if k in ds and ds[k] != AUTO}
     for k, v in given.items():
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{k}: must be a positive integer or \"auto\" (got {v!r})")
+            problems.append(f'{k}: must be a positive integer or "auto" (got {v!r})')
     if len(given) != sum(isinstance(v, int) and v > 0 for v in given.values()):
         return
     micro = given.get(keys[0])
@@ -200,8 +226,10 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
     if micro is None:
         micro = tr.micro_batch_size if tbs is None or gas is None else tbs // (gas * world_size)
     if gas is None and tbs is not None and tbs % (micro * world_size):
-        problems.append(f"train_batch_size {tbs} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
-                        f"data-parallel size {world_size}, so no gradient_accumulation_steps makes it add up")
+        problems.append(
+            f"train_batch_size {tbs} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
+            f"data-parallel size {world_size}, so no gradient_accumulation_steps makes it add up"
+        )
         ds.update({k: None for k in keys if ds.get(k) == AUTO})  # reported here, not again as an unfilled "auto"
         return
     if gas is None:
@@ -224,28 +252,44 @@ def _fill_scheduler(sched: dict, tr: Optimization, notes: list[str]) -> list[str
     kind = sched.get("type")
     params = sched.setdefault("params", {})
     if kind in TOOLKIT_TYPES:
-        fills = {"warmup_num_steps": tr.warmup_steps, "total_num_steps": tr.max_steps, "base_lr": tr.min_lr,
-                 "max_lr": tr.lr, "eta_min": tr.min_lr, "min_lr": tr.min_lr}
+        fills = {
+            "warmup_num_steps": tr.warmup_steps,
+            "total_num_steps": tr.max_steps,
+            "base_lr": tr.min_lr,
+            "max_lr": tr.lr,
+            "eta_min": tr.min_lr,
+            "min_lr": tr.min_lr,
+        }
         for k, v in fills.items():
             _set_auto(params, k, v)
         return check_params(kind, params)
     if kind not in DEEPSPEED_TYPES:
-        return [f"scheduler.type: unknown {kind!r} (DeepSpeed: {', '.join(DEEPSPEED_TYPES)}; "
-                f"toolkit: {', '.join(TOOLKIT_TYPES)})"]
+        return [
+            f"scheduler.type: unknown {kind!r} (DeepSpeed: {', '.join(DEEPSPEED_TYPES)}; "
+            f"toolkit: {', '.join(TOOLKIT_TYPES)})"
+        ]
     fills = {
-        "warmup_min_lr": 0.0, "warmup_max_lr": tr.lr, "warmup_num_steps": max(1, tr.warmup_steps),
-        "total_num_steps": tr.max_steps, "warmup_min_ratio": 0.0, "cos_min_ratio": tr.min_lr / tr.lr,
-        "cycle_min_lr": tr.min_lr, "cycle_max_lr": tr.lr, "lr_range_test_min_lr": tr.min_lr,
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": tr.lr,
+        "warmup_num_steps": max(1, tr.warmup_steps),
+        "total_num_steps": tr.max_steps,
+        "warmup_min_ratio": 0.0,
+        "cos_min_ratio": tr.min_lr / tr.lr,
+        "cycle_min_lr": tr.min_lr,
+        "cycle_max_lr": tr.lr,
+        "lr_range_test_min_lr": tr.min_lr,
     }
     for k, v in fills.items():
         _set_auto(params, k, v)
     if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
         w = params.get("warmup_num_steps", 1000)
-        notes.append(f"scheduler: DeepSpeed's {kind} trains the first two optimizer steps at no more than its warmup "
-                     f"minimum (0 by default) and warms up over max(2, warmup_num_steps) = "
-                     f"{max(2, w) if isinstance(w, int) else w} steps "
-                     f"(training.warmup_steps is {tr.warmup_steps}); without a scheduler section the toolkit's "
-                     "warmup + cosine trains step 1 at lr/warmup_steps, or at lr with no warmup")
+        notes.append(
+            f"scheduler: DeepSpeed's {kind} trains the first two optimizer steps at no more than its warmup "
+            f"minimum (0 by default) and warms up over max(2, warmup_num_steps) = "
+            f"{max(2, w) if isinstance(w, int) else w} steps "
+            f"(training.warmup_steps is {tr.warmup_steps}); without a scheduler section the toolkit's "
+            "warmup + cosine trains step 1 at lr/warmup_steps, or at lr with no warmup"
+        )
     return []
 
 
@@ -263,16 +307,23 @@ def _grad_accum_dtype(ds: dict, notes: list[str]) -> None:
     if stage in (0, 1):
         if isinstance(data_types, dict) and data_types.get("grad_accum_dtype") == AUTO:
             data_types["grad_accum_dtype"] = "bf16"
-        why = ("DeepSpeed 0.19 refuses fp32 accumulation without ZeRO" if stage == 0 else
-               "with it DeepSpeed 0.19 switches ZeRO-1 to its BF16_Optimizer, whose checkpoints its zero_to_fp32 "
-               "(what pretrain-eval and pretrain-export read) refuses as 'not a zero checkpoint'")
+        why = (
+            "DeepSpeed 0.19 refuses fp32 accumulation without ZeRO"
+            if stage == 0
+            else "with it DeepSpeed 0.19 switches ZeRO-1 to its BF16_Optimizer, whose checkpoints its zero_to_fp32 "
+            "(what pretrain-eval and pretrain-export read) refuses as 'not a zero checkpoint'"
+        )
         if ds.get("gradient_accumulation_steps", 1) != 1:
-            notes.append(f"data_types.grad_accum_dtype: left bf16 under ZeRO-{stage}: gradients are accumulated "
-                         f"over micro-batches in bf16 ({why}); ZeRO-2 or 3 accumulates in fp32")
+            notes.append(
+                f"data_types.grad_accum_dtype: left bf16 under ZeRO-{stage}: gradients are accumulated "
+                f"over micro-batches in bf16 ({why}); ZeRO-2 or 3 accumulates in fp32"
+            )
         return
     ds["data_types"] = {**(data_types if isinstance(data_types, dict) else {}), "grad_accum_dtype": "fp32"}
-    notes.append("data_types.grad_accum_dtype: fp32 (bf16 gradients are accumulated over micro-batches in fp32; "
-                 "set it to \"bf16\" in the DeepSpeed config to accumulate in bf16)")
+    notes.append(
+        "data_types.grad_accum_dtype: fp32 (bf16 gradients are accumulated over micro-batches in fp32; "
+        'set it to "bf16" in the DeepSpeed config to accumulate in bf16)'
+    )
 
 
 def toolkit_scheduler(ds: dict) -> dict | None:
@@ -288,7 +339,9 @@ def for_deepspeed(ds: dict) -> dict:
     return {k: v for k, v in ds.items() if k != "scheduler"}
 
 
-def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: int, source: str = "<deepspeed config>") -> tuple[dict, list[str]]:
+def resolve_ds_config(
+    raw: dict, recipe: Recipe, world_size: int, hidden_size: int, source: str = "<deepspeed config>"
+) -> tuple[dict, list[str]]:
     """Return (the config DeepSpeed is given, notes for the log). Raises RecipeError listing every problem.
 
     The recipe is not modified: values derived from it (an LR scaled to the global batch) go
@@ -309,7 +362,12 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})
-        for k, v in (("lr", opt_values.lr), ("betas", list(tr.betas)), ("eps", tr.eps), ("weight_decay", tr.weight_decay)):
+        for k, v in (
+            ("lr", opt_values.lr),
+            ("betas", list(tr.betas)),
+            ("eps", tr.eps),
+            ("weight_decay", tr.weight_decay),
+        ):
             _set_auto(params, k, v)
 
     sched = ds.get("scheduler")
@@ -329,7 +387,7 @@ def resolve_ds_config(raw: dict, recipe: Recipe, world_size: int, hidden_size: i
     _grad_accum_dtype(ds, notes)
 
     for path in _find_autos(ds):
-        problems.append(f"{path}: \"auto\" has no value to fill it from")
+        problems.append(f'{path}: "auto" has no value to fill it from')
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         problems.append("fp16.enabled and bf16.enabled are both true")
     if problems:

@@ -20,10 +20,12 @@ Every hook defaults to doing nothing, so a feature writes only the moments it ac
 torchtitan's model converters and ``parallelize_fn`` are the model (a list applied in one call,
 in a fixed order).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,11 +40,11 @@ if TYPE_CHECKING:
 class RunContext:
     """What features read: the settled configuration of one run, seen from one rank."""
 
-    recipe: "Recipe"
-    family: "ModelFamily"
+    recipe: Recipe
+    family: ModelFamily
     model_config: Any  # the transformers config
-    data: "DataSet"  # what the family reads (a prepared folder, sources, an image folder)
-    layout: "ParallelLayout"
+    data: DataSet  # what the family reads (a prepared folder, sources, an image folder)
+    layout: ParallelLayout
     deepspeed: dict | None  # resolved ("auto" filled); None when it could not be resolved
     source: str = "deepspeed config"  # the DeepSpeed JSON's path, for messages
     local_world: int = 1  # ranks per machine
@@ -101,7 +103,7 @@ class EngineParts:
 
     PARTS = ("mpu", "loss_sum", "dp_group", "sequence_parallel")
 
-    def merge(self, other: "EngineParts", owner: str, owners: dict[str, str]) -> None:
+    def merge(self, other: EngineParts, owner: str, owners: dict[str, str]) -> None:
         for name in self.PARTS:
             value = getattr(other, name)
             if value is None:
@@ -123,7 +125,7 @@ class Feature:
     def configure(self, ds: dict, ctx: RunContext) -> list[str]:
         return []
 
-    def build(self, built: Built, family: "ModelFamily", model_cfg: "ModelConfig") -> None:
+    def build(self, built: Built, family: ModelFamily, model_cfg: ModelConfig) -> None:
         return None
 
     def parallelize(self, model: torch.nn.Module, ctx: RunContext) -> list[str]:

@@ -8,6 +8,7 @@ The order matters where features touch the same thing: freezing before LoRA (pef
 rest and adapts what is left), activation checkpointing before the engine, AutoTP's and Ulysses'
 groups made collectively on every rank in the same order.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 
 from pretrain.finetune.adapters import LoRA
-from pretrain.models.clip import LogitScaleClamp
 from pretrain.finetune.freeze import Freeze
+from pretrain.models.clip import LogitScaleClamp
 from pretrain.parallel.activation_checkpointing import ActivationCheckpointing
 from pretrain.parallel.sequence_parallel import UlyssesSequenceParallel
 from pretrain.parallel.tensor_parallel import TensorParallel
@@ -31,8 +32,10 @@ class AttentionKernel(Feature):
 
     def problems(self, ctx: RunContext) -> list[str]:
         if ctx.recipe.model.attn_implementation == "flash_attention_2" and not _has_flash_attention():
-            return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package, and "
-                    "this machine lacks one or both; use sdpa (the default: PyTorch's own fused attention) or eager"]
+            return [
+                "model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package, and "
+                "this machine lacks one or both; use sdpa (the default: PyTorch's own fused attention) or eager"
+            ]
         return []
 
 
@@ -49,8 +52,10 @@ class Precision(Feature):
         from pretrain.run.ds_config import precision
 
         if ctx.deepspeed is not None and precision(ctx.deepspeed) == "fp16" and not torch.cuda.is_available():
-            return [f"{ctx.source}: fp16.enabled: fp16 training needs a GPU (DeepSpeed has no fp16 optimizer "
-                    "on a CPU); set training.precision to bf16 or fp32, or use a bf16/fp32 DeepSpeed config"]
+            return [
+                f"{ctx.source}: fp16.enabled: fp16 training needs a GPU (DeepSpeed has no fp16 optimizer "
+                "on a CPU); set training.precision to bf16 or fp32, or use a bf16/fp32 DeepSpeed config"
+            ]
         return []
 
 
@@ -61,14 +66,23 @@ class PartitionedInit(Feature):
 
     def problems(self, ctx: RunContext) -> list[str]:
         if ctx.recipe.model.zero3_init is True and not ctx.family.zero_init:
-            return [f"model.zero3_init: the {ctx.family.name} family cannot be built partitioned "
-                    "(deepspeed.zero.Init); leave it at auto"]
+            return [
+                f"model.zero3_init: the {ctx.family.name} family cannot be built partitioned "
+                "(deepspeed.zero.Init); leave it at auto"
+            ]
         return []
 
 
 FEATURES: tuple[Feature, ...] = (
-    AttentionKernel(), Precision(), PartitionedInit(), Freeze(), LoRA(), ActivationCheckpointing(), TensorParallel(),
-    UlyssesSequenceParallel(), LogitScaleClamp(),
+    AttentionKernel(),
+    Precision(),
+    PartitionedInit(),
+    Freeze(),
+    LoRA(),
+    ActivationCheckpointing(),
+    TensorParallel(),
+    UlyssesSequenceParallel(),
+    LogitScaleClamp(),
 )
 
 

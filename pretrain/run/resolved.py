@@ -6,15 +6,16 @@ filled; the values derived from the two (the LR scaled to the global batch, batc
 arithmetic, tokens per step) live here and nowhere else. ``resolved-config.json`` in the run
 directory (`pretrain.runtime.checkpoint.RESOLVED`) is this object, whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.parallel.layout import ParallelLayout
 from pretrain.run.config import Recipe
 from pretrain.run.ds_config import precision, zero_stage
-from pretrain.parallel.layout import ParallelLayout
 from pretrain.run.schedules import Optimization
 
 
@@ -68,13 +69,18 @@ class ResolvedRun:
             "precision": self.precision,
             "zero_stage": self.zero_stage,
             "optimization": self.optimization.to_dict(),
-            "batch": {"micro_batch_size": self.micro_batch_size,
-                      "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                      "global_batch": self.global_batch},
-            "data": {"path": None if self.data_sources else str(self.data_path.resolve()), "kind": self.data_kind,
-                     **(self.data_sources or {}),
-                     "tokens_per_sample": self.tokens_per_sample,
-                     "tokens_per_step": self.global_batch * self.tokens_per_sample},
+            "batch": {
+                "micro_batch_size": self.micro_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "global_batch": self.global_batch,
+            },
+            "data": {
+                "path": None if self.data_sources else str(self.data_path.resolve()),
+                "kind": self.data_kind,
+                **(self.data_sources or {}),
+                "tokens_per_sample": self.tokens_per_sample,
+                "tokens_per_step": self.global_batch * self.tokens_per_sample,
+            },
             "model_flops": {"per_sample": self.flops_per_sample, "per_step": self.flops_per_step},
             "notes": self.notes,
         }

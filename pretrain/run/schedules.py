@@ -10,12 +10,14 @@ They are handed to ``deepspeed.initialize`` as a callable that receives the base
 which works under every ZeRO stage and bf16 (DeepSpeed's own fallback to torch schedulers by
 name hands them the wrapped optimizer and fails there).
 """
+
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 DEEPSPEED_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 
@@ -23,11 +25,15 @@ DEEPSPEED_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "L
 TOOLKIT_TYPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "StepLR": (("step_size",), {"gamma": 0.1}),
     "MultiStepLR": (("milestones",), {"gamma": 0.1}),
-    "CyclicLR": (("base_lr", "max_lr"), {"step_size_up": 2000, "step_size_down": None, "mode": "triangular",
-                                          "gamma": 1.0}),
+    "CyclicLR": (
+        ("base_lr", "max_lr"),
+        {"step_size_up": 2000, "step_size_down": None, "mode": "triangular", "gamma": 1.0},
+    ),
     "CosineAnnealingWarmRestarts": (("T_0",), {"T_mult": 1, "eta_min": 0.0}),
-    "WarmupStableDecay": (("total_num_steps",), {"decay_num_steps": None, "decay_fraction": 0.1, "min_lr": 0.0,
-                                                 "decay_type": "linear"}),
+    "WarmupStableDecay": (
+        ("total_num_steps",),
+        {"decay_num_steps": None, "decay_fraction": 0.1, "min_lr": 0.0, "decay_type": "linear"},
+    ),
 }
 COMMON = {"warmup_num_steps": 0}
 
@@ -55,8 +61,15 @@ def multistep_lr(t: int, lr: float, milestones: list[int], gamma: float = 0.1) -
     return lr * gamma ** bisect.bisect_right(sorted(milestones), t)
 
 
-def cyclic_lr(t: int, base_lr: float, max_lr: float, step_size_up: int = 2000, step_size_down: int | None = None,
-              mode: str = "triangular", gamma: float = 1.0) -> float:
+def cyclic_lr(
+    t: int,
+    base_lr: float,
+    max_lr: float,
+    step_size_up: int = 2000,
+    step_size_down: int | None = None,
+    mode: str = "triangular",
+    gamma: float = 1.0,
+) -> float:
     """torch.optim.lr_scheduler.CyclicLR (scale_mode by mode, as PyTorch defaults it)."""
     down = step_size_up if step_size_down is None else step_size_down
     total = step_size_up + down
@@ -85,9 +98,17 @@ def cosine_warm_restarts(t: int, lr: float, T_0: int, T_mult: int = 1, eta_min: 
     return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
 
 
-def warmup_stable_decay(t: int, lr: float, total_num_steps: int, decay_num_steps: int | None = None,
-                        decay_fraction: float = 0.1, min_lr: float = 0.0, decay_type: str = "linear") -> float:
-    """Constant ``lr`` then a cooldown to ``min_lr`` over the last ``decay_num_steps`` (WSD; MiniCPM, Hägele et al. 2024).
+def warmup_stable_decay(
+    t: int,
+    lr: float,
+    total_num_steps: int,
+    decay_num_steps: int | None = None,
+    decay_fraction: float = 0.1,
+    min_lr: float = 0.0,
+    decay_type: str = "linear",
+) -> float:
+    """Constant ``lr`` then a cooldown to ``min_lr`` over the last ``decay_num_steps`` (WSD; MiniCPM,
+    Hägele et al. 2024).
 
     ``t`` counts from the end of the warmup; ``total_num_steps`` is the whole run, so the caller
     passes the run length minus the warmup.
@@ -108,7 +129,11 @@ def check_params(kind: str, params: dict) -> list[str]:
     """Problems with a toolkit scheduler section, as 'scheduler.params.<key>: ...' lines."""
     required, optional = TOOLKIT_TYPES[kind]
     known = set(required) | set(optional) | set(COMMON)
-    problems = [f"scheduler.params.{k}: unknown for {kind} (known: {', '.join(sorted(known))})" for k in params if k not in known]
+    problems = [
+        f"scheduler.params.{k}: unknown for {kind} (known: {', '.join(sorted(known))})"
+        for k in params
+        if k not in known
+    ]
     problems += [f"scheduler.params.{k}: required by {kind}" for k in required if k not in params]
     if kind == "CyclicLR" and params.get("mode", "triangular") not in ("triangular", "triangular2", "exp_range"):
         problems.append(f"scheduler.params.mode: must be triangular, triangular2 or exp_range (got {params['mode']!r})")
@@ -136,8 +161,15 @@ def lr_function(kind: str, params: dict, lr: float) -> Callable[[int], float]:
         inner = lambda t: multistep_lr(t, lr, kw["milestones"], kw["gamma"])  # noqa: E731
         peak = lr
     elif kind == "CyclicLR":
-        inner = lambda t: cyclic_lr(t, kw["base_lr"], kw["max_lr"], kw["step_size_up"], kw["step_size_down"],  # noqa: E731
-                                    kw["mode"], kw["gamma"])
+        inner = lambda t: cyclic_lr(
+            t,
+            kw["base_lr"],
+            kw["max_lr"],
+            kw["step_size_up"],
+            kw["step_size_down"],  # noqa: E731
+            kw["mode"],
+            kw["gamma"],
+        )
         peak = kw["base_lr"]  # PyTorch's CyclicLR starts each cycle at base_lr
     elif kind == "CosineAnnealingWarmRestarts":
         inner = lambda t: cosine_warm_restarts(t, lr, kw["T_0"], kw["T_mult"], kw["eta_min"])  # noqa: E731
@@ -228,8 +260,10 @@ def effective_optimization(training, global_batch: int | None) -> Optimization:
     if tr.lr_scaling == "none" or ref is None or not isinstance(global_batch, int):
         return Optimization(lr, min_lr, warmup, tr.max_steps)
     new_lr, new_min = scale_lr(lr, global_batch, ref, tr.lr_scaling), scale_lr(min_lr, global_batch, ref, tr.lr_scaling)
-    note = (f"global batch {global_batch} vs reference {ref}: {tr.lr_scaling} scaling, lr {lr:g} -> {new_lr:g}, "
-            f"min_lr {min_lr:g} -> {new_min:g}")
+    note = (
+        f"global batch {global_batch} vs reference {ref}: {tr.lr_scaling} scaling, lr {lr:g} -> {new_lr:g}, "
+        f"min_lr {min_lr:g} -> {new_min:g}"
+    )
     if tr.scale_warmup:
         new_warmup = scale_warmup(warmup, global_batch, ref)
         note += f", warmup_steps {warmup} -> {new_warmup}"

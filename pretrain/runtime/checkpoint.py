@@ -12,6 +12,7 @@ One tag holds DeepSpeed's files (model and optimizer states, partitioned by rank
 stage, and rank 0's data position for people to read. The seal is written last, by rank 0,
 after every rank returned from its save; a tag without it is not a checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 RESOLVED = "resolved-config.json"
@@ -50,7 +50,8 @@ class CheckpointRef:
 
 def _is_hf_dir(p: Path) -> bool:
     return (p / "config.json").is_file() and any(
-        (p / f).exists() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+        (p / f).exists() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    )
 
 
 def _run_dir_of(p: Path) -> Path | None:
@@ -120,8 +121,10 @@ def complete_tags(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and is_complete(p)),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and is_complete(p)),
+        key=lambda p: p.name,
+    )
 
 
 def safe_tag(root: Path, tag: str) -> Path:
@@ -167,8 +170,13 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy": torch.from_numpy(np_state[1].astype("int64")), "numpy_pos": int(np_state[2])}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype("int64")),
+        "numpy_pos": int(np_state[2]),
+    }
 
 
 def restore_rng(state: dict) -> None:
@@ -224,8 +232,19 @@ class CheckpointManager:
     ``in_save`` (tests only) is called after a rank's files are written and before the seal.
     """
 
-    def __init__(self, root: Path, *, rank: int, world: int, zero_stage: int, seed: int, resume: str = "auto",
-                 keep_last: int | None = None, in_save=None, tp: int = 1):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rank: int,
+        world: int,
+        zero_stage: int,
+        seed: int,
+        resume: str = "auto",
+        keep_last: int | None = None,
+        in_save=None,
+        tp: int = 1,
+    ):
         self.root, self.rank, self.world, self.zero_stage, self.tp = Path(root), rank, world, zero_stage, tp
         self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
         self.is_main = rank == 0
@@ -257,7 +276,8 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"{self.target} was saved with ZeRO-0 and tensor_parallel.autotp_size {saved_tp} on "
                     f"{self.saved_world} ranks; this run has {self.tp} on {self.world}. Resume it on the same layout, "
-                    "or pretrain-export it and start from the export with --init-from")
+                    "or pretrain-export it and start from the export with --init-from"
+                )
             return ds
         self._universal = self._convert(self.target)
         return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
@@ -268,12 +288,24 @@ class CheckpointManager:
         universal = target / "universal"
         done = universal / "converted.json"
         if self.is_main and not done.is_file():
-            print(f"converting {target} ({self.saved_world} ranks) to a universal checkpoint for {self.world}",
-                  flush=True)
+            print(
+                f"converting {target} ({self.saved_world} ranks) to a universal checkpoint for {self.world}", flush=True
+            )
             shutil.rmtree(universal, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target),
-                   "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(target),
+                "--output_folder",
+                str(universal),
+                "--inject_missing_state",
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 done.write_text(json.dumps({"from_world_size": self.saved_world, "time": time.time()}))
@@ -309,8 +341,13 @@ class CheckpointManager:
         data_state = rank_state.get("data", _data_state_of_old_seal(saved, rank_state))
         if self.is_main:
             saved_tp = int(saved.get("tensor_parallel", 1))
-            change = "" if same_world else f" ({old_world} -> {self.world} ranks)" if saved_tp == self.tp else \
-                f" ({old_world} ranks with TP {saved_tp} -> {self.world} with TP {self.tp})"
+            change = (
+                ""
+                if same_world
+                else f" ({old_world} -> {self.world} ranks)"
+                if saved_tp == self.tp
+                else f" ({old_world} ranks with TP {saved_tp} -> {self.world} with TP {self.tp})"
+            )
             print(f"resumed from {target} at step {saved['step']}{change}", flush=True)
         return Restored(target, saved, data_state, old_world)
 
@@ -330,8 +367,14 @@ class CheckpointManager:
             self.in_save(step, self.rank, tag_dir)
         dist.barrier()
         if self.is_main:
-            seal = {**run_state, "world_size": self.world, "zero_stage": self.zero_stage, "tensor_parallel": self.tp,
-                    "time": time.time(), **data_state}
+            seal = {
+                **run_state,
+                "world_size": self.world,
+                "zero_stage": self.zero_stage,
+                "tensor_parallel": self.tp,
+                "time": time.time(),
+                **data_state,
+            }
             mark_complete(tag_dir, seal, self.keep_last)
             print(f"saved checkpoint {tag_dir.name}", flush=True)
         dist.barrier()
@@ -343,6 +386,10 @@ def _data_state_of_old_seal(saved: dict, rank_state: dict) -> dict | None:
     held the layout and history, toolkit_rank*.pt the batch count)."""
     if "micro" not in saved:
         return None
-    return {"world": saved["world_size"], "workers": saved.get("num_workers", 0), "micro": saved["micro"],
-            "micro_batches": rank_state.get("micro_batches", saved.get("micro_batches", 0)),
-            "data_history": saved.get("data_history", [])}
+    return {
+        "world": saved["world_size"],
+        "workers": saved.get("num_workers", 0),
+        "micro": saved["micro"],
+        "micro_batches": rank_state.get("micro_batches", saved.get("micro_batches", 0)),
+        "data_history": saved.get("data_history", []),
+    }

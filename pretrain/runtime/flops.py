@@ -12,6 +12,7 @@ Conventions:
   989 TFLOPS, not the 1,979 sparsity figure). Recomputation (activation checkpointing) is not
   counted as model FLOPs, so MFU is the fraction of the peak that went into the model's own math.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,15 @@ GPUS: dict[str, GPU] = {
 }
 
 
-def total_flops(params: float, tokens: float, *, attention: bool = False, num_layers: int | None = None,
-                seq_len: int | None = None, hidden_size: int | None = None) -> float:
+def total_flops(
+    params: float,
+    tokens: float,
+    *,
+    attention: bool = False,
+    num_layers: int | None = None,
+    seq_len: int | None = None,
+    hidden_size: int | None = None,
+) -> float:
     """Training FLOPs of a decoder: 6·N·D (Kaplan et al. 2020 sec. 2.1; Chinchilla Appendix F).
 
     With ``attention``, add the PaLM (Chowdhery et al. 2022, Appendix B) attention term
@@ -101,9 +109,19 @@ def clip_forward_flops(config: Any) -> float:
 # The accelerator a run is on, and its utilisation.
 
 _NAME_TO_GPU = (  # (substrings all present in torch.cuda.get_device_name(), lower case), table key; first match wins
-    (("h200",), "h200"), (("h100", "pcie"), "h100-pcie"), (("h100",), "h100"), (("b200",), "b200"),
-    (("a100", "80g"), "a100-80g"), (("a100",), "a100"), (("v100",), "v100"), (("mi300x",), "mi300x"),
-    (("mi250x",), "mi250x"), (("l40s",), "l40s"), (("a10g",), "a10g"), (("a10",), "a10g"), (("t4",), "t4"),
+    (("h200",), "h200"),
+    (("h100", "pcie"), "h100-pcie"),
+    (("h100",), "h100"),
+    (("b200",), "b200"),
+    (("a100", "80g"), "a100-80g"),
+    (("a100",), "a100"),
+    (("v100",), "v100"),
+    (("mi300x",), "mi300x"),
+    (("mi250x",), "mi250x"),
+    (("l40s",), "l40s"),
+    (("a10g",), "a10g"),
+    (("a10",), "a10g"),
+    (("t4",), "t4"),
 )
 
 
@@ -132,8 +150,9 @@ def this_accelerator() -> tuple[str | None, bool]:
     return torch.cuda.get_device_name(), bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def utilisation(flops_per_step: float, steps: int, seconds: float, world: int,
-                peak: float | None) -> tuple[float, float | None]:
+def utilisation(
+    flops_per_step: float, steps: int, seconds: float, world: int, peak: float | None
+) -> tuple[float, float | None]:
     """(achieved TFLOP/s per GPU, MFU or None where no peak is known) over ``steps`` optimizer
     steps that took ``seconds`` on ``world`` ranks."""
     achieved = flops_per_step * steps / max(seconds, 1e-9) / world / 1e12

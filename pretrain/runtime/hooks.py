@@ -5,6 +5,7 @@ The trainer calls these at fixed points; the base class does nothing. Tests pass
 `pretrain.train.main(argv, hooks=...)`; the command line never builds one, and no production
 module reads a fault switch from the environment.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

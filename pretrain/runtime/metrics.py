@@ -1,4 +1,5 @@
 """metrics.jsonl and TensorBoard: the same scalars, written by rank 0 only."""
+
 from __future__ import annotations
 
 import json

@@ -5,13 +5,13 @@ stream, ``fit`` runs ``train_step`` / ``evaluate`` / ``save`` until max_steps. W
 configured with arrives settled (`ResolvedRun`); the model family, the data stream's position
 and the checkpoints are each one object the trainer calls.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,94 +19,38 @@ import numpy as np
 import torch
 
 from pretrain.finetune.adapters import describe_counts, parameter_counts
-from pretrain.runtime.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
-from pretrain.run.data import empty_split_note
-from pretrain.run.ds_config import for_deepspeed, toolkit_scheduler
-from pretrain.runtime.flops import peak_tflops, this_accelerator, utilisation
-from pretrain.runtime.hooks import TrainerHooks
-from pretrain.runtime.metrics import MetricsLogger, rewind
 from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, get_family
 from pretrain.run import features
 from pretrain.run.build import build_model
+from pretrain.run.data import empty_split_note
+from pretrain.run.ds_config import for_deepspeed
 from pretrain.run.feature import RunContext
 from pretrain.run.resolved import ResolvedRun
-from pretrain.run.schedules import lambda_scheduler, lr_function, warmup_cosine
-
-
-@dataclass
-class RunState:
-    """The run's counters, saved with every checkpoint (the data position is the stream's own)."""
-
-    step: int = 0
-    samples: int = 0
-    tokens: int = 0
-    nonfinite_skips: int = 0
-    train_losses: list[float] = field(default_factory=list)  # each step's loss since the last eval
-    train_loss_sum: float = 0.0  # item losses since the last eval, over ranks (TP/SP groups count theirs
-    train_items: float = 0.0  # once per rank, in both sums alike): the train loss of the gap
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "RunState":
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
-
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run the same command to continue
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (too much bad data, non-finite losses); the message says where."""
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-
-
-def bad_data_verdict(read: int, bad: int, limit: float, first_bad: str) -> str | None:
-    """Why the run must stop for bad data, or None. Judged only after 100 samples, so one bad
-    sample among the first few does not end a run."""
-    if read + bad >= 100 and bad / (read + bad) > limit:
-        return (f"{int(bad)} of {int(read + bad)} samples read were bad (> data.max_bad_fraction={limit}); "
-                f"first: {first_bad}")
-    return None
-
-
-def count_skip(skips: int, on_nonfinite: str, max_skips: int, where: str, what: str = "skipped") -> int:
-    """One more non-finite loss or gradient whose update was not applied: the new skip count, or
-    TrainingStopped when the recipe says stop or the skips pass training.max_nonfinite_skips."""
-    if on_nonfinite == "stop":
-        raise TrainingStopped(f"{where}; training.on_nonfinite is 'stop'")
-    skips += 1
-    if skips > max_skips:
-        raise TrainingStopped(f"{where}: {skips} {what} so far, more than training.max_nonfinite_skips={max_skips}")
-    return skips
-
-
-def describe_eval(ev: dict[str, Any]) -> str:
-    """One line for the console: the val loss, the family's headline metric, the gap."""
-    if ev.get("loss") is None:
-        return f"val: {ev.get('note', 'no loss')}"
-    extra = ""
-    if "perplexity" in ev:
-        extra = f" (ppl {ev['perplexity']:.1f})"
-    elif "top1" in ev:  # a classifier (task classify)
-        extra = f", top-1 {ev['top1']:.3f} of {ev['num_classes']} classes"
-    elif "zero_shot_top1" in ev:
-        extra = f", zero-shot top-1 {ev['zero_shot_top1']:.3f} of {ev['num_classes']} classes"
-    if "image_to_text_R@1" in ev:
-        extra += f", i->t R@1 {ev['image_to_text_R@1']:.3f}"
-    return f"val loss {ev['loss']:.4f}{extra}, train loss {ev['train_loss']:.4f}, gap {ev['gap']:+.4f}"
+from pretrain.runtime.checkpoint import RESOLVED, CheckpointManager, Restored, seed_everything
+from pretrain.runtime.engine import engine_settings, optimizer_and_schedule
+from pretrain.runtime.flops import peak_tflops, this_accelerator, utilisation
+from pretrain.runtime.hooks import TrainerHooks
+from pretrain.runtime.metrics import MetricsLogger, rewind
+from pretrain.runtime.state import (  # noqa: F401 - the trainer's rules, importable from it
+    PREEMPTED_EXIT,
+    RunState,
+    TrainingStopped,
+    bad_data_verdict,
+    count_skip,
+    describe_eval,
+)
 
 
 class Trainer:
-    def __init__(self, run: ResolvedRun, inputs: RunData, run_dir: Path, resume: str = "auto", progress: bool = True,
-                 hooks: TrainerHooks | None = None):
+    def __init__(
+        self,
+        run: ResolvedRun,
+        inputs: RunData,
+        run_dir: Path,
+        resume: str = "auto",
+        progress: bool = True,
+        hooks: TrainerHooks | None = None,
+    ):
         self.run, self.recipe, self.inputs, self.run_dir = run, run.recipe, inputs, run_dir
         self.resume, self.progress = resume, progress
         self.hooks = hooks or TrainerHooks()
@@ -125,12 +69,26 @@ class Trainer:
         # the ranks of a TP/SP group share one micro-batch: data and batch arithmetic follow the DP rank and size
         self.layout = self.run.layout(self.rank)
         seed_everything(self.recipe.training.seed)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", rank=self.rank, world=self.world,
-                                      zero_stage=self.run.zero_stage, seed=self.recipe.training.seed,
-                                      resume=self.resume, keep_last=self.recipe.checkpoint.keep_last,
-                                      in_save=self.hooks.in_save, tp=self.layout.tp)
-        self.ctx = RunContext(self.recipe, self.family, self.inputs.model_config, self.inputs.data, self.layout,
-                              self.run.deepspeed, is_main=self.is_main)
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints",
+            rank=self.rank,
+            world=self.world,
+            zero_stage=self.run.zero_stage,
+            seed=self.recipe.training.seed,
+            resume=self.resume,
+            keep_last=self.recipe.checkpoint.keep_last,
+            in_save=self.hooks.in_save,
+            tp=self.layout.tp,
+        )
+        self.ctx = RunContext(
+            self.recipe,
+            self.family,
+            self.inputs.model_config,
+            self.inputs.data,
+            self.layout,
+            self.run.deepspeed,
+            is_main=self.is_main,
+        )
         self.engine = self._engine(self._model())
         for line in features.started(self.engine, self.ctx):  # per rank: a TP rank says what it holds
             if self.is_main or self.layout.tp > 1:
@@ -154,7 +112,8 @@ class Trainer:
         zero3_init = model_cfg.zero3_init
         if zero3_init == "auto":  # loaded weights do not depend on the init order, so init_from always partitions
             zero3_init = self.family.zero_init and (
-                bool(model_cfg.init_from) or self.family.count_params(config) > 1_000_000_000)
+                bool(model_cfg.init_from) or self.family.count_params(config) > 1_000_000_000
+            )
         if zero3 and zero3_init:
             # transformers then builds (and initialises) the model partitioned across ranks, so no
             # rank ever holds it whole; the object must stay alive while the engine exists.
@@ -176,30 +135,22 @@ class Trainer:
         return built.model
 
     def _engine(self, model: torch.nn.Module):
-        """deepspeed.initialize with the recipe's AdamW and LR schedule unless the DeepSpeed config
-        names its own; a callable scheduler, because DeepSpeed then hands it the base optimizer,
-        which works under every ZeRO stage."""
+        """deepspeed.initialize with the run's optimizer and LR schedule (`pretrain.runtime.engine`)
+        and what the features give it (their process groups, loss and kernels, made first: collective)."""
         import deepspeed
 
-        tr, opt, ds = self.recipe.training, self.run.optimization, self.run.deepspeed
-        groups = param_groups(model, tr.weight_decay, self.family.no_decay)
-        optimizer = None
-        if "optimizer" not in ds:
-            optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tr.betas, eps=tr.eps, weight_decay=tr.weight_decay)
-        scheduler = None
-        own = toolkit_scheduler(ds)
-        if own is not None or "scheduler" not in ds:
-            if own is not None:
-                fn = lr_function(own["type"], own.get("params", {}), opt.lr)
-            else:
-                fn = lambda step: warmup_cosine(step, opt.lr, opt.min_lr, opt.warmup_steps, opt.max_steps)  # noqa: E731
-            scheduler = lambda o: lambda_scheduler(o, fn)  # noqa: E731
-        config = self.ckpt.deepspeed_config(for_deepspeed(ds))
-        # the features' process groups, loss and kernels, made before the engine exists (collective)
+        groups, optimizer, scheduler = optimizer_and_schedule(model, self.run, self.family.no_decay)
+        config = self.ckpt.deepspeed_config(for_deepspeed(self.run.deepspeed))
         self.parts = features.engine_parts(model, self.ctx)
         self.loss_sum = self.parts.loss_sum or self.family.loss_sum
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=config, mpu=self.parts.mpu)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=config,
+            mpu=self.parts.mpu,
+        )
         self.device = engine.device
         return engine
 
@@ -207,10 +158,17 @@ class Trainer:
         """This rank's training stream, continued from the checkpoint's position (the stream replays
         or re-divides as it needs: same layout or another world size, micro-batch or worker count)."""
         d = self.recipe.data
-        stream = self.family.train_stream(self.inputs, StreamRequest(
-            data=d, micro_batch_size=self.micro, seed=self.recipe.training.seed, rank=self.layout.dp_rank,
-            world=self.layout.dp,
-            sample_ids=self.hooks.sample_ids))
+        stream = self.family.train_stream(
+            self.inputs,
+            StreamRequest(
+                data=d,
+                micro_batch_size=self.micro,
+                seed=self.recipe.training.seed,
+                rank=self.layout.dp_rank,
+                world=self.layout.dp,
+                sample_ids=self.hooks.sample_ids,
+            ),
+        )
         if restored is not None and restored.data_state is not None:
             try:
                 stream.load_state_dict(restored.data_state)
@@ -222,8 +180,15 @@ class Trainer:
         discarded = rewind(self.run_dir, self.state.step) if self.is_main and restored else 0
         metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
         if restored:
-            metrics.log({"step": self.state.step, "event": "resumed", "checkpoint": restored.tag.name,
-                         "world_size": self.world, "discarded_lines": discarded})
+            metrics.log(
+                {
+                    "step": self.state.step,
+                    "event": "resumed",
+                    "checkpoint": restored.tag.name,
+                    "world_size": self.world,
+                    "discarded_lines": discarded,
+                }
+            )
         return metrics
 
     def _peak_memory_gb(self) -> float | None:
@@ -244,28 +209,15 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the parameter counts are known only once the model (and any adapters) exist
-        (self.run_dir / RESOLVED).write_text(json.dumps({**self.run.to_json(), "parameters": self.param_counts,
-                                                         "engine": self._engine_settings()}, indent=2))
+        (self.run_dir / RESOLVED).write_text(
+            json.dumps(
+                {**self.run.to_json(), "parameters": self.param_counts, "engine": engine_settings(self.engine)},
+                indent=2,
+            )
+        )
         self.inputs.model_config.save_pretrained(self.run_dir / "model")
         if not (self.run_dir / "tokenizer").exists():
             shutil.copytree(self.inputs.tokenizer_dir, self.run_dir / "tokenizer")
-
-    def _engine_settings(self) -> dict[str, Any]:
-        """What the engine trains with, read back from it (not from the configs that asked for it), so
-        resolved-config.json shows the values in use. Group lr is the first step's (the schedule's start)."""
-        e = self.engine
-        groups = getattr(e.optimizer, "param_groups", None) or []
-        return {
-            "optimizer": type(getattr(e, "basic_optimizer", None) or e.optimizer).__name__,
-            "param_groups": [{"lr": g.get("lr"), "weight_decay": g.get("weight_decay"), "betas": g.get("betas"),
-                              "eps": g.get("eps"), "params": len(g.get("params", []))} for g in groups],
-            "gradient_clipping": e.gradient_clipping(),
-            "precision": "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
-            "micro_batch_size": e.train_micro_batch_size_per_gpu(),
-            "gradient_accumulation_steps": e.gradient_accumulation_steps(),
-            "global_batch": e.train_batch_size(),
-            "zero_stage": e.zero_optimization_stage(),
-        }
 
     # ------------------------------------------------------------------ steps
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -295,8 +247,9 @@ class Trainer:
             dist.all_reduce(total, group=self._dp_group())
         return total, mine
 
-    def _loss(self, step: int, micro: int, batch: dict[str, torch.Tensor],
-              items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, step: int, micro: int, batch: dict[str, torch.Tensor], items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(what micro-batch ``micro`` back-propagates, its share of the step's loss sum, not yet
         read back to the host). The step's objective is the sum of item losses over all its
         micro-batches and replicas divided by the step's items, whatever the (micro, gas, world)
@@ -319,8 +272,9 @@ class Trainer:
         dist.all_reduce(sums)
         return sums.tolist()
 
-    def _forward_finite(self, step: int, micro: int, batch: dict[str, torch.Tensor], items: torch.Tensor,
-                        mine: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    def _forward_finite(
+        self, step: int, micro: int, batch: dict[str, torch.Tensor], items: torch.Tensor, mine: torch.Tensor
+    ) -> tuple[torch.Tensor, list[float]]:
         """The loss of micro-batch ``micro``, or of the next one whose loss is finite on every rank
         (the others are dropped by all ranks), and the sums over ranks of [loss sum, items, stop
         requests, samples read, samples skipped]. One host read per micro-batch: the finiteness of
@@ -329,19 +283,25 @@ class Trainer:
         while True:
             loss, share = self._loss(step, micro, batch, items)
             finite = torch.isfinite(share)
-            bad_ranks, *totals = self._read_sums([(~finite).double(), torch.where(finite, share, torch.zeros_like(share)),
-                                                  mine.reshape(1)])
+            bad_ranks, *totals = self._read_sums(
+                [(~finite).double(), torch.where(finite, share, torch.zeros_like(share)), mine.reshape(1)]
+            )
             if bad_ranks == 0:
                 return loss, totals
-            where = (f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
-                     f"of the stream, on {int(bad_ranks)} rank(s)")
+            where = (
+                f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
+                f"of the stream, on {int(bad_ranks)} rank(s)"
+            )
             if not self._weights_finite():
-                raise TrainingStopped(f"{where}: the weights themselves are non-finite (an earlier update was applied "
-                                      f"with non-finite gradients, after step {self.state.step} at the latest); resume "
-                                      "from the last checkpoint (--resume auto) after finding the cause")
+                raise TrainingStopped(
+                    f"{where}: the weights themselves are non-finite (an earlier update was applied "
+                    f"with non-finite gradients, after step {self.state.step} at the latest); resume "
+                    "from the last checkpoint (--resume auto) after finding the cause"
+                )
             tr = self.recipe.training
-            self.state.nonfinite_skips = count_skip(self.state.nonfinite_skips, tr.on_nonfinite,
-                                                    tr.max_nonfinite_skips, where)
+            self.state.nonfinite_skips = count_skip(
+                self.state.nonfinite_skips, tr.on_nonfinite, tr.max_nonfinite_skips, where
+            )
             if self.is_main:
                 print(f"warning: {where}; skipped ({self.state.nonfinite_skips} so far)", flush=True)
             batch = self._next_batch(step)
@@ -361,8 +321,9 @@ class Trainer:
         items, mine = self._step_items(batches)
         total = count = 0.0
         for micro in range(self.gas):
-            loss, (loss_sum, micro_items, *counters) = self._forward_finite(step, micro, batches[micro], items,
-                                                                            mine[micro])
+            loss, (loss_sum, micro_items, *counters) = self._forward_finite(
+                step, micro, batches[micro], items, mine[micro]
+            )
             self.engine.backward(loss)
             self.engine.step()
             total += loss_sum
@@ -414,10 +375,12 @@ class Trainer:
         features.after_step(self.engine, self.ctx)
         refused = getattr(self.engine, "skipped_steps", 0) > refused_before
         if nonfinite:  # raises, or counts the skipped step
-            self._nonfinite_gradient(refused, f"non-finite loss at step {self.state.step + 1} in {nonfinite} "
-                                     f"micro-batch(es) of {self.gas} x {self.world} rank(s)",
-                                     "the optimizer applied the step (is the DeepSpeed config's gradient overflow "
-                                     "check off?)")
+            self._nonfinite_gradient(
+                refused,
+                f"non-finite loss at step {self.state.step + 1} in {nonfinite} "
+                f"micro-batch(es) of {self.gas} x {self.world} rank(s)",
+                "the optimizer applied the step (is the DeepSpeed config's gradient overflow check off?)",
+            )
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.run.tokens_per_sample
@@ -453,8 +416,9 @@ class Trainer:
                 break
         return self._sum_over_ranks([0.0 if finite else 1.0])[0] == 0
 
-    def _nonfinite_gradient(self, refused: bool, where: str | None = None,
-                            applied: str = "the optimizer applied it") -> None:
+    def _nonfinite_gradient(
+        self, refused: bool, where: str | None = None, applied: str = "the optimizer applied it"
+    ) -> None:
         """A step with a non-finite gradient (norm), or with non-finite losses that
         ``_accumulate_checked_once`` turned into one. Where DeepSpeed's optimizer checks the norm
         (ZeRO-1/2/3 in fp32, bf16 and fp16) it refused the step and the weights are intact: that
@@ -464,15 +428,23 @@ class Trainer:
         where = where or f"non-finite gradient norm at step {self.state.step}"
         where += f" (micro-batches {last - self.gas + 1}..{last} of the stream)"
         if not refused:
-            raise TrainingStopped(f"{where}: {applied}, so the weights are no longer usable; resume from "
-                                  "the last checkpoint (--resume auto) after finding the cause")
+            raise TrainingStopped(
+                f"{where}: {applied}, so the weights are no longer usable; resume from "
+                "the last checkpoint (--resume auto) after finding the cause"
+            )
         tr = self.recipe.training
-        self.state.nonfinite_skips = count_skip(self.state.nonfinite_skips, tr.on_nonfinite, tr.max_nonfinite_skips,
-                                                f"{where}; the optimizer skipped the step",
-                                                "non-finite losses or gradients")
+        self.state.nonfinite_skips = count_skip(
+            self.state.nonfinite_skips,
+            tr.on_nonfinite,
+            tr.max_nonfinite_skips,
+            f"{where}; the optimizer skipped the step",
+            "non-finite losses or gradients",
+        )
         if self.is_main:
-            print(f"warning: {where}; the optimizer skipped the step ({self.state.nonfinite_skips} skips so far)",
-                  flush=True)
+            print(
+                f"warning: {where}; the optimizer skipped the step ({self.state.nonfinite_skips} skips so far)",
+                flush=True,
+            )
 
     def _data_counts(self) -> tuple[int, dict[str, int]]:
         """This rank's share of the samples read and skipped, for sums over ranks: the ranks of a
@@ -510,16 +482,28 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         ev = self.recipe.eval
         self.engine.eval()
-        request = EvalRequest(split=self.recipe.data.eval_split, batch_size=ev.batch_size or self.micro,
-                              max_samples=ev.max_samples, rank=self.layout.dp_rank, world=self.layout.dp,
-                              device=self.device, group=self._dp_group())
+        request = EvalRequest(
+            split=self.recipe.data.eval_split,
+            batch_size=ev.batch_size or self.micro,
+            max_samples=ev.max_samples,
+            rank=self.layout.dp_rank,
+            world=self.layout.dp,
+            device=self.device,
+            group=self._dp_group(),
+        )
         result = self.family.evaluate(self.engine, self.inputs, request)
         sums = (self.state.train_loss_sum, self.state.train_items)
         train_loss = sums[0] / sums[1] if sums[1] else float("nan")  # over the items since the last eval
         self.state.train_losses, self.state.train_loss_sum, self.state.train_items = [], 0.0, 0.0
         self.engine.train()
-        out = {"step": self.state.step, "split": self.recipe.data.eval_split, **result,
-               "train_loss": train_loss, "gap": result["loss"] - train_loss, "tokens_seen": self.state.tokens}
+        out = {
+            "step": self.state.step,
+            "split": self.recipe.data.eval_split,
+            **result,
+            "train_loss": train_loss,
+            "gap": result["loss"] - train_loss,
+            "tokens_seen": self.state.tokens,
+        }
         if not result.get("samples"):  # a loss of nothing is not a number: say why instead
             out.update(loss=None, gap=None, note=empty_split_note(self.inputs.data, self.recipe.data.eval_split))
         return out
@@ -537,8 +521,14 @@ class Trainer:
         from tqdm import tqdm
 
         tr, ev, ck = self.recipe.training, self.recipe.eval, self.recipe.checkpoint
-        bar = tqdm(total=tr.max_steps, initial=self.state.step, disable=(not self.is_main or not self.progress) or None,
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=tr.max_steps,
+            initial=self.state.step,
+            disable=(not self.is_main or not self.progress) or None,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         start = time.time()
         window_start, window_steps = time.time(), 0
         last_eval: dict[str, Any] = {}
@@ -552,8 +542,9 @@ class Trainer:
                 now = time.time()
                 sps = window_steps * self.global_batch / max(now - window_start, 1e-9)
                 tps = sps * self.run.tokens_per_sample
-                tflops, mfu = utilisation(self.run.flops_per_step, window_steps, now - window_start, self.world,
-                                          self.peak_tflops)
+                tflops, mfu = utilisation(
+                    self.run.flops_per_step, window_steps, now - window_start, self.world, self.peak_tflops
+                )
                 data_wait = self._data_wait / window_steps
                 window_start, window_steps, self._data_wait = now, 0, 0.0
                 # throughput is in the family's unit: tokens/s for language models, pairs/s for CLIP
@@ -562,13 +553,29 @@ class Trainer:
                     if out["data_skipped"] != self._logged_skips[0]:  # the total is already summed over ranks
                         self._logged_skips = (out["data_skipped"], self._skips_by_reason())
                     out["data_skipped_by_reason"] = self._logged_skips[1]
-                self.metrics.log({"step": step, **out, "samples": self.state.samples, "tokens": self.state.tokens,
-                                  "nonfinite_skips": self.state.nonfinite_skips, "throughput": tput,
-                                  "throughput_unit": f"{self.family.unit}/s", "tokens_per_s": tps, "samples_per_s": sps,
-                                  "model_flops_per_step": self.run.flops_per_step, "tflops_per_gpu": tflops, "mfu": mfu,
-                                  "data_wait_s": data_wait, "peak_memory_gb": self._peak_memory_gb(),
-                                  "samples_by_source": self._samples_by_source(), "elapsed_s": now - start})
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"})
+                self.metrics.log(
+                    {
+                        "step": step,
+                        **out,
+                        "samples": self.state.samples,
+                        "tokens": self.state.tokens,
+                        "nonfinite_skips": self.state.nonfinite_skips,
+                        "throughput": tput,
+                        "throughput_unit": f"{self.family.unit}/s",
+                        "tokens_per_s": tps,
+                        "samples_per_s": sps,
+                        "model_flops_per_step": self.run.flops_per_step,
+                        "tflops_per_gpu": tflops,
+                        "mfu": mfu,
+                        "data_wait_s": data_wait,
+                        "peak_memory_gb": self._peak_memory_gb(),
+                        "samples_by_source": self._samples_by_source(),
+                        "elapsed_s": now - start,
+                    }
+                )
+                bar.set_postfix(
+                    loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"}
+                )
             bar.update(1)
             if (ev.every and step % ev.every == 0) or step == tr.max_steps:
                 last_eval = self.evaluate()
