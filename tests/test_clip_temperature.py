@@ -116,3 +116,35 @@ def test_the_temperature_gets_a_gradient_at_its_bound_and_exports_bounded(tmp_pa
     assert float(model.clip.logit_scale) == pytest.approx(BOUND)
     model.clip.logit_scale.data.fill_(5.0)
     assert float(to_hf(model).logit_scale) == pytest.approx(BOUND), "CLIPModel does not clamp: the export is bounded"
+
+
+@pytest.mark.slow
+def test_the_temperature_is_bounded_under_zero3_on_two_ranks(shapes, tmp_path):
+    """A 1-element parameter is smaller than a 2-rank ZeRO-3 partition: each rank bounds its own part."""
+    from tests.launch import deepspeed_cmd, metrics, run
+
+    recipe = json.loads((REPO / "pretrain/recipes/clip-tiny.json").read_text())
+    recipe["model"].update(logit_scale_init=5.0, zero3_init=False)
+    recipe["training"].update(micro_batch_size=8, warmup_steps=0, log_every=1)
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    out = tmp_path / "z3"
+    args = [
+        "--config",
+        str(tmp_path / "r.json"),
+        "--data",
+        str(shapes),
+        "--deepspeed_config",
+        str(REPO / "ds_configs/zero3_fp32.json"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--no-progress",
+    ]
+    run(deepspeed_cmd(2, args), timeout=300)
+    assert [m["step"] for m in metrics(out)[0]] == [1, 2]
+    from pretrain.run.build import load_model
+
+    assert float(load_model(str(out)).model.clip.logit_scale.reshape(())) <= BOUND + 1e-6

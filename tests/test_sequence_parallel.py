@@ -190,9 +190,10 @@ def test_sp2_on_two_ranks_gives_the_losses_of_the_same_sequences_without_sp(prep
     )
     assert (step3 / "universal" / "converted.json").is_file(), "resumed through the universal checkpoint"
     assert [m["step"] for m in resumed_train] == [4, 5, 6]
+    # 1e-4 as above: three trained steps (step 1 no longer at LR 0) carry the SP run's rounding into the weights
     for a, b in zip(resumed_train, sp_train[3:], strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
-    assert abs(resumed_eval[-1]["loss"] - sp_eval[-1]["loss"]) <= 1e-5 * sp_eval[-1]["loss"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+    assert abs(resumed_eval[-1]["loss"] - sp_eval[-1]["loss"]) <= 1e-4 * sp_eval[-1]["loss"]
 
     # pretrain-eval of the SP run's last checkpoint (step 6, ZeRO-3 partitions of 2 ranks) and of its export
     # give the val loss the trainer measured with SP.

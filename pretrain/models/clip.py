@@ -82,13 +82,23 @@ class ContrastiveCLIP(torch.nn.Module):
         """ln(max_logit_scale) as the temperature's upper bound, on this rank's copy and on the
         optimizer's fp32 master copy (a ZeRO-3 partition included). Collective under ZeRO 1-3;
         nothing is read back to the host."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_local_fp32_param,
+            safe_set_full_fp32_param,
+            safe_set_local_fp32_param,
+        )
 
         param = self.clip.logit_scale
         if not param.requires_grad:
             return
-        local = param.ds_tensor if hasattr(param, "ds_tensor") else param
-        local.data.clamp_(max=self.max_log_scale)
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition (the full-parameter setter cannot place
+            param.ds_tensor.data.clamp_(max=self.max_log_scale)  # a parameter smaller than the world)
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(max=self.max_log_scale))
+            return
+        param.data.clamp_(max=self.max_log_scale)
         master = safe_get_full_fp32_param(param)  # None where the parameter is its own master (ZeRO-0)
         if master is not None:
             safe_set_full_fp32_param(param, master.clamp(max=self.max_log_scale))
