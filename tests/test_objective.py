@@ -56,7 +56,10 @@ def _trainer(tmp_path: Path, data: Path, micro: int, gas: int, ds: str):
 
 
 @pytest.mark.parametrize("ds", ["zero0_fp32", "zero2_fp32"])
-@pytest.mark.parametrize("trained", [None, CHAT_TRAINED], ids=["text", "chat-1-and-8-tokens"])
+# [0, 8]: a window whose assistant turn was cut away trains nothing and dilutes nothing
+@pytest.mark.parametrize(
+    "trained", [None, CHAT_TRAINED, [0, 8]], ids=["text", "chat-1-and-8-tokens", "chat-0-and-8-tokens"]
+)
 def test_one_step_is_the_same_for_micro_2_and_for_micro_1_accumulated_twice(prepared_stdlib, tmp_path, ds, trained):
     seq_len = json.loads((prepared_stdlib / "manifest.json").read_text())["seq_len"]
     rows = windows(seq_len, trained)

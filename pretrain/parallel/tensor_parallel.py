@@ -152,8 +152,8 @@ class TensorParallel(Feature):
             ctx.arch,
             ctx.layout,
             ctx.zero_stage,
-            getattr(ctx.model_config, "num_attention_heads", None),
-            getattr(ctx.model_config, "num_key_value_heads", None),
+            ctx.num_heads,
+            ctx.num_kv_heads,
             ctx.source,
         ) + vocab_parallel_problems(ctx.deepspeed, ctx.layout, ctx.source)
 

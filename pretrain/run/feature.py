@@ -68,6 +68,14 @@ class RunContext:
         return bool(self.data.chat)
 
     @property
+    def num_heads(self) -> int | None:
+        return getattr(self.model_config, "num_attention_heads", None)
+
+    @property
+    def num_kv_heads(self) -> int | None:
+        return getattr(self.model_config, "num_key_value_heads", None)
+
+    @property
     def seq_len(self) -> int | None:
         return self.data.seq_len
 
