@@ -53,7 +53,8 @@ def write_img2dataset(
     formats=("jpg",),
     sidecars: bool = True,
 ) -> dict:
-    """Write ``shards`` shards into ``folder``; returns {"keys": [...], "samples": n_in_tars}.
+    """Write ``shards`` shards into ``folder``; returns {"keys": [...], "samples": n_in_tars,
+    "images": {key: image bytes}} (the bytes decide the hold-out, `data_pipelines.sources.held_out`).
 
     Each shard lists ``per_shard`` URLs: ``failures`` of them failed to download (in the parquet and
     stats only) and ``corrupt`` are in the tar with undecodable image bytes (a real crawl has them).
@@ -61,6 +62,7 @@ def write_img2dataset(
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     keys: list[str] = []
+    images: dict[str, bytes] = {}
     total = 0
     for shard in range(shards):
         rows = []
@@ -108,6 +110,7 @@ def write_img2dataset(
                 rows.append(meta)
                 tar.write({"__key__": key, fmt: data, caption_key: caption, "json": json.dumps(meta).encode()})
                 keys.append(key)
+                images[key] = data
                 successes += 1
         total += successes
         if sidecars:
@@ -133,4 +136,4 @@ def write_img2dataset(
                     indent=4,
                 )
             )
-    return {"keys": keys, "samples": total}
+    return {"keys": keys, "samples": total, "images": images}

@@ -160,7 +160,7 @@ def test_held_out_keys_are_never_trained_on_and_are_exactly_the_val_split(raw, t
     assert data.num_samples("val") is None  # known only by reading: the eval reads until the split ends
     with pytest.raises(ValueError, match="no 'test' split"):
         data.shards("test")
-    want_val = {k for k in info["keys"] if held_out(k, 0.3)}
+    want_val = {k for k in info["keys"] if held_out(info["images"][k], 0.3)}
     assert 0 < len(want_val) < len(info["keys"])
     trained = set()
     for world in (1, 2):  # every rank of two layouts, three epochs each
@@ -415,3 +415,28 @@ def test_an_evaluation_that_finds_no_sample_says_why_instead_of_nan(raw, tokeniz
     assert "held out by data.holdout_fraction=1e-09" in note and "data.eval_sources" in note
     line = {"step": 3, "split": "val", **result, "loss": None, "gap": None, "note": note}
     assert "NaN" not in dumps(line) and describe_eval(line) == f"val: {note}"
+
+
+def test_a_byte_identical_copy_under_another_key_is_held_out_with_the_original():
+    """Hold-out by content (issue 22 item 7): a crawl's duplicate images under other keys and other
+    metadata never straddle train and val."""
+    from data_pipelines.sources import KeyFilter, sample_content
+
+    keep_train = KeyFilter(frozenset({"u"}), 0.5, want=False)
+    for i in range(40):
+        picture = f"picture {i}".encode()
+        copies = [
+            {
+                "__key__": f"{i:05d}",
+                "__url__": "u",
+                "jpg": picture,
+                "txt": b"a cat",
+                "json": f'{{"key": {i}}}'.encode(),
+            },
+            {"__key__": f"{i + 1000:05d}", "__url__": "u", "jpg": picture, "txt": b"another caption"},
+        ]
+        assert len({keep_train(c) for c in copies}) == 1, f"copy {i} straddles the split"
+    assert sample_content({"__key__": "k", "txt": "the text"}) == b"the text"
+    # a fraction is still held out, decided by the content alone
+    decided = [keep_train({"__key__": "k", "__url__": "u", "jpg": f"p{i}".encode()}) for i in range(400)]
+    assert 150 < sum(decided) < 250

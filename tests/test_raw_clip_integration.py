@@ -47,7 +47,7 @@ def test_two_rank_clip_trains_on_raw_img2dataset_shards_with_no_prepare_step(tmp
     assert all(0 < m["loss"] < 10 for m in train)
     corrupt = {m["data_skipped_by_reason"].get("undecodable") for m in train if m.get("data_skipped")}
     assert corrupt and max(corrupt) >= 1, "the corrupt image of each shard is skipped and counted"
-    held = sum(held_out(k, 0.2) for k in info["keys"])
+    held = sum(held_out(info["images"][k], 0.2) for k in info["keys"])
     (last,) = evals
     assert 0 < last["samples"] <= held and last["loss"] is not None and last["retrieval_pairs"] == last["samples"]
     data = json.loads((out / "resolved-config.json").read_text())["data"]

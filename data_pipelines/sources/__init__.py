@@ -19,8 +19,8 @@ img2dataset's ``{shard}_stats.json`` (``successes``) or ``{shard}.parquet`` (row
 shard's location is the command's argument ending in ``.tar``.
 
 Raw sources have no splits of their own. Held-out data is either separate sources (``eval_sources``)
-or a fraction of the train sources' samples chosen by a stable hash of the sample key
-(`held_out`): the train stream drops those keys and the val stream keeps only them, so no
+or a fraction of the train sources' samples chosen by a stable hash of the sample's content
+(`held_out`): the train stream drops those samples and the val stream keeps only them, so no
 held-out sample is ever trained on, whatever the world size, order or resume.
 
 The stages, one module each: `transports` (opening a shard: http, ``pipe:``, fsspec; retries),
@@ -30,7 +30,7 @@ The stages, one module each: `transports` (opening a shard: http, ``pipe:``, fss
 
 from data_pipelines.sources.counts import count_shards, shard_location
 from data_pipelines.sources.expand import SourceError, expand_urls
-from data_pipelines.sources.holdout import AUTO_HOLDOUT, HOLDOUT_SEED, KeyFilter, held_out
+from data_pipelines.sources.holdout import AUTO_HOLDOUT, HOLDOUT_SEED, KeyFilter, held_out, sample_content
 from data_pipelines.sources.source_data import (
     ImageTextSourceData,
     SourceData,
@@ -67,6 +67,7 @@ __all__ = [
     "count_shards",
     "expand_urls",
     "held_out",
+    "sample_content",
     "is_prepared",
     "one_source_string",
     "open_shard",

@@ -112,7 +112,7 @@ class SourceData:
             if raw:
                 parts.append(
                     f"the samples of {', '.join(raw)} held out by data.holdout_fraction={self.holdout} "
-                    "(by a hash of the sample key)"
+                    "(by a hash of the sample's content)"
                 )
         return "; ".join(parts) or "nothing"
 

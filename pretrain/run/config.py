@@ -203,7 +203,7 @@ class DataConfig(_Section):
         ge=0.0,
         lt=1.0,
         description="fraction of the raw train sources' "
-        "samples held out for val by a hash of the sample key (never trained on); "
+        "samples held out for val by a hash of the sample's content (never trained on); "
         "default 0.01 when there are raw train sources and no eval_sources, else 0",
     )
     caption_key: str = Field(

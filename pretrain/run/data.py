@@ -172,7 +172,7 @@ def _check_eval_split(data, d: DataConfig, notes: list[str], max_samples: int | 
         )
         notes.append(
             f"data: {data.holdout:g} of the raw train sources' samples held out for {split} by a hash of "
-            f"the sample key, never trained on {how}".rstrip()
+            f"the sample's content, never trained on {how}".rstrip()
         )
         if max_samples is None:
             notes.append(
