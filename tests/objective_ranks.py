@@ -1,10 +1,10 @@
-"""One optimizer step on two fixed windows, for the objective's layout-invariance tests.
+"""One optimizer step on fixed rows, for the objective's layout-invariance tests.
 
-    deepspeed --num_gpus 2 tests/objective_ranks.py OUT.pt {text,chat} -- <pretrain/train.py arguments>
+    deepspeed --num_gpus 2 tests/objective_ranks.py OUT.pt {text,chat,clip} -- <pretrain/train.py arguments>
 
-Each rank trains on its own window of the two (rank r on window r); rank 0 writes the gradient the
-optimizer applied (averaged over the ranks) and the train line to OUT.pt. tests/test_objective.py
-also uses the helpers in one process.
+Each rank trains on its own share of the rows (two windows of text or chat, four image-text pairs;
+rank r on the r-th share); rank 0 writes the gradient the optimizer applied (averaged over the
+ranks) and the train line to OUT.pt. tests/test_objective.py also uses the helpers in one process.
 """
 
 from __future__ import annotations
@@ -38,6 +38,24 @@ def windows(seq_len: int, trained: list[int] | None) -> dict[str, torch.Tensor]:
     return packed_batch(torch.stack([ids, mask, segments], dim=1))
 
 
+def image_text_pairs(count: int, eos: int, image_size: int = 32, context: int = 16) -> dict[str, torch.Tensor]:
+    """Fixed image-text pairs as the CLIP training stream yields them (uint8 pixels, eos-padded ids)."""
+    g = torch.Generator().manual_seed(11)
+    pixels = torch.randint(0, 256, (count, 3, image_size, image_size), generator=g, dtype=torch.uint8)
+    ids = torch.randint(eos + 1, eos + 200, (count, context), generator=g)
+    lengths = torch.randint(4, context, (count,), generator=g)
+    mask = (torch.arange(context)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, eos))  # padded with eos, as the loader pads
+    ids[torch.arange(count), lengths - 1] = eos  # where CLIP pools the caption
+    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+
+
+def rows_of(kind: str, trainer) -> dict[str, torch.Tensor]:
+    if kind == "clip":
+        return image_text_pairs(4, trainer.inputs.model_config.text_config.eos_token_id)
+    return windows(trainer.inputs.data.seq_len, CHAT_TRAINED if kind == "chat" else None)
+
+
 class Fixed:
     """Given micro-batches in place of the trainer's stream."""
 
@@ -64,7 +82,9 @@ def one_step(trainer, rows: dict[str, torch.Tensor]):
 
     def capture():  # the accumulated (and, over ranks, averaged) gradient, just before the update
         if engine.is_gradient_accumulation_boundary():
-            grads.update({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+            grads.update(
+                {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+            )
         step()
 
     engine.step = capture
@@ -87,9 +107,10 @@ def main() -> int:
     deepspeed.init_distributed()
     trainer = Trainer(resolved, inputs, run_dir, "none", progress=False)
     trainer.setup()
-    rank = dist.get_rank()
-    rows = windows(inputs.data.seq_len, CHAT_TRAINED if kind == "chat" else None)
-    out, grads, _ = one_step(trainer, {k: v[rank : rank + 1] for k, v in rows.items()})
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = rows_of(kind, trainer)
+    share = next(iter(rows.values())).shape[0] // world
+    out, grads, _ = one_step(trainer, {k: v[rank * share : (rank + 1) * share] for k, v in rows.items()})
     if rank == 0:
         torch.save({"out": out, "grads": grads}, out_path)
     dist.barrier()

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from pretrain.models.clip import ContrastiveCLIP, _topk_hits, contrastive_row_losses, retrieval
+from pretrain.models.clip import ContrastiveCLIP, contrastive_row_losses
+from pretrain.models.clip_metrics import retrieval, topk_hits
 
 B = 4  # rows per rank
 
@@ -84,7 +85,7 @@ def test_padding_rows_are_neither_rows_nor_negatives() -> None:
 
 def test_topk_and_retrieval_recall() -> None:
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.7], [0.5, 0.5, 0.0]])
-    hits = _topk_hits(logits, torch.tensor([0, 0, 1]), (1, 2))
+    hits = topk_hits(logits, torch.tensor([0, 0, 1]), (1, 2))
     assert hits == {1: 1, 2: 3}, "row 3 ties with the top: a tie is a miss at k=1 (a collapsed tower reads chance)"
     image = torch.eye(3)
     text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # pairs 1 and 2 swapped

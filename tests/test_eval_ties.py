@@ -3,7 +3,7 @@ reads chance or worse, never perfect."""
 
 import torch
 
-from pretrain.models.clip import _topk_hits, retrieval
+from pretrain.models.clip_metrics import retrieval, topk_hits
 
 N, D = 10, 16
 
@@ -33,7 +33,7 @@ def test_identical_class_embeddings_give_zero_shot_top1_zero():
     images = _images(40)
     labels = torch.arange(40) % N
     logits = images @ classes.T
-    hits = _topk_hits(logits, labels, (1, 5))
+    hits = topk_hits(logits, labels, (1, 5))
     assert hits == {1: 0, 5: 0}, "with 10 tied classes the right one is never in the top 5"
 
 
@@ -46,11 +46,11 @@ def test_distinct_embeddings_still_rank_right():
     r = retrieval(eye, 0.5 * eye + shifted)
     assert r["image_to_text_R@1"] == 0.0 and r["image_to_text_R@5"] == 1.0
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0], [1.0, 2.0, 3.0]])
-    assert _topk_hits(logits, torch.tensor([0, 2, 0]), (1, 2, 3)) == {1: 1, 2: 2, 3: 3}
+    assert topk_hits(logits, torch.tensor([0, 2, 0]), (1, 2, 3)) == {1: 1, 2: 2, 3: 3}
 
 
 def test_a_tie_below_the_top_costs_one_place_and_nan_is_a_miss():
     logits = torch.tensor([[5.0, 2.0, 2.0, 1.0]])
-    assert _topk_hits(logits, torch.tensor([1]), (1, 2, 3)) == {1: 0, 2: 0, 3: 1}, "the tied wrong item ranks first"
+    assert topk_hits(logits, torch.tensor([1]), (1, 2, 3)) == {1: 0, 2: 0, 3: 1}, "the tied wrong item ranks first"
     nan = torch.tensor([[float("nan"), 1.0, 0.0]])
-    assert _topk_hits(nan, torch.tensor([0]), (1, 2)) == {1: 0, 2: 0}
+    assert topk_hits(nan, torch.tensor([0]), (1, 2)) == {1: 0, 2: 0}

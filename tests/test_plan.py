@@ -306,3 +306,28 @@ def test_the_smallest_layout_for_a_70b_llama_at_8k_fits_and_nothing_smaller_does
                 for gpus in range(tp * sp, best["num_gpus"], tp * sp):
                     assert P.layout_states_bytes(70e9, stage, gpus, tp, sp) + act > usable, (tp, sp, stage, gpus)
     assert "smallest layout that fits: TP" in P.format_plan(r)
+
+
+def test_a_clip_plan_counts_the_step_wide_contrastive_batch(capsys):
+    """CLIP's contrastive batch is micro x accumulation x DP pairs: their cached embeddings and one
+    micro-batch's logits are in the memory per GPU, and grow with accumulation and ranks."""
+
+    def run(*extra, model=("--recipe", "clip-vit-b32", "--samples", "1B")):
+        argv = [*model, "--gpu", "a100-80g", "--json", *extra]
+        assert P.main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    one = run("--num-gpus", "8", "--micro-batch", "256")
+    c = one["contrastive"]
+    # 2 x N x D embeddings + 2 N logsumexps (fp32), 3 (micro, N) blocks a direction
+    n, d = 256 * 8, 512
+    assert c["pairs_per_step"] == n and c["gb_per_gpu"] == pytest.approx((4 * (2 * n * d + 2 * n) + 24 * 256 * n) / 1e9)
+    more = run("--num-gpus", "8", "--micro-batch", "256", "--accumulation", "4")["contrastive"]
+    assert more["pairs_per_step"] == 4 * n and more["gb_per_gpu"] == pytest.approx(4 * c["gb_per_gpu"])
+    z = one["zero"]["zero0"]
+    assert z["memory_gb_per_gpu"] == pytest.approx(
+        z["model_states_gb_per_gpu"] + (z["activations_gb_per_gpu"] or 0) + c["gb_per_gpu"]
+    )
+    assert any("contrastive batch" in n for n in one["notes"])
+    gpt = run("--num-gpus", "8", model=("--recipe", "gpt2-124m", "--tokens", "1B"))
+    assert gpt["contrastive"] is None

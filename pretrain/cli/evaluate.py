@@ -113,16 +113,16 @@ def evaluate(
     run_batch = run_eval_batch(checkpoint) if loaded.info["format"] == "deepspeed" else None
     loss_batch = batch_size or run_batch or DEFAULT_BATCH
     # the forward batch only bounds memory (a run's eval batch is summed over all its ranks)
-    request = EvalRequest(split, batch_size or min(DEFAULT_BATCH, loss_batch), max_samples)
-    result = family.evaluate(loaded.model, run, request, loss_batch_size=loss_batch)
+    request = EvalRequest(split, batch_size or min(DEFAULT_BATCH, loss_batch), max_samples, loss_batch=loss_batch)
+    result = family.evaluate(loaded.model, run, request)
     return {"split": split, **result, "loss_batch_size": loss_batch, **loaded.info}
 
 
 def run_eval_batch(checkpoint: str) -> int | None:
-    """The batch a run's in-training evaluation computed its loss over, from its resolved-config.json:
-    eval.batch_size, else the micro-batch it trained with (as `Trainer.evaluate` picks it), on each
-    data-parallel rank, times the data-parallel size (the ranks gather their rows into one batch).
-    None when the checkpoint has no run directory."""
+    """The batch a run's in-training evaluation computed its loss over, from its resolved-config.json
+    (as `Trainer.evaluate` picks it): eval.batch_size on each data-parallel rank times the
+    data-parallel size, else the training step's batch (the contrastive batch training scored each
+    pair against). None when the checkpoint has no run directory."""
     import json
 
     from pretrain.runtime.checkpoint import RESOLVED, resolve_checkpoint
@@ -131,15 +131,12 @@ def run_eval_batch(checkpoint: str) -> int | None:
     if ref.run_dir is None or not (ref.run_dir / RESOLVED).is_file():
         return None
     resolved = json.loads((ref.run_dir / RESOLVED).read_text())
-    per_rank = (
-        resolved.get("recipe", {}).get("eval", {}).get("batch_size")
-        or resolved.get("batch", {}).get("micro_batch_size")
-        or resolved.get("deepspeed", {}).get("train_micro_batch_size_per_gpu")
-    )
-    if not isinstance(per_rank, int):
-        return None
+    per_rank = resolved.get("recipe", {}).get("eval", {}).get("batch_size")
     dp = resolved.get("parallel", {}).get("dp") or resolved.get("world_size") or 1
-    return per_rank * int(dp)
+    if isinstance(per_rank, int):
+        return per_rank * int(dp)
+    step = resolved.get("batch", {}).get("global_batch") or resolved.get("deepspeed", {}).get("train_batch_size")
+    return int(step) if isinstance(step, int) else None
 
 
 def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--micro-batch", type=int, help="sequences per GPU per forward (default: recipe micro_batch_size, else 1)"
     )
+    a.add_argument(
+        "--accumulation",
+        type=int,
+        help="gradient accumulation steps (default: recipe gradient_accumulation_steps, else 1); for a CLIP "
+        "recipe, whose contrastive batch is the step's micro x accumulation x DP pairs, it sizes their cache",
+    )
     a.add_argument("--hidden-size", type=int, help="model width h")
     a.add_argument("--num-layers", type=int, help="transformer layers L")
     a.add_argument("--num-heads", type=int, help="attention heads a (for the a·s² attention-score term)")
@@ -185,6 +191,8 @@ def plan_from_args(args: argparse.Namespace) -> dict:
         reserve_gb=args.reserve_gb,
         tp=args.tp,
         sp=args.sp,
+        accumulation=pick(args.accumulation, shape.accumulation or 1),
+        contrastive_dim=shape.contrastive_dim,
     )
 
 

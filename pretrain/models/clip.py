@@ -1,29 +1,32 @@
 """CLIP-style contrastive image-text models (transformers CLIPModel): build, train, evaluate, export.
 
-The loss across ranks is `pretrain.models.contrastive`: each micro-step scores its image-text pairs
-against the micro-batch x ranks pairs gathered from every rank (with gradient accumulation, a
-micro-step's negatives are not the whole optimizer step's).
+The loss is `pretrain.models.contrastive`: in training each pair is scored against every pair of
+the optimizer step (micro-batch x accumulation x ranks), whatever the split.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 from data_pipelines.image.transforms import normalize_batch
-from pretrain.models.contrastive import contrastive_row_losses, gather_no_grad  # noqa: F401 - the loss, importable with the model
+from pretrain.models.clip_metrics import all_reduce_host, gather_rows, grouped_loss, retrieval, topk_hits
+from pretrain.models.contrastive import (  # noqa: F401 - the loss, importable with the model
+    ContrastiveStep,
+    contrastive_row_losses,
+    gather_no_grad,
+    step_cache_bytes,
+)
 from pretrain.models.gpt import no_decay, round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 from pretrain.run.config import ModelConfig, Recipe, VisionConfig
-from pretrain.run.feature import Feature, RunContext
+from pretrain.run.feature import EngineParts, Feature, RunContext
 from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ class ContrastiveCLIP(torch.nn.Module):
     ``forward(pixel_values, input_ids, attention_mask)`` returns the mean contrastive loss
     (``pixel_values`` normalised float, or the training stream's uint8, normalised on the device);
     with ``weight`` it returns a dict with the weighted loss sum and count and the embeddings;
+    with ``embeddings=True`` the two embeddings and the inverse temperature, with gradients;
     with only ``input_ids`` (and ``attention_mask``) the text embeddings. Everything goes
     through forward so that DeepSpeed's engine (ZeRO-3's parameter gathering) sees every call.
     """
@@ -109,12 +113,15 @@ class ContrastiveCLIP(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        embeddings: bool = False,
     ):
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         if pixel_values is None:
             return text
         image = self.encode_image(pixel_values)
         scale = self.scale()
+        if embeddings:  # training: the loss is over the whole step (`pretrain.models.contrastive.ContrastiveStep`)
+            return {"image": image, "text": text, "scale": scale}
         losses = contrastive_row_losses(image, text, scale, weight)
         if weight is None:
             return losses.mean()
@@ -377,17 +384,6 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[int, int]:
-    """For each k, how many rows have their target among the k highest logits.
-
-    The target ranks below every other column that scores as high as it does: a tie is a miss, so
-    a collapsed tower (every logit of a row equal) scores nothing rather than everything. A NaN
-    target logit ranks last; a NaN elsewhere ranks above the target."""
-    target_logit = logits.gather(1, targets[:, None])
-    rank = (~(logits < target_logit)).sum(dim=1) - 1  # the other columns at or above the target
-    return {k: int((rank < k).sum()) for k in ks}
-
-
 @torch.no_grad()
 def class_embeddings(model, tokenizer, classes: dict[str, Any], context: int, device) -> torch.Tensor:
     """(num_classes, D): each class's text embedding averaged over the prompt templates and
@@ -404,19 +400,17 @@ def class_embeddings(model, tokenizer, classes: dict[str, Any], context: int, de
 
 
 @torch.no_grad()
-def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None = None) -> dict[str, Any]:
+def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     """Contrastive loss (over batches of batch_size x world, padding masked), zero-shot top-1/5
     with prompt ensembling (when the data has classes.json), and retrieval recall@1/5/10 in both
     directions. Collective: every rank calls it and gets the same result.
 
-    ``loss_batch_size`` (one process only): the loss over consecutive groups of that many samples
-    of the split instead, the sets a run's ranks gather when their eval batches add up to it,
-    whatever batch the forward passes take (so a large run's loss needs no large forward)."""
+    ``req.loss_batch``: the loss over consecutive groups of that many samples of the split instead
+    (a training run's step: micro-batch x accumulation x ranks pairs), whatever batch the forward
+    passes take, so a large run's loss needs no large forward."""
     from data_pipelines.image.loader import image_text_eval_batches
 
     data, config, device, world = run.data, run.model_config or model.config, req.device, req.world
-    if loss_batch_size is not None and world > 1:
-        raise ValueError("loss_batch_size is for one process; across ranks the loss is over batch_size x world")
     tokenizer = _tokenizer(run.tokenizer_dir)
     context, size = context_length(config), image_size(config)
     classes = data.classes()
@@ -445,18 +439,19 @@ def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None 
             keep = valid & (label >= 0)
             if keep.any():
                 logits = image[keep] @ classifier.T
-                hits = _topk_hits(logits, label[keep], (1, min(5, logits.shape[1])))
+                hits = topk_hits(logits, label[keep], (1, min(5, logits.shape[1])))
                 zs[0] += int(keep.sum())
                 zs[1] += hits[1]
                 zs[2] += hits[min(5, logits.shape[1])]
                 unseen = torch.isin(label[keep], held_out)
                 if unseen.any():
                     zs[3] += int(unseen.sum())
-                    zs[4] += _topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
-    if loss_batch_size is not None and feats_i:
-        loss_sum = _grouped_loss(torch.cat(feats_i), torch.cat(feats_t), torch.cat(index), scale, loss_batch_size)
+                    zs[4] += topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
     if world > 1:
-        loss_sum, zs = _all_reduce(loss_sum, device), _all_reduce(zs, device)
+        loss_sum, zs = all_reduce_host(loss_sum, device), all_reduce_host(zs, device)
+    rows = gather_rows(feats_i, feats_t, index, world, device) if feats_i else None  # every rank's, in split order
+    if req.loss_batch is not None and rows is not None:
+        loss_sum = grouped_loss(*rows, scale, req.loss_batch)
     result: dict[str, Any] = {
         "loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan"),
         "samples": int(loss_sum[1]),
@@ -472,72 +467,10 @@ def evaluate(model, run: RunData, req: EvalRequest, loss_batch_size: int | None 
         if zs[3] > 0:
             result.update(zero_shot_top1_held_out=float(zs[4] / zs[3]), held_out_samples=int(zs[3]))
     if feats_i:  # no batches at all (an empty split) on every rank alike: nothing to retrieve
-        result.update(retrieval(*_gather_rows(feats_i, feats_t, index, world, device)))
+        result.update(retrieval(*rows[:2]))
     if stats:
         result["skipped"] = stats
     return result
-
-
-def _grouped_loss(
-    image: torch.Tensor, text: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, size: int
-) -> torch.Tensor:
-    """[loss sum, rows] of the contrastive loss over the samples whose split positions fall in
-    each block of ``size``: a run with eval batch B on W ranks gathers exactly samples
-    [kWB, (k+1)WB) in its k-th batch (sample i on rank i % W). Rows not decoded are absent here
-    and masked there, so the sums agree."""
-    total = torch.zeros(2, dtype=torch.float64)
-    block = index // size
-    for b in torch.unique(block):
-        rows = block == b
-        losses = contrastive_row_losses(image[rows], text[rows], scale)
-        total += torch.tensor([float(losses.sum()), int(rows.sum())], dtype=torch.float64)
-    return total
-
-
-def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
-    """Sum a host tensor over ranks, through ``device`` (NCCL reduces device tensors only)."""
-    t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu()
-
-
-def _gather_rows(
-    feats_i: list, feats_t: list, index: list, world: int, device="cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's valid eval rows, ordered by their position in the split."""
-    image, text, idx = torch.cat(feats_i), torch.cat(feats_t), torch.cat(index)
-    if world > 1:
-        image, text, idx = image.to(device), text.to(device), idx.to(device)
-        # Ranks hold different numbers of valid rows: pad to the longest, gather, drop the padding.
-        n = torch.tensor([idx.numel()], device=device)
-        counts = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(counts, n)
-        longest = int(max(c.item() for c in counts))
-        pad = longest - idx.numel()
-        image = torch.cat([image, image.new_zeros(pad, image.shape[1])])
-        text = torch.cat([text, text.new_zeros(pad, text.shape[1])])
-        idx = torch.cat([idx, idx.new_full((pad,), -1)])
-        image, text, idx = gather_no_grad(image), gather_no_grad(text), gather_no_grad(idx)
-        keep = idx >= 0
-        image, text, idx = image[keep].cpu(), text[keep].cpu(), idx[keep].cpu()
-    order = torch.argsort(idx)
-    return image[order], text[order]
-
-
-def retrieval(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k of image->text and text->image retrieval among the given pairs (row i of each
-    is a pair). A tie counts as missed (`_topk_hits`), so identical captions in the split cost
-    recall: a pair is found only when its own caption scores strictly above the others."""
-    if image.shape[0] == 0:
-        return {}
-    sims = image @ text.T
-    target = torch.arange(sims.shape[0])
-    i2t, t2i = _topk_hits(sims, target, ks), _topk_hits(sims.T, target, ks)
-    n = sims.shape[0]
-    out = {f"image_to_text_R@{k}": i2t[k] / n for k in ks}
-    out.update({f"text_to_image_R@{k}": t2i[k] / n for k in ks})
-    out["retrieval_pairs"] = n
-    return out
 
 
 FAMILY = ModelFamily(
@@ -569,6 +502,30 @@ FAMILY = ModelFamily(
     # views every new parameter as bytes: "self.dim() cannot be 0 to view Float as Byte")
     zero_init=False,
 )
+
+
+class ContrastiveBatch(Feature):
+    """The run feature that makes a contrastive model's batch the whole optimizer step's
+    (`pretrain.models.contrastive.ContrastiveStep`)."""
+
+    name = "contrastive batch"
+
+    def engine(self, model, ctx: RunContext) -> EngineParts | None:
+        if ctx.family.loss_sum is not loss_sum:  # contrastive families (not the classifier on CLIP's towers)
+            return None
+        return EngineParts(step_loss=ContrastiveStep())
+
+    def started(self, engine, ctx: RunContext) -> list[str]:
+        if ctx.family.loss_sum is not loss_sum or not ctx.is_main:
+            return []
+        micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+        pairs = micro * gas * ctx.layout.dp
+        line = f"contrastive batch: every pair is scored against the step's {pairs:,} pairs"
+        if gas > 1:
+            dim = ctx.model_config.projection_dim
+            mb = step_cache_bytes(pairs, dim, micro) / 2**20
+            line += f" (one forward without gradients per micro-batch first; {mb:,.1f} MiB of embeddings and logits)"
+        return [line]
 
 
 class LogitScaleClamp(Feature):

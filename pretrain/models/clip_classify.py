@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, PretrainedConfig
 
 from pretrain.models import clip
+from pretrain.models.clip_metrics import topk_hits
 from pretrain.models.spec import EvalRequest, RunData, StreamRequest
 from pretrain.run.config import DataConfig, ModelConfig, Recipe
 
@@ -280,7 +281,7 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
         weight, labels = batch["weight"], batch["labels"]
         out = model(pixel_values=batch["pixel_values"].to(device), labels=labels.to(device), weight=weight.to(device))
         keep = weight > 0
-        hits = clip._topk_hits(out["logits"].cpu()[keep], labels[keep], (1, k5))
+        hits = topk_hits(out["logits"].cpu()[keep], labels[keep], (1, k5))
         sums += torch.tensor([float(out["loss_sum"]), float(out["count"]), hits[1], hits[k5]], dtype=torch.float64)
     if req.world > 1:
         sums = clip._all_reduce(sums, device)
@@ -356,7 +357,7 @@ def captions_evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
         logits = (out["scale"] * out["image"] @ weights.T).float().cpu()
         losses = torch.nn.functional.cross_entropy(logits, rows, reduction="none") * weight
         keep = weight > 0
-        hits = clip._topk_hits(logits[keep], labels[keep], (1, k5))
+        hits = topk_hits(logits[keep], labels[keep], (1, k5))
         sums += torch.tensor(
             [float(losses.sum()), float(weight.sum()), hits[1], hits[k5], float(out["loss_sum"])], dtype=torch.float64
         )

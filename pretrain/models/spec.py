@@ -61,6 +61,9 @@ class EvalRequest:
     world: int = 1
     device: torch.device | str = "cpu"
     group: Any = None
+    # CLIP: how many pairs each contrastive loss is over (consecutive samples of the split: a run's
+    # training step's batch); None: each forward batch, gathered over the ranks
+    loss_batch: int | None = None
 
 
 def no_external_parameters(model: torch.nn.Module) -> None:

@@ -12,7 +12,8 @@ A feature answers, each at its moment:
   these same calls (`pretrain.run.build`), so a checkpoint always meets the model that wrote it;
 - ``parallelize(model, ctx)``: training-only changes to how the model runs (memory, kernels);
 - ``engine(model, ctx)``: what ``deepspeed.initialize`` and the loop need from the feature (its
-  process groups as ``mpu``, a loss, the group over which replicas meet); collective;
+  process groups as ``mpu``, a loss per micro-batch or over the step, the group over which
+  replicas meet); collective;
 - ``started(engine, ctx)``: lines for the log once the engine exists;
 - ``after_step(engine, ctx)``: after every optimizer step, on every rank (a bound on a parameter).
 
@@ -100,16 +101,34 @@ class Built:
     done: list[str] = field(default_factory=list)
 
 
+class StepLoss:
+    """What the loop back-propagates for each micro-batch of an optimizer step: ``begin`` sees the
+    step's micro-batches before any of them is run (collective: every rank calls it, once a step),
+    then the loop calls the object for each micro-batch in order, for its summed item losses. This
+    one runs each micro-batch alone through ``loss_sum`` (the family's, or a feature's); a loss whose
+    terms span micro-batches (CLIP's negatives) replaces it."""
+
+    def __init__(self, loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        self.loss_sum = loss_sum
+
+    def begin(self, engine: Any, batches: list[dict]) -> None:
+        return None
+
+    def __call__(self, engine: Any, micro: int, batch: dict) -> torch.Tensor:
+        return self.loss_sum(engine, batch)
+
+
 @dataclass
 class EngineParts:
     """What features hand to ``deepspeed.initialize`` and the loop; each part from one feature."""
 
     mpu: Any = None  # DeepSpeed's process-group provider
     loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None  # replaces the family's loss_sum
+    step_loss: StepLoss | None = None  # replaces loss_sum: a loss over the whole step's batch
     dp_group: Callable[[], Any] | None = None  # where model replicas meet (None: every rank)
     sequence_parallel: Any = None  # the rank's Ulysses group, for the loop's eval and logging
 
-    PARTS = ("mpu", "loss_sum", "dp_group", "sequence_parallel")
+    PARTS = ("mpu", "loss_sum", "step_loss", "dp_group", "sequence_parallel")
 
     def merge(self, other: EngineParts, owner: str, owners: dict[str, str]) -> None:
         for name in self.PARTS:
@@ -120,6 +139,8 @@ class EngineParts:
                 raise RuntimeError(f"features {owners[name]} and {owner} both provide the engine's {name}")
             setattr(self, name, value)
             owners[name] = owner
+        if self.loss_sum is not None and self.step_loss is not None:
+            raise RuntimeError(f"features {owners['loss_sum']} and {owners['step_loss']} both provide the loss")
 
 
 class Feature:

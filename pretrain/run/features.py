@@ -18,7 +18,7 @@ import torch
 
 from pretrain.finetune.adapters import LoRA
 from pretrain.finetune.freeze import Freeze
-from pretrain.models.clip import LogitScaleClamp
+from pretrain.models.clip import ContrastiveBatch, LogitScaleClamp
 from pretrain.parallel.activation_checkpointing import ActivationCheckpointing
 from pretrain.parallel.sequence_parallel import UlyssesSequenceParallel
 from pretrain.parallel.tensor_parallel import TensorParallel
@@ -82,6 +82,7 @@ FEATURES: tuple[Feature, ...] = (
     ActivationCheckpointing(),
     TensorParallel(),
     UlyssesSequenceParallel(),
+    ContrastiveBatch(),
     LogitScaleClamp(),
 )
 

@@ -253,6 +253,8 @@ class ModelShape:
     forward_flops_per_sample: float | None = None  # None: a token stream, 6·N·D applies
     micro_batch: int | None = None
     precision: str | None = None
+    accumulation: int | None = None
+    contrastive_dim: int | None = None  # CLIP: the embedding width its step-wide contrastive batch holds
 
 
 def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
@@ -298,6 +300,8 @@ def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
         hidden_size=max(v.hidden_size, t.hidden_size),
         micro_batch=recipe.training.micro_batch_size,
         precision=recipe.training.precision,
+        accumulation=recipe.training.gradient_accumulation_steps,
+        contrastive_dim=config.projection_dim,
     )
 
 
@@ -342,8 +346,12 @@ def plan(
     reserve_gb: float = 2.0,
     tp: int = 1,
     sp: int = 1,
+    accumulation: int = 1,
+    contrastive_dim: int | None = None,
 ) -> dict:
-    """Everything the CLI reports, as the dict printed by ``--json``."""
+    """Everything the CLI reports, as the dict printed by ``--json``. ``contrastive_dim``: a
+    contrastive model's embedding width, whose step-wide batch (micro x accumulation x DP pairs)
+    adds its cached embeddings and one micro-batch's logits to the memory per GPU."""
     problems = layout_problems(num_gpus, tp, sp, num_heads, seq_len)
     if problems:
         raise ValueError("; ".join(problems))
@@ -421,6 +429,21 @@ def plan(
     if flash_attention:
         notes.append("activations assume fused (flash) attention: no a·s² scores stored")
     used_act = (act_ckpt if activation_checkpointing else act) or 0.0
+    contrastive = None
+    if contrastive_dim:
+        from pretrain.models.contrastive import step_cache_bytes
+
+        pairs = micro_batch * accumulation * (num_gpus // (tp * sp))
+        contrastive = {
+            "pairs_per_step": pairs,
+            "gb_per_gpu": step_cache_bytes(pairs, contrastive_dim, micro_batch) / GB,
+        }
+        notes.append(
+            f"contrastive batch: {pairs:,} pairs per step (micro {micro_batch} x accumulation {accumulation} x DP); "
+            f"their embeddings and one micro-batch's logits take {contrastive['gb_per_gpu']:.3f} GB per GPU, "
+            "in the totals"
+        )
+        used_act += contrastive["gb_per_gpu"] * GB
 
     zero = {}
     for stage in range(4):
@@ -475,5 +498,7 @@ def plan(
         "sp": sp,
         "dp": num_gpus // (tp * sp),
         "smallest_layout": smallest,
+        "accumulation": accumulation,
+        "contrastive": contrastive,
         "notes": notes,
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -26,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from pretrain.runtime.rng import capture_rng, restore_rng, seed_replica
 
 RESOLVED = "resolved-config.json"
 
@@ -157,34 +157,6 @@ def rank_state_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"toolkit_rank{rank:05d}.pt"
 
 
-# ---------------------------------------------------------------------------------------------
-# Random number generators: every rank saves its own, so a resume on the same world draws the
-# same dropout masks and augmentations as the run that was never interrupted.
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(np_state[1].astype("int64")),
-        "numpy_pos": int(np_state[2]),
-    }
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
-
-
 def load_rank_state(tag_dir: Path, rank: int) -> dict | None:
     p = rank_state_path(tag_dir, rank)
     # Plain tensors, ints, strings, lists and dicts only: weights_only refuses anything that could run code.
@@ -244,8 +216,10 @@ class CheckpointManager:
         keep_last: int | None = None,
         in_save=None,
         tp: int = 1,
+        replica: int = 0,
     ):
         self.root, self.rank, self.world, self.zero_stage, self.tp = Path(root), rank, world, zero_stage, tp
+        self.replica = replica  # the data-parallel rank, which seeds this rank's generators
         self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
         self.is_main = rank == 0
         self.target = resume_target(self.root, resume)
@@ -320,8 +294,8 @@ class CheckpointManager:
     def load(self, engine) -> Restored | None:
         """Load the target into the engine and restore this rank's RNG; None when starting fresh.
         On another world size every rank gets rank 0's data position (all ranks pull the same
-        number of batches) and the RNGs are reseeded from (seed, step): rank streams do not map
-        across worlds."""
+        number of batches) and the RNGs are reseeded from (seed, step, data-parallel rank): rank
+        streams do not map across worlds."""
         target, saved = self.target, self.saved
         if target is None or saved is None:
             return None
@@ -337,7 +311,7 @@ class CheckpointManager:
         if same_world and "rng" in rank_state:
             restore_rng(rank_state["rng"])
         elif not same_world:
-            seed_everything(self.seed + int(saved["step"]))
+            seed_replica(self.seed + int(saved["step"]), self.replica)
         data_state = rank_state.get("data", _data_state_of_old_seal(saved, rank_state))
         if self.is_main:
             saved_tp = int(saved.get("tensor_parallel", 1))
