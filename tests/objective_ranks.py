@@ -4,7 +4,8 @@
 
 Each rank trains on its own share of the rows (two windows of text or chat, four image-text pairs;
 rank r on the r-th share); rank 0 writes the gradient the optimizer applied (averaged over the
-ranks) and the train line to OUT.pt. tests/test_objective.py also uses the helpers in one process.
+ranks), the train line and each rank's next random draws to OUT.pt. tests/test_objective.py also
+uses the helpers in one process.
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ def main() -> int:
     trainer = Trainer(resolved, inputs, run_dir, "none", progress=False)
     trainer.setup()
     rank, world = dist.get_rank(), dist.get_world_size()
+    draws: list = [None] * world  # what dropout would draw next on each rank: each replica its own
+    dist.all_gather_object(draws, torch.rand(4))
     rows = rows_of(kind, trainer)
     share = next(iter(rows.values())).shape[0] // world
     out, grads, _ = one_step(trainer, {k: v[rank * share : (rank + 1) * share] for k, v in rows.items()})
     if rank == 0:
-        torch.save({"out": out, "grads": grads}, out_path)
+        torch.save({"out": out, "grads": grads, "draws": draws}, out_path)
     dist.barrier()
     dist.destroy_process_group()
     return 0

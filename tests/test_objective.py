@@ -167,4 +167,5 @@ def test_one_step_on_two_ranks_is_one_rank_holding_the_whole_batch(prepared_stdl
         timeout=300,
     )
     ranks = torch.load(saved, weights_only=False)
+    assert not torch.equal(*ranks["draws"]), "the two model replicas would draw the same dropout masks"
     _same_step((out, grads), (ranks["out"], ranks["grads"]))

@@ -54,6 +54,23 @@ def test_bad_data_is_judged_after_100_samples_against_max_bad_fraction():
     assert "11 of 1000" in msg and "data.max_bad_fraction=0.01" in msg and "bad_shard=1" in msg
 
 
+def test_fp16_loss_scale_overflows_are_counted_apart_and_never_stop_a_run():
+    """A dynamic loss scale that overflowed refuses the update with finite losses: counted as an
+    overflow, not as a non-finite skip against training.max_nonfinite_skips (issue 22 item 7)."""
+    from pretrain.runtime.state import RunState, refused_step
+
+    assert refused_step("fp16", refused=True, nonfinite_losses=0, norm_finite=False) == "overflow"
+    assert refused_step("fp16", refused=True, nonfinite_losses=0, norm_finite=None) == "overflow"
+    # a non-finite loss is the data's or the model's, at any precision
+    assert refused_step("fp16", refused=True, nonfinite_losses=1, norm_finite=None) == "nonfinite"
+    # bf16 / fp32 have no loss scale: a refused step is a non-finite gradient
+    assert refused_step("bf16", refused=True, nonfinite_losses=0, norm_finite=False) == "nonfinite"
+    assert refused_step("fp32", refused=False, nonfinite_losses=0, norm_finite=False) == "nonfinite"
+    assert refused_step("fp16", refused=False, nonfinite_losses=0, norm_finite=True) is None
+    state = RunState.from_dict({**RunState(step=3, loss_scale_overflows=7).to_dict()})
+    assert state.loss_scale_overflows == 7, "saved with every checkpoint"
+
+
 def test_non_finite_skips_count_up_to_the_cap_or_stop_at_once():
     assert count_skip(0, "skip", 2, "at step 3") == 1
     assert count_skip(1, "skip", 2, "at step 4") == 2
@@ -160,7 +177,7 @@ def test_a_nan_loss_is_skipped_and_a_resumed_trainer_repeats_the_uninterrupted_o
     (t_ref, e_ref), (t_cut, e_cut) = metrics(tmp_path / "ref"), metrics(tmp_path / "cut")
     assert [m["loss"] for m in t_cut] == pytest.approx([m["loss"] for m in t_ref], rel=1e-6)
     assert [e["loss"] for e in e_cut] == pytest.approx([e["loss"] for e in e_ref], rel=1e-6)
-    assert t_cut[-1]["nonfinite_skips"] == 1
+    assert t_cut[-1]["nonfinite_skips"] == 1 and t_cut[-1]["loss_scale_overflows"] == 0, "bf16 has no loss scale"
     flops = get_family("gpt").train_flops_per_sample(ref.inputs.model_config, ref.inputs.data)
     assert all(m["model_flops_per_step"] == pytest.approx(8 * flops, rel=1e-12) for m in t_ref + t_cut)
     assert all(m["tflops_per_gpu"] > 0 and m["mfu"] is None for m in t_ref), "no peak is known for a CPU"

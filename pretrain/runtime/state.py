@@ -15,6 +15,7 @@ class RunState:
     samples: int = 0
     tokens: int = 0
     nonfinite_skips: int = 0
+    loss_scale_overflows: int = 0  # fp16 steps the dynamic loss scale refused (normal; never stop a run)
     train_losses: list[float] = field(default_factory=list)  # each step's loss since the last eval
     train_loss_sum: float = 0.0  # item losses since the last eval, over ranks (TP/SP groups count theirs
     train_items: float = 0.0  # once per rank, in both sums alike): the train loss of the gap
@@ -54,6 +55,22 @@ def count_skip(skips: int, on_nonfinite: str, max_skips: int, where: str, what: 
     if skips > max_skips:
         raise TrainingStopped(f"{where}: {skips} {what} so far, more than training.max_nonfinite_skips={max_skips}")
     return skips
+
+
+def refused_step(precision: str, refused: bool, nonfinite_losses: int, norm_finite: bool | None) -> str | None:
+    """What a step that did not train normally was: "overflow" where fp16's loss scaler refused an
+    update whose losses were finite (the scale was too high; it is lowered and the run goes on: a
+    few while the scale settles, then about one per ``loss_scale_window`` steps, counted apart and
+    never stopping a run); "nonfinite" for non-finite losses, or a non-finite gradient anywhere
+    else (judged against training.on_nonfinite / max_nonfinite_skips); None for a normal step.
+    A gradient that is non-finite at every scale ends in DeepSpeed's own stop at its minimum scale."""
+    if nonfinite_losses:
+        return "nonfinite"
+    if refused and precision == "fp16":
+        return "overflow"
+    if refused or norm_finite is False:
+        return "nonfinite"
+    return None
 
 
 def describe_eval(ev: dict[str, Any]) -> str:

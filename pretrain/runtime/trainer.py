@@ -40,6 +40,7 @@ from pretrain.runtime.state import (  # noqa: F401 - the trainer's rules, import
     bad_data_verdict,
     count_skip,
     describe_eval,
+    refused_step,
 )
 
 
@@ -275,7 +276,11 @@ class Trainer(Accumulation):
         if (log or refused) and not nonfinite:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else None
-        if norm is not None and not np.isfinite(norm):
+        finite_norm = None if norm is None else bool(np.isfinite(norm))
+        if refused_step(self.run.precision, refused, nonfinite, finite_norm) == "overflow":
+            self.state.loss_scale_overflows += 1  # fp16's scaler lowered its scale: normal, never a stop
+            norm = None  # the norm at the scale that overflowed says nothing of the gradient
+        elif finite_norm is False:
             # Where the update was applied and this step is not logged, the next non-finite loss
             # finds the weights broken and stops the run just the same.
             self._nonfinite_gradient(refused=refused)
@@ -400,6 +405,7 @@ class Trainer(Accumulation):
                         "samples": self.state.samples,
                         "tokens": self.state.tokens,
                         "nonfinite_skips": self.state.nonfinite_skips,
+                        "loss_scale_overflows": self.state.loss_scale_overflows,
                         "throughput": tput,
                         "throughput_unit": f"{self.family.unit}/s",
                         "tokens_per_s": tps,
