@@ -85,3 +85,15 @@ def test_deepspeed_accepts_the_filled_configs_and_accumulates_in_fp32():
                 engine.step()
             assert engine.global_steps == 1 and engine.skipped_steps == 0
             engine.destroy()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pretrain/recipes").glob("*.json")), ids=lambda p: p.stem)
+def test_no_shipped_recipe_accumulates_gradients_in_bf16(path):
+    """A recipe that accumulates (gradient_accumulation_steps > 1) in bf16 ships a ZeRO-2/3 config, where
+    the gradients are summed in fp32 (gpt2-124m used ZeRO-1 and summed 4 micro-batches in bf16)."""
+    recipe = json.loads(path.read_text())
+    ds, _ = resolve_ds_config(
+        json.loads((REPO / recipe["deepspeed_config"]).read_text()), parse_recipe(recipe), 8, 1024
+    )
+    if ds.get("gradient_accumulation_steps", 1) > 1 and ds.get("bf16", {}).get("enabled") is True:
+        assert ds.get("data_types", {}).get("grad_accum_dtype") == "fp32", recipe["deepspeed_config"]
