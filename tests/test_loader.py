@@ -143,3 +143,23 @@ def test_resampled_streams_refuse_a_history(tmp_path):
         TextTrainStream(
             data, "train", 2, resampled=True, history=[{"world": 2, "workers": 0, "micro": 2, "micro_batches": 1}]
         )
+
+
+def test_the_start_says_how_an_epoch_is_covered_when_shards_do_not_divide_the_slots(tmp_path):
+    """Issue 22 item 7: 5 shards over 2 ranks x 2 workers, 3 over 4 slots; 8 over 4 says nothing."""
+    from data_pipelines.loader.slots import epoch_coverage
+
+    (line,) = train_loader(
+        make_dataset(tmp_path, {"train": [3] * 5}), "train", 1, 0, 2, seed=0, num_workers=2
+    ).coverage()
+    assert "5 shard(s) for 4 reading slots (2 rank(s) x 2 worker(s))" in line
+    assert "slot 0 reads 2 shards an epoch and slots 1-3 read 1" in line
+    assert "each shard is read 4 times" in epoch_coverage("s", 3, 2, 2)
+    assert epoch_coverage("s", 8, 2, 2) is None and epoch_coverage("s", 5, 2, 2, resampled=True) is None
+    # the counts epoch_shards gives, per slot
+    per_slot = [
+        len(epoch_shards([f"{i}" for i in range(7)], Slot(r, 2, w, 2), 0, 0)[0]) for r in (0, 1) for w in (0, 1)
+    ]
+    assert per_slot == [2, 2, 2, 1] and "slots 0-2 read 2 shards an epoch and slot 3 reads 1" in epoch_coverage(
+        "s", 7, 2, 2
+    )

@@ -33,7 +33,7 @@ from pretrain.cli.export import export
 from pretrain.parallel.layout import ParallelLayout, tensor_parallel_size
 from pretrain.parallel.tensor_parallel import merge_shards
 from pretrain.train import main
-from tests.launch import FAULTS, REPO, TRAIN, env, free_port, kill_tree, metrics, with_key
+from tests.launch import FAULTS, REPO, TRAIN, deepspeed_cmd, env, free_port, kill_tree, metrics, run, with_key
 
 LLAMA = {
     "name": "llama-tp",
@@ -372,3 +372,22 @@ def _resume_on_one_rank_without_tp(tag: Path, argv: list[str]) -> None:
     train, evals = metrics(Path(args.output_dir))
     assert [m["step"] for m in train] == [3, 4] and all(abs(m["loss"]) < 100 for m in train), train
     assert evals[-1]["step"] == STEPS and evals[-1]["loss"] == evals[-1]["loss"]
+
+
+@pytest.mark.slow
+def test_ranks_of_one_tp_group_holding_different_batches_stop_the_run_naming_them(prepared_stdlib, tmp_path):
+    """Issue 22 item 7: each rank of a TP group reads its own copy of the batch; a digest compared across
+    the group (at the first step and every check_batches_every steps) stops the run when they differ."""
+    recipe = json.loads(json.dumps(LLAMA))
+    recipe["training"].update(micro_batch_size=1, check_batches_every=1)
+    (tmp_path / "llama.json").write_text(json.dumps(recipe))
+    argv = ["--config", str(tmp_path / "llama.json"), "--data", str(prepared_stdlib), "--output-dir", str(tmp_path)]
+    argv += ["--deepspeed_config", str(REPO / "ds_configs/zero1_tp2_fp32.json")]
+    prefix = tmp_path / "ranks"
+    run(deepspeed_cmd(2, [str(prefix), "--", *argv], script=str(REPO / "tests/replica_batches.py")), timeout=300)
+    for rank in (0, 1):
+        got = json.loads(Path(f"{prefix}.{rank}.json").read_text())
+        assert got["trained"] == [1], "step 1 (the same batch on both ranks) trains, step 2 stops"
+        message = got["message"] or ""
+        assert "hold different batches at step 2" in message and "ranks 0 hold one; ranks 1 hold one" in message
+        assert "fixed-windows" in message

@@ -71,6 +71,19 @@ def test_fp16_loss_scale_overflows_are_counted_apart_and_never_stop_a_run():
     assert state.loss_scale_overflows == 7, "saved with every checkpoint"
 
 
+def test_replicas_whose_ranks_hold_different_batches_are_found():
+    from pretrain.runtime.accumulate import batch_digest, diverged_replicas
+
+    a = {"input_ids": torch.arange(8).reshape(2, 4), "labels": torch.arange(8).reshape(2, 4)}
+    b = {"input_ids": torch.arange(8).reshape(2, 4), "labels": torch.arange(1, 9).reshape(2, 4)}
+    assert batch_digest([a]) == batch_digest([{k: v.clone() for k, v in a.items()}])
+    assert batch_digest([a]) != batch_digest([b]) and batch_digest([a, b]) != batch_digest([b, a])
+    assert batch_digest([{"x": torch.zeros(2, 3)}]) != batch_digest([{"x": torch.zeros(3, 2)}])
+    # ranks 0-1 are replica 0, ranks 2-3 replica 1 (TP 2 x DP 2)
+    assert diverged_replicas([(0, 0, 5), (1, 0, 5), (2, 1, 7), (3, 1, 7)]) == {}
+    assert diverged_replicas([(0, 0, 5), (1, 0, 5), (2, 1, 7), (3, 1, 8)]) == {1: {7: [2], 8: [3]}}
+
+
 def test_non_finite_skips_count_up_to_the_cap_or_stop_at_once():
     assert count_skip(0, "skip", 2, "at step 3") == 1
     assert count_skip(1, "skip", 2, "at step 4") == 2

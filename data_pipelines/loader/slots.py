@@ -54,6 +54,33 @@ def epoch_shards(
     return order, True
 
 
+def epoch_coverage(name: str, num_shards: int, ranks: int, workers: int, resampled: bool = False) -> str | None:
+    """How an epoch of a source's shards is covered by ranks x workers reading slots (see
+    `epoch_shards`), in words, where it is not simply "each slot reads as many shards"; None
+    where it is (or where there is no epoch: shards drawn with replacement)."""
+    slots = ranks * max(1, workers)
+    where = f"{name}: {num_shards} shard(s) for {slots} reading slots ({ranks} rank(s) x {max(1, workers)} worker(s))"
+    if resampled or num_shards == 0 or num_shards % slots == 0:
+        return None
+    if num_shards < slots:
+        return (
+            f"{where}: every slot reads every shard and keeps one sample in {slots}, so each sample is trained "
+            f"once an epoch but each shard is read {slots} times; {slots} or more shards are read once each"
+        )
+    per, extra = divmod(num_shards, slots)
+    return (
+        f"{where}: {_span(0, extra - 1)} {per + 1} shards an epoch and {_span(extra, slots - 1)} {per} "
+        f"(slot = rank x {max(1, workers)} + worker). Every rank draws as many batches, so the slots with fewer "
+        "shards start the next epoch (reshuffled) while the others finish this one: no shard is read twice "
+        f"within its epoch, but epochs overlap by up to a shard per slot; a multiple of {slots} shards of equal "
+        "size (or data.resampled) avoids it"
+    )
+
+
+def _span(first: int, last: int) -> str:
+    return f"slot {first} reads" if first == last else f"slots {first}-{last} read"
+
+
 def fresh_cursor() -> dict:
     """A slot's position in a source before it reads anything (see `EpochStream`)."""
     return {"epoch": 0, "shard": 0, "offset": 0, "kept": 0, "emitted": 0}

@@ -46,6 +46,15 @@ class TrainStream:
         self.slot_stats: dict[int, dict] = {}
         self._it: Iterator[dict] | None = None
 
+    def coverage(self) -> list[str]:
+        """How an epoch of each source is divided among the world's reading slots, where it is
+        uneven (`data_pipelines.loader.slots.epoch_coverage`), for the log at start."""
+        from data_pipelines.loader.slots import epoch_coverage
+
+        d = self.dataset
+        lines = (epoch_coverage(s.name, len(s.shards), d.world_size, d.num_workers, d.resampled) for s in d.sources)
+        return [line for line in lines if line]
+
     def layout(self) -> dict[str, int]:
         return {"world": self.dataset.world_size, "workers": self.num_workers, "micro": self.dataset.batch_size}
 

@@ -343,6 +343,12 @@ class TrainingConfig(_Section):
     max_nonfinite_skips: int = Field(
         10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches"
     )
+    check_batches_every: int = Field(
+        100,
+        ge=0,
+        description="ranks of one tensor- or sequence-parallel group must hold the same batch: compare a hash "
+        "of it across each group at the first step and every this many steps (0: the first step only)",
+    )
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainingConfig:

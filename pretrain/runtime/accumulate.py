@@ -7,9 +7,32 @@ host-side counters."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from pretrain.runtime.state import TrainingStopped, count_skip
+
+
+def batch_digest(batches: list[dict[str, torch.Tensor]]) -> int:
+    """A 56-bit hash of a step's micro-batches (every tensor's bytes, in key order): equal on two
+    ranks only if they hold the same batches."""
+    h = hashlib.blake2b(digest_size=7)
+    for batch in batches:
+        for key in sorted(batch):
+            t = batch[key].detach().contiguous().cpu()
+            h.update(key.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(h.digest(), "little")
+
+
+def diverged_replicas(rows: list[tuple[int, int, int]]) -> dict[int, dict[int, list[int]]]:
+    """From (rank, data-parallel rank, batch digest) of every rank: for each model replica whose
+    ranks hold different batches, its ranks grouped by digest (empty when every group agrees)."""
+    replicas: dict[int, dict[int, list[int]]] = {}
+    for rank, replica, digest in rows:
+        replicas.setdefault(replica, {}).setdefault(digest, []).append(rank)
+    return {r: groups for r, groups in sorted(replicas.items()) if len(groups) > 1}
 
 
 class Accumulation:
@@ -96,6 +119,7 @@ class Accumulation:
         gradient from being applied (ZeRO-0), and at gas 1, where it is the step's only read anyway."""
         step = self.state.step + 1
         batches = [self._next_batch(step) for _ in range(self.gas)]
+        self._check_replica_batches(step, batches)
         items, mine = self._step_items(batches)
         self.step_loss.begin(self.engine, batches)
         total = count = 0.0
@@ -123,6 +147,7 @@ class Accumulation:
 
         step = self.state.step + 1
         batches = [self._next_batch(step) for _ in range(self.gas)]
+        self._check_replica_batches(step, batches)
         items, mine = self._step_items(batches)
         self.step_loss.begin(self.engine, batches)
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -180,4 +205,29 @@ class Accumulation:
             print(
                 f"warning: {where}; the optimizer skipped the step ({self.state.nonfinite_skips} skips so far)",
                 flush=True,
+            )
+
+    def _check_replica_batches(self, step: int, batches: list[dict[str, torch.Tensor]]) -> None:
+        """The ranks of one tensor- or sequence-parallel group read their batch each on its own and
+        must hold the same one: compared by digest across the world at the first step this process
+        trains and every ``training.check_batches_every`` steps (one all-gather of three numbers a
+        rank). A mismatch stops the run naming the ranks, the step and the data."""
+        import torch.distributed as dist
+
+        every = self.recipe.training.check_batches_every
+        if self.layout.model_parallel == 1 or not (step == self._first_step or (every and step % every == 0)):
+            return
+        mine = torch.tensor([self.rank, self.layout.dp_rank, batch_digest(batches)], dtype=torch.int64)
+        rows = [torch.zeros_like(mine).to(self.device) for _ in range(self.world)]
+        dist.all_gather(rows, mine.to(self.device))
+        diverged = diverged_replicas([tuple(int(v) for v in r.tolist()) for r in rows])
+        if diverged:
+            replica, groups = next(iter(diverged.items()))
+            held = "; ".join(f"ranks {', '.join(map(str, ranks))} hold one" for ranks in groups.values())
+            sources = ", ".join(self.stream.samples_by_source()) or str(self.recipe.data.path)
+            raise TrainingStopped(
+                f"the ranks of model replica {replica} (one tensor/sequence-parallel group) hold different batches "
+                f"at step {step} (micro-batches up to {self.stream.micro_batches} of the stream from {sources}): "
+                f"{held}. Every rank of a group must read the same data: check that --data and the shards are the "
+                "same on every node, and that the data did not change under a running job"
             )

@@ -62,6 +62,7 @@ class Trainer(Accumulation):
         self._logged_skips: tuple[int, dict[str, int]] = (0, {})
         self._signal: int | None = None
         self._data_wait = 0.0  # seconds rank 0 waited for batches since the last train line
+        self._first_step = 1  # the first step this process trains (set again on a resume)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -107,7 +108,11 @@ class Trainer(Accumulation):
         restored = self.ckpt.load(self.engine)
         if restored is not None:
             self.state = RunState.from_dict(restored.run_state)
+        self._first_step = self.state.step + 1  # where this process starts training (batch checks)
         self.stream = self._stream(restored)
+        if self.is_main:
+            for line in self.stream.coverage():  # shards that do not divide ranks x workers
+                print(f"data: {line}", flush=True)
         self.metrics = self._metrics(restored)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
