@@ -111,16 +111,26 @@ def test_hf_docs_style_config_is_filled_like_the_hf_integration():
     assert [n.split(":")[0] for n in notes] == ["scheduler", "data_types.grad_accum_dtype"], notes
 
 
-def test_concrete_batch_values_win_with_a_note_and_bad_arithmetic_is_refused():
-    recipe = parse_recipe({"training": {"micro_batch_size": 8}})
-    out, notes = resolve_ds_config({"train_micro_batch_size_per_gpu": 2}, recipe, world_size=2, hidden_size=8)
-    assert out["train_batch_size"] == 4 and any("overrides the recipe" in n for n in notes)
-    out, _ = resolve_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, recipe, 2, 8)
+def test_concrete_batch_values_agree_with_a_written_recipe_win_over_a_default_and_bad_arithmetic_is_refused():
+    """Issue 22 item 2's rule for the batch: a DeepSpeed value that differs from a micro-batch or accumulation
+    the recipe wrote is refused; over a recipe default it is used, with a note."""
+    written = parse_recipe({"training": {"micro_batch_size": 8, "gradient_accumulation_steps": 2}})
+    with pytest.raises(RecipeError, match=r"train_micro_batch_size_per_gpu 2 in the DeepSpeed config != "):
+        resolve_ds_config({"train_micro_batch_size_per_gpu": 2}, written, world_size=2, hidden_size=8)
+    # a global batch that makes another accumulation than the recipe's is the same conflict
+    with pytest.raises(RecipeError, match=r"train_batch_size 64 \(so gradient_accumulation_steps\) 4 in the"):
+        resolve_ds_config({"train_batch_size": 64}, written, world_size=2, hidden_size=8)
+    out, _ = resolve_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8}, written, 2, 8)
+    assert out["gradient_accumulation_steps"] == 2, "agreeing values pass"
+    default = parse_recipe({})
+    out, notes = resolve_ds_config({"train_micro_batch_size_per_gpu": 2}, default, world_size=2, hidden_size=8)
+    assert out["train_batch_size"] == 4 and any("the recipe does not set training.micro_batch_size" in n for n in notes)
+    out, _ = resolve_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, default, 2, 8)
     assert out["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match=r"train_batch_size 30 != .*\(= 32\)"):
         resolve_ds_config(
             {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4},
-            recipe,
+            default,
             2,
             8,
             "ds.json",

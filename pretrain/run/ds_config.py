@@ -242,9 +242,13 @@ def _batch_sizes(ds: dict, recipe: Recipe, world_size: int, problems: list[str],
         )
         ds.update({k: None for k in keys if ds.get(k) == AUTO})
         return
-    for k, v, rv in ((keys[0], micro, tr.micro_batch_size), (keys[1], gas, tr.gradient_accumulation_steps)):
-        if k in given and v != rv:
-            notes.append(f"{k}={v} from the DeepSpeed config overrides the recipe's {rv}")
+    for k, field, v in ((keys[0], "micro_batch_size", micro), (keys[1], "gradient_accumulation_steps", gas)):
+        if k in given:
+            _agree(k, v, field, getattr(tr, field), tr.model_fields_set, problems, notes)
+        elif keys[2] in given and v != getattr(tr, field):  # derived from the DeepSpeed config's global batch
+            _agree(
+                f"train_batch_size {tbs} (so {k})", v, field, getattr(tr, field), tr.model_fields_set, problems, notes
+            )
     ds[keys[0]], ds[keys[1]], ds[keys[2]] = micro, gas, expected
 
 
