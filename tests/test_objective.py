@@ -95,13 +95,19 @@ def test_one_step_is_the_same_for_micro_2_and_for_micro_1_accumulated_twice(prep
         ("zero2_fp32", {}),
         ("zero3_fp32", {}),
         ("zero2_fp32", {"freeze": ["vision"]}),  # locked-image tuning
+        ("zero2_fp32", {"lora": {"r": 4, "alpha": 8}}),  # adapters on a pretrained CLIP (init_from)
         ("zero2_fp32", {"dropout": 0.2}),  # the cached pass and the live one draw the same masks
     ],
-    ids=["zero0", "zero2", "zero3", "frozen-vision", "dropout"],
+    ids=["zero0", "zero2", "zero3", "frozen-vision", "lora", "dropout"],
 )
 def test_clip_sees_the_whole_step_as_one_contrastive_batch(shapes, tmp_path, ds, model):
     """(micro 4, accumulation 1) = (micro 2, accumulation 2) = (micro 1, accumulation 4): every pair is
     scored against all four, so the loss, the gradient and the update are one batch's."""
+    if "lora" in model:  # a pretrained CLIP to adapt: one built by a run, saved as Hugging Face writes it
+        from pretrain.models import clip
+
+        clip.to_hf(_trainer(tmp_path, shapes, 4, 1, ds, "clip-tiny").engine.module).save_pretrained(tmp_path / "init")
+        model = {**model, "init_from": str(tmp_path / "init")}
     whole = _trainer(tmp_path, shapes, 4, 1, ds, "clip-tiny", **model)
     rows = rows_of("clip", whole)
     out, grads, weights = one_step(whole, rows)
