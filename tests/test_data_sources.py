@@ -440,3 +440,18 @@ def test_a_byte_identical_copy_under_another_key_is_held_out_with_the_original()
     # a fraction is still held out, decided by the content alone
     decided = [keep_train({"__key__": "k", "__url__": "u", "jpg": f"p{i}".encode()}) for i in range(400)]
     assert 150 < sum(decided) < 250
+
+
+def test_a_half_undecodable_source_keeps_its_share_of_the_mixture(tmp_path, tokenizer):
+    """Issue 23 item 3: weights 1:1, half of source A's images undecodable: each drawn sample slot stays
+    with its source until one of its samples decodes, so A still gives half the samples (it gave 1/3)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_img2dataset(a, shards=2, per_shard=40, size=SIZE, failures=0, corrupt=20)
+    write_img2dataset(b, shards=2, per_shard=40, size=SIZE, failures=0, corrupt=0)
+    data = open_sources("image-text", [SourceSpec(str(a), name="a"), SourceSpec(str(b), name="b")], holdout=0.0)
+    stream = ImageTextTrainStream(data, "train", 16, tokenizer, CTX, SIZE, seed=5, shuffle_buffer=8, augment=False)
+    for batch in itertools.islice(iter(stream), 625):  # 10,000 samples: the 2% bound is 4 standard deviations
+        stats = batch.meta["stats"]
+    assert sum(stats["by_source"].values()) == 10_000
+    assert abs(stats["by_source"]["a"] / 10_000 - 0.5) < 0.02, stats["by_source"]
+    assert stats["skipped"].get("undecodable", 0) > 0, "the undecodable samples are skipped and counted"

@@ -163,3 +163,37 @@ def test_the_start_says_how_an_epoch_is_covered_when_shards_do_not_divide_the_sl
     assert per_slot == [2, 2, 2, 1] and "slots 0-2 read 2 shards an epoch and slot 3 reads 1" in epoch_coverage(
         "s", 7, 2, 2
     )
+
+
+def test_max_samples_scores_a_fixed_subset_spread_over_the_whole_split(tmp_path):
+    """Issue 23 item 3: a split stored class by class (here: samples 0-99 in 10 shards, sample i of
+    class i // 10) scored with max_samples 20 touches every class, the same subset on any world size."""
+    data = make_dataset(tmp_path, {"train": [1], "val": [10] * 10})
+    offset = 1  # sample ids run on from the train split's one sample
+
+    def scored(world):
+        ids = []
+        for rank in range(world):
+            for b in eval_batches(data, "val", 4, rank, world, max_samples=20):
+                ids += [int(r[0]) - offset for r, w in zip(b["input_ids"], b["weight"]) if w > 0]
+        return sorted(ids)
+
+    one = scored(1)
+    assert len(one) == 20 and len(set(one)) == 20
+    assert {i // 10 for i in one} == set(range(10)), "every class of the split, not the first two"
+    assert scored(2) == one and scored(1) == one, "fixed: every evaluation scores the same samples"
+
+
+def test_a_shard_one_rank_cannot_read_does_not_give_it_fewer_eval_batches(tmp_path):
+    """Issue 23 item 3: rank 1 cannot fetch one shard of the split (here: gone from its copy of the
+    data); both ranks still run the same number of batches, padded, as ZeRO-3's forwards need."""
+    import shutil
+
+    mine = tmp_path / "rank0"
+    data0 = make_dataset(mine, {"train": [1], "val": [6, 6, 6]})
+    shutil.copytree(mine, tmp_path / "rank1")
+    (tmp_path / "rank1" / "val" / "shard-000001.tar").unlink()
+    data1 = TextShards(tmp_path / "rank1")
+    batches = [list(eval_batches(d, "val", 2, rank, 2)) for rank, d in ((0, data0), (1, data1))]
+    assert len(batches[0]) == len(batches[1]) == 5  # 18 windows: 9 rows a rank, batches of 2
+    assert sum(float(b["weight"].sum()) for b in batches[1]) == 6, "rank 1 scored what it could read"

@@ -353,13 +353,7 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
             ids, items, taken = [], [], []
             while len(items) < self.batch_size:
                 k = pick()
-                ident, item = next(streams[k])
-                if not self.DECODE_EARLY:
-                    item = self.decode(item)
-                    if item is None:
-                        continue
-                    self.samples_read += 1
-                    self._decoded[k] += 1
+                ident, item = self._next_item(k, streams[k])
                 ids.append(ident)
                 items.append(item)
                 taken.append(k)
@@ -375,6 +369,28 @@ class EpochStream(torch.utils.data.IterableDataset, LayoutReplay):
             }
             yield ids, items, batch
             batch += 1
+
+    # A drawn source keeps its draw until one of its samples decodes: drawing again would make a
+    # source's share w(1 - bad) / sum w(1 - bad) instead of its weight's.
+    MAX_UNDECODABLE_RUN = 10_000
+
+    def _next_item(self, k: int, stream: Iterator[tuple[tuple, object]]) -> tuple[tuple, object]:
+        """The next item of source ``k`` (decoded here for the streams that decode late), skipping
+        and counting the undecodable ones; a source that yields nothing but undecodable samples for
+        `MAX_UNDECODABLE_RUN` in a row stops the stream with its name."""
+        for _ in range(self.MAX_UNDECODABLE_RUN):
+            ident, item = next(stream)
+            if self.DECODE_EARLY:
+                return ident, item
+            item = self.decode(item)
+            if item is not None:
+                self.samples_read += 1
+                self._decoded[k] += 1
+                return ident, item
+        raise ValueError(
+            f"source {self.sources[k].name!r}: {self.MAX_UNDECODABLE_RUN} samples in a row could not be decoded "
+            f"(last: {ident[1]} key {ident[2]}); see the skip counts for why"
+        )
 
     def _trace_id(self, ident: tuple) -> str:
         epoch, url, key = ident

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
+from data_pipelines.eval_split import check_batch_counts
 from data_pipelines.image.transforms import normalize_batch
 from pretrain.models.clip_metrics import all_reduce_host, gather_rows, grouped_loss, retrieval, topk_hits
 from pretrain.models.contrastive import (  # noqa: F401 - the loss, importable with the model
@@ -421,9 +422,11 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
     held_out = torch.tensor(sorted(classes.get("held_out", [])) if classes else [], dtype=torch.long)
     feats_i, feats_t, index = [], [], []
     scale = None
+    ran = 0
     for batch in image_text_eval_batches(
         data, req.split, req.batch_size, tokenizer, context, size, req.rank, world, req.max_samples, stats
     ):
+        ran += 1
         weight, label = batch.pop("weight"), batch.pop("label")
         out = model(
             pixel_values=batch["pixel_values"].to(device),
@@ -448,6 +451,7 @@ def evaluate(model, run: RunData, req: EvalRequest) -> dict[str, Any]:
                     zs[3] += int(unseen.sum())
                     zs[4] += topk_hits(logits[unseen], label[keep][unseen], (1,))[1]
     if world > 1:
+        check_batch_counts(ran, f"eval {req.split} on rank {req.rank}", req.group)
         loss_sum, zs = all_reduce_host(loss_sum, device), all_reduce_host(zs, device)
     rows = gather_rows(feats_i, feats_t, index, world, device) if feats_i else None  # every rank's, in split order
     if req.loss_batch is not None and rows is not None:
