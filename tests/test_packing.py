@@ -119,3 +119,16 @@ def test_add_documents_refuses_bad_input() -> None:
     packer.finish()
     with pytest.raises(RuntimeError):
         packer.add_documents(np.array([1]), [1])
+
+
+def test_a_bos_starts_every_document_in_add_and_add_documents_alike():
+    from data_pipelines.text.packing import TokenPacker
+
+    docs = [[5, 6, 7], [], [8], [9, 10, 11, 12, 13]]
+    one = TokenPacker(4, eos_id=1, bos_id=2)
+    windows = [w for d in docs for w in one.add(d)]
+    many = TokenPacker(4, eos_id=1, bos_id=2)
+    rows = many.add_documents(np.array([t for d in docs for t in d]), [len(d) for d in docs])
+    assert [list(w) for w in windows] == [list(r) for r in rows]
+    assert [int(t) for w in windows for t in w] == [2, 5, 6, 7, 1, 2, 1, 2, 8, 1, 2, 9, 10, 11, 12]
+    assert one.tokens_in == many.tokens_in == sum(len(d) + 2 for d in docs)

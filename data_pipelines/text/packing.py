@@ -15,11 +15,14 @@ import numpy as np
 class TokenPacker:
     """Stateful packer: feed documents with `add`, collect finished windows, then `finish`."""
 
-    def __init__(self, seq_len: int, eos_id: int, dtype: np.dtype | type = np.uint16) -> None:
+    def __init__(
+        self, seq_len: int, eos_id: int, dtype: np.dtype | type = np.uint16, bos_id: int | None = None
+    ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.window = seq_len + 1
         self.eos_id = eos_id
+        self.bos_id = bos_id  # put before every document (tokenizers that start a text with one: Llama, Mistral)
         self.dtype = np.dtype(dtype)
         self._limit = np.iinfo(self.dtype).max
         if not 0 <= eos_id <= self._limit:
@@ -32,10 +35,12 @@ class TokenPacker:
         self._finished = False
 
     def add(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
-        """Append one document (its ids, without eos) and return the windows it completed."""
+        """Append one document (its ids, without bos or eos) and return the windows it completed."""
         if self._finished:
             raise RuntimeError("TokenPacker.add after finish")
         doc = np.asarray(ids)
+        if self.bos_id is not None:
+            doc = np.concatenate([[self.bos_id], doc]).astype(doc.dtype if doc.size else np.int64)
         if doc.size and (doc.min() < 0 or doc.max() > self._limit):
             # A silent wrap-around in astype would corrupt training data.
             raise ValueError(f"token id out of range for {self.dtype}: min {doc.min()}, max {doc.max()}")
@@ -62,6 +67,9 @@ class TokenPacker:
         lengths = np.asarray(lengths, dtype=np.int64)
         if ids.ndim != 1 or lengths.ndim != 1 or (lengths.size and lengths.min() < 0) or lengths.sum() != ids.size:
             raise ValueError(f"lengths (sum {int(lengths.sum())}) do not describe {ids.size} ids")
+        if self.bos_id is not None:  # each document starts with the bos: one more id apiece
+            ids = np.insert(ids, np.cumsum(lengths) - lengths, self.bos_id)
+            lengths = lengths + 1
         if ids.size and (ids.min() < 0 or ids.max() > self._limit):
             raise ValueError(f"token id out of range for {self.dtype}: min {ids.min()}, max {ids.max()}")
         # Each document's ids followed by one eos: the eos of document i goes where document

@@ -21,8 +21,12 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None) -> PretrainedConfig:
-    """The transformers config for a model built from the recipe's sizes."""
+def hf_config(
+    cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None = None, bos_token_id: int | None = None
+) -> PretrainedConfig:
+    """The transformers config for a model built from the recipe's sizes; bos is the tokenizer's own
+    (Llama-style tokenizers start every text with it, and prepared documents do too), else eos."""
+    bos = bos_token_id if bos_token_id is not None else eos_token_id
     vocab = cfg.vocab_size or round_up(tokenizer_vocab, cfg.pad_vocab_multiple)
     if cfg.arch == "gpt2":
         return GPT2Config(
@@ -37,7 +41,7 @@ def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None =
             attn_pdrop=cfg.dropout,
             tie_word_embeddings=cfg.tie_word_embeddings,
             use_cache=False,
-            bos_token_id=eos_token_id,
+            bos_token_id=bos,
             eos_token_id=eos_token_id,
         )
     inter = cfg.intermediate_size or round_up(int(8 * cfg.hidden_size / 3), 256)
@@ -53,7 +57,7 @@ def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None =
         attention_dropout=cfg.dropout,
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_cache=False,
-        bos_token_id=eos_token_id,
+        bos_token_id=bos,
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
     )
@@ -62,7 +66,7 @@ def hf_config(cfg: ModelConfig, tokenizer_vocab: int, eos_token_id: int | None =
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
         return AutoConfig.from_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
-    return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id)
+    return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
 
 
 def open_data(path):
@@ -250,14 +254,24 @@ def train_stream(run: RunData, req: StreamRequest):
 
 
 def evaluate(model, run: RunData, req: EvalRequest) -> dict:
-    """Loss and perplexity over the split's first max_samples windows; collective over ranks."""
+    """Loss and perplexity over the split (or a fixed subset of max_samples windows spread over it);
+    collective over ranks, which must run as many batches (`check_batch_counts`)."""
+    from data_pipelines.eval_split import check_batch_counts
     from data_pipelines.loader import eval_batches
 
+    ran = [0]
+
+    def counted(batches):
+        for batch in batches:
+            ran[0] += 1
+            yield batch
+
     batches = eval_batches(run.data, req.split, req.batch_size, req.rank, req.world, req.max_samples)
-    sums = evaluate_sums(model, batches, req.device)
+    sums = evaluate_sums(model, counted(batches), req.device)
     if req.world > 1:
         import torch.distributed as dist
 
+        check_batch_counts(ran[0], f"eval {req.split} on rank {req.rank}", req.group)
         sums = sums.to(req.device)  # NCCL reduces device tensors only
         dist.all_reduce(sums, group=req.group)
     return metrics_from_sums(sums.cpu())
