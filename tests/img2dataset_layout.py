@@ -93,7 +93,7 @@ def write_img2dataset(
                 fmt = formats[i % len(formats)]
                 data = _image(colour, size, rng, fmt)
                 if i - failures < corrupt:
-                    data = data[:40] + b"\x00not an image" * 8
+                    data = data[:40] + key.encode() + b"\x00not an image" * 8  # each its own bytes
                 meta = {
                     "url": url,
                     "caption": caption,
