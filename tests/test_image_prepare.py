@@ -164,6 +164,8 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (folder / "long.txt").write_text("x" * 2000)
     (folder / "copy.jpg").write_bytes((root / "table" / "imgs" / "plain.jpg").read_bytes())
     (folder / "copy.txt").write_text("the same image again")
+    noise(64, 64, 14).save(folder / "latin1.jpg")
+    (folder / "latin1.txt").write_bytes("a caf\xe9 photo".encode("latin-1"))  # not UTF-8: counted, not U+FFFD
     kept["sub/a"] = "a folder photo"
     inputs = [root / "laion", root / "table" / "pairs.csv", root / "tsv" / "labelled.tsv", root / "folder"]
     return {"root": root, "inputs": [str(p) for p in inputs], "kept": kept}
@@ -187,8 +189,9 @@ def test_rejections_are_counted_by_reason_with_named_examples(prepared: Path, ra
         "caption_too_long": 1,
         "missing_caption": 1,
         "duplicate_image": 1,
+        "caption_not_utf8": 1,
     }
-    assert rejected["total"] == 11
+    assert rejected["total"] == 12
     by_reason = {}
     for example in rejected["examples"]:
         by_reason.setdefault(example["reason"], []).append(example)
@@ -200,6 +203,7 @@ def test_rejections_are_counted_by_reason_with_named_examples(prepared: Path, ra
         e["source"].endswith("pairs.csv:line 3") and "absent.jpg" in e["detail"] for e in by_reason["missing_image"]
     )
     assert by_reason["duplicate_image"][0]["source"].endswith("copy.jpg")
+    assert by_reason["caption_not_utf8"][0]["source"].endswith("latin1.jpg")
 
 
 def test_shards_hold_resized_jpegs_captions_and_metadata(prepared: Path, raw: dict) -> None:
@@ -342,13 +346,16 @@ def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_resize_modes(tmp_path: Path) -> None:
-    wide = Image.new("RGB", (200, 100), (250, 250, 250))
+    wide = Image.new("RGB", (200, 100), (10, 10, 10))
     data = jpeg(wide)
-    kept = process_image(data, None, ImageOptions(image_size=50, resize_mode="keep_ratio"))
-    out = np.asarray(Image.open(io.BytesIO(kept.jpeg)))
+    # img2dataset's meanings: border pads (white) to the square, keep_ratio only scales the shorter side
+    bordered = process_image(data, None, ImageOptions(image_size=50, resize_mode="border"))
+    out = np.asarray(Image.open(io.BytesIO(bordered.jpeg)))
     assert out.shape == (50, 50, 3)
-    assert out[:10].max() < 30 and out[-10:].max() < 30, "black borders above and below"
-    assert out[20:30].min() > 220, "the image in the middle"
+    assert out[:10].min() > 240 and out[-10:].min() > 240, "white borders above and below"
+    assert out[20:30].max() < 40, "the image in the middle"
+    kept = process_image(data, None, ImageOptions(image_size=50, resize_mode="keep_ratio"))
+    assert np.asarray(Image.open(io.BytesIO(kept.jpeg))).shape == (50, 100, 3)
     same = process_image(data, None, ImageOptions(image_size=50, resize_mode="no"))
     assert (same.resized_width, same.resized_height) == (200, 100)
     crop = process_image(data, None, ImageOptions(image_size=50, resize_mode="center_crop"))

@@ -134,7 +134,9 @@ def _image_member(sample: dict, caption_key: str = "txt") -> bytes:
 
 
 def decode_sample(sample: dict, caption_key: str = "txt") -> tuple[Any, str]:
-    """(RGB image, caption) of a raw sample; raises on a missing member or corrupt data."""
+    """(upright 8-bit RGB image, caption) of a raw sample, decoded as prepare-image-text and the
+    training view decode (`decode_rgb`: EXIF orientation, 16-bit scaled, transparency on white);
+    raises on a missing member or corrupt data."""
     return decode_rgb(_image_member(sample, caption_key)), sample[caption_key].decode("utf-8")
 
 
@@ -358,7 +360,7 @@ def image_text_eval_batches(
             "index": torch.tensor([-1 if r is None else r[3] for r in rows], dtype=torch.long),
         }
 
-    samples = read_checked(data.shards(split), bad, data.shard_samples(split), data.keep(split))
+    samples = read_checked(data.shards(split), bad, data.shard_samples(split), data.keep(split), data.fetch)
     for rows, template in share.read(samples, row):
         yield collate(rows, template)
     if stats is not None:

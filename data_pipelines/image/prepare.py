@@ -4,7 +4,9 @@
 
 Inputs are img2dataset output folders, parquet/CSV/TSV tables of image path + caption, and
 folders of images with sidecar .txt captions (see `data_pipelines.image.sources`). Each image
-is decoded (large JPEGs at reduced scale via draft mode), checked, resized, re-encoded as JPEG
+is decoded (large JPEGs at reduced scale via draft mode; upright by EXIF orientation, 16-bit
+grey scaled to 8 bits, transparency on white, as the loaders decode: `data_pipelines.image.decode`),
+checked, resized (img2dataset's --resize-mode names and meanings), re-encoded as JPEG
 and written with its caption to DIR/{train,val,test}/shard-NNNNNN.tar as `jpg`, `txt` and
 `json` members, the img2dataset / OpenCLIP convention. The split of a sample is a stable hash
 of its image bytes, and exact duplicates are dropped (the first is kept), so an image never
@@ -33,7 +35,7 @@ from typing import Any, NamedTuple, TextIO
 
 from data_pipelines import cli, node_parts
 from data_pipelines.image.node_duplicates import kept_path
-from data_pipelines.image.process import ImageOptions, Processed, process_chunk, process_image
+from data_pipelines.image.process import RESIZE_MODES, ImageOptions, Processed, process_chunk, process_image
 from data_pipelines.image.sources import (
     DEFAULT_CAPTION_FIELDS,
     DEFAULT_IMAGE_FIELDS,
@@ -58,7 +60,6 @@ KIND = "image-text"
 PART_KIND = "image-text-part"
 MANIFEST_VERSION = 1
 CLASSES_NAME = "classes.json"
-RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "no")
 # Images per task sent to a worker: enough to amortise pickling, few enough to keep order cheap.
 CHUNK_ITEMS = 16
 
@@ -128,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resize-mode",
         choices=RESIZE_MODES,
         default="center_crop",
-        help="center_crop: shorter side to --image-size, then crop the centre square; "
-        "keep_ratio: fit inside the square and pad with black; no: keep the size",
+        help="img2dataset's modes and meanings. center_crop: shorter side to --image-size, then crop "
+        "the centre square; keep_ratio: shorter side to --image-size, no crop or padding (not square; "
+        "the loaders crop at training time); keep_ratio_largest: longer side to --image-size, no "
+        "padding; border: longer side to --image-size, padded with white to the square (what "
+        "keep_ratio meant before, with black bars); no: keep the size",
     )
     parser.add_argument("--jpeg-quality", type=int, metavar="Q", default=90, help="quality of the re-encoded JPEGs")
     parser.add_argument(

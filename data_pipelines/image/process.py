@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from data_pipelines.image.geometry import center_crop
+from data_pipelines.image.decode import WHITE, decode_opened, image_orientation, open_image, to_rgb, upright_size
+from data_pipelines.image.geometry import RESAMPLE, center_crop
 
 
 @dataclass(frozen=True)
@@ -37,27 +38,43 @@ class Processed(NamedTuple):
     resized_height: int = 0
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (a plain convert would turn it black)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
+_rgb = to_rgb  # the old name (benchmarks/bench_image_loader.py imports it)
+RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
 
 
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    """Fit inside size x size keeping the aspect ratio, centred on a black square."""
+def _scaled(img: Image.Image, scale: float) -> Image.Image:
     w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
-    return canvas
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if size == img.size else img.resize(size, RESAMPLE)
+
+
+def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """img2dataset's resize modes, with its names and meanings:
+
+    * center_crop: the shorter side to `size`, then the centre `size` x `size` square;
+    * keep_ratio: the shorter side to `size`, nothing cropped or padded (not square);
+    * keep_ratio_largest: the longer side to `size`, nothing cropped or padded;
+    * border: the longer side to `size`, centred on a white `size` x `size` square;
+    * no: as it is.
+
+    Manifests written before this matched img2dataset call its `border` "keep_ratio" (with black
+    bars): they hold square letterboxed images, which the loaders read as any other image.
+    """
+    w, h = img.size
+    if mode == "center_crop":
+        return center_crop(img, size)
+    if mode == "keep_ratio":
+        return _scaled(img, size / min(w, h))
+    if mode in ("keep_ratio_largest", "border"):
+        fitted = _scaled(img, size / max(w, h))
+        if mode == "keep_ratio_largest":
+            return fitted
+        canvas = Image.new("RGB", (size, size), WHITE)
+        canvas.paste(fitted, ((size - fitted.size[0]) // 2, (size - fitted.size[1]) // 2))
+        return canvas
+    if mode == "no":
+        return img
+    raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
 
 
 def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> Processed:
@@ -72,7 +89,7 @@ def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> P
             return Processed("missing_image", f"cannot read {path}: {exc}")
     sha = hashlib.sha256(data).digest()
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         width, height = img.size
         if min(width, height) < opts.min_image_size:
             return Processed(
@@ -82,26 +99,18 @@ def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> P
                 width=width,
                 height=height,
             )
-        if opts.resize_mode != "no":
-            # JPEG only (a no-op for other formats): let libjpeg decode at 1/2, 1/4 or 1/8 scale,
-            # never below the target size. A 4000 px photo then costs a fraction of a full decode.
-            img.draft("RGB", (opts.image_size, opts.image_size))
-        img.load()
-        orientation = img.getexif().get(0x0112, 1)
-        if orientation != 1:  # EXIF orientation: store the picture upright, as viewers show it
-            img = ImageOps.exif_transpose(img)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-        img = _rgb(img)
+        orientation = image_orientation(img)
+        # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
+        # A 4000 px photo then costs a fraction of a full decode.
+        draft = None if opts.resize_mode == "no" else (opts.image_size, opts.image_size)
+        # decode.py's decode, the training and evaluation loaders' too: stored upright by EXIF
+        # orientation, as viewers show it; 16-bit grey scaled to 8 bits; transparency on white
+        img = decode_opened(img, draft, orientation)
+        width, height = upright_size(width, height, orientation)
     except Exception as exc:  # noqa: BLE001 - any failure inside a decoder means corrupt data
         return Processed("undecodable", f"{type(exc).__name__}: {exc}", sha256=sha)
     pixels = hashlib.blake2b(img.tobytes(), digest_size=16, person=b"pixels").digest()
-    if opts.resize_mode == "center_crop":
-        out = center_crop(img, opts.image_size)
-    elif opts.resize_mode == "keep_ratio":
-        out = _fit(img, opts.image_size)
-    else:
-        out = img
+    out = resize(img, opts.image_size, opts.resize_mode)
     buffer = io.BytesIO()
     out.save(buffer, format="JPEG", quality=opts.jpeg_quality)
     return Processed(None, "", buffer.getvalue(), sha, pixels, width, height, out.size[0], out.size[1])

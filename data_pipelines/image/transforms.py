@@ -14,11 +14,13 @@ Two ways to the same views:
   generator calls as `random_resized_crop`, mapped onto the reduced image and resized with
   torch's antialiased bicubic (Pillow's filter, vectorised); `normalize_batch` then converts a
   whole batch to float at once.
+
+Both decode as `decode_rgb` (data_pipelines/image/decode.py), prepare-image-text's decode too:
+upright by EXIF orientation, 16-bit grey scaled to 8 bits, transparency composited onto white.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Callable
@@ -30,6 +32,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data_pipelines.image.decode import (  # noqa: F401 - decode_rgb re-exported
+    DRAFT_FORMATS,
+    decode_opened,
+    decode_rgb,
+    image_orientation,
+    jpeg_orientation,
+    open_image,
+    to_rgb,
+    upright_array,
+    upright_size,
+)
 from data_pipelines.image.geometry import RESAMPLE, Box, _square, center_box, center_crop  # noqa: F401 - re-exported
 
 try:  # libjpeg-turbo without Pillow's per-image overhead; Pillow decodes when it is missing
@@ -40,15 +53,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 # OpenAI CLIP's normalisation, which OpenCLIP and Hugging Face's CLIPImageProcessor also use.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes fully into an RGB image; raises on corrupt or truncated data."""
-    img = Image.open(io.BytesIO(data))
-    # open() only reads the header: load() decodes now, so corrupt data fails here and not
-    # later in a transform, where the error would name no sample.
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def crop_box(
@@ -127,7 +131,7 @@ def to_tensor_normalized(
 ) -> torch.Tensor:
     """A float32 tensor (3, H, W): pixels scaled to [0, 1], then (x - mean) / std per channel."""
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = to_rgb(img)  # 16-bit scaled, transparency on white (decode.py), not clipped
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     x = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -165,8 +169,8 @@ def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
 class Decoded(NamedTuple):
     """An image decoded for cropping, possibly at a reduced DCT scale."""
 
-    pixels: np.ndarray  # (h, w, 3) uint8 RGB; smaller than width x height when decoded reduced
-    width: int  # the full image's size: crop boxes are drawn in these coordinates
+    pixels: np.ndarray  # (h, w, 3) uint8 RGB, upright; smaller than width x height when decoded reduced
+    width: int  # the full upright image's size: crop boxes are drawn in these coordinates
     height: int
 
 
@@ -188,14 +192,19 @@ MinSize = Callable[[int, int], tuple[float, float]]  # full (width, height) -> s
 
 
 def decode_image(data: bytes, min_size: MinSize | None = None, *, decoder: str = "auto") -> Decoded:
-    """Decode image bytes fully into RGB pixels; raises on corrupt or truncated data.
+    """Decode image bytes into upright 8-bit RGB pixels; raises on corrupt or truncated data.
+
+    The same image as `decode_rgb` (decode.py: EXIF orientation applied, 16-bit scaled to 8 bits,
+    transparency on white), possibly at a reduced scale; width and height are the upright ones.
 
     `min_size(width, height)` gives the smallest (width, height) the caller needs from an image of
     that full size; a JPEG is then decoded at the largest 1/2, 1/4 or 1/8 DCT scale that keeps it
     (`dct_reduction`). `decoder`: "simplejpeg" for JPEGs (an ImportError without it), "pillow",
     or "auto": simplejpeg where it is installed and the bytes are a JPEG it can convert, else Pillow.
     Under "auto" a JPEG simplejpeg refuses (it is strict about recoverable errors) is handed to
-    Pillow, so exactly the images Pillow accepts are accepted.
+    Pillow, so exactly the images Pillow accepts are accepted. The simplejpeg path reads the EXIF
+    orientation itself (`jpeg_orientation`, Pillow's reading where unsure) and transposes as
+    Pillow does.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -213,30 +222,35 @@ def decode_image(data: bytes, min_size: MinSize | None = None, *, decoder: str =
 
 
 def _decode_simplejpeg(data: bytes, min_size: MinSize | None) -> Decoded:
-    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    raw_h, raw_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     if colorspace in _PILLOW_COLORSPACES:
         raise ValueError(f"{colorspace} JPEG: decoded by Pillow")
+    orientation = jpeg_orientation(data)
+    if orientation is None:  # a header this reader does not follow: Pillow's reading
+        orientation = image_orientation(open_image(data))
+    width, height = upright_size(raw_w, raw_h, orientation)
     f = dct_reduction(width, height, *min_size(width, height)) if min_size is not None else 1
     if f == 1:
         pixels = simplejpeg.decode_jpeg(data, "RGB")
     else:  # the smallest libjpeg scale that is at least ceil(side / f): exactly 1/f
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // f), min_height=-(-height // f))
-    return Decoded(pixels, width, height)
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-raw_w // f), min_height=-(-raw_h // f))
+    return Decoded(upright_array(pixels, orientation), width, height)
 
 
 def _decode_pillow(data: bytes, min_size: MinSize | None) -> Decoded:
-    img = Image.open(io.BytesIO(data))
-    width, height = img.size
-    if min_size is not None and img.format == "JPEG":
+    img = open_image(data)
+    orientation = image_orientation(img)
+    width, height = upright_size(*img.size, orientation)
+    draft = None
+    if min_size is not None and img.format in DRAFT_FORMATS:
         f = dct_reduction(width, height, *min_size(width, height))
         if f > 1:
             # draft() picks the largest power of two <= side // requested: with side // f
             # requested that is exactly f, the same scale as the simplejpeg path.
-            img.draft("RGB", (width // f, height // f))
-    img.load()  # open() reads the header only: corrupt data fails here, naming the sample
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return Decoded(np.array(img), width, height)  # np.array: a writable copy torch can wrap
+            draft = (img.size[0] // f, img.size[1] // f)
+    # decode.py's decode (EXIF orientation, 16-bit scaled, transparency on white), as prepare's
+    # and evaluation's; np.array: a writable copy torch can wrap
+    return Decoded(np.array(decode_opened(img, draft, orientation)), width, height)
 
 
 _TORCH_UINT8_RESIZE: bool | None = None  # torch's uint8 antialiased bicubic (not in every build)
