@@ -10,7 +10,9 @@ keeps only what is its own: its inputs, its samples and its manifest.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import gc
 import os
 import shutil
 import sys
@@ -394,3 +396,20 @@ def run_main(
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+_exit_hook_registered = False
+
+
+def freeze_heap_at_exit() -> None:
+    """Have the interpreter skip its final garbage collections over what is alive at exit.
+
+    Those passes walk every object torch (imported by webdataset) and transformers created at
+    import: ~0.3-0.4 s of each prepare run on this project's 2-core machine, more than the
+    tokenizing of a small corpus. gc.freeze, as the first exit handler, moves those objects out
+    of the collector's reach; the process frees them as it ends all the same.
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(gc.freeze)
+        _exit_hook_registered = True

@@ -106,7 +106,13 @@ def merge_inputs(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     paths = parts[0]["settings"]["input_paths"]
     stats: dict[int, dict[str, Any]] = {}
     for part in parts:
-        stats.update({int(i): s for i, s in part["inputs"].items()})
+        for i, s in part["inputs"].items():
+            if int(i) in stats:  # two nodes both processed it: its windows would be written twice
+                raise cli.UsageError(
+                    f"input {paths[int(i)]} was prepared by node {part['node_rank']} and by an earlier node: "
+                    "the nodes planned their work from different views of the inputs"
+                )
+            stats[int(i)] = s
     if sorted(stats) != list(range(len(paths))):
         raise cli.UsageError(f"the node parts cover {len(stats)} of the {len(paths)} inputs")
     return [stats[i] for i in range(len(paths))]

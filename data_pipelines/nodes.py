@@ -97,6 +97,7 @@ def read_parts(directory: Path) -> list[dict[str, Any]]:
             raise cli.UsageError(
                 f"node {part['node_rank']} prepared {part.get('kind')!r} data, node 0 {first.get('kind')!r}"
             )
+        _same_inputs(first, part)
         for key in sorted(set(first["settings"]) | set(part["settings"])):
             if first["settings"].get(key) != part["settings"].get(key):
                 raise cli.UsageError(
@@ -105,6 +106,22 @@ def read_parts(directory: Path) -> list[dict[str, Any]]:
                     f"every node needs the same inputs and flags"
                 )
     return parts
+
+
+def _same_inputs(first: dict[str, Any], part: dict[str, Any]) -> None:
+    """Every node must have seen the same inputs at the same sizes: the work is divided by planning
+    from them, and a file that differs between nodes would duplicate or lose data. Names the input."""
+    paths, theirs = first["settings"].get("input_paths") or [], part["settings"].get("input_paths") or []
+    sizes, their_sizes = first["settings"].get("input_bytes"), part["settings"].get("input_bytes")
+    if sizes is None or their_sizes is None or paths != theirs:
+        return  # a different input list is reported with the other settings
+    for path, a, b in zip(paths, sizes, their_sizes):
+        if a != b:
+            raise cli.UsageError(
+                f"input {path} is {b:,} bytes on node {part['node_rank']} and {a:,} on node 0: every node must "
+                "read the same inputs (a copy still being written, or another version of the file); prepare "
+                "again once they agree"
+            )
 
 
 def merge(directory: Path, out: TextIO | None = None, err: TextIO | None = None) -> dict[str, Any]:

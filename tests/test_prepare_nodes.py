@@ -135,6 +135,25 @@ def test_merge_refuses_nodes_with_different_settings(tmp_path, stdlib_files, run
     assert "node 1 ran with a different seed than node 0" in capsys.readouterr().err
 
 
+def test_merge_refuses_nodes_that_saw_an_input_at_another_size(tmp_path, stdlib_files, runs, capsys) -> None:
+    """Issue 23 item 5: each node plans the blocks from its own view of the input sizes; an input that
+    differs between nodes (a copy still being written) would duplicate or lose windows. Named, refused."""
+    import shutil
+
+    out, copies = tmp_path / "drift", tmp_path / "inputs"
+    copies.mkdir()
+    files = [Path(shutil.copy(f, copies / f.name)) for f in stdlib_files[:4]]
+    assert prepare.main(argv(files, out, runs["tokenizer"], "--num-nodes", "2", "--node-rank", "0")) == 0
+    with files[2].open("a") as f:  # grows before node 1 reads it
+        f.write("\n# appended later\n" * 50)
+    assert prepare.main(argv(files, out, runs["tokenizer"], "--num-nodes", "2", "--node-rank", "1")) == 0
+    capsys.readouterr()
+    assert nodes.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"input {files[2]} is" in err and "on node 1 and" in err and "on node 0" in err
+    assert not (out / "manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -10,8 +10,6 @@ directory is complete.
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import itertools
 import sys
 import tempfile
@@ -32,7 +30,13 @@ from data_pipelines.text.packed import FORMAT as CHAT_FORMAT
 from data_pipelines.text.packed import ConversationPacker, window_sample
 from data_pipelines.text.packing import TokenPacker
 from data_pipelines.text.sources import InputError, InputSpec, ScanReport, iter_documents, resolve_inputs
-from data_pipelines.text.tokenizer import TokenizerError, encode_batches, token_dtype, train_bpe_tokenizer
+from data_pipelines.text.tokenizer import (
+    TokenizerError,
+    document_bos,
+    encode_batches,
+    token_dtype,
+    train_bpe_tokenizer,
+)
 from data_pipelines.text.window_shards import WindowShardWriter, _MemberLayout  # noqa: F401 - tests patch it here
 from data_pipelines.workers import BackgroundImports, import_shard_writer
 
@@ -224,7 +228,7 @@ class _SplitOutput:
         self.tokens += packer.tokens_out
         self.documents += packer.documents
         self.dropped_tokens += packer.dropped_tokens
-        self.packer = TokenPacker(packer.window - 1, packer.eos_id, packer.dtype)
+        self.packer = TokenPacker(packer.window - 1, packer.eos_id, packer.dtype, packer.bos_id)
 
     def to_manifest(self, output: Path) -> dict[str, Any]:
         return {
@@ -303,7 +307,8 @@ def _write_shards(
             node_shard_pattern(config.node_rank),
         )
 
-    outputs = [_SplitOutput(TokenPacker(config.seq_len, eos_id, dtype), writer(split)) for split in SPLITS]
+    bos_id = document_bos(tokenizer)
+    outputs = [_SplitOutput(TokenPacker(config.seq_len, eos_id, dtype, bos_id), writer(split)) for split in SPLITS]
     blocks = [
         (b, members) for b, members in enumerate(packing_blocks(specs)) if b % config.num_nodes == config.node_rank
     ]
@@ -352,6 +357,7 @@ def build_manifest(
         "seq_len": config.seq_len,
         "token_dtype": str(dtype),
         "tokenizer": cli.tokenizer_manifest(tokenizer, config.tokenizer),
+        "document_bos": document_bos(tokenizer),  # the id before every document, or null
         **config.split_manifest(),
         "text_field": config.text_field,
         "inputs": [stats.to_manifest() for stats in report.inputs],
@@ -452,6 +458,7 @@ def _run_node(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
             "format": config.format,
             "pack_block_bytes": BLOCK_BYTES,
             "input_paths": [str(s.path) for s in specs],
+            "input_bytes": [s.bytes for s in specs],  # this node's view: the blocks are planned from it
         },
         "inputs": {str(i): report.inputs[i].to_manifest() for i in mine},
         "splits": {split: outputs[split].to_manifest(config.output) for split in SPLITS},
@@ -517,11 +524,12 @@ def _run_chat(config: PrepareConfig, specs: list[InputSpec], external: Any, cons
 
     with console.bar(unit="conversation", desc="rendering") as bar:
         try:
-            for messages, (ids, mask) in chat.iter_conversations(
+            for messages, sequences in chat.iter_conversations(
                 specs, report, config.limit_documents, renderer, config.workers
             ):
                 split = _chat_split(config, messages)
-                write(split, packers[split].add(ids, mask))
+                for ids, mask in sequences:  # one, or one per turn where the template is not prefix-stable
+                    write(split, packers[split].add(ids, mask))
                 bar.update(1)
             for split in SPLITS:
                 write(split, packers[split].finish())
@@ -568,25 +576,8 @@ def _chat_split(config: PrepareConfig, messages: list[dict[str, str]]) -> str:
     return assign_split(chat.canonical(messages), config.val_fraction, config.test_fraction, config.seed)
 
 
-_exit_hook_registered = False
-
-
-def _freeze_heap_at_exit() -> None:
-    """Have the interpreter skip its final garbage collections over what is alive at exit.
-
-    Those passes walk every object torch (imported by webdataset) and transformers created at
-    import: ~0.3-0.4 s of each prepare-text run on this project's 2-core machine, more than the
-    tokenizing of a small corpus. gc.freeze, as the first exit handler, moves those objects out
-    of the collector's reach; the process frees them as it ends all the same.
-    """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(gc.freeze)
-        _exit_hook_registered = True
-
-
 def main(argv: list[str] | None = None) -> int:
-    _freeze_heap_at_exit()
+    cli.freeze_heap_at_exit()
     return cli.run_main(PROG, build_parser(), argv, PrepareConfig, run, (InputError, TokenizerError, chat.ChatError))
 
 

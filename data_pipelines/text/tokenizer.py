@@ -255,3 +255,14 @@ def encode_batches(
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def document_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The bos id this tokenizer starts an encoded text with (Llama, Mistral, Gemma: what generation,
+    pipelines and evaluation harnesses prepend), put before every document; None for tokenizers that
+    add none (GPT-2's byte-level BPE: documents are separated by eos alone)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == tokenizer.eos_token_id:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
