@@ -338,3 +338,16 @@ def test_a_classify_recipe_without_init_from_or_with_a_bad_folder_is_refused_bef
                 ]
             )
         )
+
+
+def test_a_classifier_batch_without_one_decodable_image_stops_the_stream_naming_the_rank(tmp_path):
+    """Issue 23 (smaller): an all-undecodable batch was an empty tensor; now an error. A batch with
+    some undecodable images keeps the rest (the step's loss is over the items it holds)."""
+    root = make_folder(tmp_path / "f", 2)
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    for i in range(40):
+        (first / f"broken{i:02d}.jpg").write_bytes(b"not a jpeg")
+    stream = FolderTrainStream(ImageFolder(root), "all", 1, SIZE, seed=3)
+    with pytest.raises(FolderError, match="rank 0: no image of a whole batch could be decoded"):
+        for _ in range(50):
+            assert len(next(stream)["labels"]) == 1

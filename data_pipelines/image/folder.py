@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from data_pipelines.batch import Batch
+from data_pipelines.eval_split import eval_subset
 from data_pipelines.image.transforms import TrainView, normalize_batch
 from data_pipelines.loader import SkipLog, stable_seed
 from data_pipelines.splits import split_hash
@@ -312,8 +313,11 @@ class FolderTrainStream:
     """One rank's endless training batches ``{"pixel_values", "labels"}`` from a folder's split,
     with the interface of `data_pipelines.loader.TrainStream` (``state_dict``, ``load_state_dict``
     before the first batch, ``counts``, ``micro_batches``). An undecodable file is logged, counted
-    and left out of its batch; with ``captions`` (`ClassCaptions`) batches also carry each image's
-    class caption, and keep ``batch_size`` rows (a contrastive loss gathers equal rows from every
+    and left out of its batch: a classifier's step is over the items it holds (the trainer divides
+    the step's loss sum by them), so a shorter batch weighs each of its images as much as any other
+    and the batches stay those of any other world size. A batch with no decodable image stops the
+    stream, naming the rank. With ``captions`` (`ClassCaptions`) batches also carry each image's
+    class caption and keep ``batch_size`` rows (a contrastive loss gathers equal rows from every
     rank) by repeating decodable rows in place of undecodable ones."""
 
     def __init__(
@@ -343,6 +347,10 @@ class FolderTrainStream:
         self._slots: dict[int, dict] = {}
         self.source, self.handed_out = folder.root.name, 0
         self._it: Iterator[dict] | None = None
+
+    def coverage(self) -> list[str]:
+        """Nothing to say at start: the folder's files are divided by position, not by shard."""
+        return []
 
     def layout(self) -> dict[str, int]:
         return {"world": self.world_size, "workers": self.num_workers, "micro": self.batch_size}
@@ -406,15 +414,16 @@ class FolderTrainStream:
             self._it = self._start()
         batch = next(self._it)
         positions = batch.meta["positions"]
-        if self.captions is not None:
-            n = len(positions)
-            if n == 0:
-                raise FolderError(
-                    f"rank {self.rank}: no image of a whole batch could be decoded (first: {self.skips.examples[:1]})"
-                )
+        n = len(positions)
+        if n == 0:
+            raise FolderError(
+                f"rank {self.rank}: no image of a whole batch could be decoded (first: {self.skips.examples[:1]})"
+            )
+        if self.captions is not None and n < self.batch_size:  # a contrastive batch gathers equal rows
             fill = [i % n for i in range(self.batch_size)]
             batch["pixel_values"], batch["labels"] = batch["pixel_values"][fill], batch["labels"][fill]
             positions = [positions[i] for i in fill]
+        if self.captions is not None:
             batch.update(self.captions(batch["labels"].tolist(), positions))
         batch["pixel_values"] = normalize_batch(batch["pixel_values"])
         self.micro_batches += 1
@@ -433,11 +442,11 @@ def folder_eval_batches(
     max_samples: int | None = None,
     stats: dict[str, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The split's first ``max_samples`` images (in `ImageFolder.files` order), image i on rank
+    """The split's images (a fixed subset of ``max_samples`` spread over it, `eval_subset`), image i on rank
     i % world_size, centre-cropped: batches of ``pixel_values``, ``labels``, ``weight`` (0 for
     padding and undecodable rows) and ``index``. Every rank yields the same number of batches of
     the same sizes, as ZeRO-3's collective forwards need; padding repeats a decodable image."""
-    files = folder.files(split)[:max_samples]
+    files = eval_subset(folder.files(split), max_samples)  # spread over the split, not its first classes
     if not files:
         raise FolderError(f"image folder {folder.root}: split {split!r} has no images")
     skips = SkipLog(f"eval {split}: ")

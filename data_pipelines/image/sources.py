@@ -237,7 +237,11 @@ def _iter_img2dataset_shard(tar_path: Path, fields: Fields) -> Iterator[Item | S
                 yield Skip(source, "missing_image", f"no image member (has {sorted(group)})")
                 continue
             if "txt" in group:
-                caption: str | None = group["txt"].decode("utf-8", errors="replace")
+                try:
+                    caption: str | None = group["txt"].decode("utf-8")
+                except UnicodeDecodeError as exc:  # kept, it would train on U+FFFD in place of the text
+                    yield Skip(source, "caption_not_utf8", f"caption is not UTF-8 ({exc})")
+                    continue
             else:
                 caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
             yield Item(source, key, caption, data=group[image_ext], extra=_extra(meta, fields.label))
@@ -388,7 +392,10 @@ def _iter_folder(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
         key = image.relative_to(spec.path).with_suffix("").as_posix()
         sidecar = image.with_suffix(".txt")
         try:
-            caption = sidecar.read_text(encoding="utf-8", errors="replace")
+            caption = sidecar.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            yield Skip(str(image), "caption_not_utf8", f"{sidecar.name} is not UTF-8 ({exc})")
+            continue
         except FileNotFoundError:
             yield Skip(str(image), "missing_caption", f"no sidecar caption {sidecar.name}")
             continue

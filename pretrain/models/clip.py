@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 from data_pipelines.eval_split import check_batch_counts
-from data_pipelines.image.transforms import normalize_batch
+from data_pipelines.image.transforms import CLIP_MEAN, CLIP_STD, normalize_batch
 from pretrain.models.clip_metrics import all_reduce_host, gather_rows, grouped_loss, retrieval, topk_hits
 from pretrain.models.contrastive import (  # noqa: F401 - the loss, importable with the model
     ContrastiveStep,
@@ -48,10 +48,16 @@ class ContrastiveCLIP(torch.nn.Module):
     through forward so that DeepSpeed's engine (ZeRO-3's parameter gathering) sees every call.
     """
 
-    def __init__(self, clip: CLIPModel, max_logit_scale: float = 100.0):
+    def __init__(self, clip: CLIPModel, max_logit_scale: float = 100.0, config: PretrainedConfig | None = None):
         super().__init__()
         self.clip = clip
         self.max_log_scale = math.log(max_logit_scale)
+        # the checkpoint's own pixel statistics (its preprocessor_config.json), else OpenAI's; kept on
+        # the transformers config too, which the export's preprocessor is written from
+        for key in ("image_mean", "image_std"):
+            if config is not None and getattr(config, key, None) is not None:
+                setattr(clip.config, key, getattr(config, key))
+        self.pixel_mean, self.pixel_std = pixel_stats(clip.config)
         # CLIPModel's temperature is a 0-dim parameter, which DeepSpeed's initial broadcast
         # cannot view as bytes; it trains as shape (1,) and is a scalar again in to_hf().
         if clip.logit_scale.dim() == 0:
@@ -65,7 +71,9 @@ class ContrastiveCLIP(torch.nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dtype == torch.uint8:  # the training stream's pixels, normalised here on the device
-            pixel_values = normalize_batch(pixel_values)
+            pixel_values = normalize_batch(pixel_values, self.pixel_mean, self.pixel_std)
+        elif (self.pixel_mean, self.pixel_std) != (CLIP_MEAN, CLIP_STD):  # the loaders normalise with OpenAI's
+            pixel_values = renormalize(pixel_values, (CLIP_MEAN, CLIP_STD), (self.pixel_mean, self.pixel_std))
         # The engine does not cast inputs: match the tower's dtype (bf16 under bf16 training).
         dtype = self.clip.visual_projection.weight.dtype
         pooled = self.clip.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
@@ -133,6 +141,32 @@ class ContrastiveCLIP(torch.nn.Module):
             "text": text,
             "scale": scale.detach(),
         }
+
+
+def pixel_stats(config: PretrainedConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a CLIP's pixels are normalised with: ``image_mean`` / ``image_std`` that
+    `model_config` copied into the config from an init_from checkpoint's preprocessor, else OpenAI's."""
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    if mean is None or std is None:
+        return CLIP_MEAN, CLIP_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def renormalize(pixels: torch.Tensor, source, target) -> torch.Tensor:
+    """Pixels normalised with ``source`` (mean, std) re-expressed as normalised with ``target``."""
+    (m0, s0), (m1, s1) = (
+        (torch.tensor(v, device=pixels.device).view(1, -1, 1, 1) for v in p) for p in (source, target)
+    )
+    return ((pixels * s0 + m0) - m1) / s1
+
+
+def preprocessor_stats(path: str | Path) -> dict[str, list[float]]:
+    """image_mean / image_std of a Hugging Face CLIP directory's preprocessor_config.json ({} without one)."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    pre = json.loads(file.read_text())
+    return {k: [float(v) for v in pre[k]] for k in ("image_mean", "image_std") if isinstance(pre.get(k), list)}
 
 
 def register_external_parameters(model: ContrastiveCLIP) -> None:
@@ -207,7 +241,10 @@ def hf_config(
 
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
-        return AutoConfig.from_pretrained(cfg.init_from)
+        config = AutoConfig.from_pretrained(cfg.init_from)
+        for key, value in preprocessor_stats(cfg.init_from).items():  # trained and exported with the checkpoint's
+            setattr(config, key, value)
+        return config
     return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
 
 
@@ -248,15 +285,18 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> ContrastiveCLIP:
         )
     else:
         clip = CLIPModel._from_config(config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
-    return ContrastiveCLIP(clip, cfg.max_logit_scale)
+    return ContrastiveCLIP(clip, cfg.max_logit_scale, config)
 
 
 def model_from_config(config: PretrainedConfig, cfg: ModelConfig | None = None) -> ContrastiveCLIP:
-    return ContrastiveCLIP(CLIPModel(config), (cfg or ModelConfig(arch="clip")).max_logit_scale)
+    return ContrastiveCLIP(CLIPModel(config), (cfg or ModelConfig(arch="clip")).max_logit_scale, config)
 
 
 def from_pretrained(path: str | Path) -> ContrastiveCLIP:
-    return ContrastiveCLIP(CLIPModel.from_pretrained(path, dtype=torch.float32))
+    clip = CLIPModel.from_pretrained(path, dtype=torch.float32)
+    for key, value in preprocessor_stats(path).items():
+        setattr(clip.config, key, value)
+    return ContrastiveCLIP(clip)
 
 
 def hf_model(model: ContrastiveCLIP) -> CLIPModel:
@@ -276,7 +316,6 @@ def save_hf_assets(model: CLIPModel, tokenizer, out: Path) -> None:
     """The caption tokenizer (padding with eos, as training did, and ending every text with eos, where
     CLIP pools) and OpenAI's preprocessor_config.json for the model's image size, so that
     `pipeline("zero-shot-image-classification", model=out)` works on the export as it is."""
-    from data_pipelines.image.transforms import CLIP_MEAN, CLIP_STD
     from pretrain.models.hf_assets import save_tokenizer
 
     if tokenizer is not None:
@@ -297,8 +336,8 @@ def save_hf_assets(model: CLIPModel, tokenizer, out: Path) -> None:
                 "do_rescale": True,
                 "rescale_factor": 1 / 255,
                 "do_normalize": True,
-                "image_mean": list(CLIP_MEAN),
-                "image_std": list(CLIP_STD),
+                "image_mean": list(pixel_stats(model.config)[0]),  # the checkpoint's own, as training used
+                "image_std": list(pixel_stats(model.config)[1]),
             },
             indent=2,
         )
