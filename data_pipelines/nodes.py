@@ -116,7 +116,7 @@ def _same_inputs(first: dict[str, Any], part: dict[str, Any]) -> None:
     if sizes is None or their_sizes is None or paths != theirs:
         return  # a different input list is reported with the other settings
     for path, a, b in zip(paths, sizes, their_sizes):
-        if a != b:
+        if a != b and a is not None and b is not None:
             raise cli.UsageError(
                 f"input {path} is {b:,} bytes on node {part['node_rank']} and {a:,} on node 0: every node must "
                 "read the same inputs (a copy still being written, or another version of the file); prepare "

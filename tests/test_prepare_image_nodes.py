@@ -160,3 +160,19 @@ def test_multi_node_image_text_cannot_train_a_tokenizer(tmp_path, capsys) -> Non
     )
     assert "--num-nodes > 1 cannot train a caption tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_refuses_nodes_that_read_a_table_at_another_size(tmp_path, capsys) -> None:
+    """Issue 23 item 5: rows alternate between the nodes by their order; a table that grew between
+    node 0's and node 1's reading would shift them. prepare-merge names it and refuses."""
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = [*map(str, inputs), "--output", str(out), *FLAGS, "--num-nodes", "2"]
+    assert prepare.main([*argv, "--node-rank", "0"]) == 0
+    with inputs[0].open("a") as f:
+        f.write("images/05.png,a row added later\n")
+    assert prepare.main([*argv, "--node-rank", "1"]) == 0
+    capsys.readouterr()
+    assert nodes.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"input {inputs[0]} is" in err and "bytes on node 1" in err

@@ -535,6 +535,9 @@ def _run_node(
             "tokenizer_sha256": None if tokenizer is None else node_parts.tokenizer_fingerprint(tokenizer),
             "input_paths": [str(s.path) for s in specs],
             "input_formats": [s.format for s in specs],
+            # each node's view of its input files (directories: None): nodes divide the samples by their
+            # order, so a file that differs between nodes would shift them (prepare-merge compares these)
+            "input_bytes": [s.path.stat().st_size if s.path.is_file() else None for s in specs],
         },
         "inputs": [{"samples": stats.documents, "rejected": stats.skipped} for stats in report.inputs],
         "splits": writers.to_manifest(),

@@ -362,7 +362,10 @@ class EvalConfig(_Section):
 
     every: int = Field(100, ge=0, description="evaluate every N steps (0 = only at the end); --eval-every overrides")
     max_samples: int | None = Field(
-        None, gt=0, description="cap on val sequences per evaluation (default: the whole split)"
+        None,
+        gt=0,
+        description="val samples per evaluation: a fixed, seeded subset with one sample from each equal stretch of "
+        "the split (every class of a class-ordered split), the same every evaluation (default: the whole split)",
     )
     batch_size: int | None = Field(
         None, gt=0, description="sequences per rank per eval forward (default: training micro_batch_size)"
