@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from data_pipelines import cli
-from data_pipelines.manifest import MANIFEST_NAME, SIZES_NAME, write_json_atomic
+from data_pipelines.manifest import MANIFEST_NAME, SIZES_NAME, inside, write_json_atomic
 from data_pipelines.shards import SHARD_PATTERN
 from data_pipelines.splits import SPLITS
 
@@ -62,6 +63,55 @@ def prepare_node_output(output: Path, rank: int, overwrite: bool) -> None:
     for path in found:
         path.unlink(missing_ok=True)  # another node may have removed a shared stale file first
     (output / PARTS_DIR).mkdir(exist_ok=True)
+
+
+def node_shard_regex(split: str, rank: int) -> re.Pattern[str]:
+    """Exactly the names node `rank` gives its shards of `split`: `<split>/shard-rIIIII-NNNNNN.tar`."""
+    return re.compile(re.escape(f"{split}/{node_shard_pattern(rank)}").replace("%06d", r"[0-9]{6}"))
+
+
+def check_part(directory: Path, path: Path, part: dict[str, Any]) -> None:
+    """Refuse (cli.UsageError naming `path` and the entry) a part that is not what a node writes:
+    the merge trusts its structure and deletes, rewrites and indexes the shards it names, so only
+    this node's own shard names, inside `directory`, pass; checked before anything is touched."""
+
+    def bad(entry: str, why: str) -> cli.UsageError:
+        return cli.UsageError(f"{path}: {entry} {why}; not a node part this version of prepare-merge reads")
+
+    rank = part.get("node_rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise bad("node_rank", f"is {rank!r}, not a node rank")
+    if path.name != part_path(directory, rank).name:
+        raise bad("node_rank", f"is {rank}, but the file is named {path.name}")
+    for key, kind in (("settings", dict), ("splits", dict), ("skipped", dict), ("inputs", (dict, list))):
+        if not isinstance(part.get(key), kind):
+            raise bad(key, "is missing or of the wrong type")
+    skipped = part["skipped"]
+    if not isinstance(skipped.get("by_reason"), dict) or not isinstance(skipped.get("examples"), list):
+        raise bad("skipped", "needs by_reason (an object) and examples (a list)")
+    for split in SPLITS:
+        info = part["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise bad(f"splits.{split}", "is missing or has no list of shards")
+        counts = info.get("shard_samples")
+        if not isinstance(counts, list) or len(counts) != len(info["shards"]):
+            raise bad(f"splits.{split}.shard_samples", "is not a count per shard")
+        for key, value in info.items():
+            numbers = value if isinstance(value, list) and key != "shards" else [value]
+            if key != "shards" and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                raise bad(f"splits.{split}.{key}", f"is {value!r}, not a count")
+        own = node_shard_regex(split, rank)
+        for i, shard in enumerate(info["shards"]):
+            entry = f"splits.{split}.shards[{i}]"
+            if not isinstance(shard, str) or not own.fullmatch(shard):
+                own_name = f"{split}/{node_shard_pattern(rank)}".replace("%06d", "NNNNNN")
+                raise bad(entry, f"{shard!r} is not a shard of node {rank} ({own_name})")
+            inside(directory, shard, path, entry)
+    tokenizer = part["settings"].get("tokenizer")
+    if isinstance(tokenizer, dict) and "path" in tokenizer:
+        inside(directory, tokenizer["path"], path, "settings.tokenizer.path")
+    if "kept" in part and part["kept"] != part_path(directory, rank).with_suffix(".kept.tsv").name:
+        raise bad("kept", f"{part['kept']!r} is not node {rank}'s kept list")
 
 
 def write_part(output: Path, part: dict[str, Any]) -> Path:

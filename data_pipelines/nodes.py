@@ -27,6 +27,7 @@ from data_pipelines.manifest import ManifestError, read_manifest, write_sizes
 from data_pipelines.node_parts import (
     PART_VERSION,
     PARTS_DIR,
+    check_part,
     merge_inputs,
     merge_skipped,
     merge_splits,
@@ -43,6 +44,7 @@ __all__ = [
     "PART_VERSION",
     "PROG",
     "build_parser",
+    "check_part",
     "main",
     "merge",
     "merge_inputs",
@@ -68,7 +70,9 @@ def read_parts(directory: Path) -> list[dict[str, Any]]:
             f"no node parts in {directory / PARTS_DIR}: run the prepare command with "
             f"--num-nodes N --node-rank I on every node first"
         )
-    parts = [read_manifest(f) for f in files]
+    parts = [read_manifest(f, paths=False) for f in files]
+    for path, part in zip(files, parts):  # before anything is read from, written to or unlinked in DIR
+        check_part(directory, path, part)
     first = parts[0]
     num_nodes = first.get("num_nodes")
     for path, part in zip(files, parts):
@@ -136,7 +140,15 @@ def merge(directory: Path, out: TextIO | None = None, err: TextIO | None = None)
     if kind not in PART_KINDS:
         raise cli.UsageError(f"{PROG} does not know node parts of kind {kind!r}")
     merged_manifest, summary = PART_KINDS[kind]
-    manifest = merged_manifest(directory, parts)
+    try:
+        manifest = merged_manifest(directory, parts)
+    except ManifestError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a field only the kind reads
+        raise cli.UsageError(
+            f"the node parts in {directory / PARTS_DIR} are malformed ({type(exc).__name__}: {exc}); "
+            "prepare the nodes again"
+        ) from None
     write_sizes(directory, manifest)
     return console.finish(directory, manifest, summary)
 

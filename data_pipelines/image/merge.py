@@ -9,6 +9,7 @@ from typing import Any
 from data_pipelines import cli, node_parts
 from data_pipelines.image.node_duplicates import cross_node_duplicates, without_duplicates
 from data_pipelines.image.prepare import KIND, MANIFEST_VERSION, PROG
+from data_pipelines.manifest import inside
 
 
 def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,8 +72,11 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
         "tokenizer": settings["tokenizer"],
         "num_nodes": len(parts),
     }
-    if settings["tokenizer"] is not None and not (directory / settings["tokenizer"]["path"]).is_dir():
-        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
+    if settings["tokenizer"] is not None:
+        part = node_parts.part_path(directory, 0)
+        tokenizer = inside(directory, settings["tokenizer"]["path"], part, "tokenizer.path")
+        if not tokenizer.is_dir():
+            raise cli.UsageError(f"{tokenizer} is missing (node 0 writes it)")
     if not sum(s["samples"] for s in manifest["splits"].values()):
         reasons = cli.reason_counts(rejected["by_reason"])
         raise cli.UsageError(

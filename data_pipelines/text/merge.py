@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines import cli, node_parts
+from data_pipelines.manifest import inside
 from data_pipelines.text.prepare import MANIFEST_VERSION, PROG
 
 
@@ -27,8 +28,9 @@ def merged_manifest(directory: Path, parts: list[dict[str, Any]]) -> dict[str, A
         "skipped": node_parts.merge_skipped(parts),
         "num_nodes": len(parts),
     }
-    if not (directory / settings["tokenizer"]["path"]).is_dir():
-        raise cli.UsageError(f"{directory / settings['tokenizer']['path']} is missing (node 0 writes it)")
+    tokenizer = inside(directory, settings["tokenizer"]["path"], node_parts.part_path(directory, 0), "tokenizer.path")
+    if not tokenizer.is_dir():
+        raise cli.UsageError(f"{tokenizer} is missing (node 0 writes it)")
     if not sum(s["documents"] for s in manifest["splits"].values()):
         raise cli.UsageError(
             f"no usable documents in the inputs of any node (skipped records: "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.runtime.checkpoint import CheckpointError, resolve_checkpoint
+from pretrain.runtime.checkpoint import CheckpointError, hf_load, resolve_checkpoint, trusting
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wise-ft-from", metavar="DIR", help="--wise-ft: the original weights (default: the run's model.init_from)"
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run Python code shipped inside a model or tokenizer directory (auto_map; it runs "
+        "with your permissions); without it such a directory is refused",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read DeepSpeed checkpoint files that only a full unpickling reads (it can run any code they "
+        "carry); without it every file is read with torch.load(weights_only=True) and one that needs more is refused",
+    )
     return p
 
 
@@ -60,6 +72,9 @@ def export(
     from pretrain.run.build import load_model
 
     out = Path(output)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)  # out, or the folder it would go in
+    if existing is not None and not existing.is_dir():
+        raise CheckpointError(f"--output {out}: {existing} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists and is not empty")
     ref = resolve_checkpoint(checkpoint)
@@ -88,7 +103,7 @@ def export(
     if loaded.tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+        tokenizer = hf_load(AutoTokenizer.from_pretrained, loaded.tokenizer_dir)
     family.save_hf_assets(model, tokenizer, out)
     (out / "export-info.json").write_text(json.dumps({**info, "dtype": dtype, "contents": kind}, indent=2))
     command = shlex.join(
@@ -112,7 +127,8 @@ def export(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export(args.checkpoint, args.output, args.dtype, args.merge, args.wise_ft, args.wise_ft_from)
+        with trusting(remote_code=args.trust_remote_code, checkpoint=args.trust_checkpoint):
+            out = export(args.checkpoint, args.output, args.dtype, args.merge, args.wise_ft, args.wise_ft_from)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
