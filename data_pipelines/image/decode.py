@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 
 import numpy as np
 from PIL import Image
+
+from data_pipelines import limits
 
 WHITE = (255, 255, 255)
 ORIENTATION_TAG = 0x0112
@@ -48,9 +51,33 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than `limits.current().max_image_pixels`
+    (--max-image-pixels): refused before a single pixel is decoded."""
+
+    reason = limits.TOO_MANY_PIXELS
+
+
 def open_image(data: bytes) -> Image.Image:
-    """Pillow's lazy open: the header only, nothing decoded yet."""
-    return Image.open(io.BytesIO(data))
+    """Pillow's lazy open: the header only, nothing decoded yet. `TooManyPixels` for an image over
+    the pixel cap (Pillow's DecompressionBombWarning is replaced by that check; its
+    DecompressionBombError, at twice its own MAX_IMAGE_PIXELS, becomes TooManyPixels too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise TooManyPixels(str(exc)) from None
+    check_pixels(img)
+    return img
+
+
+def check_pixels(img: Image.Image) -> None:
+    """`TooManyPixels` when the opened (not yet decoded) image is over the pixel cap."""
+    cap = limits.current().max_image_pixels
+    width, height = img.size
+    if width * height > cap:
+        raise TooManyPixels(f"{width}x{height} = {width * height:,} pixels > {cap:,} (--max-image-pixels)")
 
 
 def image_orientation(img: Image.Image) -> int:

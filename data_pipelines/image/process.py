@@ -7,12 +7,20 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image
 
-from data_pipelines.image.decode import WHITE, decode_opened, image_orientation, open_image, to_rgb, upright_size
+from data_pipelines import limits
+from data_pipelines.image.decode import (
+    WHITE,
+    TooManyPixels,
+    decode_opened,
+    image_orientation,
+    open_image,
+    to_rgb,
+    upright_size,
+)
 from data_pipelines.image.geometry import RESAMPLE, center_crop
 
 
@@ -81,8 +89,10 @@ def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> P
     """Read (if given a path), decode, check, resize and re-encode one image."""
     if data is None:
         assert path is not None
-        try:
-            data = Path(path).read_bytes()
+        try:  # a regular file only (a FIFO or device is never opened), up to --max-member-bytes
+            data = limits.read_regular(path, limits.current().max_member_bytes)
+        except limits.TooLarge as exc:
+            return Processed(exc.reason, str(exc))
         except FileNotFoundError:
             return Processed("missing_image", f"no such file: {path}")
         except OSError as exc:
@@ -107,6 +117,8 @@ def process_image(data: bytes | None, path: str | None, opts: ImageOptions) -> P
         # orientation, as viewers show it; 16-bit grey scaled to 8 bits; transparency on white
         img = decode_opened(img, draft, orientation)
         width, height = upright_size(width, height, orientation)
+    except TooManyPixels as exc:
+        return Processed(limits.TOO_MANY_PIXELS, str(exc), sha256=sha)
     except Exception as exc:  # noqa: BLE001 - any failure inside a decoder means corrupt data
         return Processed("undecodable", f"{type(exc).__name__}: {exc}", sha256=sha)
     pixels = hashlib.blake2b(img.tobytes(), digest_size=16, person=b"pixels").digest()

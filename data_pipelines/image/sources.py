@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from data_pipelines import limits
 from data_pipelines.text.sources import InputError
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -149,11 +150,13 @@ def resolve_image_inputs(patterns: Sequence[str]) -> list[ImageInputSpec]:
 # img2dataset
 
 
-def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {extension: bytes}) for consecutive tar members sharing a key, the webdataset way:
-    the key is the member path up to the first dot of its file name."""
+    the key is the member path up to the first dot of its file name. A member whose size header
+    is over --max-member-bytes is passed over unread (its value None)."""
+    cap = limits.current().max_member_bytes
     current: str | None = None
-    group: dict[str, bytes] = {}
+    group: dict[str, bytes | None] = {}
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -161,8 +164,11 @@ def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             dirname, base = os.path.split(member.name)
             prefix, _, ext = base.partition(".")
             key = f"{dirname}/{prefix}" if dirname else prefix
-            handle = tar.extractfile(member)
-            data = handle.read() if handle is not None else b""
+            if member.size > cap:
+                data: bytes | None = None
+            else:
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
             if key != current:
                 if current is not None:
                     yield current, group
@@ -204,18 +210,22 @@ def _read_status(parquet: Path) -> list[tuple[str, str, str]] | None:
             raise InputError(
                 f"{parquet}: not an img2dataset parquet (needs 'key' and 'status' columns, has {schema.names})"
             )
-        rows = pq.read_table(parquet, columns=columns).to_pylist()
+        rows = [
+            row
+            for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=columns)
+            for row in batch.to_pylist()
+        ]
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {parquet}: {exc}") from None
     return [(str(r["key"]), str(r["status"]), str(r.get("error_message") or "")) for r in rows]
 
 
 def _read_stats(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        stats = json.loads(limits.read_regular(path, limits.current().max_sidecar_bytes).decode("utf-8"))
+    except (OSError, ValueError) as exc:  # TooLarge, UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise InputError(f"cannot read {path}: {exc}") from None
     return stats if isinstance(stats, dict) else None
 
@@ -229,6 +239,11 @@ def _iter_img2dataset_shard(tar_path: Path, fields: Fields) -> Iterator[Item | S
     try:
         for tar_key, group in _tar_groups(tar_path):
             source = f"{tar_path}:{tar_key}"
+            oversized = sorted(ext for ext, data in group.items() if data is None)
+            if oversized:
+                cap = limits.current().max_member_bytes
+                yield Skip(source, limits.TOO_LARGE, f"members {oversized} over {cap:,} bytes (--max-member-bytes)")
+                continue
             meta = _parse_json(group.get("json"))
             key = str(meta.get("key") or tar_key)
             in_tar.add(key)
@@ -236,9 +251,9 @@ def _iter_img2dataset_shard(tar_path: Path, fields: Fields) -> Iterator[Item | S
             if image_ext is None:
                 yield Skip(source, "missing_image", f"no image member (has {sorted(group)})")
                 continue
-            if "txt" in group:
+            if (txt := group.get("txt")) is not None:
                 try:
-                    caption: str | None = group["txt"].decode("utf-8")
+                    caption: str | None = txt.decode("utf-8")
                 except UnicodeDecodeError as exc:  # kept, it would train on U+FFFD in place of the text
                     yield Skip(source, "caption_not_utf8", f"caption is not UTF-8 ({exc})")
                     continue
@@ -273,7 +288,15 @@ def _iter_img2dataset_shard(tar_path: Path, fields: Fields) -> Iterator[Item | S
 
 
 def _iter_img2dataset(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
+    named = not spec.path.is_dir()  # a shard named on the command line may be a symlink
     for tar_path in img2dataset_shards(spec.path):
+        try:
+            problem = limits.file_problem(tar_path, follow_symlinks=True if named else None)
+        except FileNotFoundError:
+            problem = ("corrupt_shard", f"{tar_path}: no such file")
+        if problem is not None:  # a FIFO or device is never opened: tarfile would wait on it
+            yield Skip(str(tar_path), *problem)
+            continue
         yield from _iter_img2dataset_shard(tar_path, fields)
 
 
@@ -310,7 +333,7 @@ def _table_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, An
 
         def parquet_rows() -> Iterator[tuple[str, dict[str, Any]]]:
             i = 0
-            for batch in pf.iter_batches(batch_size=4096):
+            for batch in pf.iter_batches(batch_size=limits.PARQUET_BATCH_ROWS):
                 for row in batch.to_pylist():
                     yield f"row {i}", row
                     i += 1
@@ -361,6 +384,13 @@ def _iter_table(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
             continue
         image_path = Path(str(value).strip())
         full = image_path if image_path.is_absolute() else base / image_path
+        try:  # a regular file inside the table's folder (unless --follow-symlinks), never opened here
+            problem = limits.file_problem(full, root=base)
+        except FileNotFoundError:
+            problem = None  # the worker reports it as missing_image
+        if problem is not None:
+            yield Skip(source, *problem)
+            continue
         caption = row.get(caption_col)
         key = row.get(DEFAULT_KEY_FIELD) if DEFAULT_KEY_FIELD in names else None
         yield Item(
@@ -376,34 +406,68 @@ def _iter_table(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
 # Folders with sidecar captions
 
 
-def _walk_images(root: Path) -> Iterator[Path]:
-    """Images under a folder in a stable order: a folder's files, then its sub-folders, by name."""
+def _walk_images(root: Path, seen: set[Path] | None = None) -> Iterator[Path | Skip]:
+    """Images under a folder in a stable order: a folder's files, then its sub-folders, by name.
+    Regular files only: symlinks (unless --follow-symlinks), FIFOs and devices are skipped and
+    counted; following symlinks, each real directory is walked once (no loops, no blow-up)."""
+    follow = limits.current().follow_symlinks
+    seen = set() if seen is None else seen
+    real = root.resolve()
+    if real in seen:
+        return
+    seen.add(real)
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    dirs: list[Path] = []
     for path in entries:
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            yield path
-    for path in entries:
-        if path.is_dir():
-            yield from _walk_images(path)
+        if path.is_symlink() and not follow:
+            if path.suffix.lower() in IMAGE_SUFFIXES or path.is_dir():
+                yield Skip(str(path), limits.SYMLINK, f"{path} is a symbolic link (pass --follow-symlinks)")
+        elif path.is_dir():
+            dirs.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                problem = limits.file_problem(path, follow_symlinks=follow)
+            except FileNotFoundError:
+                problem = ("missing_image", f"{path}: no such file")
+            yield path if problem is None else Skip(str(path), *problem)
+    for path in dirs:
+        yield from _walk_images(path, seen)
+
+
+def _read_sidecar(path: Path, root: Path) -> bytes | None:
+    """A sidecar's bytes (None without one); `TooLarge` for one that must not be read."""
+    try:
+        return limits.read_regular(path, limits.current().max_sidecar_bytes, root)
+    except FileNotFoundError:
+        return None
 
 
 def _iter_folder(spec: ImageInputSpec, fields: Fields) -> Iterator[Item | Skip]:
     for image in _walk_images(spec.path):
+        if isinstance(image, Skip):
+            yield image
+            continue
         key = image.relative_to(spec.path).with_suffix("").as_posix()
         sidecar = image.with_suffix(".txt")
+        meta_path = image.with_suffix(".json")
         try:
-            caption = sidecar.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            yield Skip(str(image), "caption_not_utf8", f"{sidecar.name} is not UTF-8 ({exc})")
-            continue
-        except FileNotFoundError:
-            yield Skip(str(image), "missing_caption", f"no sidecar caption {sidecar.name}")
+            raw = _read_sidecar(sidecar, spec.path)
+            meta_raw = _read_sidecar(meta_path, spec.path)
+        except limits.TooLarge as exc:
+            yield Skip(str(image), exc.reason, f"sidecar: {exc}")
             continue
         except OSError as exc:
             yield Skip(str(image), "missing_caption", f"cannot read {sidecar}: {exc}")
             continue
-        meta_path = image.with_suffix(".json")
-        meta = _parse_json(meta_path.read_bytes()) if meta_path.is_file() else {}
+        if raw is None:
+            yield Skip(str(image), "missing_caption", f"no sidecar caption {sidecar.name}")
+            continue
+        try:
+            caption = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text did
+        except UnicodeDecodeError as exc:
+            yield Skip(str(image), "caption_not_utf8", f"{sidecar.name} is not UTF-8 ({exc})")
+            continue
+        meta = _parse_json(meta_raw)
         yield Item(str(image), key, caption, path=str(image), extra=_extra(meta, fields.label))
 
 

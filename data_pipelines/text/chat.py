@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from data_pipelines import limits
 from data_pipelines.text.sources import InputSpec, ScanReport, read_records
 
 MESSAGES_FIELD = "messages"
@@ -346,16 +347,22 @@ class ChatRenderer:
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
             )
         except Exception as e:  # noqa: BLE001 - jinja errors and the template's own raise_exception
             raise BadConversation("chat_template_error", f"{type(e).__name__}: {e}") from None
+        cap = limits.current().max_template_chars
+        if len(text) > cap:  # refused before it is tokenized (the costly part: ~10x its size)
+            raise BadConversation(limits.TEMPLATE_TOO_LONG, f"rendered {len(text):,} characters > {cap:,}")
+        return text
 
     def _prompt(self, messages: list[dict[str, str]], i: int) -> str:
         try:
             return self.render(messages[:i], generation_prompt=True)
         except BadConversation as e:
+            if e.reason == limits.TEMPLATE_TOO_LONG:
+                raise
             raise BadConversation(
                 "chat_template_refuses_prefix",
                 f"the template refuses the conversation up to assistant turn {i} (with the generation prompt): {e}",

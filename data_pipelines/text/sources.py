@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from data_pipelines import limits
+
 FORMATS: tuple[str, ...] = ("text", "jsonl", "json", "parquet", "hf_dataset")
 
 # Skipped when walking a directory; an error when named explicitly.
@@ -47,6 +49,9 @@ class InputSpec:
     path: Path
     format: str
     bytes: int
+    # Entries the walk passed over just before this input (symlinks, FIFOs, devices), as
+    # (source, reason, detail): counted by every ScanReport of these inputs.
+    walk_skips: tuple[tuple[str, str, str], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass
@@ -79,7 +84,13 @@ class ScanReport:
 
     @classmethod
     def for_inputs(cls, specs: Sequence[InputSpec]) -> ScanReport:
-        return cls([InputStats(str(s.path), s.format, s.bytes) for s in specs])
+        report = cls([InputStats(str(s.path), s.format, s.bytes) for s in specs])
+        for spec in specs:  # what the walk passed over is no input's record: counted by reason only
+            for source, reason, detail in spec.walk_skips:
+                report.by_reason[reason] += 1
+                if len(report.examples) < report.max_examples:
+                    report.examples.append({"source": source, "reason": reason, "detail": _clip(detail)})
+        return report
 
     @property
     def documents(self) -> int:
@@ -131,33 +142,54 @@ def detect_format(path: Path) -> str | None:
     return "text"
 
 
-def _spec(path: Path, fmt: str) -> InputSpec:
+def _spec(path: Path, fmt: str, skips: list[tuple[str, str, str]] | None = None) -> InputSpec:
+    """The input at `path`, carrying (and emptying) the walk's `skips` gathered before it."""
     if fmt == "hf_dataset":
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     else:
         size = path.stat().st_size
-    return InputSpec(path, fmt, size)
+    passed = tuple(skips or ())
+    if skips:
+        skips.clear()
+    return InputSpec(path, fmt, size, passed)
 
 
-def _walk(root: Path, seen: set[Path] | None = None) -> Iterator[InputSpec]:
+def _entry_problem(path: Path, follow: bool) -> tuple[str, str] | None:
+    try:
+        return limits.file_problem(path, follow_symlinks=follow)
+    except FileNotFoundError:  # a dangling symlink, or removed since listed
+        return "unreadable", f"{path}: no such file"
+
+
+def _walk(root: Path, skips: list[tuple[str, str, str]], seen: set[Path] | None = None) -> Iterator[InputSpec]:
     """Inputs under a directory in a stable order (a folder's files, then its sub-folders,
-    each sorted by name), so runs are reproducible."""
+    each sorted by name), so runs are reproducible. Regular files only: symlinks (unless
+    --follow-symlinks), FIFOs, devices and sockets are passed over into `skips`, never opened.
+    Following symlinks, each real directory is walked once (no loops, no exponential walks)."""
+    follow = limits.current().follow_symlinks
     seen = set() if seen is None else seen
     real = root.resolve()
-    if real in seen:  # a symlink loop
+    if real in seen:  # a symlink loop, or a second link to a folder already walked
         return
     seen.add(real)
     if is_hf_dataset_dir(root):
         # A dataset directory is one input; its arrow/json files are not documents.
-        yield _spec(root, "hf_dataset")
+        yield _spec(root, "hf_dataset", skips)
         return
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    dirs: list[Path] = []
     for path in entries:
-        if path.is_file() and (fmt := detect_format(path)) is not None:
-            yield _spec(path, fmt)
-    for path in entries:
-        if path.is_dir() and path.name not in SKIPPED_DIRS:
-            yield from _walk(path, seen)
+        if path.is_symlink() and not follow:
+            skips.append((str(path), limits.SYMLINK, f"{path} is a symbolic link (pass --follow-symlinks to read it)"))
+        elif path.is_dir():
+            if path.name not in SKIPPED_DIRS:
+                dirs.append(path)
+        elif (problem := _entry_problem(path, follow)) is not None:
+            skips.append((str(path), *problem))
+        elif (fmt := detect_format(path)) is not None:
+            yield _spec(path, fmt, skips)
+    for path in dirs:
+        yield from _walk(path, skips, seen)
 
 
 def _has_glob(pattern: str) -> bool:
@@ -171,12 +203,15 @@ def resolve_inputs(patterns: Sequence[str]) -> list[InputSpec]:
     unsupported file, or when nothing usable is found at all.
     """
     found: list[InputSpec] = []
+    skips: list[tuple[str, str, str]] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.exists():
             if path.is_dir():
-                found.extend(_walk(path))
+                found.extend(_walk(path, skips))
                 continue
+            if (problem := limits.file_problem(path, follow_symlinks=True)) is not None:
+                raise InputError(f"unusable input {pattern}: {problem[1]}")
             fmt = detect_format(path)
             if fmt is None:
                 raise InputError(
@@ -191,17 +226,29 @@ def resolve_inputs(patterns: Sequence[str]) -> list[InputSpec]:
                 raise InputError(f"no files match input pattern {pattern}")
             for match in map(Path, matches):
                 if match.is_dir():
-                    found.extend(_walk(match))
+                    found.extend(_walk(match, skips))
+                elif (problem := _entry_problem(match, True)) is not None:
+                    skips.append((str(match), *problem))
                 elif (fmt := detect_format(match)) is not None:
-                    found.append(_spec(match, fmt))
+                    found.append(_spec(match, fmt, skips))
         else:
             raise InputError(f"input not found: {pattern}")
     unique: dict[Path, InputSpec] = {}
     for spec in found:
         unique.setdefault(spec.path.resolve(), spec)
     if not unique:
-        raise InputError(f"no usable input files found in: {' '.join(patterns)}")
-    return list(unique.values())
+        passed = f" (passed over: {_reasons(skips)})" if skips else ""
+        raise InputError(f"no usable input files found in: {' '.join(patterns)}{passed}")
+    specs = list(unique.values())
+    if skips:  # passed over after the last input: carried by it
+        last = specs[-1]
+        specs[-1] = InputSpec(last.path, last.format, last.bytes, last.walk_skips + tuple(skips))
+    return specs
+
+
+def _reasons(skips: Sequence[tuple[str, str, str]]) -> str:
+    counts = Counter(reason for _, reason, _ in skips)
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +321,10 @@ _Item = _Record | _Skip
 
 def _read_text_file(path: Path, _field: str) -> Iterator[_Item]:
     try:
-        data = path.read_bytes()
+        data = limits.read_regular(path, limits.current().max_document_bytes)
+    except limits.TooLarge as exc:  # over --max-document-bytes, or no longer a regular file
+        yield _Skip(str(path), exc.reason, str(exc))
+        return
     except OSError as exc:  # permissions, a file removed mid-run
         yield _Skip(str(path), "unreadable", str(exc))
         return
@@ -293,11 +343,27 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _parse_json_lines(path: Path, lines: Iterator[bytes]) -> Iterator[_Item]:
+def _bounded_lines(handle: Any, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary handle, None for one over `limit` bytes (never held whole)."""
+    while True:
+        line, too_long = limits.readline_capped(handle, limit)
+        if too_long:
+            yield None
+        elif not line:
+            return
+        else:
+            yield line
+
+
+def _parse_json_lines(path: Path, lines: Iterator[bytes | None]) -> Iterator[_Item]:
+    limit = limits.current().max_document_bytes
     for lineno, raw in enumerate(lines, start=1):
+        source = f"{path}:{lineno}"
+        if raw is None:
+            yield _Skip(source, limits.LINE_TOO_LONG, f"line over {limit:,} bytes (--max-document-bytes)")
+            continue
         if not raw.strip():
             continue
-        source = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -312,7 +378,7 @@ def _parse_json_lines(path: Path, lines: Iterator[bytes]) -> Iterator[_Item]:
 def _read_json_lines(path: Path, _field: str) -> Iterator[_Item]:
     try:
         with _open_binary(path) as handle:
-            yield from _parse_json_lines(path, handle)
+            yield from _parse_json_lines(path, _bounded_lines(handle, limits.current().max_document_bytes))
     except (OSError, EOFError) as exc:  # corrupt gzip, truncated file
         yield _Skip(str(path), "unreadable", str(exc))
 
@@ -332,9 +398,14 @@ def _read_json(path: Path, field_path: str) -> Iterator[_Item]:
         if _first_significant_byte(path) != b"[":
             yield from _read_json_lines(path, field_path)
             return
-        # A single array cannot be streamed with the standard library; it is read whole.
+        # A single array cannot be streamed with the standard library; it is read whole, up to
+        # --max-document-bytes (decompressed).
+        limit = limits.current().max_document_bytes
         with _open_binary(path) as handle:
-            raw = handle.read()
+            raw = handle.read(limit + 1)
+        if len(raw) > limit:
+            yield _Skip(str(path), limits.TOO_LARGE, f"JSON array over {limit:,} bytes (--max-document-bytes)")
+            return
     except (OSError, EOFError) as exc:
         yield _Skip(str(path), "unreadable", str(exc))
         return
@@ -376,11 +447,15 @@ def _read_parquet(path: Path, field_path: str) -> Iterator[_Item]:
         yield _missing_column(str(path), field_path, columns, parquet.metadata.num_rows)
         return
     row = 0
-    # One row group of one column at a time keeps memory bounded on large files.
-    for group in range(parquet.num_row_groups):
-        for value in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
-            yield _Record(f"{path}:row {row}", {column: value})
-            row += 1
+    # One column, a few rows at a time. pyarrow still decodes a whole data page (and may buffer a
+    # column chunk) of that column: a page of huge cells costs its size once.
+    try:
+        for batch in parquet.iter_batches(batch_size=limits.PARQUET_BATCH_ROWS, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                yield _Record(f"{path}:row {row}", {column: value})
+                row += 1
+    except (OSError, pa.ArrowException) as exc:
+        yield _Skip(f"{path}:row {row}", "unreadable", str(exc))
 
 
 def _read_hf_dataset(path: Path, field_path: str) -> Iterator[_Item]:
@@ -453,6 +528,9 @@ def iter_documents(
                 if text.reason == "missing_field":
                     missing += 1
                     missing_detail = missing_detail or text.detail
+                continue
+            if len(text) > limits.current().max_document_bytes:
+                report.skip(index, item.source, limits.TOO_LARGE, f"{len(text):,} characters (--max-document-bytes)")
                 continue
             if not text.strip() or len(text) < min_chars:
                 report.skip(index, item.source, "empty", f"{len(text)} characters")
