@@ -14,6 +14,7 @@ import atexit
 import dataclasses
 import gc
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,7 +25,8 @@ from typing import Any, Protocol, TextIO, TypeVar
 
 from tqdm import tqdm
 
-from data_pipelines.manifest import MANIFEST_NAME, write_manifest
+from data_pipelines import limits
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_pipelines.shards import RecordingShardWriter
 from data_pipelines.splits import SPLITS, validate_fractions
 from data_pipelines.text.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, save_tokenizer
@@ -74,6 +76,57 @@ def add_corpus_flags(
     tok = parser.add_mutually_exclusive_group(required=tokenizer_required)
     tok.add_argument("--tokenizer", type=Path, metavar="PATH", help=tokenizer_help)
     tok.add_argument("--vocab-size", type=int, metavar="N", help=vocab_help)
+    add_limit_flags(parser)
+
+
+LIMIT_FLAGS: dict[str, tuple[str, str]] = {  # Limits field -> (metavar, help)
+    "max_member_bytes": (
+        "N",
+        "skip a sample whose tar member (by its size header, never read) or image file is larger (reason 'too_large')",
+    ),
+    "max_document_bytes": (
+        "N",
+        "skip a text file, JSON-lines line (decompressed) or text cell larger than this "
+        "(reasons 'too_large', 'line_too_long'); read in bounded pieces",
+    ),
+    "max_image_pixels": (
+        "N",
+        "skip an image whose header declares more pixels (width x height), before decoding it "
+        "(reason 'too_many_pixels')",
+    ),
+    "max_sidecar_bytes": ("N", "skip a sample whose sidecar (caption .txt, .json) is larger; cap on _stats.json"),
+    "max_template_chars": ("N", "skip a conversation whose rendered chat template is longer (chat data)"),
+}
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The caps on what one input may cost (`data_pipelines.limits`), and --follow-symlinks."""
+    group = parser.add_argument_group("limits on hostile or broken inputs (skipped and counted by reason)")
+    defaults = limits.Limits()
+    for name, (metavar, text) in LIMIT_FLAGS.items():
+        group.add_argument(
+            f"--{name.replace('_', '-')}", type=int, metavar=metavar, default=getattr(defaults, name), help=text
+        )
+    group.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read symbolic links found in input folders (files and folders; each real folder once) and "
+        "table paths outside the table's folder; without it they are skipped (reasons 'symlink', "
+        "'outside_root'). FIFOs, devices and sockets are always skipped ('not_regular_file')",
+    )
+
+
+def configure_limits(args: argparse.Namespace) -> None:
+    """Set this process's `limits` from the flags of `add_limit_flags` (if the command has them);
+    worker processes inherit them. UsageError for a cap below 1."""
+    flags = vars(args)
+    if "follow_symlinks" not in flags:
+        return
+    chosen = limits.Limits(**{name: flags[name] for name in LIMIT_FLAGS}, follow_symlinks=flags["follow_symlinks"])
+    problems = chosen.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    limits.configure(chosen)
 
 
 def add_fraction_flags(parser: argparse.ArgumentParser, default: float, help_template: str) -> None:
@@ -250,19 +303,51 @@ def outside(specs: list[Spec], output: Path) -> list[Spec]:
     return [s for s in specs if out != s.path.resolve() and out not in s.path.resolve().parents]
 
 
+# The commands whose manifest.json marks a folder as a dataset of ours, which --overwrite may replace.
+DATASET_MAKERS = {"prepare-text": "text", "prepare-image-text": "image-text", "make-synthetic-image-text": "image-text"}
+
+
+# What a split folder of ours holds: shards (un-ranked or a node's), sizes.json and their temporary files.
+_SPLIT_FILE = re.compile(r"shard-(r[0-9]{5}-)?[0-9]{6}\.tar|sizes\.json|\.(shard-|sizes\.json-).*")
+
+
+def holds_our_dataset(output: Path) -> bool:
+    """A manifest.json one of the DATASET_MAKERS wrote (its kind and created_by), node parts, or
+    (what a run or an overwrite that was interrupted leaves) split folders holding only our shards."""
+    if any(p.is_file() for p in (output / "parts").glob("node-[0-9][0-9][0-9][0-9][0-9].json")):
+        return True
+    try:
+        manifest = read_manifest(output / MANIFEST_NAME, paths=False)  # a FIFO or a huge file: refused
+        if isinstance(manifest, dict) and DATASET_MAKERS.get(manifest.get("created_by")) == manifest.get("kind"):
+            return True
+    except (OSError, ValueError):
+        pass
+    splits = [output / s for s in SPLITS if (output / s).exists() or (output / s).is_symlink()]
+    return bool(splits) and all(
+        d.is_dir() and not d.is_symlink() and all(_SPLIT_FILE.fullmatch(f.name) and f.is_file() for f in d.iterdir())
+        for d in splits
+    )
+
+
 def prepare_output_dir(output: Path, overwrite: bool, owned: Iterable[str] = ()) -> None:
     """Create the output directory, refusing to mix a new dataset into an old one. With
     overwrite, the manifest goes first (an interrupted overwrite must not look complete), then
-    the split folders and the other names the dataset ``owned``."""
+    the split folders and the other names the dataset ``owned``: only in a folder that holds a
+    dataset of ours (`holds_our_dataset`), never someone's own train/ or test/."""
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise UsageError(f"output directory {output} is not empty; pass --overwrite to replace its dataset")
+        doomed = [output / n for n in (*owned, *SPLITS) if (output / n).exists() or (output / n).is_symlink()]
+        if doomed and not holds_our_dataset(output):
+            raise UsageError(
+                f"--overwrite: {output} holds {doomed[0].name} but no manifest.json or parts/ of a dataset "
+                f"this toolkit prepared, so nothing there is replaced; remove it yourself or choose another --output"
+            )
         (output / MANIFEST_NAME).unlink(missing_ok=True)
-        for name in (*owned, *SPLITS):
-            path = output / name
-            if path.is_dir():
+        for path in doomed:
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists():
+            else:
                 path.unlink()
     output.mkdir(parents=True, exist_ok=True)
 
@@ -391,6 +476,7 @@ def run_main(
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        configure_limits(args)
         run(config_from_args(config, args))
     except (UsageError, *errors) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -64,7 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code",
         action="store_true",
         help="let transformers run Python code shipped inside the init_from model or tokenizer directory "
-        "(sets model.trust_remote_code; off by default: such code runs with your permissions)",
+        "(off by default: such code runs with your permissions; only this flag enables it, a recipe's "
+        "model.trust_remote_code is ignored)",
+    )
+    p.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="let the recipe's data sources be 'pipe:' commands (they run a shell command each; off by "
+        "default, so a shared recipe runs nothing; a pipe: given with --data on this command line runs; "
+        "WDS_SECURE=1 in the environment refuses every pipe:)",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume from a checkpoint whose files only a full unpickling reads (it can run any code they "
+        "carry); without it every checkpoint file is read with torch.load(weights_only=True) and one that "
+        "needs more is refused",
     )
     p.add_argument("--seed", type=int, help="seed for init, data order and dropout (overrides training.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -115,6 +130,17 @@ def _resolve_path(p: str) -> Path:
     return q if q.exists() or q.is_absolute() else (REPO / q if (REPO / q).exists() else q)
 
 
+def _recipe_pipes(recipe, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(key, url) of every pipe: source the recipe file wrote (not the --data typed on this command line)."""
+    d = recipe.data
+    found = [] if args.data else [("data.path", d.path or "")]
+    for key, sources in (("data.sources", d.sources or []), ("data.eval_sources", d.eval_sources or [])):
+        for i, src in enumerate(sources):
+            urls = [src.urls] if isinstance(src.urls, str) else list(src.urls)
+            found += [(f"{key}[{i}].urls", u) for u in urls]
+    return [(key, url) for key, url in found if url.strip().startswith("pipe:")]
+
+
 def prepare(args: argparse.Namespace):
     """Validate everything and return what the trainer needs; raises RecipeError listing all problems."""
     from transformers import AutoTokenizer
@@ -126,7 +152,7 @@ def prepare(args: argparse.Namespace):
     from pretrain.run.ds_config import resolve_ds_config, run_optimization, settled_recipe
     from pretrain.run.feature import RunContext
     from pretrain.run.resolved import ResolvedRun
-    from pretrain.runtime.checkpoint import CheckpointError, resume_target
+    from pretrain.runtime.checkpoint import CheckpointError, hf_load, resume_target
 
     overrides = {
         "data.path": args.data,
@@ -140,6 +166,15 @@ def prepare(args: argparse.Namespace):
         "model.trust_remote_code": True if args.trust_remote_code else None,
     }
     recipe, recipe_path = load_recipe(args.config, overrides)
+    if recipe.model.trust_remote_code and not args.trust_remote_code and int(os.environ.get("RANK", 0)) == 0:
+        # a shared recipe must not run a directory's code on its own: the command line decides
+        print(
+            f"warning: {recipe_path}: model.trust_remote_code is ignored; code shipped with a model or "
+            "tokenizer runs only with --trust-remote-code on the command line",
+            file=sys.stderr,
+            flush=True,
+        )
+    recipe.model.trust_remote_code = bool(args.trust_remote_code)
     problems: list[str] = []
     ds_path = args.deepspeed_config or recipe.deepspeed_config
     ds_raw = None
@@ -147,6 +182,16 @@ def prepare(args: argparse.Namespace):
         problems.append("no DeepSpeed config: pass --deepspeed_config or set deepspeed_config in the recipe")
     else:
         ds_raw = load_json(_resolve_path(ds_path), "DeepSpeed config")
+    pipes = _recipe_pipes(recipe, args)
+    if pipes and not args.allow_pipe:  # refused before anything is expanded, counted or fetched
+        raise RecipeError(
+            str(recipe_path),
+            [
+                f"{key}: {url[:80]} is a pipe: command, which runs a shell command; a recipe's runs only with "
+                "--allow-pipe on the command line (or give it with --data)"
+                for key, url in pipes
+            ],
+        )
     family = get_family(family_name(recipe))
     data, data_problems, data_notes = open_data(recipe, family)
     problems.extend(data_problems)
@@ -176,10 +221,18 @@ def prepare(args: argparse.Namespace):
             ],
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=recipe.model.trust_remote_code)
+        tokenizer = hf_load(AutoTokenizer.from_pretrained, tokenizer_dir, recipe.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise RecipeError(str(recipe_path), [f"tokenizer {tokenizer_dir}: cannot be loaded ({e})"]) from None
-    model_config = family.model_config(recipe.model, tokenizer)
+    try:
+        model_config = family.model_config(recipe.model, tokenizer)
+    except (OSError, ValueError) as e:  # an unknown model_type, a custom one's code refused, a broken config.json
+        if not recipe.model.init_from:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(
+            str(recipe_path), [f"model.init_from (--init-from): {recipe.model.init_from}/config.json: {reason}"]
+        ) from None
     model_problems = family.check(recipe, data, model_config, tokenizer)
     problems.extend(model_problems)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -259,6 +312,13 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
 
 def _main(argv: list[str] | None = None, hooks=None) -> int:
     args = build_parser().parse_args(argv)
+    from pretrain.runtime.checkpoint import trusting
+
+    with trusting(remote_code=args.trust_remote_code, checkpoint=args.trust_checkpoint):
+        return _run(args, hooks)
+
+
+def _run(args: argparse.Namespace, hooks=None) -> int:
     alone = single_process_env()
     if alone:
         print(f"warning: {alone}", file=sys.stderr, flush=True)

@@ -239,6 +239,7 @@ def test_the_export_works_in_the_zero_shot_image_classification_pipeline(runs, d
 
     from transformers import pipeline
 
+    from data_pipelines.eval_split import subset_indices
     from data_pipelines.image.loader import ImageTextShards, decode_sample, sample_label
     from data_pipelines.loader import read_samples
 
@@ -248,12 +249,13 @@ def test_the_export_works_in_the_zero_shot_image_classification_pipeline(runs, d
     shards = ImageTextShards(data)
     classes = shards.classes()
     template, n = classes["templates"][0], 256
+    # the samples pretrain-eval --max-samples n scores: a fixed subset spread over the split
+    chosen = set(subset_indices(shards.num_samples("val"), n) or range(n))
     images, labels = [], []
-    for sample in read_samples(shards.shards("val")):
-        images.append(decode_sample(sample)[0])
-        labels.append(sample_label(sample))
-        if len(images) == n:
-            break
+    for i, sample in enumerate(read_samples(shards.shards("val"))):
+        if i in chosen:
+            images.append(decode_sample(sample)[0])
+            labels.append(sample_label(sample))
     classify = pipeline("zero-shot-image-classification", model=str(out), device="cpu")
     predictions = classify(images, candidate_labels=classes["classnames"], hypothesis_template=template, batch_size=32)
     names = classes["classnames"]

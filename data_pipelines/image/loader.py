@@ -34,6 +34,7 @@ import torch
 from data_pipelines.eval_split import EvalShare
 from data_pipelines.image.transforms import Decoded, TrainView, decode_rgb, eval_transform, normalize_batch
 from data_pipelines.loader import EpochStream, PreparedShards, SkipLog, Slot, TrainStream, read_checked, stable_seed
+from data_pipelines.manifest import inside, manifest_path
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +55,14 @@ class ImageTextShards(PreparedShards):
     def tokenizer_path(self) -> Path | None:
         """The caption tokenizer saved with the data, or None (the recipe must name one)."""
         info = self.manifest.get("tokenizer")
-        return None if not info else self.root / info["path"]
+        return None if not info else inside(self.root, info["path"], manifest_path(self.root), "tokenizer.path")
 
     def classes(self) -> dict[str, Any] | None:
         """classes.json (class names, prompt templates, held-out classes), or None without one."""
         name = self.manifest.get("classes")
         if not name:
             return None
-        path = self.root / name
+        path = inside(self.root, name, manifest_path(self.root), "classes")
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:

@@ -8,6 +8,7 @@ import logging
 from collections import Counter
 
 from data_pipelines.sources import FetchError
+from data_pipelines.sources.redact import redact
 
 logger = logging.getLogger("data_pipelines.loader")
 
@@ -47,6 +48,7 @@ class SkipLog:
         """One event (a sample, or a shard that lost ``count`` samples); none while muted."""
         if self.mute:
             return
+        detail = redact(detail)  # URLs in messages lose their passwords and signatures
         self.counts[reason] += count
         self._events[reason] += 1
         if len(self.examples) < 20:

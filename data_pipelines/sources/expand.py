@@ -13,13 +13,18 @@ from urllib.parse import urlparse
 from braceexpand import braceexpand
 
 from data_pipelines.manifest import MANIFEST_NAME
+from data_pipelines.sources.redact import redact
 from data_pipelines.sources.transports import CURL_SCHEMES, FSSPEC_EXTRAS, url_scheme
 
 _GLOB_CHARS = set("*?[")
 
 
 class SourceError(ValueError):
-    """A source that cannot be resolved; the message names the recipe key and the path or URL."""
+    """A source that cannot be resolved; the message names the recipe key and the path or URL (its
+    password and query values hidden)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 def _fsspec_fs(url: str, key: str):
@@ -51,10 +56,14 @@ def expand_urls(urls: str | Sequence[str], key: str = "data.sources[0].urls") ->
 
 def _expand_one(url: str, key: str) -> list[str]:
     scheme = url_scheme(url)
+    if scheme == "pipe" and os.environ.get("WDS_SECURE", "0") not in ("", "0"):
+        raise SourceError(f"{key}: {url}: pipe: sources run a shell command, and WDS_SECURE is set: refused")
     if scheme in ("pipe", *CURL_SCHEMES):
-        if scheme != "pipe" and any(c in url for c in _GLOB_CHARS):
+        # "?" starts an http(s) URL's query (a presigned URL's signature), not a glob
+        path = url.split("?", 1)[0] if scheme != "pipe" else url
+        if scheme != "pipe" and any(c in path for c in "*["):
             raise SourceError(
-                f"{key}: {url}: http(s) cannot be listed, so a glob cannot be expanded; "
+                f"{key}: {redact(url)}: http(s) cannot be listed, so a glob cannot be expanded; "
                 "use a brace pattern such as {00000..00099}"
             )
         return list(braceexpand(url))

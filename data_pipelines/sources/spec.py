@@ -13,6 +13,7 @@ from typing import Any
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.sources.counts import count_shards, shard_location
 from data_pipelines.sources.expand import SourceError, expand_urls
+from data_pipelines.sources.redact import redact
 from data_pipelines.sources.transports import url_scheme
 
 
@@ -78,6 +79,8 @@ def _default_name(spec: SourceSpec, index: int) -> str:
         return spec.name
     first = spec.urls if isinstance(spec.urls, str) else spec.urls[0]
     loc = shard_location(first) or first
+    if "://" in loc:  # a URL's query (a presigned signature) and password are not a name
+        loc = redact(loc.split("?", 1)[0]).replace(":***@", "@")
     head = loc.rstrip("/")
     if head.endswith(".tar") or any(c in head for c in "{*?["):
         head = head.rpartition("/")[0]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
+
+from data_pipelines.sources.redact import credentials, redact
 
 # Read through fsspec (webdataset's own "gs" handler shells out to gsutil; fsspec needs no CLI).
 FSSPEC_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
@@ -35,14 +38,22 @@ class FetchPolicy:
     retries: int = 3
     timeout: float = 60.0
     backoff: float = 1.0
+    # a source that trickles (a byte now and then, each within the timeout) fails too: after the
+    # first ``timeout`` seconds of a shard it must average at least this many bytes a second
+    min_rate: float = 1024.0
+    # http(s) redirects: "same_host" follows only those to the same scheme and host; "any" all
+    redirects: str = "same_host"
 
     @classmethod
     def of(cls, data_config) -> FetchPolicy:
-        """From the recipe's data section (or anything with fetch_retries / fetch_timeout / fetch_backoff)."""
+        """From the recipe's data section (or anything with fetch_retries / fetch_timeout / fetch_backoff
+        / fetch_min_rate / fetch_redirects)."""
         return cls(
             int(getattr(data_config, "fetch_retries", cls.retries)),
             float(getattr(data_config, "fetch_timeout", cls.timeout)),
             float(getattr(data_config, "fetch_backoff", cls.backoff)),
+            float(getattr(data_config, "fetch_min_rate", cls.min_rate)),
+            str(getattr(data_config, "fetch_redirects", cls.redirects)),
         )
 
     def delay(self, failures: int) -> float:
@@ -59,6 +70,7 @@ class FetchError(OSError):
     command that failed, an object store's error, no data for ``timeout`` seconds); names the URL."""
 
     def __init__(self, url: str, reason: str):
+        url, reason = redact(url), redact(reason)  # a message never carries a password or a signature
         super().__init__(f"{url}: {reason}")
         self.url, self.reason = url, reason
 
@@ -79,9 +91,10 @@ def open_shard(url: str, fetch: FetchPolicy | None = None):
     if scheme == "file":
         return open(urlparse(url).path, "rb")
     if scheme in CURL_SCHEMES:
-        return _HttpShard(url, fetch.timeout)
+        return _HttpShard(url, fetch.timeout, fetch.min_rate, fetch.redirects)
     if scheme == "pipe":
-        return _PipeShard(url, fetch.timeout)
+        check_pipe_allowed(url)
+        return _PipeShard(url, fetch.timeout, fetch.min_rate)
     if scheme in FSSPEC_SCHEMES:
         return _FsspecShard(url)
     import webdataset.gopen as wgopen
@@ -92,10 +105,37 @@ def open_shard(url: str, fetch: FetchPolicy | None = None):
         raise FetchError(url, f"{type(e).__name__}: {e}") from None
 
 
+def check_pipe_allowed(url: str, key: str = "") -> None:
+    """webdataset's switch: with WDS_SECURE=1 in the environment no ``pipe:`` command runs."""
+    if os.environ.get("WDS_SECURE", "0") not in ("", "0"):
+        where = f"{key}: " if key else ""
+        raise FetchError(url, f"{where}pipe: sources run a shell command, and WDS_SECURE is set: refused")
+
+
 class _Shard:
     """What the tar reader needs of a stream: read(n) (n bytes unless the shard ends) and close()."""
 
     url = ""
+    got = 0
+    waited = 0.0  # seconds spent waiting for the source inside read, not the reader's own pauses
+    timeout = 60.0
+    min_rate = 0.0
+
+    def _check_rate(self) -> None:
+        """Once the source has kept the reader waiting ``timeout`` seconds in all, fail a shard that
+        delivered fewer than ``min_rate`` bytes a second of that waiting (data.fetch_min_rate): each
+        read may arrive in time and the shard still never end. A slow reader (training between
+        batches) does not count against the source."""
+        if self.min_rate > 0 and self.waited > self.timeout and self.got < self.min_rate * self.waited:
+            self._stop()
+            raise FetchError(
+                self.url,
+                f"{self.got} bytes in {self.waited:.1f} s of waiting, below data.fetch_min_rate "
+                f"{self.min_rate:g} bytes/s",
+            )
+
+    def _stop(self) -> None:
+        self.close()
 
     def readable(self) -> bool:
         return True
@@ -111,12 +151,23 @@ class _HttpShard(_Shard):
     """An http(s) shard read with urllib: an error status, a refused, reset or dropped connection, a
     body shorter than its Content-Length, or ``timeout`` seconds without a byte raise FetchError."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, min_rate: float = 0.0, redirects: str = "same_host"):
         import http.client
 
-        self.url, self.timeout, self.got = url, timeout, 0
+        self.url, self.timeout, self.got, self.min_rate = url, timeout, 0, min_rate
+        self._failed: FetchError | None = None
+        bare, auth = credentials(url)  # urllib cannot use user:password in a URL: basic auth instead
+        request = urllib.request.Request(bare)
+        if auth is not None:
+            import base64
+
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_unredirected_header("Authorization", f"Basic {token}")
+        opener = urllib.request.build_opener(_Redirects(redirects))
         try:
-            self.resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - the user's own URL
+            self.resp = opener.open(request, timeout=timeout)  # noqa: S310 - the user's own URL
+        except FetchError:
+            raise
         except urllib.error.HTTPError as e:
             e.close()
             raise FetchError(url, f"HTTP {e.code} {e.reason}") from None
@@ -132,10 +183,32 @@ class _HttpShard(_Shard):
         self.length = int(length) if length and length.isdigit() else None
 
     def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all when n < 0), gathered from what the connection hands over at a time, so
+        that a trickle is noticed between pieces (`_check_rate`)."""
+        if self._failed is not None:  # what arrived before the failure was handed out first
+            raise self._failed
+        chunks, want = [], (1 << 62) if n is None or n < 0 else n
+        while want > 0:
+            try:
+                piece = self._read_some(min(want, 1 << 20))
+            except FetchError as e:
+                if not chunks:
+                    raise
+                self._failed = e
+                break
+            if not piece:
+                break
+            chunks.append(piece)
+            want -= len(piece)
+        return b"".join(chunks)
+
+    def _read_some(self, n: int) -> bytes:
         import http.client
 
+        self._check_rate()
+        started = time.monotonic()
         try:
-            data = self.resp.read(n)
+            data = self.resp.read1(n) if n > 0 else b""
         except TimeoutError:
             raise FetchError(
                 self.url, f"no data for {self.timeout:g} s after {self.got} bytes (data.fetch_timeout)"
@@ -149,6 +222,7 @@ class _HttpShard(_Shard):
         except (OSError, http.client.HTTPException) as e:
             raise FetchError(self.url, f"{type(e).__name__} after {self.got} bytes: {e}") from None
         self.got += len(data)
+        self.waited += time.monotonic() - started
         if not data and n != 0 and self.length is not None and self.got < self.length:
             raise FetchError(self.url, f"connection closed after {self.got} of {self.length} bytes")
         return data
@@ -157,16 +231,39 @@ class _HttpShard(_Shard):
         self.resp.close()
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme and host (data.fetch_redirects: "same_host", the
+    default): a shard server must not send the fetch (and any credentials) to another host, an
+    internal address or from https down to http. "any" follows every redirect, as urllib does."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urlsplit(req.full_url), urlsplit(newurl)
+        if self.policy != "any" and (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise FetchError(
+                req.full_url,
+                f"redirected ({code}) to {redact(newurl)}, another scheme or host; set data.fetch_redirects "
+                '"any" to follow it',
+            )
+        new_req = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new_req is not None and auth and (old.scheme, old.netloc) == (new.scheme, new.netloc):
+            new_req.add_unredirected_header("Authorization", auth)  # credentials go to their own host only
+        return new_req
+
+
 class _PipeShard(_Shard):
     """A ``pipe:`` command's output: no byte for ``timeout`` seconds, or an exit status other than 0
     (or 141, SIGPIPE: the reader stopped early) at the end of the output, raise FetchError with the
     end of the command's stderr."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, min_rate: float = 0.0):
         import subprocess
         import tempfile
 
-        self.url, self.timeout, self.got = url, timeout, 0
+        self.url, self.timeout, self.got, self.min_rate = url, timeout, 0, min_rate
         self.err = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
@@ -191,7 +288,10 @@ class _PipeShard(_Shard):
 
         chunks, want = [], n if n >= 0 else 1 << 62
         while want > 0:
+            self._check_rate()
+            started = time.monotonic()
             ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            self.waited += time.monotonic() - started
             if not ready:
                 self._kill()
                 raise FetchError(

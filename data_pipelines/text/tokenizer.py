@@ -35,15 +35,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= UINT16_LIMIT else np.dtype(np.uint32)
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """Load a local Hugging Face tokenizer directory; it must define an eos token."""
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a local Hugging Face tokenizer directory; it must define an eos token. A directory whose
+    tokenizer is its own Python code (auto_map) is refused unless ``trust_remote_code``: the
+    argument is always passed, so transformers never asks y/N on stdin (a piped 'y' would run it)."""
     directory = Path(path)
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory not found: {directory}")
     try:
         # local_files_only: a typo must not turn into a download attempt of a hub repo id.
-        tokenizer = _tokenizer_class(directory).from_pretrained(str(directory), local_files_only=True)
+        tokenizer = _tokenizer_class(directory).from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise TokenizerError(
+                f"{directory}: loading this tokenizer would run Python code shipped in the directory (auto_map "
+                "in tokenizer_config.json); refused. Only a command with --trust-remote-code runs such code "
+                "(pretrain-train); the data commands never do"
+            ) from None
         raise TokenizerError(f"cannot load a tokenizer from {directory}: {exc}") from None
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
         raise TokenizerError(f"tokenizer at {directory} has no eos token; documents are separated by it when packing")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pretrain.run.build import Loaded, load_model
-from pretrain.runtime.checkpoint import CheckpointError
+from pretrain.runtime.checkpoint import CheckpointError, hf_load, trusting
 from pretrain.runtime.metrics import dumps
 
 DEFAULT_BATCH = 16
@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run Python code shipped inside a model or tokenizer directory (auto_map; it runs "
+        "with your permissions); without it such a directory is refused",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read DeepSpeed checkpoint files that only a full unpickling reads (it can run any code they "
+        "carry); without it every file is read with torch.load(weights_only=True) and one that needs more is refused",
+    )
     return p
 
 
@@ -154,7 +166,7 @@ def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:
     tokenizer_dir = family.tokenizer_dir(recipe, data)
     if tokenizer_dir is None:
         raise ValueError(f"{model_dir}: no tokenizer in the model directory nor with the data {data.root}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = hf_load(AutoTokenizer.from_pretrained, tokenizer_dir)
     # only the model's own limits; the data's splits are checked when read
     problems = [p for p in family.check(recipe, data, loaded.config, tokenizer) if p.startswith("model")]
     if problems:
@@ -177,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    trust = trusting(remote_code=args.trust_remote_code, checkpoint=args.trust_checkpoint)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
+        with trust, contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json
             if args.image_folder is not None:
                 from pretrain.finetune.classify import evaluate_folder
 

@@ -16,17 +16,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run Python code shipped inside the model directory (auto_map; it runs with your "
+        "permissions); without it such a directory is refused",
+    )
     return p
 
 
 def sample(
-    model_dir: str, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    model_dir: str,
+    prompt: str,
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pretrain.runtime.checkpoint import hf_load
+
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = hf_load(AutoTokenizer.from_pretrained, model_dir, trust_remote_code)
+    model = hf_load(AutoModelForCausalLM.from_pretrained, model_dir, trust_remote_code).eval()
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     greedy = temperature <= 0
     out = model.generate(
@@ -43,7 +57,22 @@ def sample(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(sample(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    from pretrain.runtime.checkpoint import CheckpointError
+
+    try:
+        text = sample(
+            args.model,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.seed,
+            args.trust_remote_code,
+        )
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused attention: the a·s² scores are never stored, so drop the 5·a·s/h term",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="--recipe with model.init_from: let transformers run Python code shipped in that directory "
+        "(auto_map; it runs with your permissions); without it such a directory is refused",
+    )
     return p
 
 
@@ -273,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
     from pretrain.run.config import RecipeError
+    from pretrain.runtime.checkpoint import trusting
 
     try:
-        result = plan_from_args(args)
+        with trusting(remote_code=args.trust_remote_code):
+            result = plan_from_args(args)
     except (RecipeError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from pretrain.models.gpt import no_decay, round_up
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest
 from pretrain.run.config import ModelConfig, Recipe, VisionConfig
 from pretrain.run.feature import EngineParts, Feature, RunContext
+from pretrain.runtime.checkpoint import hf_load
 from pretrain.runtime.flops import clip_forward_flops, total_flops_from_samples
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ def hf_config(
 
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
-        config = AutoConfig.from_pretrained(cfg.init_from)
+        config = hf_load(AutoConfig.from_pretrained, cfg.init_from, cfg.trust_remote_code)
         for key, value in preprocessor_stats(cfg.init_from).items():  # trained and exported with the checkpoint's
             setattr(config, key, value)
         return config
@@ -379,7 +380,7 @@ def _tokenizer(path: Path):
 
     from data_pipelines.image.loader import prepare_tokenizer
 
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    return prepare_tokenizer(hf_load(AutoTokenizer.from_pretrained, path))
 
 
 def train_stream(run: RunData, req: StreamRequest) -> TrainStream:

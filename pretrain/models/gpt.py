@@ -14,6 +14,7 @@ from data_pipelines.text.packed import IGNORE_INDEX
 from pretrain.models.packed_attention import causal_lm_inputs
 from pretrain.models.spec import EvalRequest, ModelFamily, RunData, StreamRequest, no_external_parameters
 from pretrain.run.config import ModelConfig, Recipe
+from pretrain.runtime.checkpoint import hf_load, remote_code_trusted
 from pretrain.runtime.flops import total_flops
 
 
@@ -65,7 +66,7 @@ def hf_config(
 
 def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
     if cfg.init_from:
-        return AutoConfig.from_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
+        return hf_load(AutoConfig.from_pretrained, cfg.init_from, cfg.trust_remote_code)
     return hf_config(cfg, len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
 
 
@@ -141,7 +142,7 @@ to_hf = hf_model
 
 
 def from_pretrained(path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf_load(AutoModelForCausalLM.from_pretrained, path, dtype=torch.float32)
 
 
 def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
@@ -156,7 +157,7 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
         dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, **kwargs)
+        model = hf_load(AutoModelForCausalLM.from_pretrained, cfg.init_from, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.config.use_cache = False
@@ -164,13 +165,14 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
 
 
 def model_from_config(config: PretrainedConfig, cfg: ModelConfig | None = None) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    trust = cfg.trust_remote_code if cfg is not None else remote_code_trusted()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
 
 
 def count_params(config: PretrainedConfig) -> int:
     """Parameters of the model a config describes, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote_code_trusted())
     return sum(p.numel() for p in model.parameters())
 
 

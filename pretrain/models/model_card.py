@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.sources.redact import redact
 from pretrain.runtime.checkpoint import COMPLETE, RESOLVED, CheckpointRef
 
 
@@ -118,7 +119,7 @@ def render(
             f"- {resolved.get('world_size')} rank(s), ZeRO-{resolved.get('zero_stage')}, "
             f"{resolved.get('precision')}, global batch {resolved.get('batch', {}).get('global_batch')}"
         )
-        lines += _data_summary(resolved.get("data", {}).get("path"))
+        lines += _data_summary(redact(resolved.get("data", {}).get("path")))
     ev = _last_eval(run_dir, int(seal.get("step", 0))) if run_dir else None
     if ev:
         lines += [

@@ -21,9 +21,12 @@ from pretrain.runtime.checkpoint import (
     COMPLETE,
     CheckpointError,
     CheckpointRef,
+    hf_load,
     is_complete,
+    remote_code_trusted,
     resolve_checkpoint,
     run_metadata,
+    safe_torch_loads,
 )
 
 
@@ -42,8 +45,10 @@ def run_model(ref: CheckpointRef) -> tuple[str, Any, Built]:
     from pretrain.run.config import Recipe
 
     recipe = Recipe.model_validate(run_metadata(ref)["recipe"])
+    # the run's recorded model.trust_remote_code is not this command's choice: its --trust-remote-code is
+    recipe.model.trust_remote_code = remote_code_trusted()
     name = family_name(recipe)
-    config = AutoConfig.from_pretrained(ref.run_dir / "model")
+    config = hf_load(AutoConfig.from_pretrained, ref.run_dir / "model")
     return name, config, build_model(get_family(name), recipe.model, config, pretrained=False)
 
 
@@ -59,7 +64,14 @@ def _has_zero_partitions(tag_dir: Path) -> bool:
 
 
 def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, TP shards merged."""
+    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, TP shards merged. Every
+    file is read with weights_only=True (DeepSpeed's readers included); one that needs a full
+    unpickling is refused unless the command was given --trust-checkpoint (`safe_torch_loads`)."""
+    with safe_torch_loads():
+        return _fp32_state_dict(ref)
+
+
+def _fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     from pretrain.parallel import tensor_parallel
 
     if tensor_parallel.tp_degree(ref.path) > 1:
@@ -80,10 +92,8 @@ def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{ref.path}: no mp_rank_*_model_states.pt")
     if len(files) > 1:
         raise CheckpointError(f"{ref.path}: tensor-parallel checkpoints are not supported")
-    try:  # tensors, numbers, strings and dicts: nothing in it needs unpickling of arbitrary objects
-        state = torch.load(files[0], map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file, not a pickle trace
-        raise CheckpointError(f"{files[0]}: cannot be read safely (weights_only=True): {e}") from None
+    # tensors, numbers, strings and dicts: weights_only (safe_torch_loads) refuses anything else
+    state = torch.load(files[0], map_location="cpu")
     return {k: v.float() for k, v in state["module"].items()}
 
 
@@ -122,7 +132,7 @@ def load_model(checkpoint: str) -> Loaded:
 
     if adapters.is_adapter_dir(checkpoint):
         base = adapters.adapter_base(checkpoint)
-        config = AutoConfig.from_pretrained(base)
+        config = hf_load(AutoConfig.from_pretrained, base)
         name = family_of_hf_config(config)
         model = adapters.load_merged(get_family(name), checkpoint)
         return Loaded(
@@ -134,7 +144,7 @@ def load_model(checkpoint: str) -> Loaded:
         )
     ref = resolve_checkpoint(checkpoint)
     if ref.kind == "hf":
-        config = AutoConfig.from_pretrained(ref.path)
+        config = hf_load(AutoConfig.from_pretrained, ref.path)
         name = family_of_hf_config(config)
         model = get_family(name).from_pretrained(ref.path)
         return Loaded(

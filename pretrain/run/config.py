@@ -116,8 +116,9 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(
         False,
-        description="let transformers run Python code shipped in init_from or the tokenizer "
-        "directory (it runs with your permissions); --trust-remote-code sets it",
+        description="whether transformers may run Python code shipped in init_from or the tokenizer "
+        "directory (it runs with your permissions): set only by pretrain-train --trust-remote-code; a recipe "
+        "that sets it is ignored with a warning",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa",
@@ -257,6 +258,17 @@ class DataConfig(_Section):
         ge=0,
         description="seconds before the first retry of a shard fetch, doubled at each "
         "further one (capped at 60, with up to 25% jitter)",
+    )
+    fetch_min_rate: float = Field(
+        1024.0,
+        ge=0,
+        description="bytes a second a shard fetch must average once it has run data.fetch_timeout seconds "
+        "(a server or command that trickles a byte at a time never hits the timeout); 0: no minimum",
+    )
+    fetch_redirects: Literal["same_host", "any"] = Field(
+        "same_host",
+        description="http(s) redirects followed: same_host (the default) only to the same scheme and host, "
+        "never to another host, an internal address or from https to http; any: all",
     )
     classnames: str | None = Field(
         None,

@@ -263,9 +263,10 @@ def gpt_shape(recipe: Any, vocab_size: int) -> ModelShape:
     from transformers import AutoConfig
 
     from pretrain.models.gpt import count_params, hf_config
+    from pretrain.runtime.checkpoint import hf_load
 
     config = (
-        AutoConfig.from_pretrained(recipe.model.init_from)
+        hf_load(AutoConfig.from_pretrained, recipe.model.init_from)
         if recipe.model.init_from
         else hf_config(recipe.model, vocab_size)
     )
@@ -286,10 +287,11 @@ def clip_shape(recipe: Any, vocab_size: int) -> ModelShape:
     from transformers import AutoConfig
 
     from pretrain.models.clip import count_params, hf_config
+    from pretrain.runtime.checkpoint import hf_load
     from pretrain.runtime.flops import clip_forward_flops
 
     config = (
-        AutoConfig.from_pretrained(recipe.model.init_from)
+        hf_load(AutoConfig.from_pretrained, recipe.model.init_from)
         if recipe.model.init_from
         else hf_config(recipe.model, vocab_size, eos_token_id=0)
     )

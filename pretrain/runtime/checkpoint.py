@@ -15,8 +15,10 @@ after every rank returned from its save; a tag without it is not a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,110 @@ RESOLVED = "resolved-config.json"
 
 class CheckpointError(ValueError):
     pass
+
+
+# ---------------------------------------------------------------------------------------------
+# What may run code while loading. Two kinds of files can: a Hugging Face directory with its own
+# Python modules (auto_map), run by transformers only with trust_remote_code=True, and a pickle
+# (DeepSpeed writes its checkpoint files with torch.save and reads them with weights_only=False).
+# Neither runs unless the command line says so: --trust-remote-code, --trust-checkpoint. A recipe
+# never enables either. The commands set this process's choice once, with `trusting`.
+
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+TRUST_CHECKPOINT_FLAG = "--trust-checkpoint"
+_TRUST = {"remote_code": False, "checkpoint": False}
+
+
+@contextlib.contextmanager
+def trusting(*, remote_code: bool = False, checkpoint: bool = False):
+    """Within: what this process's loads may run (the command-line flags), put back on exit."""
+    before = dict(_TRUST)
+    _TRUST.update(remote_code=bool(remote_code), checkpoint=bool(checkpoint))
+    try:
+        yield
+    finally:
+        _TRUST.update(before)
+
+
+def remote_code_trusted() -> bool:
+    return _TRUST["remote_code"]
+
+
+def checkpoint_trusted() -> bool:
+    return _TRUST["checkpoint"]
+
+
+def hf_load(load, path, trust_remote_code: bool | None = None, **kwargs):
+    """``load(path, trust_remote_code=..., **kwargs)``, ``load`` being a transformers
+    ``Auto*.from_pretrained``: always with the argument set, so transformers never asks y/N on
+    stdin, from this process's --trust-remote-code unless the caller says. A directory whose
+    loading needs its own code is refused, naming the flag."""
+    trust = remote_code_trusted() if trust_remote_code is None else bool(trust_remote_code)
+    try:
+        return load(str(path), trust_remote_code=trust, **kwargs)
+    except ValueError as e:
+        if trust or "trust_remote_code" not in str(e):
+            raise
+        raise CheckpointError(remote_code_refused(path)) from None
+
+
+def remote_code_refused(path) -> str:
+    return (
+        f"{path}: loading it would run Python code shipped in the directory (auto_map in its config); "
+        f"refused. Pass {TRUST_REMOTE_CODE_FLAG} to allow it (the code runs with your permissions)"
+    )
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed's own checkpoint files hold besides tensors and containers (ZeRO
+    optimizer states: the stage, the fp32 partitions' addresses, the loss scaler)."""
+    found = []
+    for module, names in (
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        found.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return found
+
+
+@contextlib.contextmanager
+def safe_torch_loads(trust: bool | None = None):
+    """Within: every ``torch.load`` (DeepSpeed's, which asks for weights_only=False, included) reads
+    with weights_only=True and the classes DeepSpeed's files need allowed (`_deepspeed_globals`).
+    A file that does not load that way is refused, naming it and --trust-checkpoint; with that flag
+    (``trust``, default this process's) it is unpickled as DeepSpeed would have, running any code it holds."""
+    import argparse
+    import collections
+
+    trust = checkpoint_trusted() if trust is None else bool(trust)
+    allowed = [*_deepspeed_globals(), argparse.Namespace, collections.OrderedDict, collections.defaultdict]
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs.pop("weights_only", None)
+        kwargs.pop("pickle_module", None)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            if not trust:
+                raise CheckpointError(
+                    f"{f}: refused: it holds Python objects that only a full unpickling restores, and "
+                    f"unpickling can run any code the file carries ({str(e).splitlines()[0][:200]}). If you "
+                    f"wrote this checkpoint or trust who did, pass {TRUST_CHECKPOINT_FLAG}"
+                ) from None
+        return original(f, *args, weights_only=False, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 @dataclass(frozen=True)
@@ -62,10 +168,14 @@ def _run_dir_of(p: Path) -> Path | None:
 
 
 def latest_tag(root: Path) -> str | None:
+    """The tag ``root/latest`` names, if it is a directory; one outside ``root`` is refused (`safe_tag`)."""
     f = root / "latest"
     if not f.is_file():
         return None
     tag = f.read_text().strip()
+    if not tag:
+        return None
+    safe_tag(root, tag)
     return tag if (root / tag).is_dir() else None
 
 
@@ -131,7 +241,7 @@ def safe_tag(root: Path, tag: str) -> Path:
     """``root/tag``, refusing a tag that would leave ``root`` (a tampered ``latest``)."""
     p = (root / tag).resolve()
     if p.parent != root.resolve():
-        raise CheckpointError(f"{root}/latest: tag {tag!r} points outside the checkpoint directory")
+        raise CheckpointError(f"{root / 'latest'}: tag {tag!r} points outside the checkpoint directory; refused")
     return p
 
 
@@ -266,10 +376,18 @@ class CheckpointManager:
                 f"converting {target} ({self.saved_world} ranks) to a universal checkpoint for {self.world}", flush=True
             )
             shutil.rmtree(universal, ignore_errors=True)
+            # DeepSpeed's converter, run under safe_torch_loads as this process's loads are
+            script = (
+                "import runpy, sys\n"
+                "from pretrain.runtime.checkpoint import safe_torch_loads\n"
+                "sys.argv[0] = 'ds_to_universal'\n"
+                f"with safe_torch_loads({checkpoint_trusted()!r}):\n"
+                "    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)\n"
+            )
             cmd = [
                 sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
+                "-c",
+                script,
                 "--input_folder",
                 str(target),
                 "--output_folder",
@@ -280,11 +398,16 @@ class CheckpointManager:
                 "--num_merge_workers",
                 "1",
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            repo = str(Path(__file__).resolve().parents[2])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode == 0:
                 done.write_text(json.dumps({"from_world_size": self.saved_world, "time": time.time()}))
             else:
-                print(f"error: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", flush=True)
+                print(
+                    f"error: ds_to_universal {' '.join(cmd[3:])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}",
+                    flush=True,
+                )
         dist.barrier()
         if not done.is_file():
             raise CheckpointError(f"could not convert {target} to a universal checkpoint (see rank 0's output)")
@@ -299,10 +422,11 @@ class CheckpointManager:
         target, saved = self.target, self.saved
         if target is None or saved is None:
             return None
-        if self._universal is not None:
-            path, _ = engine.load_checkpoint(str(target), tag=self._universal.name)
-        else:
-            path, _ = engine.load_checkpoint(str(target.parent), tag=target.name)
+        with safe_torch_loads():  # DeepSpeed unpickles its files: only with --trust-checkpoint
+            if self._universal is not None:
+                path, _ = engine.load_checkpoint(str(target), tag=self._universal.name)
+            else:
+                path, _ = engine.load_checkpoint(str(target.parent), tag=target.name)
         if path is None:
             raise CheckpointError(f"could not load the checkpoint {target}")
         old_world = self.saved_world

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipelines.sources.redact import redact_all
 from pretrain.finetune.adapters import describe_counts, parameter_counts
 from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, get_family
 from pretrain.run import features
@@ -220,12 +221,9 @@ class Trainer(Accumulation):
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the parameter counts are known only once the model (and any adapters) exist
-        (self.run_dir / RESOLVED).write_text(
-            json.dumps(
-                {**self.run.to_json(), "parameters": self.param_counts, "engine": engine_settings(self.engine)},
-                indent=2,
-            )
-        )
+        resolved = {**self.run.to_json(), "parameters": self.param_counts, "engine": engine_settings(self.engine)}
+        # source URLs keep their scheme, host and path; passwords and signatures stay out of every file
+        (self.run_dir / RESOLVED).write_text(json.dumps(redact_all(resolved), indent=2))
         self.inputs.model_config.save_pretrained(self.run_dir / "model")
         if not (self.run_dir / "tokenizer").exists():
             shutil.copytree(self.inputs.tokenizer_dir, self.run_dir / "tokenizer")
