@@ -119,9 +119,17 @@ def test_folder_streams_divide_among_ranks_resume_anywhere_and_skip_bad_files(tm
     assert skipped["undecodable"] >= 1 and read + skipped["undecodable"] == 28, "every position decoded or counted"
     two = [FolderTrainStream(folder, "all", 2, SIZE, r, 2, seed=3) for r in range(2)]
     halves = [batches(s, 7) for s in two]
+    filled = 0
     for step, whole in enumerate(ref):  # rank r reads the r-th half of each global batch, with the same crops
+        assert len(whole["labels"]) == 4 and all(len(h[step]["labels"]) == 2 for h in halves), "batches keep size"
+        positions = whole.meta["positions"]
+        if len(set(positions)) < 4:  # the broken image's place: a decodable row of its own batch repeated
+            filled += 1
+            assert set(halves[0][step].meta["positions"]) | set(halves[1][step].meta["positions"]) == set(positions)
+            continue
         for key in ("pixel_values", "labels"):
             assert torch.equal(torch.cat([halves[0][step][key], halves[1][step][key]]), whole[key]), (step, key)
+    assert filled >= 1
     # resumed on another world size and micro-batch, the stream goes on at the same global position
     state = two[1].state_dict()
     assert state["position"] == 28
@@ -342,7 +350,7 @@ def test_a_classify_recipe_without_init_from_or_with_a_bad_folder_is_refused_bef
 
 def test_a_classifier_batch_without_one_decodable_image_stops_the_stream_naming_the_rank(tmp_path):
     """Issue 23 (smaller): an all-undecodable batch was an empty tensor; now an error. A batch with
-    some undecodable images keeps the rest (the step's loss is over the items it holds)."""
+    some undecodable images keeps its size, its decodable rows repeated in their place."""
     root = make_folder(tmp_path / "f", 2)
     first = sorted(p for p in root.iterdir() if p.is_dir())[0]
     for i in range(40):

@@ -313,12 +313,10 @@ class FolderTrainStream:
     """One rank's endless training batches ``{"pixel_values", "labels"}`` from a folder's split,
     with the interface of `data_pipelines.loader.TrainStream` (``state_dict``, ``load_state_dict``
     before the first batch, ``counts``, ``micro_batches``). An undecodable file is logged, counted
-    and left out of its batch: a classifier's step is over the items it holds (the trainer divides
-    the step's loss sum by them), so a shorter batch weighs each of its images as much as any other
-    and the batches stay those of any other world size. A batch with no decodable image stops the
-    stream, naming the rank. With ``captions`` (`ClassCaptions`) batches also carry each image's
-    class caption and keep ``batch_size`` rows (a contrastive loss gathers equal rows from every
-    rank) by repeating decodable rows in place of undecodable ones."""
+    and replaced by a decodable row of its batch, repeated, so every batch keeps ``batch_size`` rows
+    (a contrastive loss gathers equal rows from every rank, and a classifier's batch does not
+    shrink); a batch with no decodable image stops the stream, naming the rank. With ``captions``
+    (`ClassCaptions`) batches also carry each image's class caption."""
 
     def __init__(
         self,
@@ -419,10 +417,11 @@ class FolderTrainStream:
             raise FolderError(
                 f"rank {self.rank}: no image of a whole batch could be decoded (first: {self.skips.examples[:1]})"
             )
-        if self.captions is not None and n < self.batch_size:  # a contrastive batch gathers equal rows
+        if n < self.batch_size:  # keep batch_size rows: decodable rows repeated in place of the others
             fill = [i % n for i in range(self.batch_size)]
             batch["pixel_values"], batch["labels"] = batch["pixel_values"][fill], batch["labels"][fill]
             positions = [positions[i] for i in fill]
+            batch.meta["positions"] = positions
         if self.captions is not None:
             batch.update(self.captions(batch["labels"].tolist(), positions))
         batch["pixel_values"] = normalize_batch(batch["pixel_values"])
