@@ -236,3 +236,30 @@ def test_latest_pointing_outside_the_run_is_refused_by_eval_and_export(run, corp
     rc, out = _cli(export.main, ["--checkpoint", str(victim), "--output", str(tmp_path / "export")], capsys)
     assert rc == 2 and str(latest) in out and "outside" in out, out
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["zero0_bf16", "zero1_bf16", "zero3_bf16", "zero3_offload_bf16", "zero1_fp32"])
+def test_every_shipped_stage_and_precision_resumes_and_evaluates_under_the_safe_loader(corpus, tmp_path, ds, capsys):
+    """The allowlist holds what DeepSpeed's own files need on this machine's stages and precisions (fp16 is
+    GPU-only): a checkpoint of each resumes and evaluates without --trust-checkpoint."""
+    from pretrain.cli.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    argv = ["--config", "gpt-tiny", "--data", str(corpus), "--output-dir", str(out), "--checkpoint-every", "1"]
+    argv += ["--deepspeed_config", str(REPO / f"ds_configs/{ds}.json"), "--eval-every", "0"]
+    if "bf16" in ds:
+        recipe = json.loads((REPO / "pretrain/recipes/gpt-tiny.json").read_text())
+        recipe["training"]["precision"] = "bf16"
+        (tmp_path / "bf16.json").write_text(json.dumps(recipe))
+        argv[1] = str(tmp_path / "bf16.json")
+    with launch_world_of_one():
+        first = _trainer([*argv, "--max-steps", "1"])
+        first.setup()
+        first.fit()
+        resumed = _trainer([*argv, "--max-steps", "2"])
+        resumed.setup()
+        assert resumed.state.step == 1
+        resumed.fit()
+    rc, text = _cli(evaluate_main, ["--checkpoint", str(out), "--data", str(corpus), "--max-samples", "8"], capsys)
+    assert rc == 0, text
