@@ -293,3 +293,37 @@ def test_an_over_long_rendered_chat_template_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BadConversation) as e:
         renderer([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "there"}])
     assert e.value.reason == "chat_template_too_long"
+
+
+def test_the_simplejpeg_path_checks_pixels_from_the_jpeg_header() -> None:
+    import io
+
+    from PIL import Image
+
+    from data_pipelines.image.transforms import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(buf, format="JPEG")
+    before = limits.current()
+    try:
+        limits.configure(max_image_pixels=64 * 48 - 1)
+        for decoder in ("simplejpeg", "auto"):
+            with pytest.raises(TooManyPixels):
+                decode_image(buf.getvalue(), decoder=decoder)
+        limits.configure(max_image_pixels=64 * 48)
+        assert decode_image(buf.getvalue(), decoder="simplejpeg") is not None
+    finally:
+        limits.configure(before)
+
+
+def test_a_sizes_json_over_the_sidecar_cap_is_not_read(tmp_path: Path) -> None:
+    """OpenCLIP's sizes.json is read by every rank: past --max-sidecar-bytes it is left unread (the
+    count is then unknown, or taken from elsewhere), never read whole."""
+    from data_pipelines.sources import SourceSpec, resolve_source
+    from tests.img2dataset_layout import write_img2dataset
+
+    write_img2dataset(tmp_path, shards=1, per_shard=4, size=16, sidecars=False)
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 3, "padding": "x" * 4000}))
+    assert resolve_source(SourceSpec(str(tmp_path))).samples == 3
+    limits.configure(max_sidecar_bytes=1000)
+    assert resolve_source(SourceSpec(str(tmp_path))).samples != 3

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data_pipelines import limits
 from data_pipelines.image.decode import (  # noqa: F401 - decode_rgb re-exported
     DRAFT_FORMATS,
+    TooManyPixels,
     decode_opened,
     decode_rgb,
     image_orientation,
@@ -223,6 +225,9 @@ def decode_image(data: bytes, min_size: MinSize | None = None, *, decoder: str =
 
 def _decode_simplejpeg(data: bytes, min_size: MinSize | None) -> Decoded:
     raw_h, raw_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    cap = limits.current().max_image_pixels
+    if raw_w * raw_h > cap:  # refused from the header, as the Pillow path does (--max-image-pixels)
+        raise TooManyPixels(f"{raw_w}x{raw_h} = {raw_w * raw_h:,} pixels > {cap:,} (--max-image-pixels)")
     if colorspace in _PILLOW_COLORSPACES:
         raise ValueError(f"{colorspace} JPEG: decoded by Pillow")
     orientation = jpeg_orientation(data)

@@ -30,24 +30,35 @@ def shard_location(url: str) -> str | None:
 
 
 def _read_bytes(location: str, timeout: float = 30.0) -> bytes | None:
-    """A small file's bytes, or None when it does not exist (any failure reads as absent: the
-    count is then unknown, which is reported where a count is needed)."""
+    """A small file's bytes, or None when it does not exist or is larger than the sidecar cap
+    (`limits.MAX_SIDECAR_BYTES`, --max-sidecar-bytes): any failure reads as absent, the count is then
+    unknown, which is reported where a count is needed. http(s) goes through the shard transport
+    (its redirect policy, basic auth and redaction); a local path must be a regular file."""
+    from data_pipelines import limits
+    from data_pipelines.sources.transports import FetchPolicy, open_shard
+
+    cap = limits.current().max_sidecar_bytes
     scheme = url_scheme(location)
     try:
         if scheme in CURL_SCHEMES:
-            with urllib.request.urlopen(location, timeout=timeout) as r:  # noqa: S310 - the user's own URL
-                return r.read()
-        if scheme in ("", "file"):
-            path = urlparse(location).path if scheme == "file" else location
-            return Path(path).read_bytes()
-        import fsspec
+            with open_shard(location, FetchPolicy(retries=0, timeout=timeout)) as r:
+                data = r.read(cap + 1)
+        elif scheme in ("", "file"):
+            path = Path(urlparse(location).path if scheme == "file" else location)
+            if not path.is_file():  # a FIFO or device would block or never end
+                return None
+            with path.open("rb") as f:
+                data = f.read(cap + 1)
+        else:
+            import fsspec
 
-        with fsspec.open(location, "rb") as f:
-            return f.read()
+            with fsspec.open(location, "rb") as f:
+                data = f.read(cap + 1)
     except (OSError, urllib.error.URLError, ValueError, ImportError):
         return None
     except Exception:  # noqa: BLE001 - backends raise their own types (botocore's ClientError)
         return None
+    return None if len(data) > cap else data
 
 
 def _split_location(location: str) -> tuple[str, str]:
