@@ -240,7 +240,9 @@ def test_latest_pointing_outside_the_run_is_refused_by_eval_and_export(run, corp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ds", ["zero0_bf16", "zero1_bf16", "zero3_bf16", "zero3_offload_bf16", "zero1_fp32"])
-def test_every_shipped_stage_and_precision_resumes_and_evaluates_under_the_safe_loader(corpus, tmp_path, ds, capsys):
+def test_every_shipped_stage_and_precision_resumes_and_evaluates_under_the_safe_loader(
+    corpus, tmp_path, ds, capsys, world_of_one
+):
     """The allowlist holds what DeepSpeed's own files need on this machine's stages and precisions (fp16 is
     GPU-only): a checkpoint of each resumes and evaluates without --trust-checkpoint."""
     from pretrain.cli.evaluate import main as evaluate_main
@@ -253,13 +255,12 @@ def test_every_shipped_stage_and_precision_resumes_and_evaluates_under_the_safe_
         recipe["training"]["precision"] = "bf16"
         (tmp_path / "bf16.json").write_text(json.dumps(recipe))
         argv[1] = str(tmp_path / "bf16.json")
-    with launch_world_of_one():
-        first = _trainer([*argv, "--max-steps", "1"])
-        first.setup()
-        first.fit()
-        resumed = _trainer([*argv, "--max-steps", "2"])
-        resumed.setup()
-        assert resumed.state.step == 1
-        resumed.fit()
+    first = _trainer([*argv, "--max-steps", "1"])
+    first.setup()
+    first.fit()
+    resumed = _trainer([*argv, "--max-steps", "2"])
+    resumed.setup()
+    assert resumed.state.step == 1
+    resumed.fit()
     rc, text = _cli(evaluate_main, ["--checkpoint", str(out), "--data", str(corpus), "--max-samples", "8"], capsys)
     assert rc == 0, text
