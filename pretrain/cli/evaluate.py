@@ -143,12 +143,14 @@ def run_eval_batch(checkpoint: str) -> int | None:
     if ref.run_dir is None or not (ref.run_dir / RESOLVED).is_file():
         return None
     resolved = json.loads((ref.run_dir / RESOLVED).read_text())
+    from pretrain.run.resolved import eval_loss_batch
+
     per_rank = resolved.get("recipe", {}).get("eval", {}).get("batch_size")
     dp = resolved.get("parallel", {}).get("dp") or resolved.get("world_size") or 1
-    if isinstance(per_rank, int):
-        return per_rank * int(dp)
     step = resolved.get("batch", {}).get("global_batch") or resolved.get("deepspeed", {}).get("train_batch_size")
-    return int(step) if isinstance(step, int) else None
+    if not isinstance(per_rank, int) and not isinstance(step, int):
+        return None
+    return eval_loss_batch(per_rank if isinstance(per_rank, int) else None, int(dp), int(step or 0))
 
 
 def _outside_tokenizer(family, loaded: Loaded, data) -> Path | None:

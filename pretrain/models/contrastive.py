@@ -125,7 +125,6 @@ class StepColumns:
     text: torch.Tensor  # (N, D)
     lse_image: torch.Tensor  # (N,): logsumexp_j of scale * image_i . text_j
     lse_text: torch.Tensor  # (N,): logsumexp_i of scale * text_j . image_i
-    first_row: int  # this rank's first row
     scale: torch.Tensor  # the inverse temperature they were scored with
 
     def row_losses(self) -> torch.Tensor:
@@ -147,7 +146,7 @@ def step_columns(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, c
         [row_logsumexp(mine[:, :d], all_text, s, chunk), row_logsumexp(mine[:, d:], all_image, s, chunk)], dim=1
     )
     lse = _gather(lse, group, world)
-    return StepColumns(all_image, all_text, lse[:, 0], lse[:, 1], rank * mine.shape[0], s)
+    return StepColumns(all_image, all_text, lse[:, 0], lse[:, 1], s)
 
 
 def _gather(x: torch.Tensor, group, world: int) -> torch.Tensor:

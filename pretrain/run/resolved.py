@@ -84,3 +84,10 @@ class ResolvedRun:
             "model_flops": {"per_sample": self.flops_per_sample, "per_step": self.flops_per_step},
             "notes": self.notes,
         }
+
+
+def eval_loss_batch(eval_batch_size: int | None, dp: int, global_batch: int) -> int:
+    """The pairs a contrastive val loss is over: ``eval.batch_size`` on each data-parallel rank when
+    set, else the training step's batch (what training scores each pair against). The one rule for the
+    trainer's evaluation and for pretrain-eval of a run's checkpoint."""
+    return eval_batch_size * dp if eval_batch_size else global_batch

@@ -26,7 +26,7 @@ from pretrain.run.build import build_model
 from pretrain.run.data import empty_split_note
 from pretrain.run.ds_config import for_deepspeed
 from pretrain.run.feature import RunContext, StepLoss
-from pretrain.run.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun, eval_loss_batch
 from pretrain.runtime.accumulate import Accumulation
 from pretrain.runtime.checkpoint import RESOLVED, CheckpointManager, Restored
 from pretrain.runtime.engine import engine_settings, optimizer_and_schedule
@@ -337,7 +337,7 @@ class Trainer(Accumulation):
             device=self.device,
             group=self._dp_group(),
             # a contrastive loss is over the pairs scored together: the step's, as in training
-            loss_batch=ev.batch_size * self.layout.dp if ev.batch_size else self.global_batch,
+            loss_batch=eval_loss_batch(ev.batch_size, self.layout.dp, self.global_batch),
         )
         result = self.family.evaluate(self.engine, self.inputs, request)
         sums = (self.state.train_loss_sum, self.state.train_items)
