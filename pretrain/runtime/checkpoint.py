@@ -419,9 +419,25 @@ class CheckpointManager:
         On another world size every rank gets rank 0's data position (all ranks pull the same
         number of batches) and the RNGs are reseeded from (seed, step, data-parallel rank): rank
         streams do not map across worlds."""
-        target, saved = self.target, self.saved
-        if target is None or saved is None:
+        if self.target is None or self.saved is None:
             return None
+        return self._load(engine, self.target, self.saved)
+
+    def sealed_before(self, step: int) -> Path | None:
+        """The newest sealed checkpoint of this run taken before optimizer step ``step`` (a rewind's target)."""
+        tags = [t for t in complete_tags(self.root) if int(json.loads((t / COMPLETE).read_text())["step"]) < step]
+        return tags[-1] if tags else None
+
+    def reload(self, engine, target: Path) -> Restored:
+        """Load ``target``, a sealed checkpoint of this run saved in this layout, into the running
+        engine (a rewind): weights, optimizer, schedule, this rank's RNG and data position."""
+        saved = json.loads((target / COMPLETE).read_text())
+        if int(saved.get("world_size", self.world)) != self.world or int(saved.get("tensor_parallel", 1)) != self.tp:
+            raise CheckpointError(f"{target}: saved on another layout; a rewind reloads only this run's own layout")
+        self.target, self.saved, self._universal = target, saved, None
+        return self._load(engine, target, saved)
+
+    def _load(self, engine, target: Path, saved: dict) -> Restored:
         with safe_torch_loads():  # DeepSpeed unpickles its files: only with --trust-checkpoint
             if self._universal is not None:
                 path, _ = engine.load_checkpoint(str(target), tag=self._universal.name)
