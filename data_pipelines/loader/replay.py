@@ -101,11 +101,20 @@ class LayoutReplay:
             consumed |= before
             last_epoch = list(last_epoch)
         world, workers, micro = int(last["world"]), max(1, int(last["workers"])), int(last["micro"])
+        pulled = int(last["micro_batches"])
+        # ranges skipped ahead of the segment's position (a rewind's, not yet reached) count as consumed
+        skipped = [(int(a), int(b)) for a, b in last.get("skipped", ())]
+        end = max([pulled, *(b for _, b in skipped)])
         for rank in range(world):
             old = self._replica(micro, rank, world, workers, earlier)
             for worker in range(workers):
-                pulled = len(range(worker, int(last["micro_batches"]), workers))  # DataLoader round-robin
-                for ids, _, _ in itertools.islice(old._batches(Slot(rank, world, worker, workers)), pulled):
+                taken = len(range(worker, end, workers))  # DataLoader round-robin: batch m from worker (m-1) % W
+                for j, (ids, _, _) in enumerate(
+                    itertools.islice(old._batches(Slot(rank, world, worker, workers)), taken)
+                ):
+                    m = j * workers + worker + 1
+                    if m > pulled and not any(a <= m <= b for a, b in skipped):
+                        continue
                     consumed.update(ids)
                     for epoch, url, _ in ids:
                         k = self._source_of[url]

@@ -25,6 +25,10 @@ class TrainStream:
         sources                 the names of the sources mixed
         slots                   per slot (rank x worker) the state its last batch handed out carried:
                                 a cursor per source, batches, samples read, skipped, taken per source
+        skips                   data ranges read and not trained (loss-spike rewinds, skip_steps): each
+                                {"segment", "first", "last", "steps", "at_step", "why"}, micro-batches
+                                first..last of this rank's stream in segment ``segment`` (the index of
+                                the layout in data_history; the current one is len(data_history))
 
     ``load_state_dict(state)``, before the first batch, continues exactly where ``state`` was.
     In the same layout each slot starts from its cursors (O(1) in the length of the run; see
@@ -43,6 +47,7 @@ class TrainStream:
     def __init__(self, dataset: EpochStream, num_workers: int = 0):
         self.dataset, self.num_workers = dataset, num_workers
         self.micro_batches = 0
+        self.skips: list[dict] = []
         self.slot_stats: dict[int, dict] = {}
         self._it: Iterator[dict] | None = None
 
@@ -65,7 +70,35 @@ class TrainStream:
             "data_history": [dict(h) for h in self.dataset.history],
             "sources": self.dataset.source_names,
             "slots": {str(i): s for i, s in sorted(self.slot_stats.items())},
+            "skips": [dict(r) for r in self.skips],
         }
+
+    @property
+    def segment(self) -> int:
+        """The index of the current layout's segment in the run's data history."""
+        return len(self.dataset.history)
+
+    def add_skips(self, ranges: list[dict]) -> None:
+        """Record ranges to skip (or already skipped), once each; call after ``load_state_dict``."""
+        for r in ranges:
+            if not any(all(int(r[k]) == int(q[k]) for k in ("segment", "first", "last")) for q in self.skips):
+                self.skips.append(dict(r))
+
+    def pending_skip(self, at_step: int) -> dict | None:
+        """The recorded range that starts at this stream's next micro-batch and was decided for
+        optimizer step ``at_step``, if any (a range a resume found in the run's ledger)."""
+        for r in self.skips:
+            if int(r["segment"]) == self.segment and int(r["first"]) == self.micro_batches + 1:
+                if int(r.get("at_step", at_step)) == at_step:
+                    return r
+        return None
+
+    def skip(self, n: int) -> tuple[int, int]:
+        """Read the next ``n`` micro-batches and drop them; (first, last), their numbers."""
+        first = self.micro_batches + 1
+        for _ in range(n):
+            next(self)
+        return first, self.micro_batches
 
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
@@ -79,7 +112,9 @@ class TrainStream:
             )
         history = [dict(h) for h in state.get("data_history", [])]
         pulled = int(state["micro_batches"])
+        skips = [dict(r) for r in state.get("skips", [])]
         if _same_layout(saved, self.layout()):
+            self.skips = skips
             self.dataset.set_history(history)
             slots = {int(k): v for k, v in (state.get("slots") or {}).items()}
             if pulled and slots and all(_resumable(s) for s in slots.values()):
@@ -89,8 +124,19 @@ class TrainStream:
                 for _ in range(pulled):  # replay the deterministic stream to the position
                     next(self)
         else:
-            self.dataset.set_history([*history, {**saved, "micro_batches": pulled}])
+            closed = {**saved, "micro_batches": pulled}
+            # ranges of the closing segment not read yet are consumed with it: the re-division of its
+            # epochs among the new slots leaves them out (`LayoutReplay._replay`)
+            ahead = [
+                [max(int(r["first"]), pulled + 1), int(r["last"])]
+                for r in skips
+                if int(r["segment"]) == len(history) and int(r["last"]) > pulled
+            ]
+            if ahead:
+                closed["skipped"] = ahead
+            self.dataset.set_history([*history, closed])
             self.micro_batches = 0
+            self.skips = skips
 
     def counts(self) -> tuple[int, dict[str, int]]:
         """(samples read, skipped samples by reason) of this rank, over its slots."""

@@ -19,6 +19,7 @@ import torch
 from pretrain.finetune.adapters import LoRA
 from pretrain.finetune.freeze import Freeze
 from pretrain.models.clip import ContrastiveBatch, LogitScaleClamp
+from pretrain.models.z_loss import LossSpikeRules, ZLoss
 from pretrain.parallel.activation_checkpointing import ActivationCheckpointing
 from pretrain.parallel.sequence_parallel import UlyssesSequenceParallel
 from pretrain.parallel.tensor_parallel import TensorParallel
@@ -84,6 +85,8 @@ FEATURES: tuple[Feature, ...] = (
     UlyssesSequenceParallel(),
     ContrastiveBatch(),
     LogitScaleClamp(),
+    ZLoss(),
+    LossSpikeRules(),
 )
 
 

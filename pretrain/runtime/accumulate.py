@@ -73,21 +73,41 @@ class Accumulation:
         dist.all_reduce(sums)
         return sums.tolist()
 
+    def _over_limit(self, local: torch.Tensor) -> torch.Tensor:
+        """1 where this rank's loss so far in the step (``local``: [loss sum, items], on the device)
+        is above the loss-spike limit of a ``skip`` action, else 0; stays on the device."""
+        if self._spike_limit is None:
+            return torch.zeros(1, dtype=torch.float64, device=local.device)
+        mean = local[0:1] / local[1:2].clamp(min=1)
+        return (mean > self._spike_limit).double()
+
     def _forward_finite(
-        self, step: int, micro: int, batch: dict[str, torch.Tensor], items: torch.Tensor, mine: torch.Tensor
+        self,
+        step: int,
+        micro: int,
+        batch: dict[str, torch.Tensor],
+        items: torch.Tensor,
+        mine: torch.Tensor,
+        local: torch.Tensor,
     ) -> tuple[torch.Tensor, list[float]]:
         """The loss of micro-batch ``micro``, or of the next one whose loss is finite on every rank
-        (the others are dropped by all ranks), and the sums over ranks of [loss sum, items, stop
-        requests, samples read, samples skipped]. One host read per micro-batch: the finiteness of
-        the loss must be known before its backward, so its flag travels with the loss value and the
-        counters in one all-reduce, and nothing else in the step waits for the device."""
+        (the others are dropped by all ranks), and the sums over ranks of [loss sum, items, ranks
+        over the loss-spike limit, stop requests, samples read, samples skipped]. One host read per
+        micro-batch: the finiteness of the loss must be known before its backward, so its flag
+        travels with the loss value and the counters in one all-reduce, and nothing else in the step
+        waits for the device. ``local`` ([loss sum, items] of this rank's step so far) gains the
+        accepted micro-batch's."""
         while True:
             loss, share = self._loss(step, micro, batch, items)
             finite = torch.isfinite(share)
+            part = torch.cat([torch.where(finite, share, torch.zeros_like(share)), mine.reshape(1)])
             bad_ranks, *totals = self._read_sums(
-                [(~finite).double(), torch.where(finite, share, torch.zeros_like(share)), mine.reshape(1)]
+                [(~finite).double(), part, self._over_limit(local + part) if micro == self.gas - 1 else part[:0]]
             )
+            if micro != self.gas - 1:
+                totals.insert(2, 0.0)
             if bad_ranks == 0:
+                local += part
                 return loss, totals
             where = (
                 f"non-finite loss at step {step}, micro-batch {self.stream.micro_batches} "
@@ -123,15 +143,18 @@ class Accumulation:
         items, mine = self._step_items(batches)
         self.step_loss.begin(self.engine, batches)
         total = count = 0.0
+        self._local_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(self.gas):
-            loss, (loss_sum, micro_items, *counters) = self._forward_finite(
-                step, micro, batches[micro], items, mine[micro]
+            loss, (loss_sum, micro_items, over, *counters) = self._forward_finite(
+                step, micro, batches[micro], items, mine[micro], self._local_loss
             )
+            if over:  # a loss spike with action skip: a NaN gradient makes the optimizer refuse the update
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             total += loss_sum
             count += micro_items
-        return total, count, counters, 0
+        return total, count, counters, 0, int(over)
 
     def _accumulate_checked_once(self) -> tuple[float, float, list[float], int]:
         """``gas`` micro-batches with one host read per optimizer step (on a GPU a read per
@@ -152,20 +175,27 @@ class Accumulation:
         self.step_loss.begin(self.engine, batches)
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self._local_loss = local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        over = torch.zeros(1, dtype=torch.float64, device=self.device)
         for micro in range(self.gas):
             loss, share = self._loss(step, micro, batches[micro], items)
             finite = torch.isfinite(share)
             bad += (~finite).double()
-            loss_sum += torch.where(finite, share, torch.zeros_like(share))
+            part = torch.where(finite, share, torch.zeros_like(share))
+            loss_sum += part
+            local += torch.cat([part, mine[micro].reshape(1)])
             if micro == self.gas - 1:
-                anywhere = bad.clone()
+                over = self._over_limit(local)  # a loss spike with action skip poisons the step like a NaN
+                anywhere = bad + over
                 dist.all_reduce(anywhere)  # stays on the device: nothing here waits for it
                 poison = torch.where(anywhere > 0, torch.full_like(anywhere, float("nan")), torch.ones_like(anywhere))
                 loss = loss * poison.to(loss.dtype).reshape(())
             self.engine.backward(loss)
             self.engine.step()
-        bad_total, total, count, *counters = self._read_sums([bad, loss_sum, torch.stack(mine).sum().reshape(1)])
-        return total, count, counters, int(bad_total)
+        bad_total, over_total, total, count, *counters = self._read_sums(
+            [bad, over, loss_sum, torch.stack(mine).sum().reshape(1)]
+        )
+        return total, count, counters, int(bad_total), int(over_total)
 
     def _weights_finite(self) -> bool:
         """Whether every rank's weights (its ZeRO-3 partition, or the whole model) are finite."""

@@ -19,6 +19,10 @@ class RunState:
     train_losses: list[float] = field(default_factory=list)  # each step's loss since the last eval
     train_loss_sum: float = 0.0  # item losses since the last eval, over ranks (TP/SP groups count theirs
     train_items: float = 0.0  # once per rank, in both sums alike): the train loss of the gap
+    samples_skipped: int = 0  # samples of skipped steps (skip_steps, rewinds): read, never trained
+    spike_skips: int = 0  # steps whose update a loss spike dropped (loss_spike.action skip)
+    loss_window: list[float] = field(default_factory=list)  # the loss-spike reference (`SpikeDetector`)
+    spike_seen: int = 0  # steps the spike detector has judged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
