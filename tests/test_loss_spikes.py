@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from data_pipelines.loader import train_loader
@@ -207,6 +208,19 @@ def test_a_random_token_shard_is_rewound_and_equals_skip_steps_given_up_front(wo
     train_steps = [x["step"] for x in lines if "loss" in x and "event" not in x and "split" not in x]
     assert train_steps == [s for s in range(1, 33) if s != 21], "one line per trained step, none twice"
 
+    # pretrain-plot draws them: the spike (x at step 21, the loudest rank's loss) and the skipped step's span
+    import matplotlib.pyplot as plt
+
+    from pretrain.cli.plot import _event_marks, plot_run
+
+    fig, ax = plt.subplots()
+    _event_marks(ax, _events(tmp_path / "a", "rewind") + skipped)
+    marks = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [21] and list(marks[0].get_ydata()) == [rw["loss_max"]]
+    assert len(ax.patches) == 1 and ax.patches[0].get_x() == 20.5
+    plt.close(fig)
+    assert (tmp_path / "a" / "plots" / "loss.png") in plot_run(tmp_path / "a")
+
     _, wb = _train(_recipe(tmp_path, "b", skip_steps=[[21, 21]]), data, tmp_path / "b")
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max() / (wb[k].abs().max() + 1e-12)) for k in wa)
@@ -241,3 +255,74 @@ def test_a_kill_after_the_rewind_resumes_with_the_range_skipped_and_no_second_re
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if "loss" in x and "event" not in x and "split" not in x]
     assert steps == [s for s in range(1, 27) if s != 21]
+
+
+def test_action_skip_drops_the_spike_steps_update(world_of_one, spiky_corpus, tmp_path):
+    """ZeRO-2: step 21's update is refused on purpose; the weights after it are those of step 20's checkpoint."""
+    data, _, _ = spiky_corpus
+    spike = {**SPIKE, "action": "skip"}
+    trainer, weights = _train(_recipe(tmp_path, "s", loss_spike=spike, max_steps=21), data, tmp_path / "s")
+    (event,) = _events(tmp_path / "s", "loss_spike")
+    assert event["step"] == 21 and event["action"] == "skip" and event["skipped_update"] is True
+    assert trainer.state.spike_skips == 1 and trainer.state.nonfinite_skips == 0
+    saved = torch.load(tmp_path / "s/checkpoints/step_00000020/mp_rank_00_model_states.pt", weights_only=False)
+    before = {k.removeprefix("module."): v for k, v in saved["module"].items()}
+    assert all(torch.equal(weights[k], before[k]) for k in weights), "the spike's update was applied"
+
+
+def test_past_max_rewinds_the_run_stops_with_its_own_exit_code(world_of_one, spiky_corpus, tmp_path):
+    from pretrain.runtime.rewind import SpikesStopped
+
+    data, _, _ = spiky_corpus
+    spike = {**SPIKE, "max_rewinds": 0}
+    with pytest.raises(SpikesStopped, match="max_rewinds=0") as stopped:
+        _train(_recipe(tmp_path, "m", loss_spike=spike, max_steps=22), data, tmp_path / "m")
+    assert stopped.value.exit_code == 76
+
+
+def test_z_loss_is_added_per_trained_token_and_logged_apart(world_of_one, spiky_corpus, tmp_path):
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pretrain.models.z_loss import ZLossSum
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    labels = ids.clone()
+    labels[0, :3] = -100  # untrained tokens add neither term
+    z = ZLossSum(1e-2)
+    got = z(model, {"input_ids": ids, "labels": labels})
+    logits = model(input_ids=ids).logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    term = 1e-2 * (torch.logsumexp(logits, -1).pow(2) * (labels != -100)).sum()
+    assert torch.allclose(got, ce + term, rtol=1e-6) and torch.allclose(z.take().float(), term, rtol=1e-6)
+    assert z.take() is None, "taken once"
+
+    data, _, _ = spiky_corpus
+    _train(_recipe(tmp_path, "z", z_loss=1e-3, max_steps=3), data, tmp_path / "z")
+    lines = [json.loads(x) for x in (tmp_path / "z/metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "z_loss" in x]
+    assert len(train) == 3 and all(x["z_loss"] > 0 and 4 < x["loss"] < 8 for x in train)
+
+
+def test_skip_steps_flags_and_the_skip_action_under_zero0_are_checked_before_the_run(spiky_corpus, tmp_path):
+    from pretrain.run.config import RecipeError
+    from pretrain.train import build_parser, prepare
+
+    data, _, _ = spiky_corpus
+    recipe = _recipe(tmp_path, "f", skip_steps=[[3, 4]])
+    args = build_parser().parse_args(["--config", recipe, "--data", str(data), "--skip-steps", "9:11"])
+    resolved, _, _ = prepare(args)
+    assert resolved.recipe.training.skip_steps == [(3, 4), (9, 11)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--config", recipe, "--skip-steps", "9-11"])
+    bad = build_parser().parse_args(["--config", recipe, "--data", str(data), "--skip-steps", "4:5"])
+    with pytest.raises(RecipeError, match="skip_steps: ranges overlap"):
+        prepare(bad)
+    zero0 = _recipe(tmp_path, "z0", loss_spike={**SPIKE, "action": "skip"})
+    args = build_parser().parse_args(
+        ["--config", zero0, "--data", str(data), "--deepspeed_config", "ds_configs/zero0_fp32.json"]
+    )
+    with pytest.raises(RecipeError, match="loss_spike.action: skip .* ZeRO-0"):
+        prepare(args)

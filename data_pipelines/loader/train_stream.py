@@ -86,12 +86,16 @@ class TrainStream:
 
     def pending_skip(self, at_step: int) -> dict | None:
         """The recorded range that starts at this stream's next micro-batch and was decided for
-        optimizer step ``at_step``, if any (a range a resume found in the run's ledger)."""
-        for r in self.skips:
-            if int(r["segment"]) == self.segment and int(r["first"]) == self.micro_batches + 1:
-                if int(r.get("at_step", at_step)) == at_step:
-                    return r
-        return None
+        optimizer step ``at_step``, if any (a range a resume found in the run's ledger). Of ranges
+        starting there (a second rewind to the same checkpoint covers the first's), the longest."""
+        due = [
+            r
+            for r in self.skips
+            if int(r["segment"]) == self.segment
+            and int(r["first"]) == self.micro_batches + 1
+            and int(r.get("at_step", at_step)) == at_step
+        ]
+        return max(due, key=lambda r: int(r["last"])) if due else None
 
     def skip(self, n: int) -> tuple[int, int]:
         """Read the next ``n`` micro-batches and drop them; (first, last), their numbers."""

@@ -46,6 +46,34 @@ def _loss_panel(ax, train: list[dict], evals: list[dict], x: str, label: str) ->
     ax.legend(fontsize=8)
 
 
+def _event_marks(ax, events: list[dict]) -> None:
+    """What a weeks-long run went through, on the loss-by-step panel: each loss spike (x at the
+    loudest rank's loss), the steps whose data was skipped (shaded), the steps at a lowered LR."""
+    labelled: set[str] = set()
+
+    def label(name: str) -> str | None:  # one legend entry per kind
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
+    for e in events:
+        kind = e.get("event")
+        if kind in ("loss_spike", "rewind") and e.get("loss_max") is not None:
+            at = e.get("spike_step", e["step"])
+            ax.plot([at], [e["loss_max"]], "x", color="tab:red", ms=9, mew=2, label=label("loss spike"))
+            if kind == "rewind":
+                ax.annotate(f"rewind to {e['step']}", (at, e["loss_max"]), fontsize=7, color="tab:red")
+        elif kind == "skipped_data":
+            first, last = e["steps"]
+            ax.axvspan(first - 0.5, last + 0.5, color="tab:red", alpha=0.12, label=label("data skipped"))
+        elif kind == "lr_lowered":
+            first, last = e["steps"]
+            ax.axvspan(first - 0.5, last + 0.5, color="tab:green", alpha=0.10, label=label("LR lowered"))
+    if labelled:
+        ax.legend(fontsize=8)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -59,6 +87,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     _loss_panel(axes[0], train, evals, "step", "step")
+    _event_marks(
+        axes[0], [m for m in records if m.get("event") in ("loss_spike", "rewind", "skipped_data", "lr_lowered")]
+    )
     _loss_panel(axes[1], train, evals, "tokens", "tokens seen")
     last = evals[-1] if evals else None
     title = f"{run_dir.name}: loss" + (
