@@ -254,6 +254,9 @@ def prepare(args: argparse.Namespace):
         recipe, family, model_config, data, layout, ds_config, str(ds_path), local, model_ok=not model_problems
     )
     problems.extend(features.problems(ctx))
+    from pretrain.runtime.trackers import tracker_problems  # a tracker not installed: named with its extra
+
+    problems.extend(tracker_problems(recipe.logging.report_to))
     if problems:
         raise RecipeError(str(recipe_path), problems)
     notes.extend(features.configure(ds_config, ctx))

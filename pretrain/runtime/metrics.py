@@ -1,11 +1,14 @@
-"""metrics.jsonl and TensorBoard: the same scalars, written by rank 0 only."""
+"""metrics.jsonl, TensorBoard and the trackers (wandb, MLflow): the same scalars, written by rank 0 only."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pretrain.runtime.trackers import Trackers
 
 
 def json_safe(value: Any) -> Any:
@@ -31,10 +34,18 @@ class MetricsLogger:
     Appending (not truncating) keeps the history of a resumed run in one file.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, append: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        append: bool = True,
+        trackers: Trackers | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._trackers = trackers if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a" if append else "w", buffering=1)
@@ -42,6 +53,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if self._trackers is not None:  # after the truncation above: they read this file
+                self._trackers.start()
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -49,7 +62,8 @@ class MetricsLogger:
         self._fh.write(dumps(record) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
-            prefix = record.get("split", "train")
+            # events (a loss spike, a rewind, skipped data, a checkpoint) get their own curves, apart from train/
+            prefix = record.get("split") or (f"events/{record['event']}" if record.get("event") else "train")
             for k, v in record.items():
                 if k not in ("step", "split") and _number(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
@@ -57,12 +71,19 @@ class MetricsLogger:
                     for name, n in v.items():
                         if _number(n):
                             self._tb.add_scalar(f"{prefix}/{k}/{name}", n, step)
+        if self._trackers is not None:  # the line is on disk (line-buffered); they take what is sealed
+            self._trackers.pump()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """``finished``: the run reached its last step, so every line is final and goes to the trackers
+        (otherwise only the lines up to the sealed checkpoint, which a resume keeps)."""
         if self.enabled:
             self._fh.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._trackers is not None:
+                self._trackers.close(finished)
+                self._trackers = None
 
 
 def _number(v: Any) -> bool:

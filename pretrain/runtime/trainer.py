@@ -33,6 +33,7 @@ from pretrain.runtime.engine import engine_settings, optimizer_and_schedule
 from pretrain.runtime.flops import peak_tflops, this_accelerator, utilisation
 from pretrain.runtime.hooks import TrainerHooks
 from pretrain.runtime.metrics import MetricsLogger, rewind
+from pretrain.runtime.trackers import trackers_for
 from pretrain.runtime.rng import seed_everything, seed_replica
 from pretrain.runtime.state import (  # noqa: F401 - the trainer's rules, importable from it
     PREEMPTED_EXIT,
@@ -190,7 +191,15 @@ class Trainer(Accumulation):
 
     def _metrics(self, restored: Restored | None) -> MetricsLogger:
         discarded = rewind(self.run_dir, self.state.step) if self.is_main and restored else 0
-        metrics = MetricsLogger(self.run_dir, enabled=self.is_main, append=self.state.step > 0)
+        report_to = self.recipe.logging.report_to
+        metrics = MetricsLogger(
+            self.run_dir,
+            enabled=self.is_main,
+            tensorboard="tensorboard" in report_to,
+            append=self.state.step > 0,
+            # wandb / MLflow: only the process writing metrics.jsonl, fed from it (see runtime/trackers.py)
+            trackers=trackers_for(self.run_dir, self.recipe, fresh=self.state.step == 0) if self.is_main else None,
+        )
         if restored:
             metrics.log(
                 {
@@ -440,6 +449,6 @@ class Trainer(Accumulation):
                 self.preempted = True
                 return last_eval
         bar.close()
-        self.metrics.close()
+        self.metrics.close(finished=True)  # the last step: every line is final, the trackers get them all
         self.preempted = False
         return last_eval
