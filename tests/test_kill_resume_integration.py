@@ -97,6 +97,6 @@ def test_kill_9_between_checkpoints_and_during_a_save_then_resume_repeats_the_un
     assert [m["samples"] for m in t_out] == [m["samples"] for m in t_ref]
     assert [e["loss"] for e in e_out] == pytest.approx([e["loss"] for e in e_ref], rel=1e-6)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "event" in line]
-    assert [e["event"] for e in events] == ["resumed", "resumed"]
+    assert [e["event"] for e in events if e["event"] != "checkpoint"] == ["resumed", "resumed"]
     assert (out / "metrics-discarded.jsonl").is_file(), "lines logged after the last checkpoint are kept aside"
     assert _latest(out) == f"step_{STEPS:08d}" and (half / "toolkit.json").is_file()

@@ -392,6 +392,16 @@ class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save every N steps (0 = only at the end); --checkpoint-every overrides")
     at_end: bool = Field(True, description="save after the last step")
     keep_last: int | None = Field(None, gt=0, description="keep only the newest K checkpoints (default: all)")
+    background: bool = Field(
+        True,
+        description="write checkpoint files in a background thread: a save blocks training only while the state is "
+        "copied to host memory; the tag is sealed (checksums) and `latest` moved once every rank's files are written",
+    )
+    on_error: Literal["stop", "continue"] = Field(
+        "stop",
+        description="a checkpoint write that fails (disk full): stop the run (the previous checkpoint stays latest), "
+        "or continue: log it in metrics.jsonl and save again at the next checkpoint",
+    )
 
 
 class Recipe(_Section):

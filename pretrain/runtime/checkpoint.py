@@ -9,8 +9,10 @@ config), ``tokenizer/`` and ``checkpoints/<tag>/``. A user can point at the run,
 One tag holds DeepSpeed's files (model and optimizer states, partitioned by rank under ZeRO),
 ``toolkit_rank<r>.pt`` per rank (its RNG states and its data stream's position, an opaque
 ``state_dict``) and ``toolkit.json``, the seal: the run's counters, the world size and ZeRO
-stage, and rank 0's data position for people to read. The seal is written last, by rank 0,
-after every rank returned from its save; a tag without it is not a checkpoint.
+stage, rank 0's data position for people to read, and every file's size and SHA-256). The seal
+is written last, by rank 0, once every rank's writes ended (in the background by default:
+`pretrain.runtime.ckpt_writer`); a tag without it is not a checkpoint, and one whose files do not
+match it is refused before a load (`pretrain.runtime.ckpt_verify`, `pretrain-ckpt verify`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pretrain.runtime.ckpt_verify import CHECKSUM, file_entry, first_verified, tag_files
+from pretrain.runtime.ckpt_writer import Saves
 from pretrain.runtime.rng import capture_rng, restore_rng, seed_replica
 
 RESOLVED = "resolved-config.json"
@@ -311,7 +315,8 @@ class CheckpointManager:
     Used in three calls, on every rank: ``deepspeed_config(ds)`` before ``deepspeed.initialize``
     (a world-size change needs ``load_universal``, and the conversion must happen first),
     ``load(engine)`` after it, and ``save(engine, step, run_state, data_state)`` during training.
-    ``in_save`` (tests only) is called after a rank's files are written and before the seal.
+    ``in_save`` (tests only) is called once a rank's files are handed to the writer, before the seal;
+    ``before_write(step, rank, path)`` (tests only) before each file is written, in the writer's thread.
     """
 
     def __init__(
@@ -327,14 +332,39 @@ class CheckpointManager:
         in_save=None,
         tp: int = 1,
         replica: int = 0,
+        background: bool = False,
+        on_error: str = "stop",
+        before_write=None,
     ):
         self.root, self.rank, self.world, self.zero_stage, self.tp = Path(root), rank, world, zero_stage, tp
         self.replica = replica  # the data-parallel rank, which seeds this rank's generators
         self.seed, self.keep_last, self.in_save = seed, keep_last, in_save
         self.is_main = rank == 0
-        self.target = resume_target(self.root, resume)
+        self.target = self._verified(resume_target(self.root, resume), resume)
+        self.saves = Saves(
+            rank=rank, world=world, background=background, on_error=on_error, seal=self._seal, before_write=before_write
+        )
         self.saved: dict[str, Any] | None = json.loads((self.target / COMPLETE).read_text()) if self.target else None
         self._universal: Path | None = None
+
+    def _verified(self, target: Path | None, resume: str) -> Path | None:
+        """``target`` if its files match its seal's checksums (collective). With ``auto`` a refused
+        one falls back to the previous sealed checkpoint, saying so; an explicit path is refused."""
+        if target is None:
+            return None
+        if resume != "auto":
+            found, refused = first_verified([target], self.world, self.is_main)
+            if found is None:
+                raise CheckpointError(f"--resume {resume}: refused, it fails verification: {refused[0].describe()}")
+            return found
+        older = [t for t in reversed(complete_tags(self.root)) if t.name < target.name]
+        found, refused = first_verified([target, *older], self.world, self.is_main)
+        if found is None:
+            raise CheckpointError(
+                f"no sealed checkpoint under {self.root} passes verification "
+                f"({'; '.join(v.describe() for v in refused)}); move them aside, or start afresh with --resume none"
+            )
+        return found
 
     @property
     def saved_world(self) -> int | None:
@@ -424,9 +454,10 @@ class CheckpointManager:
         return self._load(engine, self.target, self.saved)
 
     def sealed_before(self, step: int) -> Path | None:
-        """The newest sealed checkpoint of this run taken before optimizer step ``step`` (a rewind's target)."""
+        """The newest sealed checkpoint of this run taken before optimizer step ``step`` whose files
+        match their checksums (a rewind's target; collective: every rank calls it, after `flush`)."""
         tags = [t for t in complete_tags(self.root) if int(json.loads((t / COMPLETE).read_text())["step"]) < step]
-        return tags[-1] if tags else None
+        return first_verified(tags[::-1], self.world, self.is_main)[0]  # the newest that verifies (collective)
 
     def reload(self, engine, target: Path) -> Restored:
         """Load ``target``, a sealed checkpoint of this run saved in this layout, into the running
@@ -467,32 +498,55 @@ class CheckpointManager:
 
     # -- during training
     def save(self, engine, step: int, run_state: dict[str, Any], data_state: dict[str, Any]) -> Path:
-        """Every rank: DeepSpeed's files and this rank's own state; then rank 0 seals, moves
-        `latest` and prunes. A tag being rewritten is unsealed first."""
+        """Every rank: DeepSpeed's files and this rank's own state, copied to host memory and written
+        in the background (`ckpt_writer`), or here when ``background`` is off. Rank 0 seals the tag,
+        moves `latest` and prunes once every rank's writes ended (`poll`, `flush`). A save waits for
+        the one before it; a tag being rewritten is unsealed first."""
         import torch.distributed as dist
 
+        self.flush()
+        started = time.perf_counter()
         tag_dir = self.root / tag_for(step)
         if self.is_main:
             (tag_dir / COMPLETE).unlink(missing_ok=True)
         dist.barrier()
+        writer = self.saves.writer(engine)
+        writer.begin(tag_dir, step)
         engine.save_checkpoint(str(self.root), tag=tag_dir.name, save_latest=False)
-        torch.save({"rng": capture_rng(), "data": data_state}, rank_state_path(tag_dir, self.rank))
+        writer.save({"rng": capture_rng(), "data": data_state}, str(rank_state_path(tag_dir, self.rank)))
         if self.in_save is not None:
             self.in_save(step, self.rank, tag_dir)
-        dist.barrier()
-        if self.is_main:
-            seal = {
-                **run_state,
-                "world_size": self.world,
-                "zero_stage": self.zero_stage,
-                "tensor_parallel": self.tp,
-                "time": time.time(),
-                **data_state,
-            }
-            mark_complete(tag_dir, seal, self.keep_last)
-            print(f"saved checkpoint {tag_dir.name}", flush=True)
-        dist.barrier()
+        seal = {
+            **run_state,
+            "world_size": self.world,
+            "zero_stage": self.zero_stage,
+            "tensor_parallel": self.tp,
+            "time": time.time(),
+            **data_state,
+        }
+        self.saves.started(writer, seal, started)
         return tag_dir
+
+    def poll(self) -> None:
+        """Seal the save in flight if every rank's writes ended (collective while one is in flight)."""
+        self.saves.poll()
+
+    def flush(self) -> None:
+        """Collective: return once the save in flight is sealed, or has failed (removed; TrainingStopped
+        unless checkpoint.on_error is "continue")."""
+        self.saves.flush()
+
+    def take_records(self) -> list[dict]:
+        """The metrics.jsonl events of the saves that ended since the last call (rank 0 logs them)."""
+        return self.saves.take_records()
+
+    def _seal(self, tag_dir: Path, meta: dict, files: dict[str, dict]) -> None:
+        """Rank 0, every rank's writes ended: the checksums of every file of the tag into its seal."""
+        for rel in tag_files(tag_dir):  # files DeepSpeed wrote itself (zero_to_fp32.py), small
+            if rel not in files:
+                files[rel] = file_entry(tag_dir / rel)
+        mark_complete(tag_dir, {**meta, "checksum": CHECKSUM, "files": dict(sorted(files.items()))}, self.keep_last)
+        print(f"saved checkpoint {tag_dir.name}", flush=True)
 
 
 def _data_state_of_old_seal(saved: dict, rank_state: dict) -> dict | None:

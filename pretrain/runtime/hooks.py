@@ -26,7 +26,11 @@ class TrainerHooks:
         return loss
 
     def in_save(self, step: int, rank: int, tag_dir: Path) -> None:
-        """This rank's checkpoint files are written; the tag is not sealed yet."""
+        """This rank's checkpoint files are written, or handed to the background writer; the tag is not sealed yet."""
+
+    def before_write(self, step: int, rank: int, path: Path) -> None:
+        """The checkpoint writer (a background thread unless checkpoint.background is off) is about
+        to write ``path`` of step ``step``'s checkpoint; an OSError raised here fails that write."""
 
     def close(self) -> None:
         """The run is over (finished, stopped or preempted)."""

@@ -84,6 +84,9 @@ class Trainer(Accumulation):
             resume=self.resume,
             keep_last=self.recipe.checkpoint.keep_last,
             in_save=self.hooks.in_save,
+            background=self.recipe.checkpoint.background,
+            on_error=self.recipe.checkpoint.on_error,
+            before_write=self.hooks.before_write,
             tp=self.layout.tp,
             replica=self.layout.dp_rank,
         )
@@ -372,6 +375,14 @@ class Trainer(Accumulation):
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.state.step, self.state.to_dict(), self.stream.state_dict())
+        self._saves_ended()
+
+    def _saves_ended(self, wait: bool = False) -> None:
+        """Seal a background save whose writes ended on every rank (``wait``: wait for them) and log
+        its event (save_s, save_blocking_s) or its failure (collective while a save is in flight)."""
+        self.ckpt.flush() if wait else self.ckpt.poll()
+        for record in self.ckpt.take_records():
+            self.metrics.log(record)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -442,12 +453,16 @@ class Trainer(Accumulation):
                     tqdm.write(f"step {step}: {describe_eval(last_eval)}")
             if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps) or preempted:
                 self.save()
+            else:
+                self._saves_ended()
             if preempted:
+                self._saves_ended(wait=True)
                 self.metrics.log({"step": step, "event": "preempted", "signal": self._signal})
                 bar.close()
                 self.metrics.close()
                 self.preempted = True
                 return last_eval
+        self._saves_ended(wait=True)
         bar.close()
         self.metrics.close(finished=True)  # the last step: every line is final, the trackers get them all
         self.preempted = False
