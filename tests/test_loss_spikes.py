@@ -4,11 +4,9 @@ engines in one process: a corpus with one shard of random tokens triggers a rewi
 never trained after it, and the final weights equal a run given the same steps with skip_steps. The
 kill -9 after a rewind runs the real command line (slow)."""
 
+import io
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from data_pipelines.loader.slots import Slot, epoch_shards
 from pretrain.run.config import LossSpikeConfig
 from pretrain.runtime.spikes import SkipLedger, SpikeDetector, spike_limit
 from tests.faults import FaultPlan
-from tests.launch import FAULTS, REPO, prepare_small_corpus
+from tests.launch import FAULTS, REPO, deepspeed_cmd, prepare_small_corpus, run
 from tests.launch import world_of_one as launch_world_of_one
 from tests.test_loader import make_dataset
 
@@ -119,29 +117,38 @@ def world_of_one():
         yield
 
 
-@pytest.fixture(scope="module")
-def spiky_corpus(tmp_path_factory):
-    """Shards of exactly 8 windows (a step's micro-batch, read in order: shuffle_buffer 1); the shard
-    that epoch 0 reads at step 21 holds random tokens."""
-    root = prepare_small_corpus(tmp_path_factory.mktemp("spiky") / "data", 12, 4000, 12000, 512, 8)
-    manifest = json.loads((root / "manifest.json").read_text())
-    split = manifest["splits"]["train"]
+def _random_shard(root: Path, position: int) -> tuple[set[str], str]:
+    """Random tokens in the shard that epoch 0 reads at ``position`` of its order (world 1 reads it at
+    step position + 1; on 2 ranks rank position % 2 reads it at step position // 2 + 1)."""
+    split = json.loads((root / "manifest.json").read_text())["splits"]["train"]
     shards = [str(root / s) for s in split["shards"]]
     full = {s for s, n in zip(shards, split["shard_samples"]) if n == 8}
     order, _ = epoch_shards(shards, Slot(), 0, 1234)
-    assert len(order) >= 34 and all(s in full for s in order[:21]), "the corpus must fill 33 steps of epoch 0"
-    bad = order[20]
+    assert len(order) >= 34 and all(s in full for s in order[: position + 1]), "the corpus must fill epoch 0"
+    bad = order[position]
     rng = np.random.default_rng(7)
     samples = list(wds.WebDataset(bad, shardshuffle=False))
     with wds.TarWriter(bad + ".tmp") as out:
         for s in samples:
-            tokens = np.load(__import__("io").BytesIO(s["tokens.npy"]))
-            noise = rng.integers(0, 512, size=tokens.shape).astype(tokens.dtype)
-            buf = __import__("io").BytesIO()
-            np.save(buf, noise)
+            tokens = np.load(io.BytesIO(s["tokens.npy"]))
+            buf = io.BytesIO()
+            np.save(buf, rng.integers(0, 512, size=tokens.shape).astype(tokens.dtype))
             out.write({"__key__": s["__key__"], "tokens.npy": buf.getvalue()})
     os.replace(bad + ".tmp", bad)
-    return root, {f"{s['__key__']}" for s in samples}, Path(bad).name
+    return {s["__key__"] for s in samples}, Path(bad).name
+
+
+def _corpus(tmp_path_factory, position: int):
+    """Shards of exactly 8 windows (a step's micro-batch, read in order: shuffle_buffer 1), one of random tokens."""
+    root = prepare_small_corpus(tmp_path_factory.mktemp("spiky") / "data", 12, 4000, 12000, 512, 8)
+    keys, name = _random_shard(root, position)
+    return root, keys, name
+
+
+@pytest.fixture(scope="module")
+def spiky_corpus(tmp_path_factory):
+    """World 1 reads the random shard at step 21."""
+    return _corpus(tmp_path_factory, 20)
 
 
 def _recipe(tmp_path: Path, name: str, **training) -> str:
@@ -228,31 +235,25 @@ def test_a_random_token_shard_is_rewound_and_equals_skip_steps_given_up_front(wo
 
 
 @pytest.mark.slow
-def test_a_kill_after_the_rewind_resumes_with_the_range_skipped_and_no_second_rewind(spiky_corpus, tmp_path):
-    """The real command line, one process: killed (SIGKILL) at step 23, after the rewind at 21 and
-    before the next checkpoint (25): the resume starts from step 20's checkpoint, skips step 21's data
-    again from the ledger, meets no spike, and ends with one rewind in the log."""
-    data, _, _ = spiky_corpus
+def test_a_kill_after_the_rewind_resumes_with_the_range_skipped_and_no_second_rewind(tmp_path_factory, tmp_path):
+    """2 ranks through the launcher; the random shard is rank 1's batch at step 21, so only rank 1's
+    loss spikes (rank 0's view alone would miss it). Every process is killed (SIGKILL) at step 23, after
+    the rewind to step 20 and before the next checkpoint (25): the resume starts from step 20's
+    checkpoint, skips step 21's data again from the ledger, meets no spike, and ends with one rewind."""
+    data, _, _ = _corpus(tmp_path_factory, 41)
     recipe = _recipe(tmp_path, "k", loss_spike=SPIKE, max_steps=26)
     argv = ["--config", recipe, "--data", str(data), "--output-dir", str(tmp_path / "k"), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    first = subprocess.run(
-        [sys.executable, FAULTS, "--kill-at", "23", "--", *argv], env=env, capture_output=True, text=True
-    )
-    assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
+    first = run(deepspeed_cmd(2, ["--kill-at", "23", "--", *argv], script=FAULTS), check=False)
+    assert first.returncode != 0, first.stdout[-3000:]
+    assert "warning: loss spike at step 21: rank 1's loss" in first.stdout, first.stdout[-3000:]
     assert "rewound to step_00000020" in first.stdout
-    second = subprocess.run(
-        [sys.executable, str(REPO / "pretrain/train.py"), *argv], env=env, capture_output=True, text=True
-    )
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    second = run(deepspeed_cmd(2, argv))
     assert "resumed from" in second.stdout and "step_00000020" in second.stdout
     assert "warning: loss spike" not in second.stdout, "the same spike met twice"
     assert "skipped the data of steps 21..21" in second.stdout
-    run = tmp_path / "k"
-    assert len(_events(run, "rewind")) == 1 and len(json.loads((run / "skipped-data.json").read_text())["rewinds"]) == 1
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "k"
+    assert len(_events(out, "rewind")) == 1 and len(json.loads((out / "skipped-data.json").read_text())["rewinds"]) == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if "loss" in x and "event" not in x and "split" not in x]
     assert steps == [s for s in range(1, 27) if s != 21]
 
