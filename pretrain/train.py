@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         "carry); without it every checkpoint file is read with torch.load(weights_only=True) and one that "
         "needs more is refused",
     )
+    p.add_argument(
+        "--skip-steps",
+        action="append",
+        type=_step_range,
+        metavar="FIRST:LAST",
+        help="read and do not train the batches of steps FIRST..LAST (repeatable; added to training.skip_steps): "
+        "the steps keep their numbers, the counter and LR schedule move past them with no update, as Megatron's "
+        "--skip-train-iteration-range. For data found bad by hand; a loss-spike rewind records its own ranges",
+    )
     p.add_argument("--seed", type=int, help="seed for init, data order and dropout (overrides training.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -94,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--deepspeed", action="store_true", help="accepted for compatibility with DeepSpeed scripts; ignored"
     )
     return p
+
+
+def _step_range(text: str) -> list[int]:
+    try:
+        first, last = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST:LAST, two step numbers") from None
+    return [first, last]
 
 
 def _free_port() -> int:
@@ -165,6 +182,11 @@ def prepare(args: argparse.Namespace):
         "training.seed": args.seed,
         "model.trust_remote_code": True if args.trust_remote_code else None,
     }
+    if getattr(args, "skip_steps", None):
+        from pretrain.run.config import find_recipe
+
+        written = load_json(find_recipe(args.config), "recipe").get("training", {}).get("skip_steps", [])
+        overrides["training.skip_steps"] = [*written, *args.skip_steps]
     recipe, recipe_path = load_recipe(args.config, overrides)
     if recipe.model.trust_remote_code and not args.trust_remote_code and int(os.environ.get("RANK", 0)) == 0:
         # a shared recipe must not run a directory's code on its own: the command line decides
@@ -353,7 +375,7 @@ def _run(args: argparse.Namespace, hooks=None) -> int:
             kind = "training stopped" if isinstance(e, TrainingStopped) else "checkpoint"
             print(f"error: {kind}: {e}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
-        return 1
+        return getattr(e, "exit_code", 1)  # loss spikes past max_rewinds: 76
     if trainer.preempted:
         if rank == 0:
             print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ class FaultPlan(TrainerHooks):
         trace_dir: str | Path | None = None,
         disk_full_at: tuple[int, int | None] | None = None,
         slow_write: tuple[int, float] | None = None,
+        kill_at: int | None = None,
     ):
         self.nan_loss_at, self.nan_grad_at = set(nan_loss_at), set(nan_grad_at)
         self.stall_in_save = stall_in_save
@@ -54,8 +56,11 @@ class FaultPlan(TrainerHooks):
         self.losses_seen: list[tuple[int, int]] = []
         self.disk_full_at = disk_full_at  # (step, rank or None for every rank): its checkpoint's writes fail
         self.slow_write = slow_write  # (rank, seconds): that rank's writer sleeps before each checkpoint file
+        self.kill_at = kill_at  # step at whose first micro-batch every process of the run kills itself
 
     def on_batch(self, step, rank, ids):
+        if step == self.kill_at:  # kill -9 of this process as its step begins: no handler, no flush
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.trace_dir is None or ids is None:
             return
         if self._trace is None:
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-samples", help="directory for trace-rank<r>.txt: step, then the ids of its samples")
     p.add_argument("--disk-full-at", help="STEP[:RANK]: that step's checkpoint writes fail with ENOSPC (every rank)")
     p.add_argument("--slow-write", help="RANK:SECONDS: that rank's checkpoint writer sleeps before each file")
+    p.add_argument("--kill-at", type=int, help="every process kills itself (SIGKILL) as this step begins")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; passed on")
     args = p.parse_args(argv[:split])
     disk_full = slow = None
@@ -120,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.slow_write:
         rank, _, seconds = args.slow_write.partition(":")
         slow = (int(rank), float(seconds))
-    plan = FaultPlan(args.nan_loss_at, args.nan_grad_at, args.stall_in_save, args.trace_samples, disk_full, slow)
+    plan = FaultPlan(
+        args.nan_loss_at, args.nan_grad_at, args.stall_in_save, args.trace_samples, disk_full, slow, args.kill_at
+    )
     from pretrain.train import main as train_main
 
     return train_main(argv[split + 1 :], hooks=plan)

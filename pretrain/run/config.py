@@ -294,6 +294,33 @@ class DataConfig(_Section):
         return self
 
 
+class LossSpikeConfig(_Section):
+    """training.loss_spike: loss spikes found on every rank's loss and acted on by every rank."""
+
+    action: Literal["warn", "skip", "rewind"] = Field(
+        "warn",
+        description="warn: log the spike; skip: drop the step's update, as for a NaN (needs ZeRO stage 1-3, whose "
+        "optimizer refuses a non-finite gradient); rewind: load the last sealed checkpoint taken before the spike, "
+        "skip the data the steps since it read, optionally lower the LR (lr_factor, lr_steps), and go on",
+    )
+    window: int = Field(50, ge=5, description="the recent steps whose losses make the reference (median and MAD)")
+    threshold: float = Field(
+        6.0,
+        gt=0,
+        description="a step is a spike when the highest loss of any rank exceeds the median of the window's by "
+        "more than this many robust standard deviations (1.4826 x the window's median absolute deviation, at "
+        "least 1% of the median): about 6 rarely fires on noise",
+    )
+    min_steps: int = Field(
+        20, ge=0, description="steps observed before any judgement (the first steps' loss falls too fast to judge)"
+    )
+    lr_factor: float = Field(1.0, gt=0, le=1, description="rewind: multiply the LR by this for lr_steps steps after")
+    lr_steps: int = Field(0, ge=0, description="rewind: how many steps after a rewind train at lr x lr_factor")
+    max_rewinds: int = Field(
+        5, ge=0, description="rewind: after this many rewinds in the run the next spike stops it (exit code 76)"
+    )
+
+
 class TrainingConfig(_Section):
     """The optimisation: fills the "auto" values of the DeepSpeed config."""
 
@@ -357,6 +384,21 @@ class TrainingConfig(_Section):
     max_nonfinite_skips: int = Field(
         10, ge=0, description="with on_nonfinite=skip, stop after this many skipped micro-batches"
     )
+    loss_spike: LossSpikeConfig | None = Field(
+        None, description="detect loss spikes and warn, skip or rewind (off by default); see LossSpikeConfig"
+    )
+    skip_steps: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="[[first, last], ...]: the batches of these steps are read and not trained (Megatron's "
+        "--skip-train-iteration-range); the steps keep their numbers, the step counter and LR schedule move past "
+        "them with no update; --skip-steps FIRST:LAST adds one",
+    )
+    z_loss: float = Field(
+        0.0,
+        ge=0,
+        description="GPT: add z x logsumexp(logits)^2 per trained token to the loss (PaLM, OLMo: 1e-4 keeps the "
+        "softmax normaliser near 1); logged apart as z_loss, the cross-entropy stays loss",
+    )
     check_batches_every: int = Field(
         100,
         ge=0,
@@ -368,6 +410,13 @@ class TrainingConfig(_Section):
     def _lr_order(self) -> TrainingConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        ranges = sorted(self.skip_steps)
+        for first, last in ranges:
+            if not 1 <= first <= last:
+                raise ValueError(f"skip_steps: [{first}, {last}] is not a range of steps (1 <= first <= last)")
+        for (_, last), (first, _) in zip(ranges, ranges[1:]):
+            if first <= last:
+                raise ValueError(f"skip_steps: ranges overlap at step {first}")
         return self
 
 

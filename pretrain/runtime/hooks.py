@@ -32,5 +32,8 @@ class TrainerHooks:
         """The checkpoint writer (a background thread unless checkpoint.background is off) is about
         to write ``path`` of step ``step``'s checkpoint; an OSError raised here fails that write."""
 
+    def on_evaluate(self, step: int, rank: int) -> None:
+        """An evaluation of the model after step ``step`` begins."""
+
     def close(self) -> None:
         """The run is over (finished, stopped or preempted)."""

@@ -33,7 +33,7 @@ from pretrain.runtime.engine import engine_settings, optimizer_and_schedule
 from pretrain.runtime.flops import peak_tflops, this_accelerator, utilisation
 from pretrain.runtime.hooks import TrainerHooks
 from pretrain.runtime.metrics import MetricsLogger, rewind
-from pretrain.runtime.trackers import trackers_for
+from pretrain.runtime.rewind import DataSkips
 from pretrain.runtime.rng import seed_everything, seed_replica
 from pretrain.runtime.state import (  # noqa: F401 - the trainer's rules, importable from it
     PREEMPTED_EXIT,
@@ -44,9 +44,10 @@ from pretrain.runtime.state import (  # noqa: F401 - the trainer's rules, import
     describe_eval,
     refused_step,
 )
+from pretrain.runtime.trackers import trackers_for
 
 
-class Trainer(Accumulation):
+class Trainer(Accumulation, DataSkips):
     def __init__(
         self,
         run: ResolvedRun,
@@ -65,6 +66,7 @@ class Trainer(Accumulation):
         self._signal: int | None = None
         self._data_wait = 0.0  # seconds rank 0 waited for batches since the last train line
         self._first_step = 1  # the first step this process trains (set again on a resume)
+        self._spike_limit: float | None = None  # loss_spike action skip: the limit of the step in flight
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -119,6 +121,7 @@ class Trainer(Accumulation):
             for line in self.stream.coverage():  # shards that do not divide ranks x workers
                 print(f"data: {line}", flush=True)
         self.metrics = self._metrics(restored)
+        self._setup_skips(resumed=restored is not None)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -260,14 +263,25 @@ class Trainer(Accumulation):
         """One optimizer step: ``gas`` micro-batches through the engine. The gradient norm is read
         (a wait for the device) only when ``log`` is set or DeepSpeed refused the update."""
         self.engine.train()
+        factor = self._lr_factor(self.state.step + 1)
+        if factor != 1.0:  # after a rewind; the schedule sets the next step's LR afresh
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] *= factor
         lr = self.engine.get_lr()[0]
         refused_before = getattr(self.engine, "skipped_steps", 0)
         if self.gas > 1 and self.run.zero_stage >= 1:
-            total, count, (stop, read, bad), nonfinite = self._accumulate_checked_once()
+            total, count, (stop, read, bad), nonfinite, dropped = self._accumulate_checked_once()
         else:
-            total, count, (stop, read, bad), nonfinite = self._accumulate_checked_each()
+            total, count, (stop, read, bad), nonfinite, dropped = self._accumulate_checked_each()
         features.after_step(self.engine, self.ctx)
         refused = getattr(self.engine, "skipped_steps", 0) > refused_before
+        if dropped and not nonfinite:
+            if not refused:
+                raise TrainingStopped(
+                    f"loss spike at step {self.state.step + 1}: the optimizer applied the update meant to be dropped "
+                    "(loss_spike.action skip needs ZeRO stage 1-3); resume from the last checkpoint"
+                )
+            self.state.spike_skips += 1
         if nonfinite:  # raises, or counts the skipped step
             self._nonfinite_gradient(
                 refused,
@@ -278,21 +292,30 @@ class Trainer(Accumulation):
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.global_batch * self.run.tokens_per_sample
+        z_loss = None
+        take = getattr(self.parts.loss_sum, "take", None)  # training.z_loss: its term is logged apart
+        if take is not None:
+            term = take()
+            z_total = self._sum_over_ranks([float(term) if term is not None else 0.0])[0]
+            total -= z_total
+            z_loss = z_total / count if count else 0.0
         # the step's loss over its items, the estimator of the val loss (ranks of one TP or SP group
         # count the same sum and items, so the ratio holds): the gap compares like with like
         mean_loss = total / count if count else 0.0
         if nonfinite:
             mean_loss = float("nan")
-        else:
+        elif not dropped:  # a dropped spike trained nothing: it stays out of the gap's train loss
             self.state.train_losses.append(mean_loss)
             self.state.train_loss_sum += total
             self.state.train_items += count
         norm = None
-        if (log or refused) and not nonfinite:
+        if (log or refused) and not nonfinite and not dropped:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else None
         finite_norm = None if norm is None else bool(np.isfinite(norm))
-        if refused_step(self.run.precision, refused, nonfinite, finite_norm) == "overflow":
+        if dropped:
+            pass  # the update was refused on purpose: neither an overflow nor a non-finite gradient
+        elif refused_step(self.run.precision, refused, nonfinite, finite_norm) == "overflow":
             self.state.loss_scale_overflows += 1  # fp16's scaler lowered its scale: normal, never a stop
             norm = None  # the norm at the scale that overflowed says nothing of the gradient
         elif finite_norm is False:
@@ -302,7 +325,15 @@ class Trainer(Accumulation):
         verdict = bad and bad_data_verdict(read, bad, self.recipe.data.max_bad_fraction, self._first_bad())
         if verdict:
             raise TrainingStopped(verdict)
-        return {"loss": mean_loss, "lr": lr, "grad_norm": norm, "data_skipped": int(bad), "stop": stop > 0}
+        return {
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "data_skipped": int(bad),
+            "stop": stop > 0,
+            "spike_skipped": bool(dropped),
+            **({"z_loss": z_loss} if z_loss is not None else {}),
+        }
 
     def _data_counts(self) -> tuple[int, dict[str, int]]:
         """This rank's share of the samples read and skipped, for sums over ranks: the ranks of a
@@ -339,6 +370,7 @@ class Trainer(Accumulation):
 
     def evaluate(self) -> dict[str, Any]:
         ev = self.recipe.eval
+        self.hooks.on_evaluate(self.state.step, self.rank)
         self.engine.eval()
         request = EvalRequest(
             split=self.recipe.data.eval_split,
@@ -400,9 +432,19 @@ class Trainer(Accumulation):
         start = time.time()
         window_start, window_steps = time.time(), 0
         last_eval: dict[str, Any] = {}
+        spike = tr.loss_spike
         while self.state.step < tr.max_steps:
             step = self.state.step + 1
+            if self._skip_ahead(step):  # the data of skipped steps is read and not trained
+                bar.update(self.state.step - bar.n)
+                if self.state.step >= tr.max_steps:  # skipped to the end: the end's evaluation and save
+                    last_eval = self.evaluate()
+                    self.metrics.log(last_eval)
+                    if ck.at_end:
+                        self.save()
+                continue
             log = step % tr.log_every == 0 or step == tr.max_steps
+            self._spike_limit = self.spikes.limit() if spike and spike.action == "skip" else None
             out = self.train_step(log)
             preempted = out.pop("stop")
             window_steps += 1
@@ -429,6 +471,7 @@ class Trainer(Accumulation):
                         "tokens": self.state.tokens,
                         "nonfinite_skips": self.state.nonfinite_skips,
                         "loss_scale_overflows": self.state.loss_scale_overflows,
+                        "samples_skipped": self.state.samples_skipped,
                         "throughput": tput,
                         "throughput_unit": f"{self.family.unit}/s",
                         "tokens_per_s": tps,
@@ -446,6 +489,9 @@ class Trainer(Accumulation):
                     loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", **{self.family.unit[:3] + "_s": f"{tput:,.0f}"}
                 )
             bar.update(1)
+            if self._spike_step(step, out):  # rewound: the counters are the checkpoint's, moved past the spike
+                bar.update(self.state.step - bar.n)
+                continue
             if (ev.every and step % ev.every == 0) or step == tr.max_steps:
                 last_eval = self.evaluate()
                 self.metrics.log(last_eval)
