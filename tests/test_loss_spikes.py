@@ -108,6 +108,20 @@ def test_a_range_ahead_of_the_position_stays_skipped_across_a_change_of_world_si
     assert not set(got) & (read | skipped)
 
 
+def test_the_steps_of_a_range_left_out_on_another_layout_are_still_moved_past():
+    """After a change of world size the stream left a rewind's range out of the re-divided epoch; the
+    trainer still moves its counter past the range's steps when it reaches them (nothing is read)."""
+    from types import SimpleNamespace
+
+    from pretrain.runtime.rewind import DataSkips
+
+    r = {"segment": 0, "first": 41, "last": 48, "steps": 4, "at_step": 11, "why": "rewind: loss spike at step 14"}
+    stream = SimpleNamespace(skips=[r], segment=1, pending_skip=lambda step: None)
+    trainer = SimpleNamespace(recipe=SimpleNamespace(training=SimpleNamespace(skip_steps=[])), stream=stream, gas=2)
+    assert DataSkips._skip_due(trainer, 10) is None
+    assert DataSkips._skip_due(trainer, 11) == (4, 0, r["why"], r)
+
+
 # ------------------------------------------------------------------------------- real engines
 
 
