@@ -279,6 +279,10 @@ def prepare(args: argparse.Namespace):
     from pretrain.runtime.trackers import tracker_problems  # a tracker not installed: named with its extra
 
     problems.extend(tracker_problems(recipe.logging.report_to))
+    from pretrain.evals.harness import task_problems  # eval.tasks: lm_eval installed, local task files, a layout
+
+    zero_stage = int(((ds_config or ds_raw).get("zero_optimization") or {}).get("stage", 0))
+    problems.extend(task_problems(recipe, zero_stage, layout.tp, layout.sp))
     if problems:
         raise RecipeError(str(recipe_path), problems)
     notes.extend(features.configure(ds_config, ctx))

@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         "own eval batch, eval.batch_size or the micro-batch, times its data-parallel size)",
     )
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of the split")
+    p.add_argument(
+        "--tasks",
+        metavar="NAMES_OR_YAML",
+        help="with --model: run EleutherAI lm-evaluation-harness tasks on the model instead of --data, offline: "
+        "comma-separated task YAML files whose data_files are local (JSONL/parquet/CSV, relative to the YAML), "
+        "or names of tasks in the folders of listed YAMLs; a task that would download its data is refused, "
+        "naming the file to provide (needs pip install .[lmeval]; e.g. tests/assets/facts_choice.yaml)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="--tasks: score only the first N documents of each task")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--trust-remote-code",
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.tasks is not None:
+        return _benchmarks(args)
     if (args.data is None) == (args.image_folder is None):
         print(
             "error: give one of --data DIR (prepared shards) and --image-folder ROOT (a labelled image folder)",
@@ -224,6 +235,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for k, v in result.items():
             print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> int:
+    """--tasks: lm-evaluation-harness on a GPT."""
+    if args.data is not None or args.image_folder is not None:
+        print("error: --tasks takes the model alone (no --data or --image-folder)", file=sys.stderr)
+        return 2
+    if args.tasks is not None and args.model is None:
+        print("error: --tasks needs --model HF_DIR (pretrain-export a run first)", file=sys.stderr)
+        return 2
+    trust = trusting(remote_code=args.trust_remote_code, checkpoint=args.trust_checkpoint)
+    try:
+        with trust, contextlib.redirect_stdout(sys.stderr):  # the harness's and datasets' chatter
+            from pretrain.evals.harness import evaluate_export
+
+            specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            result = evaluate_export(args.model, specs, args.limit, args.batch_size or DEFAULT_BATCH)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(dumps(result))
+        return 0
+    for group, metrics in result["results"].items():
+        for k, v in metrics.items():
+            print(f"{group + '/' + k:>40}: {v:.4f}")
     return 0
 
 

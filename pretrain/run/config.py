@@ -433,6 +433,13 @@ class EvalConfig(_Section):
     batch_size: int | None = Field(
         None, gt=0, description="sequences per rank per eval forward (default: training micro_batch_size)"
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="family gpt: lm-evaluation-harness task YAML files (local data; nothing is downloaded) run on "
+        "the live model, logged as eval/<task>/<metric> (pip install .[lmeval]); see pretrain/evals/harness.py",
+    )
+    tasks_every: int = Field(0, ge=0, description="run eval.tasks every N steps (0 = at every evaluation)")
+    tasks_limit: int | None = Field(None, gt=0, description="eval.tasks: the first N documents of each task")
 
 
 class CheckpointConfig(_Section):

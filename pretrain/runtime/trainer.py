@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data_pipelines.sources.redact import redact_all
+from pretrain.evals.harness import during_training as harness_tasks
 from pretrain.finetune.adapters import describe_counts, parameter_counts
 from pretrain.models import EvalRequest, RunData, StreamRequest, family_name, get_family
 from pretrain.run import features
@@ -497,6 +498,7 @@ class Trainer(Accumulation, DataSkips):
                 self.metrics.log(last_eval)
                 if self.is_main:
                     tqdm.write(f"step {step}: {describe_eval(last_eval)}")
+            harness_tasks(self, step)  # eval.tasks (lm-evaluation-harness) when due, on rank 0
             if (ck.every and step % ck.every == 0) or (ck.at_end and step == tr.max_steps) or preempted:
                 self.save()
             else:
