@@ -22,6 +22,7 @@ import math
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -143,6 +144,7 @@ class SyntheticConfig(cli.CommandConfig):
     test_fraction: float = 0.1
     vocab_size: int = 512
     samples_per_shard: int = 500
+    benchmark: Path | None = None
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -323,6 +325,13 @@ def generate(config: SyntheticConfig, out: TextIO | None = None, err: TextIO | N
         "tokenizer": cli.tokenizer_manifest(tokenizer, None),
         "classes": CLASSES_NAME,
     }
+    if config.benchmark is not None:
+        # the test split (val when there is none) as a clip_benchmark set: pretrain-eval --benchmark reads it
+        from data_pipelines.image.benchmark_layout import write_layout
+
+        split = "test" if writers.writers["test"].samples else "val"
+        n = write_layout(config.output, split, config.benchmark, classes["classnames"], classes["templates"])
+        manifest["benchmark"] = {"path": str(config.benchmark), "split": split, "samples": n}
     return console.finish(config.output, manifest, format_summary)
 
 
@@ -352,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the BPE caption tokenizer trained on the train captions",
     )
     cli.add_shard_flag(parser, 500)
+    parser.add_argument(
+        "--benchmark",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="also write the test split (val without one) in clip_benchmark's WebDataset layout to DIR "
+        "(test/*.tar with jpg, cls and txt per sample, classnames.txt, zeroshot_classification_templates.txt), "
+        "for pretrain-eval --benchmark DIR and clip_benchmark's --dataset wds/...",
+    )
     cli.add_overwrite_flags(parser, "replace the dataset in a non-empty --output", "hide the progress bar")
     return parser
 

@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "naming the file to provide (needs pip install .[lmeval]; e.g. tests/assets/facts_choice.yaml)",
     )
     p.add_argument("--limit", type=int, default=None, help="--tasks: score only the first N documents of each task")
+    p.add_argument(
+        "--benchmark",
+        metavar="DIR",
+        help="with --model or --checkpoint of a CLIP: zero-shot classification (acc1, acc5, mean per-class "
+        "recall) and image/text retrieval recall@1/5/10 on a local WebDataset set in clip_benchmark's layout: "
+        "DIR/test/*.tar (an image and a cls per sample), DIR/classnames.txt, "
+        "DIR/zeroshot_classification_templates.txt (make-synthetic-image-text --benchmark-layout writes one)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--trust-remote-code",
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.tasks is not None:
+    if args.tasks is not None or args.benchmark is not None:
         return _benchmarks(args)
     if (args.data is None) == (args.image_folder is None):
         print(
@@ -239,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _benchmarks(args: argparse.Namespace) -> int:
-    """--tasks: lm-evaluation-harness on a GPT."""
-    if args.data is not None or args.image_folder is not None:
-        print("error: --tasks takes the model alone (no --data or --image-folder)", file=sys.stderr)
+    """--tasks (lm-evaluation-harness on a GPT) and --benchmark (clip_benchmark's layout for a CLIP)."""
+    if args.data is not None or args.image_folder is not None or (args.tasks and args.benchmark):
+        print("error: --tasks and --benchmark each take the model alone (no --data or --image-folder)", file=sys.stderr)
         return 2
     if args.tasks is not None and args.model is None:
         print("error: --tasks needs --model HF_DIR (pretrain-export a run first)", file=sys.stderr)
@@ -249,10 +257,17 @@ def _benchmarks(args: argparse.Namespace) -> int:
     trust = trusting(remote_code=args.trust_remote_code, checkpoint=args.trust_checkpoint)
     try:
         with trust, contextlib.redirect_stdout(sys.stderr):  # the harness's and datasets' chatter
-            from pretrain.evals.harness import evaluate_export
+            if args.tasks is not None:
+                from pretrain.evals.harness import evaluate_export
 
-            specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
-            result = evaluate_export(args.model, specs, args.limit, args.batch_size or DEFAULT_BATCH)
+                specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+                result = evaluate_export(args.model, specs, args.limit, args.batch_size or DEFAULT_BATCH)
+            else:
+                from pretrain.evals.clip_bench import evaluate_benchmark
+
+                result = evaluate_benchmark(
+                    args.checkpoint or args.model, args.benchmark, args.batch_size or DEFAULT_BATCH, args.max_samples
+                )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
