@@ -198,8 +198,8 @@ def _quiet_telemetry() -> None:
 
 class WandbRun:
     """One wandb run, resumed by id. Offline (WANDB_MODE=offline) every process writes its own
-    RUN/wandb/offline-run-*-ID folder with the steps it fed; `wandb sync --append` uploads them in
-    order into the one run ID."""
+    RUN/wandb/offline-run-*-ID folder with the steps it fed; `wandb sync` uploads the folders of one
+    run ID in order of their start."""
 
     def __init__(self, run_dir: Path, state: dict, config: dict, project: str, owner: Trackers):
         import wandb
