@@ -31,10 +31,27 @@ OFFLINE = {
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
+    """The trackers' environment offline, with every non-loopback connect of this process refused and
+    recorded, and the TCP peers of this process and its children (wandb-core) checked at the end."""
+    import socket
+
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # not the user's ~/.config/wandb
+    attempts, real = [], socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError(f"network connection refused by the test: {address!r}")
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    yield
+    assert attempts == [], f"connections attempted: {attempts}"
+    assert not remote_sockets(_tree(os.getpid())), "a non-loopback TCP peer"
 
 
 def test_scalars_are_named_as_tensorboard_names_them():
@@ -66,6 +83,7 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra(monkeypatch):
     assert tracker_problems(["tensorboard"]) == []
 
 
+@pytest.mark.slow  # prepare() loads transformers and DeepSpeed: ~25 s in a fresh worker
 def test_pretrain_train_refuses_a_missing_tracker_before_any_rank_starts(corpus, tmp_path, monkeypatch, capsys):
     """The refusal comes from prepare(), before the process group: no run directory is written."""
     import importlib.util

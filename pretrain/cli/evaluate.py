@@ -92,14 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or names of tasks in the folders of listed YAMLs; a task that would download its data is refused, "
         "naming the file to provide (needs pip install .[lmeval]; e.g. tests/assets/facts_choice.yaml)",
     )
-    p.add_argument("--limit", type=int, default=None, help="--tasks: score only the first N documents of each task")
+    p.add_argument(
+        "--limit", type=int, metavar="N", default=None, help="--tasks: score only the first N documents of each task"
+    )
     p.add_argument(
         "--benchmark",
         metavar="DIR",
         help="with --model or --checkpoint of a CLIP: zero-shot classification (acc1, acc5, mean per-class "
         "recall) and image/text retrieval recall@1/5/10 on a local WebDataset set in clip_benchmark's layout: "
         "DIR/test/*.tar (an image and a cls per sample), DIR/classnames.txt, "
-        "DIR/zeroshot_classification_templates.txt (make-synthetic-image-text --benchmark-layout writes one)",
+        "DIR/zeroshot_classification_templates.txt (make-synthetic-image-text --benchmark DIR writes one)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
