@@ -12,7 +12,7 @@ import torch
 
 from pretrain.runtime.checkpoint import CheckpointError, CheckpointManager, complete_tags
 from pretrain.runtime.ckpt_verify import NO_CHECKSUMS, file_entry, tag_files, verify_tag
-from pretrain.runtime.ckpt_writer import snapshot
+from pretrain.runtime.ckpt_writer import Staging, snapshot
 from pretrain.runtime.trainer import Trainer, TrainingStopped
 from tests.faults import FaultPlan
 from tests.launch import REPO, metrics, module_cmd, run
@@ -70,6 +70,15 @@ def test_snapshot_copies_tensors_and_keeps_container_types():
     assert copy["d"]["a"][0].tolist() == [0.0, 1.0, 2.0] and copy["s"] == "x" and copy["n"] is None
 
 
+def test_staging_buffers_are_reused_from_one_save_to_the_next():
+    staging = Staging()
+    a = snapshot({"w": torch.ones(4), "b": torch.zeros(2)}, staging)
+    staging.reset()
+    b = snapshot({"w": torch.full((4,), 2.0), "b": torch.zeros(3)}, staging)
+    assert b["w"] is a["w"] and b["w"].tolist() == [2.0] * 4, "same shape and dtype: the warm buffer, refilled"
+    assert b["b"] is not a["b"] and b["b"].shape == (3,), "another shape: a new buffer"
+
+
 def test_the_seal_lists_every_file_and_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     manager = CheckpointManager(root, rank=0, world=1, zero_stage=2, seed=1, background=True)
@@ -79,7 +88,7 @@ def test_the_seal_lists_every_file_and_a_corrupt_checkpoint_is_refused_naming_th
         manager.save(engine, step, {"step": step}, {"micro_batches": step})
     manager.flush()
     records = manager.take_records()
-    assert [(r["event"], r["tag"]) for r in records] == [("checkpoint", "step_00000001"), ("checkpoint", "step_00000002")]
+    assert [(r["event"], r["tag"]) for r in records] == [("checkpoint", f"step_0000000{i}") for i in (1, 2)]
     assert all(r["save_s"] >= r["save_blocking_s"] >= 0 for r in records)
     for tag in complete_tags(root):
         seal = json.loads((tag / "toolkit.json").read_text())
@@ -157,7 +166,8 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_and_ends_as_a_direct
     assert auto.state.step == 2
     auto.fit()
     direct_tag = tmp_path / "direct" / "checkpoints" / "step_00000002"
-    direct = _trainer([*common, "--output-dir", str(tmp_path / "direct"), "--max-steps", "6", "--resume", str(direct_tag)])
+    direct_run = ["--output-dir", str(tmp_path / "direct"), "--max-steps", "6", "--resume", str(direct_tag)]
+    direct = _trainer([*common, *direct_run])
     assert direct.state.step == 2
     direct.fit()
     for (name, a), b in zip(auto.engine.module.state_dict().items(), direct.engine.module.state_dict().values()):
