@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="for non-text models: FORWARD FLOPs per sample F; training is then 3·F per sample "
         "(backward ~ 2x forward) and needs --samples",
     )
+    f = p.add_argument_group("from a scaling-law fit (instead of --params and --tokens)")
+    f.add_argument(
+        "--budget",
+        type=_count_arg,
+        help="training compute in FLOPs (e.g. 1e21); with --fit, N and D are the compute-optimal ones",
+    )
+    f.add_argument(
+        "--fit",
+        metavar="POINTS",
+        help="a pretrain-sweep sweep.jsonl (or a JSONL/CSV points file: params, tokens, loss): its Chinchilla "
+        "L(N, D) fit (pretrain-sweep fit) gives the N and D that minimise the loss at --budget FLOPs, "
+        "compared with 20 tokens per parameter; the plan is then for that N and D",
+    )
     d = p.add_argument_group("data (one of)")
     amount = d.add_mutually_exclusive_group()
     amount.add_argument("--tokens", type=_count_arg, help="training tokens D, e.g. 10B, 300B, 2.5T")
@@ -172,6 +185,8 @@ def pick(flag: Any, default: Any) -> Any:
 
 
 def plan_from_args(args: argparse.Namespace) -> dict:
+    if args.fit is not None or args.budget is not None:
+        return _plan_from_fit(args)
     if args.params is None and args.recipe is None:
         raise ValueError("give --params N or --recipe R")
     if args.tokens is None and args.samples is None:
@@ -199,6 +214,69 @@ def plan_from_args(args: argparse.Namespace) -> dict:
         sp=args.sp,
         accumulation=pick(args.accumulation, shape.accumulation or 1),
         contrastive_dim=shape.contrastive_dim,
+    )
+
+
+def _plan_from_fit(args: argparse.Namespace) -> dict:
+    """The plan of the compute-optimal (N, D) that a sweep's L(N, D) fit gives for --budget."""
+    from pretrain.sweep.fit import chinchilla_from, compute_optimal, fit_all, load_points, rule_of_thumb, usable
+
+    if args.fit is None or args.budget is None:
+        raise ValueError("--budget and --fit go together")
+    if args.params is not None or args.recipe or args.tokens is not None or args.samples is not None:
+        raise ValueError("--fit chooses the parameters and tokens: leave out --params, --recipe, --tokens, --samples")
+    try:
+        rows = load_points(args.fit)
+    except OSError as e:
+        raise ValueError(f"--fit {args.fit}: {e.strerror or e}") from None
+    report = fit_all(rows, n_bootstrap=0)
+    fit = chinchilla_from(report)
+    n, d = compute_optimal(fit, args.budget)
+    warnings = []
+    sizes, counts = report["chinchilla"]["distinct_params"], report["chinchilla"]["distinct_tokens"]
+    if min(sizes, counts) < 3:
+        # two values of N (or D) fix a line through two points, not the curvature an exponent is read from
+        warnings.append(
+            f"the fit rests on {sizes} model sizes x {counts} token counts: with fewer than 3 of either, "
+            "alpha or beta is not identified and this optimum means little (pretrain-sweep fit shows the intervals)"
+        )
+    top = max(r["flops"] for r in usable(rows))
+    if args.budget > 1e3 * top:
+        warnings.append(f"the budget is {args.budget / top:.1e} x the largest point's compute: an extrapolation")
+    n20, d20 = rule_of_thumb(args.budget)
+    result = plan_from_args(
+        argparse.Namespace(**{**vars(args), "fit": None, "budget": None, "params": round(n), "tokens": round(d)})
+    )
+    result["scaling_fit"] = {
+        "points": args.fit,
+        "budget_flops": args.budget,
+        "law": {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta},
+        "optimal_params": n,
+        "optimal_tokens": d,
+        "tokens_per_param": d / n,
+        "predicted_loss": float(fit.loss(n, d)),
+        "rule_20_params": n20,
+        "rule_20_tokens": d20,
+        "rule_20_predicted_loss": float(fit.loss(n20, d20)),
+        "warnings": warnings,
+    }
+    return result
+
+
+def format_fit(f: dict) -> str:
+    law = f["law"]
+    return "\n".join(
+        [
+            f"{PROG}: compute-optimal for {f['budget_flops']:.3g} FLOPs from the fit of {f['points']}:",
+            f"  L(N, D) = {law['E']:.3f} + {law['A']:.3g}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}",
+            f"  optimal          N = {_human(f['optimal_params'])} parameters, "
+            f"D = {_human(f['optimal_tokens'])} tokens ({f['tokens_per_param']:.1f} tokens/parameter), "
+            f"predicted loss {f['predicted_loss']:.4f}",
+            f"  20 tokens/param  N = {_human(f['rule_20_params'])}, D = {_human(f['rule_20_tokens'])}, "
+            f"predicted loss {f['rule_20_predicted_loss']:.4f}",
+            *(f"  warning: {w}" for w in f["warnings"]),
+            "",
+        ]
     )
 
 
@@ -287,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(dumps(result, indent=2) if args.json else format_plan(result))
+    text = format_plan(result)
+    if result.get("scaling_fit"):
+        text = format_fit(result["scaling_fit"]) + text
+    print(dumps(result, indent=2) if args.json else text)
     return 0
 
 
