@@ -91,8 +91,17 @@ def run(corpus, tmp_path_factory, world_of_one) -> Path:
 
 
 def _poisoned_copy(run: Path, dest: Path, marker: Path) -> Path:
+    """A copy of the run whose model file runs code when unpickled, its seal's checksum rewritten to
+    match (as whoever can write the files can): the safe loader, not the checksum, must refuse it."""
+    from pretrain.runtime.ckpt_verify import file_entry
+
     shutil.copytree(run, dest)
-    torch.save({"module": _Poison(marker)}, dest / "checkpoints" / TAG / "mp_rank_00_model_states.pt")
+    poisoned = dest / "checkpoints" / TAG / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Poison(marker)}, poisoned)
+    seal_path = poisoned.parent / "toolkit.json"
+    seal = json.loads(seal_path.read_text())
+    seal["files"][poisoned.name] = file_entry(poisoned)
+    seal_path.write_text(json.dumps(seal))
     return dest
 
 
