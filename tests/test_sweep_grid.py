@@ -148,3 +148,19 @@ def test_a_reference_width_scales_the_grid_lr_as_one_over_width():
                         named_models={"gpt-tiny": {"hidden_size": 32}})  # fmt: skip
     assert o["training.lr"] == pytest.approx(2e-2)
     assert point_overrides({"lr": 1e-2}, base, steps=10, rule=SizeRule(), lr_width_ref=64)["training.lr"] == 1e-2
+
+
+def test_a_run_that_ends_above_its_first_loss_is_diverged_and_a_short_one_is_not_finished(tmp_path):
+    def planned(losses, steps):
+        run_dir = tmp_path / "-".join(map(str, losses))
+        run_dir.mkdir()
+        lines = [{"step": i + 1, "loss": v, "tokens": 64 * (i + 1)} for i, v in enumerate(losses)]
+        lines.append({"step": len(losses), "split": "val", "loss": losses[-1], "train_loss": losses[-1]})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        return PlannedPoint(expand({"lr": [1e-3]})[0], {"training": {"max_steps": steps, "lr": 1e-3}}, run_dir, 10, 1)
+
+    good, bad, short = planned([5.0, 4.0, 3.0], 3), planned([5.0, 6.0, 7.5], 3), planned([5.0, 4.0], 3)
+    assert collect(good)["status"] == "done" and not collect(good)["diverged"]
+    assert collect(good)["tokens"] == 192 and collect(good)["loss"] == 3.0
+    assert collect(bad)["diverged"]
+    assert collect(short)["status"] == "pending" and collect(short)["loss"] is None

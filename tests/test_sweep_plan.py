@@ -61,3 +61,14 @@ def test_fit_and_budget_go_together_and_replace_params_and_tokens(points, capsys
     assert "--budget and --fit go together" in capsys.readouterr().err
     assert plan.main(["--budget", "1e21", "--fit", str(points[0]), "--params", "1B"]) == 2
     assert "leave out --params" in capsys.readouterr().err
+
+
+def test_sweep_fit_reads_a_csv_points_file_prints_json_and_draws_the_plots(points, tmp_path, capsys):
+    from pretrain.cli import sweep
+
+    assert sweep.main(["fit", str(points[1]), "--json", "--bootstrap", "4", "--plots", str(tmp_path / "p")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chinchilla"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
+    assert report["usable"] == 81 and "intervals" in report["chinchilla"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["compute.png", "laws.png", "lr.png"]
+    assert sweep.main(["fit", str(tmp_path / "missing.csv")]) == 2

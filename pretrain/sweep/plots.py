@@ -124,7 +124,10 @@ def plot_lr(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("peak learning rate")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final val loss")
-    axes[0][0].legend(fontsize=8)
+    if not runs:  # a points file from elsewhere may carry no LR or batch
+        axes[0][0].text(0.5, 0.5, "no LR x batch points", ha="center", transform=axes[0][0].transAxes)
+    else:
+        axes[0][0].legend(fontsize=8)
     fig.suptitle("val loss vs LR (star: optimal LR)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -204,7 +207,10 @@ def plot_laws(rows: list[dict[str, Any]], report: dict[str, Any], path: Path) ->
     left.set_ylabel("optimal LR")
     left.set_title("(c) optimal LR vs batch", fontsize=10)
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    if optima:
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no sweep of 3+ LRs per batch", ha="center", transform=left.transAxes)
     best = best_per_shape(usable(rows))
     ch = report.get("chinchilla", {})
     tokens = sorted({p["tokens"] for p in best})
