@@ -476,6 +476,9 @@ class CheckpointManager:
                 path, _ = engine.load_checkpoint(str(target.parent), tag=target.name)
         if path is None:
             raise CheckpointError(f"could not load the checkpoint {target}")
+        from pretrain.runtime.engine import replay_cpu_adam_steps
+
+        replay_cpu_adam_steps(engine.optimizer)  # DeepSpeed's CPU Adam: continue its beta^t exactly
         old_world = self.saved_world
         same_world = self.same_layout
         rank_state = load_rank_state(target, self.rank if same_world else 0) or {}

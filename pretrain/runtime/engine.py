@@ -64,3 +64,33 @@ def engine_settings(engine) -> dict[str, Any]:
         "global_batch": engine.train_batch_size(),
         "zero_stage": engine.zero_optimization_stage(),
     }
+
+
+def replay_cpu_adam_steps(optimizer) -> int:
+    """After a checkpoint is loaded into DeepSpeed's Adam on a CPU: replay its step counter, so that
+    the resumed run's updates are bit for bit the uninterrupted run's. Returns the steps replayed.
+
+    The CPU kernel (``multi_tensor_adam`` of DeepSpeed's CPU FusedAdam) keeps beta^t in process-wide
+    state and, from one step to the next, multiplies it by beta; a fresh process (a resume) or a jump
+    (a rewind) computes pow(beta, t) instead, which differs in the last bits, so every later weight
+    drifts from the uninterrupted run's (found by `benchmarks/chaos.py`: CLIP on 2 ranks, 2e-6 after
+    60 steps). Calling the kernel for steps 1..t on a one-element tensor with lr 0 rebuilds the same
+    product. GPU kernels compute beta^t from the step at each call and need nothing."""
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the base optimizer
+    kernel = getattr(base, "multi_tensor_adam", None)
+    if kernel is None or not hasattr(base, "adam_w_mode"):
+        return 0
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return 0
+    steps = {int(s["step"]) for s in base.state.values() if "step" in s}
+    betas = {tuple(g["betas"]) for g in base.param_groups}
+    if len(steps) != 1 or len(betas) != 1:  # one product per process: several would not match either way
+        return 0
+    (step,), ((beta1, beta2),) = steps, betas
+    one = [[torch.zeros(1)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
+    noop = torch.zeros(1, dtype=torch.int)
+    for t in range(1, step + 1):
+        kernel(2048, noop, one, 0.0, beta1, beta2, 1e-8, t, int(base.adam_w_mode), 1, 0.0)
+    return step
