@@ -65,9 +65,7 @@ def verify(path: Path) -> tuple[list[dict], list[str]]:
             continue
         records.append(_record(verify_tag(tag), tag.name == latest))
     if latest and not any(r["tag"] == latest for r in records):
-        unsealed.append(
-            f"latest names {latest!r}, not a sealed checkpoint: --resume auto takes the newest sealed one"
-        )
+        unsealed.append(f"latest names {latest!r}, not a sealed checkpoint: --resume auto takes the newest sealed one")
     return records, unsealed
 
 
