@@ -118,7 +118,10 @@ class FileWriter(_EngineBase):
         self._thread: threading.Thread | None = None
 
     def __getattr__(self, name):  # anything else DeepSpeed asks of its engine
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")
+        if inner is None:  # not built yet (a copy being made): no such attribute
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     # -- the toolkit's calls
     def begin(self, tag_dir: Path, step: int) -> TagWrite:
