@@ -213,6 +213,13 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _fed(out: Path) -> int:
+    try:
+        return json.loads((out / "trackers.json").read_text())["lines"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-replace
+        return 0
+
+
 def _steps(out: Path) -> int:
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -248,7 +255,9 @@ def test_kill_9_and_resume_leave_one_wandb_and_one_mlflow_run_equal_to_metrics_j
 
     proc = subprocess.Popen(cmd, env=job_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _watch(proc, lambda: _steps(out) >= 6, peers)
+        # killed once the trackers took the sealed steps (the save is sealed in the background, maybe steps
+        # later) and metrics.jsonl holds lines after them
+        _watch(proc, lambda: _steps(out) >= 6 and _fed(out) > 0, peers)
         assert proc.poll() is None, proc.stdout.read()[-3000:]
     finally:
         _kill(proc)
