@@ -69,6 +69,18 @@ def world_of_one():
             signal.signal(s, h)
 
 
+def inprocess_trainer(argv: list[str], hooks=None):
+    """A real `Trainer` set up in this process from command-line arguments (inside `world_of_one`)."""
+    from pretrain.runtime.trainer import Trainer
+    from pretrain.train import build_parser, prepare
+
+    args = build_parser().parse_args([*argv, "--no-progress"])
+    resolved, inputs, run_dir = prepare(args)
+    trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False, hooks=hooks)
+    trainer.setup()
+    return trainer
+
+
 def with_key(d: dict, dotted: str, value) -> dict:
     """A deep copy of ``d`` with ``dotted`` (e.g. "training.lr") set to ``value``."""
     d = json.loads(json.dumps(d))

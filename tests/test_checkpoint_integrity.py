@@ -15,7 +15,7 @@ from pretrain.runtime.ckpt_verify import NO_CHECKSUMS, file_entry, tag_files, ve
 from pretrain.runtime.ckpt_writer import Staging, snapshot
 from pretrain.runtime.trainer import Trainer, TrainingStopped
 from tests.faults import FaultPlan
-from tests.launch import REPO, metrics, module_cmd, run
+from tests.launch import REPO, inprocess_trainer, metrics, module_cmd, run
 from tests.launch import world_of_one as launch_world_of_one
 from tests.test_trainer_inprocess import _engine, _train_one_step
 
@@ -27,13 +27,7 @@ def world_of_one():
 
 
 def _trainer(argv: list[str], hooks=None) -> Trainer:
-    from pretrain.train import build_parser, prepare
-
-    args = build_parser().parse_args([*argv, "--no-progress"])
-    resolved, inputs, run_dir = prepare(args)
-    trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False, hooks=hooks)
-    trainer.setup()
-    return trainer
+    return inprocess_trainer(argv, hooks)
 
 
 def _recipe(tmp_path: Path, **checkpoint) -> str:

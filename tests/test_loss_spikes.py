@@ -19,7 +19,7 @@ from data_pipelines.loader.slots import Slot, epoch_shards
 from pretrain.run.config import LossSpikeConfig
 from pretrain.runtime.spikes import SkipLedger, SpikeDetector, spike_limit
 from tests.faults import FaultPlan
-from tests.launch import FAULTS, REPO, deepspeed_cmd, prepare_small_corpus, run
+from tests.launch import FAULTS, REPO, deepspeed_cmd, inprocess_trainer, prepare_small_corpus, run
 from tests.launch import world_of_one as launch_world_of_one
 from tests.test_loader import make_dataset
 
@@ -181,13 +181,7 @@ SPIKE = {"action": "rewind", "window": 10, "threshold": 6.0, "min_steps": 8}
 
 
 def _train(recipe: str, data: Path, out: Path, hooks=None):
-    from pretrain.runtime.trainer import Trainer
-    from pretrain.train import build_parser, prepare
-
-    args = build_parser().parse_args(["--config", recipe, "--data", str(data), "--output-dir", str(out)])
-    resolved, inputs, run_dir = prepare(args)
-    trainer = Trainer(resolved, inputs, run_dir, "auto", progress=False, hooks=hooks)
-    trainer.setup()
+    trainer = inprocess_trainer(["--config", recipe, "--data", str(data), "--output-dir", str(out)], hooks)
     trainer.fit()
     weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     return trainer, weights

@@ -55,6 +55,7 @@ def test_a_resumed_rank_draws_what_the_uninterrupted_run_drew(prepared_stdlib, t
     first = _trainer(tmp_path, prepared_stdlib, "none")
     first.train_step(log=False)
     first.save()
+    first.ckpt.flush()  # the files are written in the background; flush seals them
     state = load_rank_state(sorted((tmp_path / "run/checkpoints").glob("step_*"))[-1], 0)
     assert "accelerator" in state["rng"], "the accelerator's generator is saved with the host's"
     # what the uninterrupted run draws next, on the host and on the accelerator

@@ -14,7 +14,7 @@ from pretrain.models import get_family
 from pretrain.runtime.checkpoint import CheckpointManager, complete_tags, resumable
 from pretrain.runtime.trainer import Trainer, TrainingStopped, bad_data_verdict, count_skip
 from tests.faults import FaultPlan
-from tests.launch import REPO, metrics, prepare_small_corpus
+from tests.launch import REPO, inprocess_trainer, metrics, prepare_small_corpus
 from tests.launch import world_of_one as launch_world_of_one
 
 
@@ -25,13 +25,7 @@ def world_of_one():
 
 
 def _trainer(argv: list[str], hooks=None) -> Trainer:
-    from pretrain.train import build_parser, prepare
-
-    args = build_parser().parse_args([*argv, "--no-progress"])
-    resolved, inputs, run_dir = prepare(args)
-    trainer = Trainer(resolved, inputs, run_dir, args.resume, progress=False, hooks=hooks)
-    trainer.setup()
-    return trainer
+    return inprocess_trainer(argv, hooks)
 
 
 def _recipe(tmp_path: Path, **training) -> str:

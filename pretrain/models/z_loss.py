@@ -65,10 +65,15 @@ class LossSpikeRules(Feature):
     name = "loss spikes"
 
     def problems(self, ctx: RunContext) -> list[str]:
-        spike = ctx.recipe.training.loss_spike
-        if spike is None or spike.action != "skip" or ctx.deepspeed is None or ctx.zero_stage >= 1:
-            return []
-        return [
-            "training.loss_spike.action: skip drops a step's update by making its gradient non-finite, which only "
-            "ZeRO stages 1-3 refuse to apply; this run uses ZeRO-0: use action rewind or warn, or ZeRO stage 1"
-        ]
+        spike, found = ctx.recipe.training.loss_spike, []
+        if ctx.recipe.task == "classify" and (ctx.recipe.training.skip_steps or (spike and spike.action == "rewind")):
+            found.append(
+                "training.skip_steps / loss_spike.action rewind: the labelled-folder stream of task classify keeps no "
+                "data position to skip in; use loss_spike.action warn or skip"
+            )
+        if spike is not None and spike.action == "skip" and ctx.deepspeed is not None and ctx.zero_stage == 0:
+            found.append(
+                "training.loss_spike.action: skip drops a step's update by making its gradient non-finite, which only "
+                "ZeRO stages 1-3 refuse to apply; this run uses ZeRO-0: use action rewind or warn, or ZeRO stage 1"
+            )
+        return found

@@ -32,10 +32,10 @@ import torch
 from pretrain.runtime.ckpt_verify import HashingFile, fsync_dir
 from pretrain.runtime.state import TrainingStopped
 
-try:  # DeepSpeed's interface, so the engine accepts it; a plain object where DeepSpeed is absent
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine as _EngineBase
-except ImportError:  # pragma: no cover
-    _EngineBase = object
+# DeepSpeed's engine calls its checkpoint engine by duck typing (no isinstance check in 0.19.8), so the
+# writer does not subclass DeepSpeed's CheckpointEngine: importing deepspeed here would print its accelerator
+# line on stdout in every command that reads checkpoints (pretrain-eval --json, pretrain-ckpt verify --json).
+_EngineBase = object
 
 
 class Staging:

@@ -38,7 +38,9 @@ class DataSkips:
     def _setup_skips(self, resumed: bool) -> None:
         """The ledger and the spike detector, once the run state and the stream are restored."""
         self.ledger = SkipLedger(self.run_dir, write=self.is_main)
-        if resumed:
+        if not hasattr(self.stream, "pending_skip"):  # a stream without a position to skip in (a labelled folder)
+            self.ledger.ranges = []
+        elif resumed:
             self.stream.add_skips(self.ledger.ranges)
         else:
             self.ledger.reset()
@@ -52,6 +54,8 @@ class DataSkips:
             if first == step:
                 n = last - first + 1
                 return n, n * self.gas, f"skip_steps {first}:{last}", None
+        if not hasattr(self.stream, "pending_skip"):
+            return None
         r = self.stream.pending_skip(step)
         if r is not None:
             return int(r["steps"]), int(r["last"]) - int(r["first"]) + 1, str(r.get("why", "ledger")), r
