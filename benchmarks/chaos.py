@@ -5,7 +5,7 @@ uninterrupted run of the same seed: every train loss step by step, every val los
 weights. Equal, or it prints where they differ.
 
     python benchmarks/chaos.py                                  # the full form: 10 kills and a SIGTERM
-    python benchmarks/chaos.py --kills 3 --no-sigterm --steps 28    # the short form (tests/test_chaos.py)
+    python benchmarks/chaos.py --kills 3 --no-sigterm --steps 22 --eval-every 11   # tests/test_chaos.py
 
 Exit 0 when every interruption was survived and the runs agree bit for bit, 1 otherwise. Each
 launch first seals a checkpoint of its own before its interruption, so the run moves forward. The data are
@@ -114,7 +114,7 @@ def make_data(work: Path) -> Path:
     return data
 
 
-def recipe(work: Path, data: Path, port: int, steps: int) -> Path:
+def recipe(work: Path, data: Path, port: int, steps: int, eval_every: int) -> Path:
     shards = sorted(p.name for p in (data / "train").glob("shard-*.tar"))
     r = json.loads((REPO / "pretrain/recipes/clip-tiny.json").read_text())
     r["data"] = {
@@ -129,7 +129,7 @@ def recipe(work: Path, data: Path, port: int, steps: int) -> Path:
         "fetch_timeout": 30,
     }
     r["training"].update(micro_batch_size=16, max_steps=steps, warmup_steps=4, log_every=1)
-    r["eval"] = {"every": 6, "max_samples": 32}
+    r["eval"] = {"every": eval_every, "max_samples": 32}
     r["checkpoint"] = {"every": 4, "keep_last": 3}
     path = work / "chaos-recipe.json"
     path.write_text(json.dumps(r, indent=2))
@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=10, help="kill -9s to survive (default 10), cycling through the phases")
     p.add_argument("--no-sigterm", action="store_true", help="leave out the SIGTERM (a preemption: save, exit 75)")
     p.add_argument("--steps", type=int, default=90, help="optimizer steps of the run (default 90)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=6,
+        help="evaluate every N steps (default 6; each evaluation reads the hold-out over HTTP)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the kill timing")
     p.add_argument("--workdir", help="where data and runs go (default: a temporary folder, removed unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = make_data(work)
         srv = serve(data)
-        rec = recipe(work, data, srv.server_address[1], args.steps)
+        rec = recipe(work, data, srv.server_address[1], args.steps, args.eval_every)
         base, run = work / "uninterrupted", work / "chaos"
         for d in (base, run, work / "markers-base", work / "markers"):
             shutil.rmtree(d, ignore_errors=True)
