@@ -23,10 +23,23 @@ from pretrain.run.config import RecipeError, load_json, load_recipe  # noqa: E40
 
 REPO = Path(__file__).resolve().parent.parent
 
+EPILOG = """\
+loss spikes (recipe training.loss_spike: action, window, threshold, min_steps, lr_factor, lr_steps, max_rewinds):
+  a step is a spike when the highest loss of any rank exceeds the median of the last `window` judged steps'
+  losses by more than `threshold` robust standard deviations (1.4826 x their median absolute deviation, at
+  least 1% of the median); nothing is judged in the first `min_steps` steps. action warn logs it, skip drops the
+  step's update (ZeRO 1-3), rewind loads the last sealed checkpoint before it, skips the data read since (the
+  steps keep their numbers) and trains lr_steps steps at lr x lr_factor.
+
+exit codes: 0 done, 1 training stopped (bad data, non-finite losses, a failed checkpoint), 2 bad configuration,
+  75 preempted by SIGTERM/SIGUSR1 (checkpoint saved: run the same command again), 76 more loss spikes than
+  training.loss_spike.max_rewinds
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pretrain-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pretrain-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
     )
     p.add_argument(
         "--config", required=True, help="recipe JSON path, or a shipped recipe name (gpt-tiny, gpt2-124m, ...)"

@@ -326,6 +326,7 @@ def test_skip_steps_flags_and_the_skip_action_under_zero0_are_checked_before_the
     assert resolved.recipe.training.skip_steps == [(3, 4), (9, 11)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--config", recipe, "--skip-steps", "9-11"])
+    assert "robust standard deviations" in build_parser().format_help(), "--help says what the threshold means"
     bad = build_parser().parse_args(["--config", recipe, "--data", str(data), "--skip-steps", "4:5"])
     with pytest.raises(RecipeError, match="skip_steps: ranges overlap"):
         prepare(bad)
