@@ -336,3 +336,46 @@ def test_skip_steps_flags_and_the_skip_action_under_zero0_are_checked_before_the
     )
     with pytest.raises(RecipeError, match="loss_spike.action: skip .* ZeRO-0"):
         prepare(args)
+
+
+def test_a_rewind_lowers_the_lr_for_lr_steps_steps_then_the_schedule_goes_on(world_of_one, spiky_corpus, tmp_path):
+    data, _, _ = spiky_corpus
+    spike = {**SPIKE, "lr_factor": 0.5, "lr_steps": 2}
+    _train(_recipe(tmp_path, "lo", loss_spike=spike, max_steps=24), data, tmp_path / "lo")
+    _train(_recipe(tmp_path, "ref", skip_steps=[[21, 21]], max_steps=24), data, tmp_path / "ref")
+
+    def lrs(run):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {x["step"]: x["lr"] for x in lines if "lr" in x and "event" not in x and "split" not in x}
+
+    lowered, ref = lrs(tmp_path / "lo"), lrs(tmp_path / "ref")
+    assert sorted(lowered) == sorted(ref) == [s for s in range(1, 25) if s != 21]
+    assert all(lowered[s] == ref[s] for s in range(1, 21)) and lowered[24] == pytest.approx(ref[24], rel=1e-12)
+    assert [lowered[s] / ref[s] for s in (22, 23)] == pytest.approx([0.5, 0.5], rel=1e-12)
+    (event,) = _events(tmp_path / "lo", "lr_lowered")
+    assert event["steps"] == [22, 23] and event["lr_factor"] == 0.5
+
+
+def test_the_spike_reference_restarts_when_the_batch_layout_changes(tmp_path):
+    """A rank's loss is over its own micro-batches and the step is judged by its loudest rank, so the window's
+    spread belongs to a layout: resumed on another (ranks, micro, accumulation), the reference starts afresh."""
+    from types import SimpleNamespace
+
+    from pretrain.runtime.rewind import DataSkips
+    from pretrain.runtime.state import RunState
+
+    def setup(layout):
+        state = RunState(loss_window=[3.0] * 10, spike_seen=30, spike_layout=[2, 8, 1])
+        t = SimpleNamespace(
+            run_dir=tmp_path, is_main=False, state=state, world=layout[0], micro=layout[1], gas=layout[2],
+            stream=SimpleNamespace(pending_skip=None, add_skips=lambda ranges: None),
+            recipe=SimpleNamespace(training=SimpleNamespace(loss_spike=LossSpikeConfig(action="warn"))),
+        )  # fmt: skip
+        DataSkips._setup_skips(t, resumed=True)
+        return t
+
+    same = setup([2, 8, 1])
+    assert same.spikes.window == [3.0] * 10 and same.spikes.seen == 30
+    for other in ([4, 8, 1], [2, 4, 2]):
+        moved = setup(other)
+        assert moved.spikes.window == [] and moved.spikes.seen == 0 and moved.state.spike_layout == other

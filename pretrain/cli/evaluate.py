@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pretrain.run.build import Loaded, load_model
-from pretrain.runtime.checkpoint import CheckpointError, hf_load, trusting
+from pretrain.runtime.checkpoint import CheckpointError, add_trust_flags, hf_load, trusting
 from pretrain.runtime.metrics import dumps
 
 DEFAULT_BATCH = 16
@@ -104,18 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/zeroshot_classification_templates.txt (make-synthetic-image-text --benchmark DIR writes one)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let transformers run Python code shipped inside a model or tokenizer directory (auto_map; it runs "
-        "with your permissions); without it such a directory is refused",
-    )
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="read DeepSpeed checkpoint files that only a full unpickling reads (it can run any code they "
-        "carry); without it every file is read with torch.load(weights_only=True) and one that needs more is refused",
-    )
+    add_trust_flags(p)
     return p
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.runtime.checkpoint import CheckpointError, hf_load, resolve_checkpoint, trusting
+from pretrain.runtime.checkpoint import CheckpointError, add_trust_flags, hf_load, resolve_checkpoint, trusting
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,18 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wise-ft-from", metavar="DIR", help="--wise-ft: the original weights (default: the run's model.init_from)"
     )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let transformers run Python code shipped inside a model or tokenizer directory (auto_map; it runs "
-        "with your permissions); without it such a directory is refused",
-    )
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="read DeepSpeed checkpoint files that only a full unpickling reads (it can run any code they "
-        "carry); without it every file is read with torch.load(weights_only=True) and one that needs more is refused",
-    )
+    add_trust_flags(p)
     return p
 
 

@@ -57,23 +57,3 @@ class ZLoss(Feature):
         if not ctx.recipe.training.z_loss:
             return None
         return EngineParts(loss_sum=ZLossSum(ctx.recipe.training.z_loss))
-
-
-class LossSpikeRules(Feature):
-    """``training.loss_spike`` and ``skip_steps``: what this run's optimizer can do with them."""
-
-    name = "loss spikes"
-
-    def problems(self, ctx: RunContext) -> list[str]:
-        spike, found = ctx.recipe.training.loss_spike, []
-        if ctx.recipe.task == "classify" and (ctx.recipe.training.skip_steps or (spike and spike.action == "rewind")):
-            found.append(
-                "training.skip_steps / loss_spike.action rewind: the labelled-folder stream of task classify keeps no "
-                "data position to skip in; use loss_spike.action warn or skip"
-            )
-        if spike is not None and spike.action == "skip" and ctx.deepspeed is not None and ctx.zero_stage == 0:
-            found.append(
-                "training.loss_spike.action: skip drops a step's update by making its gradient non-finite, which only "
-                "ZeRO stages 1-3 refuse to apply; this run uses ZeRO-0: use action rewind or warn, or ZeRO stage 1"
-            )
-        return found

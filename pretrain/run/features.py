@@ -19,11 +19,12 @@ import torch
 from pretrain.finetune.adapters import LoRA
 from pretrain.finetune.freeze import Freeze
 from pretrain.models.clip import ContrastiveBatch, LogitScaleClamp
-from pretrain.models.z_loss import LossSpikeRules, ZLoss
+from pretrain.models.z_loss import ZLoss
 from pretrain.parallel.activation_checkpointing import ActivationCheckpointing
 from pretrain.parallel.sequence_parallel import UlyssesSequenceParallel
 from pretrain.parallel.tensor_parallel import TensorParallel
 from pretrain.run.feature import Built, EngineParts, Feature, RunContext
+from pretrain.runtime.spikes import LossSpikeRules
 
 
 class AttentionKernel(Feature):

@@ -54,6 +54,22 @@ TRUST_CHECKPOINT_FLAG = "--trust-checkpoint"
 _TRUST = {"remote_code": False, "checkpoint": False}
 
 
+def add_trust_flags(parser) -> None:
+    """--trust-remote-code and --trust-checkpoint, as the commands that read models and checkpoints offer them."""
+    parser.add_argument(
+        TRUST_REMOTE_CODE_FLAG,
+        action="store_true",
+        help="let transformers run Python code shipped inside a model or tokenizer directory (auto_map; it runs "
+        "with your permissions); without it such a directory is refused",
+    )
+    parser.add_argument(
+        TRUST_CHECKPOINT_FLAG,
+        action="store_true",
+        help="read DeepSpeed checkpoint files that only a full unpickling reads (it can run any code they "
+        "carry); without it every file is read with torch.load(weights_only=True) and one that needs more is refused",
+    )
+
+
 @contextlib.contextmanager
 def trusting(*, remote_code: bool = False, checkpoint: bool = False):
     """Within: what this process's loads may run (the command-line flags), put back on exit."""

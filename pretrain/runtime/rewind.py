@@ -45,7 +45,15 @@ class DataSkips:
         else:
             self.ledger.reset()
         cfg = self.recipe.training.loss_spike
-        self.spikes = SpikeDetector(cfg, self.state.loss_window, self.state.spike_seen) if cfg else None
+        self.spikes = None
+        if cfg:
+            # a rank's loss is over its micro x accumulation items, and the step is judged by its loudest rank: the
+            # spread of that maximum depends on the layout, so a window judged on another layout starts afresh
+            layout = [self.world, self.micro, self.gas]
+            same = self.state.spike_layout == layout
+            window, seen = (self.state.loss_window, self.state.spike_seen) if same else ([], 0)
+            self.spikes = SpikeDetector(cfg, window, seen)
+            self.state.spike_layout = layout
 
     # ------------------------------------------------------------------ skipping
     def _skip_due(self, step: int) -> tuple[int, int, str, dict | None] | None:
@@ -156,9 +164,7 @@ class DataSkips:
     def _rewind(self, step: int, verdict: dict) -> bool:
         """Back to the last sealed checkpoint before ``step``, past the data read since it."""
         cfg = self.recipe.training.loss_spike
-        flush = getattr(self.ckpt, "flush", None)
-        if flush is not None:  # a checkpoint still being written in the background is sealed first
-            flush()
+        self.ckpt.flush()  # a checkpoint still being written in the background is sealed first
         target = self.ckpt.sealed_before(step)
         saved = load_rank_state(target, self.rank) if target is not None else None
         data = (saved or {}).get("data") or {}
@@ -184,6 +190,8 @@ class DataSkips:
         last = self.stream.micro_batches
         restored = self.ckpt.reload(self.engine, target)
         self.state = RunState.from_dict(restored.run_state)
+        # the reference too is the checkpoint's: the steps since it were undone (as a run given skip_steps judges)
+        self.spikes = SpikeDetector(cfg, self.state.loss_window, self.state.spike_seen)
         base = self.state.step
         data_range = {
             "segment": self.stream.segment,

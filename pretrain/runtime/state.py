@@ -23,6 +23,7 @@ class RunState:
     spike_skips: int = 0  # steps whose update a loss spike dropped (loss_spike.action skip)
     loss_window: list[float] = field(default_factory=list)  # the loss-spike reference (`SpikeDetector`)
     spike_seen: int = 0  # steps the spike detector has judged
+    spike_layout: list[int] = field(default_factory=list)  # [ranks, micro, accumulation] the window was judged at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
